@@ -1,0 +1,2 @@
+def run(*a, **k):
+    raise NotImplementedError

@@ -1,0 +1,21 @@
+"""Readers and writers: Space Ranger, HEST-1k, HEST-Benchmark, HEST patch files.
+
+Every reader returns a :class:`spatialdata.SpatialData` with lazy images and records the
+physical pixel size following one convention, see :func:`get_image_mpp`.
+"""
+
+from ._hest import read_hest
+from ._hest_bench import HestBenchTask, read_hest_bench
+from ._mpp import get_image_mpp, set_image_mpp
+from ._patches_h5 import read_patches
+from ._visium import read_visium
+
+__all__ = [
+    "HestBenchTask",
+    "get_image_mpp",
+    "read_hest",
+    "read_hest_bench",
+    "read_patches",
+    "read_visium",
+    "set_image_mpp",
+]
