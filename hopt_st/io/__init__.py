@@ -5,13 +5,12 @@ physical pixel size following one convention, see :func:`get_image_mpp`.
 """
 
 from ._hest import read_hest
-from ._hest_bench import HestBenchTask, read_hest_bench
+from ._hest_bench import read_hest_bench
 from ._mpp import get_image_mpp, set_image_mpp
 from ._patches_h5 import read_patches
 from ._visium import read_visium
 
 __all__ = [
-    "HestBenchTask",
     "get_image_mpp",
     "read_hest",
     "read_hest_bench",
