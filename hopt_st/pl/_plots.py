@@ -1,10 +1,468 @@
-def expression(*a, **k):
-    raise NotImplementedError
+"""Plots: predicted vs measured expression on the tissue, per-gene scores, benchmark heat maps."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from spatialdata import SpatialData
+
+from ..io._elements import resolve_table_name
+from ._tissue import TissueView, tissue_view
+
+logger = logging.getLogger(__name__)
+
+UNS_KEY = "hopt_st"
 
 
-def gene_scores(*a, **k):
-    raise NotImplementedError
+# --------------------------------------------------------------------------------------------------------------
+# expression on the tissue
+# --------------------------------------------------------------------------------------------------------------
+def _prediction_frame(table: AnnData, predicted_key: str, table_name: str) -> tuple[pd.DataFrame, str]:
+    if predicted_key not in table.obsm:
+        raise KeyError(
+            f"no predictions {predicted_key!r} in table {table_name!r}.obsm (keys: {list(table.obsm.keys())}): "
+            "run hopt_st.tl.predict_expression(sdata, regressor, key_added=...) first, or pass predicted_key=."
+        )
+    pred = table.obsm[predicted_key]
+    meta = table.uns.get(UNS_KEY, {}).get("predictions", {}).get(predicted_key, {})
+    if not isinstance(pred, pd.DataFrame):
+        genes = meta.get("genes")
+        if genes is None or len(genes) != np.shape(pred)[1]:
+            raise ValueError(
+                f"table {table_name!r}.obsm[{predicted_key!r}] is an array without gene names: store a pandas "
+                "DataFrame with genes as columns (hopt_st.tl.predict_expression does)."
+            )
+        pred = pd.DataFrame(np.asarray(pred), index=table.obs_names, columns=list(genes))
+    target = meta.get("target")
+    if target is None:
+        logger.warning(
+            "No uns[%r]['predictions'][%r]['target'] in table %r; assuming the predictions are log1p counts.",
+            UNS_KEY,
+            predicted_key,
+            table_name,
+        )
+        target = "log1p"
+    return pred, str(target)
 
 
-def benchmark(*a, **k):
-    raise NotImplementedError
+def _measured(table: AnnData, genes: list[str], target: str) -> np.ndarray:
+    """Measured expression of ``genes`` in the predictions' target space, (n_obs, n_genes) float32."""
+    missing = [g for g in genes if g not in table.var_names]
+    if missing:
+        raise KeyError(
+            f"genes {missing} are not in the table's var_names; no measured values to compare with."
+        )
+    try:
+        from ..tl._targets import target_matrix
+    except ImportError:  # pragma: no cover - only while tl is being written
+        target_matrix = None
+    if target_matrix is not None:
+        return np.asarray(target_matrix(table, genes, target=target), dtype=np.float32)
+    if target not in ("log1p", "raw", "counts"):  # pragma: no cover
+        raise ValueError(f"cannot compute measured expression in target space {target!r} without hopt_st.tl.")
+    x = table[:, genes].X
+    x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
+    return np.log1p(x) if target == "log1p" else x
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok].astype(np.float64), b[ok].astype(np.float64)
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _color_limits(values: np.ndarray, robust: bool) -> tuple[float, float]:
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(v, [1, 99]) if robust else (v.min(), v.max())
+    if hi <= lo:
+        hi = lo + 1e-6
+    return float(lo), float(hi)
+
+
+def _draw_spots(ax, view: TissueView, values: np.ndarray, *, cmap, vmin, vmax, alpha):
+    from matplotlib.collections import EllipseCollection
+
+    if view.image is not None:
+        ax.imshow(view.image, origin="upper", interpolation="antialiased")
+    d = 2 * view.radius
+    coll = EllipseCollection(
+        widths=d,
+        heights=d,
+        angles=0,
+        units="xy",
+        offsets=view.xy,
+        offset_transform=ax.transData,
+        cmap=cmap,
+        alpha=alpha,
+        linewidths=0,
+    )
+    coll.set_array(np.asarray(values, dtype=float))
+    coll.set_clim(vmin, vmax)
+    ax.add_collection(coll)
+    if view.image is not None:
+        h, w = view.image.shape[:2]
+        ax.set_xlim(-0.5, w - 0.5)
+        ax.set_ylim(h - 0.5, -0.5)
+    else:
+        lo = view.xy.min(axis=0) - view.radius * 2
+        hi = view.xy.max(axis=0) + view.radius * 2
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(hi[1], lo[1])  # image convention: y down
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return coll
+
+
+def expression(
+    sdata: SpatialData | AnnData,
+    genes: str | Sequence[str],
+    *,
+    predicted_key: str = "predicted",
+    table_name: str | None = None,
+    image_key: str | None = None,
+    show_image: bool = True,
+    cmap: str = "viridis",
+    alpha: float = 0.85,
+    robust: bool = True,
+    max_image_size: int = 2000,
+    panel_size: float = 3.6,
+    save: str | Path | None = None,
+    dpi: int = 150,
+):
+    """Measured vs predicted expression side by side on the H&E: one row per gene, two columns.
+
+    Measured expression is shown in the same space as the predictions (e.g. log1p counts, as recorded by
+    :func:`hopt_st.tl.predict_expression` in ``uns["hopt_st"]["predictions"][predicted_key]["target"]``);
+    both panels of a gene share one colour scale and its colour bar, and the gene's Pearson correlation
+    between measured and predicted values over all spots is written in the titles.
+
+    Parameters
+    ----------
+    sdata : SpatialData or AnnData
+        Data holding ``table.obsm[predicted_key]`` (a DataFrame of predictions, genes as columns) and raw
+        counts in ``table.X``. With an AnnData, spots are drawn at ``obsm["spatial"]`` without an image.
+    genes : str or sequence of str
+        Gene(s) to draw; each must be a column of the predictions and a variable of the table.
+    predicted_key : str
+        Key of the predictions in ``table.obsm``.
+    table_name : str, optional
+        The spot table; ``None`` picks the only table.
+    image_key : str, optional
+        The H&E image; ``None`` picks the largest. A small pyramid level is drawn, never the full slide.
+    show_image : bool
+        Draw the H&E under the spots.
+    cmap : str
+        Matplotlib colour map.
+    alpha : float
+        Opacity of the spots (the tissue shows through when < 1).
+    robust : bool
+        Colour limits from the 1st-99th percentiles of the gene's measured and predicted values together
+        (``False``: min-max).
+    max_image_size : int
+        Largest side, in pixels, of the image level drawn.
+    panel_size : float
+        Size of one panel in inches.
+    save : str or Path, optional
+        Write the figure there (format from the suffix).
+    dpi : int
+        Resolution when saving.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure; ``fig.axes[2 * i]`` / ``fig.axes[2 * i + 1]`` are gene ``i``'s measured / predicted panels.
+    """
+    import matplotlib.pyplot as plt
+
+    genes = [genes] if isinstance(genes, str) else list(genes)
+    if not genes:
+        raise ValueError("genes is empty: pass one or more gene names.")
+    if isinstance(sdata, AnnData):
+        table, tname = sdata, "adata"
+        if "spatial" not in table.obsm:
+            raise KeyError("the AnnData has no obsm['spatial'] (x, y) spot coordinates to draw the spots at.")
+        xy = np.asarray(table.obsm["spatial"], dtype=float)[:, :2]
+        radius = _radius_from_spacing(xy)
+        view = TissueView(None, xy, radius, None, None)
+    elif isinstance(sdata, SpatialData):
+        tname = resolve_table_name(sdata, table_name)
+        table = sdata.tables[tname]
+        view = tissue_view(
+            sdata, table_name=tname, image_key=image_key, show_image=show_image, max_size=max_image_size
+        )
+    else:
+        raise TypeError(f"expected a SpatialData or AnnData, got {type(sdata).__name__}.")
+
+    pred, target = _prediction_frame(table, predicted_key, tname)
+    not_pred = [g for g in genes if g not in pred.columns]
+    if not_pred:
+        raise KeyError(
+            f"genes {not_pred} were not predicted under {predicted_key!r}; predicted genes are "
+            f"{list(pred.columns[:10])}{'...' if pred.shape[1] > 10 else ''}."
+        )
+    measured = _measured(table, genes, target)
+    predicted = pred.loc[table.obs_names, genes].to_numpy(dtype=np.float32)
+    label = {"log1p": "log1p counts"}.get(target, target)
+
+    n = len(genes)
+    fig, axes = plt.subplots(
+        n, 2, figsize=(2 * panel_size + 0.9, panel_size * n + 0.3), squeeze=False, layout="constrained"
+    )
+    for i, gene in enumerate(genes):
+        m, p = measured[:, i], predicted[:, i]
+        vmin, vmax = _color_limits(np.concatenate([m, p]), robust)
+        r = _pearson(m, p)
+        ax_m, ax_p = axes[i]
+        _draw_spots(ax_m, view, m, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha)
+        coll = _draw_spots(ax_p, view, p, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha)
+        ax_m.set_title(f"{gene}: measured")
+        ax_p.set_title(f"{gene}: predicted (Pearson r = {r:.2f})")
+        cb = fig.colorbar(coll, ax=[ax_m, ax_p], shrink=0.8, pad=0.02)
+        cb.set_label(f"{gene} ({label})")
+    if save is not None:
+        fig.savefig(save, dpi=dpi)
+        logger.info("Saved %s", save)
+    return fig
+
+
+def _radius_from_spacing(xy: np.ndarray) -> float:
+    if len(xy) < 2:
+        return 1.0
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(xy).query(xy, k=2)
+    return float(np.median(d[:, 1]) * 0.45)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# per-gene scores
+# --------------------------------------------------------------------------------------------------------------
+def _score_groups(results) -> dict[str, pd.Series]:
+    """Normalise the accepted inputs to {panel title: Series gene -> pearson}."""
+    if isinstance(results, pd.Series):
+        return {str(results.name) if results.name is not None else "": results.astype(float)}
+    if isinstance(results, Mapping):
+        return {"": pd.Series({str(k): float(v) for k, v in results.items()}, dtype=float)}
+    if isinstance(results, pd.DataFrame):
+        per_gene = results.attrs.get("per_gene") if {"gene", "pearson"} - set(results.columns) else results
+        if per_gene is None:
+            raise ValueError(
+                "the DataFrame has neither 'gene'/'pearson' columns nor attrs['per_gene'] (as returned by "
+                "hopt_st.bench.run): pass a Series gene -> Pearson, a dict, or a bench results table."
+            )
+        per_gene = pd.DataFrame(per_gene)
+        keys = [
+            c for c in ("task", "model", "protocol") if c in per_gene.columns and per_gene[c].nunique() > 1
+        ]
+        if not keys:
+            return {"": per_gene.groupby("gene")["pearson"].mean()}
+        out = {}
+        for k, grp in per_gene.groupby(keys, sort=True):
+            k = k if isinstance(k, tuple) else (k,)
+            out[" · ".join(str(v) for v in k)] = grp.groupby("gene")["pearson"].mean()
+        return out
+    raise TypeError(
+        f"expected a Series gene -> Pearson, a dict, or a bench results DataFrame, got {type(results).__name__}."
+    )
+
+
+def gene_scores(
+    results,
+    *,
+    top: int | None = None,
+    title: str | None = None,
+    color: str = "#3b75af",
+    save: str | Path | None = None,
+    dpi: int = 150,
+):
+    """Per-gene Pearson correlation as sorted horizontal bars, best gene at the top.
+
+    Parameters
+    ----------
+    results : pandas.Series, dict or pandas.DataFrame
+        gene -> Pearson (Series or dict); or a DataFrame with ``gene`` and ``pearson`` columns; or the table
+        returned by :func:`hopt_st.bench.run`, whose ``attrs["per_gene"]`` is used (one panel per
+        task/model/protocol that varies).
+    top : int, optional
+        Draw only the ``top`` best genes of each panel.
+    title : str, optional
+        Figure title.
+    color : str
+        Bar colour (negative correlations are drawn in grey).
+    save : str or Path, optional
+        Write the figure there.
+    dpi : int
+        Resolution when saving.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import matplotlib.pyplot as plt
+
+    groups = _score_groups(results)
+    groups = {k: v.dropna().sort_values(ascending=False) for k, v in groups.items()}
+    if top is not None:
+        groups = {k: v.iloc[:top] for k, v in groups.items()}
+    if not groups or all(len(v) == 0 for v in groups.values()):
+        raise ValueError("no per-gene scores to draw (empty input or all NaN).")
+    n = len(groups)
+    height = max(2.5, 0.22 * max(len(v) for v in groups.values()) + 1.2)
+    fig, axes = plt.subplots(1, n, figsize=(4.8 * n, height), squeeze=False, layout="constrained")
+    for ax, (name, s) in zip(axes[0], groups.items()):
+        y = np.arange(len(s))
+        colors = [color if v >= 0 else "0.6" for v in s.to_numpy()]
+        ax.barh(y, s.to_numpy(), color=colors)
+        ax.set_yticks(y, labels=list(s.index), fontsize=8 if len(s) > 25 else 9)
+        ax.invert_yaxis()  # best first, at the top
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_xlabel("Pearson r (measured vs predicted)")
+        mean = float(s.mean())
+        ax.axvline(mean, color="tab:red", ls="--", lw=1)
+        ax.set_title(f"{name + ': ' if name else ''}mean r = {mean:.3f} over {len(s)} genes", fontsize=10)
+        ax.set_xlim(
+            min(0.0, float(s.min()) - 0.05), max(1.0, float(s.max()) + 0.05) if s.max() > 0.9 else 1.0
+        )
+    if title:
+        fig.suptitle(title)
+    if save is not None:
+        fig.savefig(save, dpi=dpi)
+        logger.info("Saved %s", save)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------------
+# benchmark heat map
+# --------------------------------------------------------------------------------------------------------------
+def benchmark(
+    results: pd.DataFrame,
+    *,
+    value: str = "pearson_mean",
+    show_std: bool = True,
+    average: bool = True,
+    cmap: str = "viridis",
+    fmt: str = "{:.3f}",
+    title: str | None = None,
+    save: str | Path | None = None,
+    dpi: int = 150,
+):
+    """Task x model heat map of a benchmark's scores, values written in each cell.
+
+    Rows are models, columns tasks (as in HEST-Benchmark's README), one panel per protocol when
+    several are present.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame
+        As returned by :func:`hopt_st.bench.run`: columns ``task``, ``model``, ``value`` (default
+        ``pearson_mean``), optionally ``protocol`` and ``pearson_std``.
+    value : str
+        Column holding the score.
+    show_std : bool
+        Write ``± std`` under the value when a ``pearson_std`` column is present.
+    average : bool
+        Add an ``Average`` column (mean over tasks) when there are several tasks.
+    cmap : str
+        Matplotlib colour map.
+    fmt : str
+        Format of the written values.
+    title : str, optional
+        Figure title.
+    save : str or Path, optional
+        Write the figure there.
+    dpi : int
+        Resolution when saving.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        ``fig.axes`` holds one heat map per protocol, then the colour bar(s).
+    """
+    import matplotlib.pyplot as plt
+
+    if not isinstance(results, pd.DataFrame):
+        raise TypeError(
+            f"expected the DataFrame returned by hopt_st.bench.run, got {type(results).__name__}."
+        )
+    need = {"task", "model", value}
+    if need - set(results.columns):
+        raise ValueError(
+            f"the results table lacks columns {sorted(need - set(results.columns))} (it has {list(results.columns)})."
+        )
+    if results.empty:
+        raise ValueError("the results table is empty.")
+    df = results.copy()
+    if "protocol" not in df.columns:
+        df["protocol"] = ""
+    protocols = list(dict.fromkeys(df["protocol"]))
+    std_col = "pearson_std" if show_std and "pearson_std" in df.columns and value == "pearson_mean" else None
+    vals = df[value].to_numpy(dtype=float)
+    vmin, vmax = float(np.nanmin(vals)), float(np.nanmax(vals))
+    if vmax <= vmin:
+        vmax = vmin + 1e-6
+    tasks = list(dict.fromkeys(df["task"]))
+    models = list(dict.fromkeys(df["model"]))
+    cols = tasks + (["Average"] if average and len(tasks) > 1 else [])
+    fig, axes = plt.subplots(
+        1,
+        len(protocols),
+        figsize=(max(3.5, 1.05 * len(cols) + 2.2) * len(protocols), 0.6 * len(models) + 1.9),
+        squeeze=False,
+        layout="constrained",
+    )
+    im = None
+    for ax, proto in zip(axes[0], protocols):
+        sub = df[df["protocol"] == proto]
+        mat = sub.pivot_table(index="model", columns="task", values=value, aggfunc="mean").reindex(
+            index=models, columns=tasks
+        )
+        std = (
+            sub.pivot_table(index="model", columns="task", values=std_col, aggfunc="mean").reindex(
+                index=models, columns=tasks
+            )
+            if std_col
+            else None
+        )
+        if "Average" in cols:
+            mat["Average"] = mat[tasks].mean(axis=1)
+            if std is not None:
+                std["Average"] = np.nan
+        m = mat.to_numpy(dtype=float)
+        im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+        ax.set_xticks(np.arange(len(cols)), labels=cols, rotation=35, ha="right")
+        ax.set_yticks(np.arange(len(models)), labels=models)
+        if "Average" in cols:
+            ax.axvline(len(tasks) - 0.5, color="w", lw=2)
+        norm = im.norm
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                v = m[i, j]
+                if not np.isfinite(v):
+                    continue
+                text = fmt.format(v)
+                if std is not None and np.isfinite(std.iat[i, j]):
+                    text += f"\n± {std.iat[i, j]:.3f}"
+                rgba = plt.get_cmap(cmap)(norm(v))
+                lum = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="k" if lum > 0.5 else "w")
+        ax.set_title(f"protocol: {proto}" if proto else "", fontsize=10)
+        ax.set_xlabel("task")
+        ax.set_ylabel("model")
+    cb = fig.colorbar(im, ax=list(axes[0]), shrink=0.9)
+    cb.set_label(value.replace("_", " "))
+    if title:
+        fig.suptitle(title)
+    if save is not None:
+        fig.savefig(save, dpi=dpi)
+        logger.info("Saved %s", save)
+    return fig
