@@ -108,6 +108,11 @@ def test_expression_panels_titles_and_shared_limits():
         np.testing.assert_allclose(cp.get_array(), pred[:, i], rtol=1e-5)
         assert len(cm.get_offsets()) == table.n_obs
     assert "r = 1.00" in panels[1].get_title()  # GA: prediction is an affine map of the measurement
+    # Pearson restricted to a subset of spots (e.g. held-out test spots)
+    table.obs["test"] = np.arange(table.n_obs) < 12
+    fig2 = hs.pl.expression(sdata, "GB", score_on="test")
+    r_test = np.corrcoef(meas[:12, 1], pred[:12, 1])[0, 1]
+    assert fig2.axes[1].get_title() == f"GB: predicted (Pearson r = {r_test:.2f}, test spots)"
     # each row has its own colour bar, labelled with gene and space
     labels = [ax.get_ylabel() for ax in fig.axes if not _spot_collections(ax)]
     assert labels == ["GA (log1p counts)", "GB (log1p counts)"]

@@ -103,7 +103,8 @@ def _draw_spots(ax, view: TissueView, values: np.ndarray, *, cmap, vmin, vmax, a
         offset_transform=ax.transData,
         cmap=cmap,
         alpha=alpha,
-        linewidths=0,
+        linewidths=0.4,
+        edgecolors="white",
     )
     coll.set_array(np.asarray(values, dtype=float))
     coll.set_clim(vmin, vmax)
@@ -134,6 +135,7 @@ def expression(
     cmap: str = "viridis",
     alpha: float = 0.85,
     robust: bool = True,
+    score_on: str | None = None,
     max_image_size: int = 2000,
     panel_size: float = 3.6,
     save: str | Path | None = None,
@@ -168,6 +170,9 @@ def expression(
     robust : bool
         Colour limits from the 1st-99th percentiles of the gene's measured and predicted values together
         (``False``: min-max).
+    score_on : str, optional
+        A boolean ``table.obs`` column (e.g. held-out test spots): the Pearson in the titles is computed on
+        those spots only (all spots are still drawn). ``None``: all spots.
     max_image_size : int
         Largest side, in pixels, of the image level drawn.
     panel_size : float
@@ -213,20 +218,36 @@ def expression(
     measured = _measured(table, genes, target)
     predicted = pred.loc[table.obs_names, genes].to_numpy(dtype=np.float32)
     label = {"log1p": "log1p counts"}.get(target, target)
+    if score_on is None:
+        scored, where = np.ones(table.n_obs, bool), ""
+    else:
+        if score_on not in table.obs.columns or table.obs[score_on].dtype != bool:
+            raise KeyError(f"score_on={score_on!r} must name a boolean column of table {tname!r}.obs.")
+        scored, where = table.obs[score_on].to_numpy(), f", {score_on} spots"
 
     n = len(genes)
+    if view.image is not None:
+        aspect = view.image.shape[0] / view.image.shape[1]
+    else:
+        span = np.ptp(view.xy, axis=0) + 4 * view.radius
+        aspect = float(span[1] / span[0]) if span[0] > 0 else 1.0
+    aspect = float(np.clip(aspect, 0.25, 4.0))
     fig, axes = plt.subplots(
-        n, 2, figsize=(2 * panel_size + 0.9, panel_size * n + 0.3), squeeze=False, layout="constrained"
+        n,
+        2,
+        figsize=(2 * panel_size + 1.1, n * (panel_size * aspect + 0.45) + 0.2),
+        squeeze=False,
+        layout="constrained",
     )
     for i, gene in enumerate(genes):
         m, p = measured[:, i], predicted[:, i]
         vmin, vmax = _color_limits(np.concatenate([m, p]), robust)
-        r = _pearson(m, p)
+        r = _pearson(m[scored], p[scored])
         ax_m, ax_p = axes[i]
         _draw_spots(ax_m, view, m, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha)
         coll = _draw_spots(ax_p, view, p, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha)
         ax_m.set_title(f"{gene}: measured")
-        ax_p.set_title(f"{gene}: predicted (Pearson r = {r:.2f})")
+        ax_p.set_title(f"{gene}: predicted (Pearson r = {r:.2f}{where})")
         cb = fig.colorbar(coll, ax=[ax_m, ax_p], shrink=0.8, pad=0.02)
         cb.set_label(f"{gene} ({label})")
     if save is not None:
