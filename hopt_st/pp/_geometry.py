@@ -1,0 +1,153 @@
+"""Geometry of spot-centred patches: spots -> image pixels, pyramid level, crop boxes.
+
+Pixel convention: pixel ``(row i, column j)`` of an image level covers ``[j, j + 1) x [i, i + 1)`` in that
+level's continuous pixel frame; level ``L`` with downsample ``d`` covers ``[d j, d (j + 1))`` of level 0.
+A spot centre ``(x, y)`` in level-0 pixels therefore lies at ``(x / d, y / d)`` in level ``L`` pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from spatialdata import SpatialData
+from spatialdata.transformations import get_transformation
+
+logger = logging.getLogger(__name__)
+
+#: relative tolerance when comparing a level's pixel size with the target (float noise of downsample ratios)
+_MPP_RTOL = 1e-3
+
+
+def image_levels(image) -> list:
+    """The levels of an image element, finest first: a list of ``xarray.DataArray`` (one for a plain image)."""
+    if hasattr(image, "dims") and hasattr(image, "data") and not hasattr(image, "children"):
+        return [image]
+    levels = []
+    for name in sorted(image.children, key=lambda s: int("".join(ch for ch in s if ch.isdigit()) or 0)):
+        ds = image[name].ds
+        levels.append(next(iter(ds.data_vars.values())))
+    return levels
+
+
+def level_shape(level) -> tuple[int, int]:
+    """(height, width) of one level."""
+    return int(level.sizes["y"]), int(level.sizes["x"])
+
+
+def spots_to_image_matrix(sdata: SpatialData, shapes_key: str, image_key: str) -> np.ndarray:
+    """3x3 affine matrix mapping the shapes' own (x, y) coordinates to the image's level-0 pixel (x, y).
+
+    Both elements must share a coordinate system; ``"global"`` is preferred when several are shared.
+    """
+    t_shapes = get_transformation(sdata.shapes[shapes_key], get_all=True)
+    t_image = get_transformation(sdata.images[image_key], get_all=True)
+    common = sorted(set(t_shapes) & set(t_image))
+    if not common:
+        raise ValueError(
+            f"shapes {shapes_key!r} (coordinate systems {sorted(t_shapes)}) and image {image_key!r} (coordinate "
+            f"systems {sorted(t_image)}) share no coordinate system, so spots cannot be placed on the image: add a "
+            "transformation to a common coordinate system with spatialdata.transformations.set_transformation."
+        )
+    cs = "global" if "global" in common else common[0]
+    axes = ("x", "y")
+    m_shapes = np.asarray(t_shapes[cs].to_affine_matrix(input_axes=axes, output_axes=axes), dtype=np.float64)
+    m_image = np.asarray(t_image[cs].to_affine_matrix(input_axes=axes, output_axes=axes), dtype=np.float64)
+    try:
+        inv_image = np.linalg.inv(m_image)
+    except np.linalg.LinAlgError:
+        raise ValueError(
+            f"the transformation of image {image_key!r} to coordinate system {cs!r} is not invertible: {t_image[cs]}"
+        ) from None
+    m = inv_image @ m_shapes
+    lin = m[:2, :2]
+    if abs(lin[0, 1]) > 1e-9 * abs(lin).max() or abs(lin[1, 0]) > 1e-9 * abs(lin).max():
+        logger.warning(
+            "The spots of %r are rotated or sheared relative to image %r; patches are cut axis-aligned in the "
+            "image's pixel grid around the mapped centres.",
+            shapes_key,
+            image_key,
+        )
+    return m
+
+
+def apply_affine(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Apply a 3x3 affine matrix to ``(n, 2)`` points."""
+    return xy @ m[:2, :2].T + m[:2, 2]
+
+
+def units_per_image_px(m: np.ndarray) -> float:
+    """How many shapes units one level-0 image pixel spans (inverse of the isotropic scale of ``m``)."""
+    det = abs(np.linalg.det(m[:2, :2]))
+    if not det > 0:
+        raise ValueError("the spots-to-image transformation is singular.")
+    return 1.0 / np.sqrt(det)
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """Pyramid level chosen for patching."""
+
+    level: int
+    downsample: tuple[float, float]  # (y, x) level-0 pixels per level pixel
+    mpp: float  # µm per pixel of the chosen level (mean of axes)
+    upsampling: bool
+
+
+def choose_level(shapes: list[tuple[int, int]], image_mpp: float, target_mpp: float) -> LevelChoice:
+    """Coarsest level whose pixel size is still at least as fine as ``target_mpp`` (level 0 if none is).
+
+    Parameters
+    ----------
+    shapes
+        (height, width) of each level, finest first.
+    image_mpp
+        µm per level-0 pixel.
+    target_mpp
+        Wanted µm per patch pixel.
+    """
+    h0, w0 = shapes[0]
+    best = 0
+    for i, (h, w) in enumerate(shapes):
+        d = 0.5 * (h0 / h + w0 / w)
+        if image_mpp * d <= target_mpp * (1 + _MPP_RTOL):
+            best = i
+    h, w = shapes[best]
+    ds = (h0 / h, w0 / w)
+    mpp = image_mpp * 0.5 * (ds[0] + ds[1])
+    return LevelChoice(best, ds, mpp, upsampling=image_mpp > target_mpp * (1 + _MPP_RTOL))
+
+
+def patch_boxes(
+    centers_px: np.ndarray, downsample: tuple[float, float], side_level0: float
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Integer crop boxes on a level around level-0 pixel centres.
+
+    The source window is ``round(side_level0 / d)`` level pixels on each axis, and its top-left corner is
+    ``floor(c / d - size / 2 + 0.5)``: the window whose centre is nearest to the spot centre.
+
+    Returns
+    -------
+    boxes
+        ``(n, 2)`` int64 top-left ``(y0, x0)`` in level pixels.
+    size
+        ``(height, width)`` of every window in level pixels.
+    """
+    dy, dx = downsample
+    sy = max(1, int(np.floor(side_level0 / dy + 0.5)))
+    sx = max(1, int(np.floor(side_level0 / dx + 0.5)))
+    cx = centers_px[:, 0] / dx
+    cy = centers_px[:, 1] / dy
+    x0 = np.floor(cx - sx / 2 + 0.5).astype(np.int64)
+    y0 = np.floor(cy - sy / 2 + 0.5).astype(np.int64)
+    return np.column_stack([y0, x0]), (sy, sx)
+
+
+def fraction_inside(boxes: np.ndarray, size: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """Fraction of each box's area inside an image of ``shape`` = (height, width)."""
+    sy, sx = size
+    h, w = shape
+    iy = np.clip(boxes[:, 0] + sy, 0, h) - np.clip(boxes[:, 0], 0, h)
+    ix = np.clip(boxes[:, 1] + sx, 0, w) - np.clip(boxes[:, 1], 0, w)
+    return (iy * ix) / float(sy * sx)
