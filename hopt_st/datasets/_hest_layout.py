@@ -1,2 +1,276 @@
-def write_hest_layout(root, **kwargs):
-    raise NotImplementedError("write_hest_layout is being written (issue 2)")
+"""Write synthetic samples in the on-disk layouts of HEST-1k and of the HEST-Benchmark.
+
+All samples share one tissue model (``model_seed``), so expression is the same known function of the
+image in every sample and a benchmark on the ``"bench"`` layout has a clearly positive answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from ._synthetic import synthetic_visium
+
+logger = logging.getLogger(__name__)
+
+PATCH_SIZE = 224
+PATCH_MPP = 0.5
+
+
+def _full_image(sdata) -> np.ndarray:
+    """Level-0 pixels of image "he" as (y, x, 3) uint8."""
+    img = sdata.images["he"]
+    da = img["scale0"]["image"] if hasattr(img, "children") and len(img.children) else img
+    return np.ascontiguousarray(np.asarray(da.data.compute()).transpose(1, 2, 0))
+
+
+def _plain_adata(table, sample_id: str) -> AnnData:
+    """The table as HEST ships it: raw counts, Visium obs columns, obsm['spatial']; no spatialdata attrs."""
+    keep = ["in_tissue", "array_row", "array_col", "pxl_col_in_fullres", "pxl_row_in_fullres"]
+    obs = table.obs[keep].copy()
+    adata = AnnData(X=table.X.copy(), obs=obs, var=table.var[[]].copy())
+    adata.obsm["spatial"] = np.asarray(table.obsm["spatial"], dtype=np.float64)
+    adata.obsm["latent_truth"] = np.asarray(table.obsm["latent_truth"])
+    adata.varm["truth_loadings"] = np.asarray(table.varm["truth_loadings"])
+    adata.uns["sample_id"] = sample_id
+    return adata
+
+
+def write_hest_layout(
+    root: str | Path,
+    *,
+    layout: str = "bench",
+    task: str = "SYNTH",
+    n_samples: int = 3,
+    n_patients: int | None = None,
+    n_spots: int = 150,
+    n_genes: int = 60,
+    n_states: int = 4,
+    image_mpp: float = 0.5,
+    xenium: bool = False,
+    seed: int = 0,
+    model_seed: int = 0,
+    compression: str = "jpeg",
+) -> dict:
+    """Write synthetic samples in a real HEST on-disk layout.
+
+    Parameters
+    ----------
+    root
+        Output folder (created).
+    layout
+        ``"hest1k"``: ``wsis/{id}.tif`` (tiled pyramidal BigTIFF, reduced levels as sub-IFDs),
+        ``st/{id}.h5ad`` (raw counts, ``obs['pxl_col_in_fullres'/'pxl_row_in_fullres']``,
+        ``obsm['spatial']``), ``metadata/{id}.json``.
+        ``"bench"``: a HEST-Benchmark task folder ``root/<task>/`` with ``splits/train_i.csv`` /
+        ``test_i.csv`` (``sample_id, patches_path, expr_path``; patient-level folds: fold ``i`` tests on
+        patient ``i``), ``patches/{id}.h5`` (``img`` (N, 224, 224, 3) uint8 at 0.5 µm/px, ``coords``
+        (N, 2) top-left x, y in full-res px, ``barcode`` (N, 1) bytes), ``adata/{id}.h5ad`` raw counts and
+        ``var_50genes.json``.
+    task
+        Task folder name (``"bench"`` only).
+    n_samples
+        Number of samples.
+    n_patients
+        Number of patients (``"bench"``: number of folds; samples are dealt to patients in turn).
+        Default: one patient per sample up to 3 samples, else ``n_samples // 2``.
+    n_spots, n_genes, n_states
+        Size of each synthetic sample (see :func:`synthetic_visium`); the bench layout needs >= 50 genes.
+    image_mpp
+        µm per pixel of the synthetic WSIs (``"bench"`` patches are cut at this resolution, so it must be
+        0.5 there: HEST-Benchmark patches are 224 px at 0.5 µm/px).
+    xenium
+        ``"hest1k"`` only: add one Xenium-like sample with 100 µm square pseudo-spots.
+    seed
+        Sample ``i`` uses ``seed + i``.
+    model_seed
+        Tissue model shared by all samples.
+    compression
+        TIFF tile compression, ``"jpeg"`` or ``"zlib"`` (lossless).
+
+    Returns
+    -------
+    dict
+        ``{"root", "layout", "sample_ids", "paths": {sample_id: {...}}}`` and, for ``"bench"``,
+        ``"task"``, ``"task_dir"``, ``"genes"``, ``"splits"`` (list of ``{"train": [...], "test": [...]}``)
+        and ``"patients"`` (``{sample_id: patient}``).
+    """
+    root = Path(root)
+    if layout not in ("bench", "hest1k"):
+        raise ValueError(
+            f"layout = {layout!r}: use 'bench' (HEST-Benchmark task) or 'hest1k' (HEST-1k folders)."
+        )
+    if n_samples < 1:
+        raise ValueError(f"n_samples = {n_samples!r}: need at least one sample.")
+    root.mkdir(parents=True, exist_ok=True)
+    if layout == "hest1k":
+        return _write_hest1k(
+            root, n_samples, n_spots, n_genes, n_states, image_mpp, xenium, seed, model_seed, compression
+        )
+    if n_genes < 50:
+        raise ValueError(
+            f"n_genes = {n_genes}: the HEST-Benchmark layout lists 50 genes, so n_genes must be >= 50."
+        )
+    if abs(image_mpp - PATCH_MPP) > 1e-9:
+        raise ValueError(
+            f"image_mpp = {image_mpp}: HEST-Benchmark patches are {PATCH_SIZE} px at 0.5 µm/px; use 0.5."
+        )
+    if n_patients is None:
+        n_patients = n_samples if n_samples <= 3 else max(2, n_samples // 2)
+    n_patients = int(min(max(n_patients, 1), n_samples))
+    if n_patients < 2:
+        raise ValueError(f"n_patients = {n_patients}: patient-level folds need at least 2 patients.")
+    return _write_bench(root, task, n_samples, n_patients, n_spots, n_genes, n_states, seed, model_seed)
+
+
+def _write_hest1k(
+    root, n_samples, n_spots, n_genes, n_states, image_mpp, xenium, seed, model_seed, compression
+):
+    from ..io._tiff import write_pyramidal_tiff
+
+    for sub in ("wsis", "st", "metadata"):
+        (root / sub).mkdir(exist_ok=True)
+    ids, paths = [], {}
+    specs = [(f"SYN{seed + i:03d}", "Visium", seed + i) for i in range(n_samples)]
+    if xenium:
+        specs.append((f"SYNX{seed:03d}", "Xenium", seed + n_samples))
+    for sid, tech, s in specs:
+        sd = synthetic_visium(
+            n_spots=n_spots,
+            image_mpp=image_mpp,
+            seed=s,
+            n_genes=n_genes,
+            n_states=n_states,
+            model_seed=model_seed,
+            technology=tech,
+            sample_id=sid,
+        )
+        table = sd.tables["table"]
+        img = _full_image(sd)
+        p_wsi = write_pyramidal_tiff(
+            root / "wsis" / f"{sid}.tif", img, mpp=image_mpp, compression=compression, min_side=256
+        )
+        adata = _plain_adata(table, sid)
+        p_st = root / "st" / f"{sid}.h5ad"
+        adata.write_h5ad(p_st)
+        square = tech != "Visium"
+        meta = {
+            "id": sid,
+            "dataset_title": "hopt_st synthetic sample",
+            "pixel_size_um_estimated": float(image_mpp),
+            "pixel_size_um_embedded": float(image_mpp),
+            "magnification": "20x" if image_mpp >= 0.4 else "40x",
+            "fullres_px_width": int(img.shape[1]),
+            "fullres_px_height": int(img.shape[0]),
+            "patient": f"P{s:03d}",
+            "organ": "Synthetic",
+            "oncotree_code": "SYN",
+            "species": "Homo sapiens",
+            "tissue": "synthetic",
+            "disease_state": "Cancer",
+            "st_technology": tech,
+            "spot_diameter": 100.0 if square else 55.0,
+            "inter_spot_dist": 100.0,
+            "spots_under_tissue": int(table.n_obs),
+            "nb_genes": int(table.n_vars),
+        }
+        p_meta = root / "metadata" / f"{sid}.json"
+        p_meta.write_text(json.dumps(meta, indent=2))
+        ids.append(sid)
+        paths[sid] = {"wsi": str(p_wsi), "st": str(p_st), "metadata": str(p_meta)}
+        logger.info("wrote HEST-1k sample %s (%s, %d spots)", sid, tech, table.n_obs)
+    return {"root": str(root), "layout": "hest1k", "sample_ids": ids, "paths": paths}
+
+
+def write_patches_h5(path: str | Path, img: np.ndarray, coords: np.ndarray, barcodes) -> Path:
+    """Write a HEST patch file: ``img`` (N, P, P, 3) uint8, ``coords`` (N, 2) int top-left x, y, ``barcode`` (N, 1)."""
+    path = Path(path)
+    bc = np.array([str(b).encode() for b in barcodes], dtype=f"S{max(1, max(len(str(b)) for b in barcodes))}")
+    with h5py.File(path, "w") as f:
+        f.create_dataset("img", data=img, chunks=(1,) + img.shape[1:])
+        d = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+        d.attrs["patch_size"] = int(img.shape[1])
+        d.attrs["patch_size_level0"] = int(img.shape[1])
+        d.attrs["pixel_size"] = PATCH_MPP
+        f.create_dataset("barcode", data=bc[:, None])
+    return path
+
+
+def _write_bench(root, task, n_samples, n_patients, n_spots, n_genes, n_states, seed, model_seed):
+    tdir = root / task
+    for sub in ("splits", "patches", "adata"):
+        (tdir / sub).mkdir(parents=True, exist_ok=True)
+    ids, paths, patients, adatas = [], {}, {}, {}
+    half = PATCH_SIZE // 2
+    for i in range(n_samples):
+        sid = f"SYNB{seed + i:03d}"
+        sd = synthetic_visium(
+            n_spots=n_spots,
+            image_mpp=PATCH_MPP,
+            seed=seed + i,
+            n_genes=n_genes,
+            n_states=n_states,
+            model_seed=model_seed,
+            sample_id=sid,
+        )
+        table = sd.tables["table"]
+        img = _full_image(sd)
+        xy = np.asarray(table.obsm["spatial"])
+        tl = np.rint(xy).astype(np.int64) - half
+        h, w = img.shape[:2]
+        inside = (
+            (tl[:, 0] >= 0) & (tl[:, 1] >= 0) & (tl[:, 0] + PATCH_SIZE <= w) & (tl[:, 1] + PATCH_SIZE <= h)
+        )
+        tl, sel = tl[inside], np.flatnonzero(inside)
+        patches = np.stack([img[y : y + PATCH_SIZE, x : x + PATCH_SIZE] for x, y in tl])
+        barcodes = table.obs_names[sel].tolist()
+        p_patch = write_patches_h5(tdir / "patches" / f"{sid}.h5", patches, tl, barcodes)
+        adata = _plain_adata(table[sel], sid)
+        p_ad = tdir / "adata" / f"{sid}.h5ad"
+        adata.write_h5ad(p_ad)
+        adatas[sid] = adata
+        ids.append(sid)
+        patients[sid] = f"P{i % n_patients}"
+        paths[sid] = {"patches": str(p_patch), "adata": str(p_ad)}
+
+    # 50 most variable genes (log1p of normalised counts), as HEST-Benchmark picks them
+    logs = []
+    for a in adatas.values():
+        x = np.asarray(a.X.todense() if hasattr(a.X, "todense") else a.X, dtype=np.float64)
+        logs.append(np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4))
+    var = np.concatenate(logs).var(axis=0)
+    names = list(next(iter(adatas.values())).var_names)
+    genes = [names[g] for g in np.argsort(-var, kind="stable")[:50]]
+    (tdir / "var_50genes.json").write_text(json.dumps({"genes": genes}, indent=2))
+
+    splits = []
+    for k in range(n_patients):
+        test = [s for s in ids if patients[s] == f"P{k}"]
+        train = [s for s in ids if patients[s] != f"P{k}"]
+        for name, members in (("train", train), ("test", test)):
+            pd.DataFrame(
+                {
+                    "sample_id": members,
+                    "patches_path": [f"patches/{s}.h5" for s in members],
+                    "expr_path": [f"adata/{s}.h5ad" for s in members],
+                }
+            ).to_csv(tdir / "splits" / f"{name}_{k}.csv", index=False)
+        splits.append({"train": train, "test": test})
+    logger.info("wrote HEST-Benchmark task %s: %d samples, %d folds", task, n_samples, n_patients)
+    return {
+        "root": str(root),
+        "layout": "bench",
+        "task": task,
+        "task_dir": str(tdir),
+        "sample_ids": ids,
+        "paths": paths,
+        "genes": genes,
+        "splits": splits,
+        "patients": patients,
+    }

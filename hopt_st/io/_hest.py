@@ -1,2 +1,187 @@
-def read_hest(*args, **kwargs):
-    raise NotImplementedError("read_hest is being written")
+"""Read one sample of a HEST-1k download (``wsis/``, ``st/``, ``metadata/``) into a SpatialData."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import anndata as ad
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+from shapely.geometry import box
+from spatialdata import SpatialData
+from spatialdata.models import ShapesModel, TableModel
+from spatialdata.transformations import Identity
+
+from ._counts import ensure_raw_counts
+from ._mpp import UNS_KEY, _check_mpp
+from ._tiff import read_tiff_image
+
+logger = logging.getLogger(__name__)
+
+VISIUM_SPOT_DIAMETER_UM = 55.0
+SQUARE_SPOT_SIDE_UM = 100.0
+_SQUARE_TECHS = ("xenium", "visium hd", "visium_hd", "visiumhd")
+
+
+def _present_ids(root: Path) -> list[str]:
+    ids = set()
+    for sub, ext in (("st", ".h5ad"), ("wsis", ".tif"), ("metadata", ".json")):
+        d = root / sub
+        if d.is_dir():
+            ids |= {p.name[: -len(ext)] for p in d.iterdir() if p.name.endswith(ext)}
+    return sorted(ids)
+
+
+def _spot_xy(adata: ad.AnnData, path: Path) -> np.ndarray:
+    if "pxl_col_in_fullres" in adata.obs and "pxl_row_in_fullres" in adata.obs:
+        xy = np.column_stack(
+            [
+                pd.to_numeric(adata.obs["pxl_col_in_fullres"], errors="coerce").to_numpy(float),
+                pd.to_numeric(adata.obs["pxl_row_in_fullres"], errors="coerce").to_numpy(float),
+            ]
+        )
+    elif "spatial" in adata.obsm:
+        xy = np.asarray(adata.obsm["spatial"], dtype=float)[:, :2]
+    else:
+        raise ValueError(
+            f"{str(path)!r} has no spot coordinates: expected obs['pxl_col_in_fullres'] and "
+            "obs['pxl_row_in_fullres'] (or obsm['spatial'] = (x, y) full-resolution pixels)."
+        )
+    bad = ~np.isfinite(xy).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"{str(path)!r}: {int(bad.sum())} of {adata.n_obs} spots have NaN/inf coordinates "
+            f"(first barcodes: {adata.obs_names[np.flatnonzero(bad)[:5]].tolist()}). Drop them first, e.g. "
+            "adata = adata[np.isfinite(adata.obs[['pxl_col_in_fullres', 'pxl_row_in_fullres']]).all(1)].copy()."
+        )
+    return xy
+
+
+def _json_safe(meta: dict) -> dict:
+    out = {}
+    for k, v in meta.items():
+        if v is None:
+            continue
+        if isinstance(v, (str, bool, int, float)):
+            if isinstance(v, float) and not np.isfinite(v):
+                continue
+            out[str(k)] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float)) for x in v):
+            out[str(k)] = list(v)
+        else:
+            out[str(k)] = str(v)
+    return out
+
+
+def read_hest(root: str | Path, sample_id: str, image_mpp: float | None = None) -> SpatialData:
+    """Read one HEST-1k sample lazily.
+
+    Parameters
+    ----------
+    root
+        The HEST-1k download folder holding ``wsis/{id}.tif``, ``st/{id}.h5ad`` and ``metadata/{id}.json``.
+    sample_id
+        Sample id, e.g. ``"TENX95"``.
+    image_mpp
+        µm per pixel of the WSI's full resolution; overrides ``pixel_size_um_estimated`` of the metadata.
+
+    Returns
+    -------
+    SpatialData
+        Image ``"he"`` (multiscale DataTree when the TIFF is pyramidal; pixels are never read here),
+        shapes ``"spots"`` (55 µm circles for Visium/ST, 100 µm squares for Xenium / Visium HD
+        pseudo-spots), table ``"table"`` of raw counts with ``obsm["spatial"]`` and
+        ``uns["hopt_st"] = {"image_mpp": {"he": mpp}, "fullres_mpp": mpp, "sample_id", "metadata"}``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"HEST folder {str(root)!r} does not exist.")
+    sample_id = str(sample_id)
+    paths = {
+        "wsi": root / "wsis" / f"{sample_id}.tif",
+        "st": root / "st" / f"{sample_id}.h5ad",
+        "metadata": root / "metadata" / f"{sample_id}.json",
+    }
+    missing = [k for k, p in paths.items() if not p.is_file()]
+    if len(missing) == len(paths):
+        present = _present_ids(root)
+        raise KeyError(
+            f"sample {sample_id!r} is not in the HEST folder {str(root)!r}; samples present: {present}. "
+            "Download it (e.g. hest's datasets.load_dataset / huggingface_hub.snapshot_download with "
+            f"allow_patterns=['*{sample_id}[_.]*'])."
+        )
+    if missing:
+        raise FileNotFoundError(
+            f"HEST sample {sample_id!r} is incomplete: missing {[str(paths[k]) for k in missing]}. "
+            "A HEST-1k sample needs wsis/{id}.tif, st/{id}.h5ad and metadata/{id}.json: download the missing "
+            "files again."
+        )
+
+    with open(paths["metadata"]) as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"metadata {str(paths['metadata'])!r} is not valid JSON ({e}).") from e
+    if image_mpp is not None:
+        mpp = _check_mpp(image_mpp, "image_mpp")
+    else:
+        value = meta.get("pixel_size_um_estimated", meta.get("pixel_size_um_embedded"))
+        if value is None or (isinstance(value, float) and not np.isfinite(value)):
+            raise ValueError(
+                f"metadata {str(paths['metadata'])!r} has no 'pixel_size_um_estimated' (nor "
+                "'pixel_size_um_embedded'): the WSI's µm per pixel is unknown. Pass image_mpp=<µm per "
+                "full-resolution pixel> to read_hest (e.g. 0.25 for 40x, 0.5 for 20x)."
+            )
+        mpp = _check_mpp(value, f"{paths['metadata']} pixel_size_um_estimated")
+
+    adata = ad.read_h5ad(paths["st"])
+    ensure_raw_counts(adata, paths["st"])
+    xy = _spot_xy(adata, paths["st"])
+
+    image = read_tiff_image(paths["wsi"])
+
+    tech = str(meta.get("st_technology", "Visium"))
+    n = adata.n_obs
+    spot_ids = np.arange(n)
+    if any(t in tech.lower() for t in _SQUARE_TECHS):
+        half = SQUARE_SPOT_SIDE_UM / 2 / mpp
+        geoms = [box(x - half, y - half, x + half, y + half) for x, y in xy]
+        shapes = ShapesModel.parse(
+            gpd.GeoDataFrame(geometry=geoms, index=pd.Index(spot_ids)), transformations={"global": Identity()}
+        )
+    else:
+        diameter_um = VISIUM_SPOT_DIAMETER_UM
+        try:
+            d = float(meta.get("spot_diameter", diameter_um))
+            diameter_um = d if np.isfinite(d) and d > 0 else diameter_um
+        except (TypeError, ValueError):
+            pass
+        shapes = ShapesModel.parse(
+            xy.copy(),
+            geometry=0,
+            radius=np.full(n, diameter_um / 2 / mpp),
+            index=spot_ids,
+            transformations={"global": Identity()},
+        )
+
+    adata.obs["region"] = pd.Categorical(["spots"] * n)
+    adata.obs["spot_id"] = spot_ids
+    adata.obsm["spatial"] = xy.copy()
+    for key in ("spatialdata_attrs",):
+        adata.uns.pop(key, None)
+    store = dict(adata.uns.get(UNS_KEY, {}))
+    store.update(
+        {
+            "image_mpp": {"he": mpp},
+            "fullres_mpp": mpp,
+            "sample_id": sample_id,
+            "metadata": _json_safe(meta),
+        }
+    )
+    adata.uns[UNS_KEY] = store
+    table = TableModel.parse(adata, region="spots", region_key="region", instance_key="spot_id")
+    logger.info("read_hest %s: %d spots, %s, %.4g µm/px", sample_id, n, tech, mpp)
+    return SpatialData(images={"he": image}, shapes={"spots": shapes}, tables={"table": table})

@@ -1,2 +1,181 @@
-def read_hest_bench(*args, **kwargs):
-    raise NotImplementedError("read_hest_bench is being written")
+"""Read a HEST-Benchmark task folder (splits, patch files, expression) into one SpatialData."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+from spatialdata import SpatialData
+from spatialdata.models import ShapesModel, TableModel
+from spatialdata.transformations import Identity
+
+from ._counts import ensure_raw_counts
+from ._mpp import UNS_KEY
+
+logger = logging.getLogger(__name__)
+
+SPOT_DIAMETER_UM = 55.0
+PATCH_MPP = 0.5
+
+
+def _read_splits(tdir: Path) -> list[dict]:
+    sdir = tdir / "splits"
+    if not sdir.is_dir():
+        raise FileNotFoundError(
+            f"HEST-Benchmark task folder {str(tdir)!r} has no 'splits/' folder: expected "
+            "splits/train_0.csv, splits/test_0.csv, ... Download the task again (hf dataset MahmoodLab/hest-bench)."
+        )
+    folds = sorted(
+        int(p.stem.split("_")[1]) for p in sdir.glob("train_*.csv") if p.stem.split("_")[1].isdigit()
+    )
+    if not folds:
+        raise FileNotFoundError(f"{str(sdir)!r} holds no train_<i>.csv split files.")
+    splits = []
+    for i in folds:
+        fold = {}
+        for name in ("train", "test"):
+            p = sdir / f"{name}_{i}.csv"
+            if not p.is_file():
+                raise FileNotFoundError(
+                    f"split file {str(p)!r} is missing (its partner {name == 'train' and 'test' or 'train'}_{i}.csv exists)."
+                )
+            df = pd.read_csv(p)
+            cols = {"sample_id", "patches_path", "expr_path"}
+            if not cols <= set(df.columns):
+                raise ValueError(
+                    f"split file {str(p)!r} has columns {list(df.columns)}; expected {sorted(cols)}."
+                )
+            fold[name] = df
+        splits.append(fold)
+    return splits
+
+
+def read_hest_bench(root: str | Path, task: str) -> SpatialData:
+    """Read one HEST-Benchmark task.
+
+    Parameters
+    ----------
+    root
+        Folder holding the task folders (e.g. ``.../hest-bench`` with ``IDC/``, ``LYMPH_IDC/``, ...), or the
+        task folder itself.
+    task
+        Task name, e.g. ``"IDC"``.
+
+    Returns
+    -------
+    SpatialData
+        One table per sample, named by sample id (raw counts, rows in patch-file order, ``obs["patient"]``,
+        ``obsm["spatial"]`` = patch centres in full-res px), shapes ``"<sample_id>_spots"`` (55 µm circles at
+        the patch centres) and ``attrs["hest_bench"] = {"task", "root", "genes", "splits", "patches"}``
+        where ``splits`` is a list of ``{"train": [ids], "test": [ids]}`` and ``patches`` maps sample id to
+        the patch ``.h5`` path. No image: the patches stay on disk (read them with
+        :func:`hopt_st.io.read_patches`).
+    """
+    root = Path(root)
+    tdir = root / task
+    if not tdir.is_dir() and root.name == task and (root / "splits").is_dir():
+        tdir, root = root, root.parent
+    if not tdir.is_dir():
+        present = sorted(p.name for p in root.iterdir() if (p / "splits").is_dir()) if root.is_dir() else []
+        raise FileNotFoundError(
+            f"HEST-Benchmark task {task!r} not found: {str(tdir)!r} does not exist; tasks present in "
+            f"{str(root)!r}: {present}. Download it, e.g. huggingface_hub.snapshot_download('MahmoodLab/hest-bench', "
+            f"repo_type='dataset', allow_patterns=['{task}/*'])."
+        )
+    raw_splits = _read_splits(tdir)
+    genes_path = tdir / "var_50genes.json"
+    if not genes_path.is_file():
+        raise FileNotFoundError(f"{str(genes_path)!r} is missing: the task's 50 genes are listed there.")
+    genes = json.loads(genes_path.read_text()).get("genes")
+    if not genes:
+        raise ValueError(f"{str(genes_path)!r} has no 'genes' list.")
+
+    # sample -> (patches, expr) relative paths; patient = the fold that tests it (patient-level folds)
+    files: dict[str, tuple[str, str]] = {}
+    patient: dict[str, str] = {}
+    splits = []
+    for i, fold in enumerate(raw_splits):
+        for name in ("train", "test"):
+            for row in fold[name].itertuples(index=False):
+                files.setdefault(str(row.sample_id), (str(row.patches_path), str(row.expr_path)))
+                if name == "test":
+                    patient.setdefault(str(row.sample_id), f"P{i}")
+        splits.append({k: [str(s) for s in fold[k]["sample_id"]] for k in ("train", "test")})
+
+    tables, shapes, patches = {}, {}, {}
+    for sid, (ppath, epath) in files.items():
+        p_patch, p_expr = tdir / ppath, tdir / epath
+        for p in (p_patch, p_expr):
+            if not p.is_file():
+                raise FileNotFoundError(
+                    f"sample {sid!r} of task {task!r}: {str(p)!r} (listed in the split files) is missing. "
+                    "Download the task's patches/ and adata/ folders again."
+                )
+        with h5py.File(p_patch, "r") as f:
+            for key in ("coords", "barcode"):
+                if key not in f:
+                    raise ValueError(
+                        f"patch file {str(p_patch)!r} has no {key!r} dataset (keys: {list(f.keys())})."
+                    )
+            coords = np.asarray(f["coords"][:], dtype=np.float64)
+            bc = np.asarray(f["barcode"][:]).reshape(len(coords), -1)[:, 0]
+            psize = int(f["img"].shape[1]) if "img" in f else int(f["coords"].attrs.get("patch_size", 224))
+            level0 = float(f["coords"].attrs.get("patch_size_level0", psize))
+        barcodes = [b.decode() if isinstance(b, bytes) else str(b) for b in bc]
+        fullres_mpp = PATCH_MPP * psize / level0
+        adata = ad.read_h5ad(p_expr)
+        ensure_raw_counts(adata, p_expr)
+        missing = [b for b in barcodes if b not in adata.obs_names]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} patch barcodes of {str(p_patch)!r} are not in {str(p_expr)!r} "
+                f"(e.g. {missing[:3]}): patch and expression files do not match."
+            )
+        adata = adata[barcodes].copy()
+        centers = coords + level0 / 2.0
+        if not np.isfinite(centers).all():
+            raise ValueError(f"{str(p_patch)!r} has NaN/inf coords; drop those patches first.")
+        n = adata.n_obs
+        region = f"{sid}_spots"
+        if "patient" not in adata.obs:
+            adata.obs["patient"] = patient.get(sid, sid)
+        adata.obs["patient"] = adata.obs["patient"].astype(str)
+        adata.obs["region"] = pd.Categorical([region] * n)
+        adata.obs["spot_id"] = np.arange(n)
+        adata.obsm["spatial"] = centers
+        adata.uns.pop("spatialdata_attrs", None)
+        adata.uns[UNS_KEY] = {
+            "image_mpp": {},
+            "fullres_mpp": float(fullres_mpp),
+            "sample_id": sid,
+            "metadata": {
+                "task": task,
+                "patches_path": str(p_patch),
+                "patch_size": psize,
+                "patch_mpp": PATCH_MPP,
+            },
+        }
+        tables[sid] = TableModel.parse(adata, region=region, region_key="region", instance_key="spot_id")
+        shapes[region] = ShapesModel.parse(
+            centers.copy(),
+            geometry=0,
+            radius=np.full(n, SPOT_DIAMETER_UM / 2 / fullres_mpp),
+            index=np.arange(n),
+            transformations={"global": Identity()},
+        )
+        patches[sid] = str(p_patch)
+    sdata = SpatialData(shapes=shapes, tables=tables)
+    sdata.attrs["hest_bench"] = {
+        "task": task,
+        "root": str(tdir),
+        "genes": [str(g) for g in genes],
+        "splits": splits,
+        "patches": patches,
+    }
+    logger.info("read_hest_bench %s: %d samples, %d folds", task, len(tables), len(splits))
+    return sdata
