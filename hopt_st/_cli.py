@@ -1,11 +1,378 @@
-"""The ``hopt-st`` command line."""
+"""The ``hopt-st`` command line: ``demo``, ``embed``, ``bench``, ``models``.
 
+Errors end the program with a non-zero exit code and a one-line reason on stderr; ``--verbose`` adds the
+traceback. ``--quiet`` hides progress bars and informational messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
 import sys
+import traceback
+from pathlib import Path
+
+import click
+
+logger = logging.getLogger(__name__)
+
+_STATE = {"verbose": False, "quiet": False}
 
 
-def main(argv=None):
-    print("hopt-st: not yet implemented")
-    return 0
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    _STATE.update(verbose=verbose, quiet=quiet)
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
+    root = logging.getLogger()
+    if not any(getattr(h, "_hopt_st", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._hopt_st = True
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING if not verbose else logging.DEBUG)
+    logging.getLogger("hopt_st").setLevel(logging.INFO if not quiet else logging.ERROR)
+    if verbose:
+        logging.getLogger("hopt_st").setLevel(level)
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # every tqdm bar in the process
+
+
+def _echo(msg: str = "") -> None:
+    if not _STATE["quiet"]:
+        click.echo(msg)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hopt-st", prog_name="hopt-st")
+@click.option("-q", "--quiet", is_flag=True, help="Only print results and errors (no progress bars).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, and the full traceback on errors.")
+def cli(quiet: bool, verbose: bool) -> None:
+    """Predict spatial gene expression from H&E with pathology foundation models."""
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose exclude each other.")
+    _setup_logging(verbose, quiet)
+
+
+# --------------------------------------------------------------------------------------------------------------
+@cli.command()
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo_out"),
+    show_default=True,
+    help="Folder for the figures, tables and demo.zarr.",
+)
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    default=("handcrafted",),
+    show_default=True,
+    help="Encoder(s) to compare; repeat the option. Models need local weights.",
+)
+@click.option(
+    "--all-local", is_flag=True, help="Also run every registry model whose weights are found locally."
+)
+@click.option(
+    "--n-spots",
+    type=click.IntRange(50, 20000),
+    default=400,
+    show_default=True,
+    help="Spots of the synthetic sample.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing demo.zarr in --out.")
+def demo(
+    out: Path, models: tuple[str, ...], all_local: bool, n_spots: int, seed: int, overwrite: bool
+) -> None:
+    """Offline demo: synthetic Visium -> embed -> ridge on a spatial split -> per-gene Pearson + figures."""
+    from ._demo import local_models, run_demo
+
+    models = list(dict.fromkeys(models))
+    if all_local:
+        models += [m for m in local_models() if m not in models]
+    res = run_demo(
+        out, models=models, n_spots=n_spots, seed=seed, overwrite=overwrite, progress=not _STATE["quiet"]
+    )
+    click.echo(res["report"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+def _read_input(path: Path, sample: str | None):
+    """SpatialData from a .zarr, a Space Ranger outs/ folder, or a HEST-1k root + sample id."""
+    import hopt_st as hs
+
+    if not path.exists():
+        raise FileNotFoundError(f"INPUT {str(path)!r} does not exist.")
+    if sample is not None:
+        return hs.io.read_hest(path, sample), "hest"
+    if _is_zarr(path):
+        import spatialdata as sd
+
+        return sd.read_zarr(path), "zarr"
+    if path.is_dir() and (path / "spatial").is_dir():
+        return hs.io.read_visium(path), "visium"
+    raise click.UsageError(
+        f"INPUT {str(path)!r} is neither a SpatialData .zarr, a Space Ranger outs/ folder (with spatial/), "
+        "nor, with --sample ID, a HEST-1k root."
+    )
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.is_dir() and (
+        path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists()
+    )
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option(
+    "--model", required=True, help="Registry name (see `hopt-st models`), e.g. h-optimus-1, handcrafted."
+)
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Local weights file (.safetensors or .pt/.bin state dict).",
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output .zarr; default: INPUT itself when it is a .zarr.",
+)
+@click.option("--sample", default=None, help="Sample id when INPUT is a HEST-1k root.")
+@click.option("--key-added", default=None, help="obsm key; default X_<model>.")
+@click.option("--table-name", default=None, help="Spot table; default: the only one.")
+@click.option("--image-key", default=None, help="H&E image element; default: the largest.")
+@click.option("--batch-size", type=click.IntRange(1), default=None)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, mps; default: the best available.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing embedding key and output.")
+def embed(
+    input_path, model, weights, out, sample, key_added, table_name, image_key, batch_size, device, overwrite
+):
+    """Embed every spot of INPUT with MODEL and write the embeddings to a SpatialData .zarr."""
+    import hopt_st as hs
+
+    if weights is not None and not weights.exists():
+        raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
+    sdata, kind = _read_input(input_path, sample)
+    in_place = out is None or (kind == "zarr" and out.resolve() == input_path.resolve())
+    if out is None and kind != "zarr":
+        raise click.UsageError(f"INPUT is a {kind} folder: pass --out OUT.zarr to say where to write.")
+    if not in_place and out.exists() and not overwrite:
+        raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
+    hs.pp.embed(
+        sdata,
+        model=model,
+        weights=str(weights) if weights is not None else None,
+        key_added=key_added,
+        table_name=table_name,
+        image_key=image_key,
+        batch_size=batch_size,
+        device=device,
+        overwrite=overwrite,
+    )
+    from .io._elements import resolve_table_name
+
+    tname = resolve_table_name(sdata, table_name)
+    key = key_added or f"X_{model}"
+    emb = sdata.tables[tname].obsm[key]
+    if in_place:
+        sdata.write_element(tname, overwrite=True)
+        dest = input_path
+    else:
+        sdata.write(out, overwrite=overwrite)
+        dest = out
+    click.echo(f"{tname}.obsm[{key!r}]: {emb.shape[0]} spots x {emb.shape[1]} dims ({model}) -> {dest}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--tasks", default=None, help="Comma-separated task names (e.g. IDC,PRAD); default: all found.")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    default=("h-optimus-1",),
+    show_default=True,
+    help="Encoder; repeat to compare.",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["hest", "strict", "both"]),
+    default="hest",
+    show_default=True,
+    help="hest: HEST's published protocol; strict: leakage-free (see docs).",
+)
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Local weights for --model.",
+)
+@click.option(
+    "--embeddings-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Cache of embeddings.",
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench_out"),
+    show_default=True,
+    help="Folder for results.csv/json, per_gene.csv, figures.",
+)
+@click.option("--device", default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, seed):
+    """Run the HEST-Benchmark on ROOT (a hest-bench download) and print the Markdown table."""
+    import pandas as pd
+
+    import hopt_st as hs
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    if weights is not None and len(models) > 1:
+        raise click.UsageError("--weights applies to one --model; run one model at a time with --weights.")
+    frames = []
+    for model in models:
+        frames.append(
+            hs.bench.run(
+                root,
+                tasks=task_list,
+                model=model,
+                protocol=protocol,
+                embeddings_dir=embeddings_dir,
+                weights=str(weights) if weights is not None else None,
+                device=device,
+                seed=seed,
+            )
+        )
+    df = pd.concat(frames, ignore_index=True)
+    per_gene = pd.concat([f.attrs.get("per_gene", pd.DataFrame()) for f in frames], ignore_index=True)
+    df.attrs["per_gene"] = per_gene
+    df.attrs["provenance"] = [f.attrs.get("provenance", {}) for f in frames]
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "results.csv", index=False)
+    per_gene.to_csv(out / "per_gene.csv", index=False)
+    payload = {"results": df.to_dict(orient="records"), "provenance": df.attrs["provenance"]}
+    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+    _save_bench_figures(df, out)
+    click.echo(hs.bench.markdown_table(df))
+    _echo(
+        f"\nWrote {out / 'results.csv'}, {out / 'results.json'}, {out / 'per_gene.csv'}, {out / 'benchmark.png'}"
+    )
+
+
+def _save_bench_figures(df, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import pl
+
+    fig = pl.benchmark(df, title="HEST-Benchmark: mean Pearson over the 50 genes")
+    fig.savefig(out / "benchmark.png", dpi=130)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--long", "long_", is_flag=True, help="Also print where each value of the spec comes from.")
+def models(long_: bool) -> None:
+    """List the encoder registry: output dims, weight sources and whether weights are found locally."""
+    import pandas as pd
+
+    import hopt_st as hs
+
+    from ._demo import weights_status
+
+    df = hs.models.list_models()
+    if df.index.name == "name":
+        df = df.reset_index()
+    if not any(c in df.columns for c in ("weights", "weights_local", "local_weights")):
+        df["weights"] = [weights_status(n) for n in df["name"]]
+    if "hf_repo" in df.columns:
+        df["source"] = [f"hf.co/{r}" if isinstance(r, str) and r else "built in" for r in df["hf_repo"]]
+    if "n_params" in df.columns:
+        df["n_params"] = [_human(v) for v in df["n_params"]]
+    wanted = [
+        "name",
+        "dim",
+        "input_size",
+        "mpp",
+        "n_params",
+        "weights",
+        "weights_local",
+        "local_weights",
+        "source",
+    ]
+    cols = [c for c in wanted if c in df.columns] or list(df.columns)
+    with pd.option_context("display.max_columns", None, "display.width", 250, "display.max_colwidth", 60):
+        click.echo(df[cols].to_string(index=False))
+    if long_ and "sources" in df.columns:
+        for name, src in zip(df["name"], df["sources"]):
+            click.echo(f"\n{name}:\n  " + "\n  ".join(str(src).split("; ")))
+    else:
+        _echo(
+            "\nweights: 'local' = found in the Hugging Face cache (HF_HOME); pass --weights PATH to use a file."
+        )
+
+
+def _human(v) -> str:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if not v or v != v:
+        return "-"
+    return f"{v / 1e9:.2f} B" if v >= 1e9 else f"{v / 1e6:.0f} M" if v >= 1e6 else f"{v:.0f}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+def _one_line(exc: BaseException) -> str:
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    msg = " ".join(str(msg).split())
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hopt-st`` console script; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("-v", "--verbose") for a in args[: _first_command(args)])
+    try:
+        rv = cli.main(args=args, prog_name="hopt-st", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("hopt-st: aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("hopt-st: interrupted", err=True)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's one place to turn errors into a one-line reason
+        if verbose:
+            traceback.print_exc()
+        hint = "" if verbose else " (--verbose for the traceback)"
+        click.echo(f"hopt-st: error: {_one_line(e)}{hint}", err=True)
+        return 1
+
+
+def _first_command(args: list[str]) -> int:
+    for i, a in enumerate(args):
+        if not a.startswith("-"):
+            return i
+    return len(args)
 
 
 if __name__ == "__main__":
