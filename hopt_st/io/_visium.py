@@ -1,2 +1,176 @@
-def read_visium(*args, **kwargs):
-    raise NotImplementedError("read_visium is being written")
+"""Read a Space Ranger ``outs/`` folder (Visium) with spatialdata-io and record pixel sizes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from spatialdata import SpatialData
+from spatialdata.models import Image2DModel, get_table_keys
+from spatialdata.transformations import get_transformation
+
+from ._counts import ensure_raw_counts
+from ._mpp import UNS_KEY, _check_mpp
+
+logger = logging.getLogger(__name__)
+
+VISIUM_SPOT_DIAMETER_UM = 55.0
+_POSITIONS = ("tissue_positions.csv", "tissue_positions_list.csv", "tissue_positions.parquet")
+
+
+def _check_folder(path: Path, counts_file: str) -> tuple[Path, dict]:
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"Space Ranger folder {str(path)!r} does not exist (expected an 'outs/' folder)."
+        )
+    missing = []
+    if not (path / counts_file).is_file():
+        missing.append(str(path / counts_file))
+    sf = path / "spatial" / "scalefactors_json.json"
+    if not sf.is_file():
+        missing.append(str(sf))
+    if not any((path / "spatial" / p).is_file() for p in _POSITIONS):
+        missing.append(str(path / "spatial" / "tissue_positions.csv (or tissue_positions_list.csv)"))
+    if missing:
+        raise FileNotFoundError(
+            f"Space Ranger folder {str(path)!r} is incomplete: missing {missing}. Point read_visium at the "
+            "'outs/' folder of a Space Ranger run (it holds filtered_feature_bc_matrix.h5 and spatial/)."
+        )
+    scalefactors = json.loads(sf.read_text())
+    if not scalefactors.get("spot_diameter_fullres"):
+        raise ValueError(
+            f"{str(sf)!r} has no 'spot_diameter_fullres', so the pixel size cannot be inferred: pass image_mpp=."
+        )
+    return sf, scalefactors
+
+
+def _rgb(image, key: str):
+    """Drop an alpha channel (keeping transformations); warn when the image is a transparent placeholder."""
+    if image.sizes.get("c", 3) != 4:
+        return image
+    alpha_max = int(image.data[3].max().compute())
+    if alpha_max == 0:
+        logger.warning(
+            "image %r is fully transparent (alpha = 0 everywhere): it is a placeholder without H&E pixels; "
+            "use another image (image_key=) for patches.",
+            key,
+        )
+    t = get_transformation(image, get_all=True)
+    return Image2DModel.parse(
+        image.data[:3], dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations=t
+    )
+
+
+def read_visium(
+    path: str | Path,
+    dataset_id: str | None = None,
+    image_mpp: float | None = None,
+    *,
+    fullres_image_file: str | Path | None = None,
+    counts_file: str = "filtered_feature_bc_matrix.h5",
+) -> SpatialData:
+    """Read a Visium Space Ranger ``outs/`` folder.
+
+    Parameters
+    ----------
+    path
+        The ``outs/`` folder (``filtered_feature_bc_matrix.h5``, ``spatial/``).
+    dataset_id
+        Name prefix of the elements (spatialdata-io convention); default: the library id of the counts file,
+        else the folder name.
+    image_mpp
+        µm per **full-resolution** pixel (the spots' coordinate unit). Default
+        ``55 / spot_diameter_fullres`` (a Visium spot is 55 µm wide). The hires/lowres images get
+        ``image_mpp / tissue_{hires,lowres}_scalef``.
+    fullres_image_file
+        Optional full-resolution H&E (e.g. the ``.tif`` given to Space Ranger).
+    counts_file
+        Counts matrix inside ``path``.
+
+    Returns
+    -------
+    SpatialData
+        As read by :func:`spatialdata_io.visium` (images ``"<id>_hires_image"``, ``"<id>_lowres_image"``,
+        optionally ``"<id>_full_image"``; circles ``"<id>"``; table ``"table"``), with RGB images,
+        ``table.obsm["spatial"]`` (x, y full-res px) and ``table.uns["hopt_st"]`` holding ``image_mpp`` per
+        image, ``fullres_mpp``, ``sample_id`` and the scalefactors as ``metadata``.
+    """
+    import spatialdata_io
+
+    path = Path(path)
+    sf_path, sf = _check_folder(path, counts_file)
+    kwargs = {}
+    if fullres_image_file is not None:
+        if not Path(fullres_image_file).is_file():
+            raise FileNotFoundError(f"fullres_image_file {str(fullres_image_file)!r} does not exist.")
+        kwargs["fullres_image_file"] = fullres_image_file
+    try:
+        sdata = spatialdata_io.visium(path, dataset_id=dataset_id, counts_file=counts_file, **kwargs)
+    except ValueError as e:
+        if dataset_id is not None or "library_id" not in str(e):
+            raise
+        # no library id in the counts file: name the elements after the folder
+        name = path.resolve().parent.name if path.resolve().name == "outs" else path.resolve().name
+        dataset_id = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name) or "visium"
+        logger.info("No library id in %s; using dataset_id=%r.", path, dataset_id)
+        sdata = spatialdata_io.visium(path, dataset_id=dataset_id, counts_file=counts_file, **kwargs)
+
+    if image_mpp is not None:
+        fullres = _check_mpp(image_mpp, "image_mpp")
+    else:
+        fullres = _check_mpp(
+            VISIUM_SPOT_DIAMETER_UM / float(sf["spot_diameter_fullres"]),
+            f"55 µm / spot_diameter_fullres of {sf_path}",
+        )
+    mpp = {}
+    for key in list(sdata.images.keys()):
+        if key.endswith("_hires_image") and sf.get("tissue_hires_scalef"):
+            mpp[key] = fullres / float(sf["tissue_hires_scalef"])
+        elif key.endswith("_lowres_image") and sf.get("tissue_lowres_scalef"):
+            mpp[key] = fullres / float(sf["tissue_lowres_scalef"])
+        elif key.endswith("_full_image"):
+            mpp[key] = fullres
+        else:
+            logger.warning("image %r: unknown resolution; no pixel size recorded.", key)
+        img = sdata.images[key]
+        if not hasattr(img, "children") or not len(img.children):
+            sdata.images[key] = _rgb(img, key)
+
+    table_name = "table" if "table" in sdata.tables else next(iter(sdata.tables))
+    table = sdata.tables[table_name]
+    ensure_raw_counts(table, path / counts_file)
+    region, _, instance_key = get_table_keys(table)
+    shapes_key = region if isinstance(region, str) else region[0]
+    shapes = sdata.shapes[shapes_key]
+    xy_shapes = np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()])
+    pos = shapes.index.get_indexer(table.obs[instance_key].to_numpy())
+    if (pos < 0).any():
+        raise ValueError(
+            f"table {table_name!r} rows do not match the shapes {shapes_key!r} of {str(path)!r}."
+        )
+    xy = xy_shapes[pos].astype(np.float64)
+    bad = ~np.isfinite(xy).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"{str(path)!r}: {int(bad.sum())} spots have NaN coordinates in the tissue positions file (first: "
+            f"{table.obs_names[np.flatnonzero(bad)[:5]].tolist()}). Fix or drop them from "
+            "spatial/tissue_positions*.csv."
+        )
+    table.obsm["spatial"] = xy
+    sample_id = dataset_id or shapes_key
+    table.uns[UNS_KEY] = {
+        "image_mpp": mpp,
+        "fullres_mpp": fullres,
+        "sample_id": str(sample_id),
+        "metadata": {
+            "st_technology": "Visium",
+            "spot_diameter": VISIUM_SPOT_DIAMETER_UM,
+            "inter_spot_dist": 100.0,
+            "scalefactors": {k: float(v) for k, v in sf.items() if isinstance(v, (int, float))},
+            "path": str(path),
+        },
+    }
+    logger.info("read_visium %s: %d spots, %.4g µm per full-res px", path, table.n_obs, fullres)
+    return sdata
