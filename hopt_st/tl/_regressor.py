@@ -1,10 +1,376 @@
-class ExpressionRegressor:
-    pass
+"""Regressors from spot embeddings to gene expression, with a scikit-learn estimator API."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, RegressorMixin
+
+from ._metrics import pearson_per_gene
+from ._ridge import HEST_N_COMPONENTS, LinearMap, fit_hest_ridge, fit_hest_ridge_sklearn, fit_ridge_cv
+from ._targets import TARGETS, target_matrix, top_variable_genes
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("ridge", "ridge-hest", "mlp")
+_FORMAT = "hopt_st.ExpressionRegressor/1"
 
 
-def fit_expression(*a, **k):
-    raise NotImplementedError
+def check_embeddings(X, name: str = "embeddings") -> np.ndarray:
+    """Embeddings as float64, refusing NaN/inf and non-2D input with a clear message."""
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (n_spots, dim) array, got shape {X.shape}.")
+    X = X.astype(np.float64, copy=False)
+    bad = ~np.isfinite(X)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise ValueError(
+            f"{name} has NaN or infinite values in {len(rows)} spots (e.g. rows {rows[:5].tolist()}); "
+            "re-compute the embeddings or drop those spots before fitting."
+        )
+    return X
 
 
-def predict_expression(*a, **k):
-    raise NotImplementedError
+class ExpressionRegressor(BaseEstimator, RegressorMixin):
+    """Predict expression of several genes from spot embeddings.
+
+    Parameters
+    ----------
+    method : {"ridge", "ridge-hest", "mlp"}
+        ``"ridge"``: ridge with intercept on standardised embeddings, alpha per gene by exact leave-one-out
+        error, or by group-wise inner cross-validation when ``groups`` is passed to :meth:`fit`.
+        ``"ridge-hest"``: HEST-Benchmark's probe (StandardScaler -> PCA(256) -> Ridge lsqr,
+        alpha = 100 / (n_components * n_genes), no intercept).
+        ``"mlp"``: one-hidden-layer torch MLP, early stopping on an inner split.
+    seed : int
+        Seed for PCA (sklearn solver), the MLP initialisation and its validation split.
+    alphas : sequence of float, optional
+        Candidate penalties for ``"ridge"``.
+    n_components : int
+        PCA dimension of ``"ridge-hest"`` (256 in HEST).
+    solver : {"fast", "sklearn"}
+        ``"ridge-hest"`` only: closed-form/reduced-LSQR implementation or the scikit-learn pipeline itself.
+    hidden, max_epochs, patience, device
+        MLP settings.
+
+    Attributes
+    ----------
+    genes_ : list of str
+    n_features_in_ : int
+    alpha_ : numpy.ndarray
+        Penalty per gene (``"ridge"``) or HEST's single alpha.
+    """
+
+    def __init__(
+        self,
+        method: str = "ridge",
+        *,
+        seed: int = 0,
+        alphas=None,
+        n_components: int = HEST_N_COMPONENTS,
+        solver: str = "fast",
+        hidden: int = 256,
+        max_epochs: int = 200,
+        patience: int = 10,
+        device=None,
+    ):
+        self.method = method
+        self.seed = seed
+        self.alphas = alphas
+        self.n_components = n_components
+        self.solver = solver
+        self.hidden = hidden
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.device = device
+
+    # -- metadata set by fit_expression (kept outside get_params) --
+    use_rep: str | None = None
+    target: str = "log1p"
+    spatial_context: bool = False
+
+    def fit(self, X, y, groups=None):
+        """Fit on embeddings ``X`` (n_spots, dim) and targets ``y`` (n_spots, n_genes)."""
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {METHODS}.")
+        if self.solver not in ("fast", "sklearn"):
+            raise ValueError(f"solver={self.solver!r} must be 'fast' or 'sklearn'.")
+        if isinstance(y, pd.DataFrame):
+            genes = [str(c) for c in y.columns]
+        else:
+            genes = None
+        X = check_embeddings(X)
+        Y = np.asarray(y, dtype=np.float64)
+        if Y.ndim == 1:
+            Y = Y[:, None]
+        if Y.shape[0] != X.shape[0]:
+            raise ValueError(f"X has {X.shape[0]} spots but y has {Y.shape[0]}; they must match row by row.")
+        if not np.all(np.isfinite(Y)):
+            raise ValueError("y has NaN or infinite values; check the target expression.")
+        if X.shape[0] < Y.shape[1]:
+            raise ValueError(
+                f"Only {X.shape[0]} training spots for {Y.shape[1]} genes: need at least as many spots as "
+                "genes (use more samples in the training fold or fewer genes)."
+            )
+        if groups is not None:
+            groups = np.asarray(groups)
+            if groups.shape[0] != X.shape[0]:
+                raise ValueError(f"groups has {groups.shape[0]} entries for {X.shape[0]} spots.")
+        self.genes_ = genes if genes is not None else list(getattr(self, "genes_", None) or [])
+        if len(self.genes_) != Y.shape[1]:
+            self.genes_ = [f"gene_{i}" for i in range(Y.shape[1])]
+        self.n_features_in_ = X.shape[1]
+        self.linear_ = None
+        self.mlp_ = None
+        self.sklearn_ = None
+        if self.method == "ridge":
+            self.linear_, self.alpha_ = fit_ridge_cv(X, Y, alphas=self.alphas, groups=groups)
+        elif self.method == "ridge-hest":
+            from ._ridge import hest_alpha
+
+            k = min(self.n_components, *X.shape)
+            self.alpha_ = np.full(Y.shape[1], hest_alpha(k, Y.shape[1]))
+            if self.solver == "sklearn":
+                self.sklearn_ = fit_hest_ridge_sklearn(X, Y, n_components=self.n_components, seed=self.seed)
+                # the pipeline is linear: store it as a LinearMap so save/load needs no pickle
+                lin = np.vstack([np.zeros(X.shape[1]), np.eye(X.shape[1])])
+                out = self.sklearn_.predict(lin)
+                self.linear_ = LinearMap(x_mean=np.zeros(X.shape[1]), coef=out[1:] - out[0], intercept=out[0])
+            else:
+                self.linear_ = fit_hest_ridge(X, Y, n_components=self.n_components)
+        else:
+            from ._mlp import fit_mlp
+
+            self.mlp_, self.mlp_norm_ = fit_mlp(
+                X,
+                Y,
+                groups=groups,
+                seed=self.seed,
+                hidden=self.hidden,
+                max_epochs=self.max_epochs,
+                patience=self.patience,
+                device=self.device,
+            )
+        return self
+
+    def _check_fitted(self):
+        if not hasattr(self, "n_features_in_"):
+            raise RuntimeError("This ExpressionRegressor is not fitted yet; call fit() or fit_expression().")
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted expression (n_spots, n_genes), float32, in the target space."""
+        self._check_fitted()
+        X = check_embeddings(X)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {X.shape[1]} features but the regressor was fitted on {self.n_features_in_} "
+                f"(use_rep={self.use_rep!r}); use embeddings from the same model."
+            )
+        if self.sklearn_ is not None:
+            return self.sklearn_.predict(X).astype(np.float32)
+        if self.linear_ is not None:
+            return self.linear_.predict(X).astype(np.float32)
+        import torch
+
+        nm = self.mlp_norm_
+        with torch.no_grad():
+            out = self.mlp_(torch.as_tensor((X - nm["x_mean"]) / nm["x_std"], dtype=torch.float32)).numpy()
+        return (out * nm["y_std"] + nm["y_mean"]).astype(np.float32)
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """Mean Pearson correlation over genes (genes with constant values are ignored)."""
+        r = pearson_per_gene(np.asarray(y, dtype=np.float64), self.predict(X))
+        return float(np.nanmean(r))
+
+    # -- persistence: safetensors + JSON, no pickle --
+    def save(self, path) -> None:
+        """Write the fitted regressor to one ``.safetensors`` file (arrays) with JSON metadata inside."""
+        from safetensors.numpy import save_file
+
+        self._check_fitted()
+        tensors: dict[str, np.ndarray] = {}
+        if self.linear_ is not None:
+            tensors = {
+                "linear.x_mean": self.linear_.x_mean,
+                "linear.coef": self.linear_.coef,
+                "linear.intercept": self.linear_.intercept,
+            }
+        else:
+            tensors = {f"mlp.{k}": v.numpy() for k, v in self.mlp_.state_dict().items()}
+            tensors.update({f"norm.{k}": np.asarray(v) for k, v in self.mlp_norm_.items()})
+        if hasattr(self, "alpha_"):
+            tensors["alpha"] = np.asarray(self.alpha_, dtype=np.float64)
+        meta = {
+            "format": _FORMAT,
+            "params": {k: v for k, v in self.get_params().items() if k not in ("alphas", "device")},
+            "alphas": None if self.alphas is None else [float(a) for a in self.alphas],
+            "genes": list(self.genes_),
+            "n_features_in": int(self.n_features_in_),
+            "use_rep": self.use_rep,
+            "target": self.target,
+            "spatial_context": bool(self.spatial_context),
+        }
+        tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        save_file(tensors, str(path), metadata={"hopt_st": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path) -> ExpressionRegressor:
+        """Read a regressor written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        with safe_open(str(path), framework="numpy") as f:
+            raw = (f.metadata() or {}).get("hopt_st")
+            if raw is None:
+                raise ValueError(f"{path} was not written by ExpressionRegressor.save (no hopt_st metadata).")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(raw)
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path}: unsupported format {meta.get('format')!r} (expected {_FORMAT}).")
+        reg = cls(**meta["params"], alphas=meta["alphas"])
+        reg.genes_ = meta["genes"]
+        reg.n_features_in_ = meta["n_features_in"]
+        reg.use_rep, reg.target = meta["use_rep"], meta["target"]
+        reg.spatial_context = meta["spatial_context"]
+        reg.linear_, reg.mlp_, reg.sklearn_ = None, None, None
+        if "alpha" in tensors:
+            reg.alpha_ = tensors["alpha"]
+        if "linear.coef" in tensors:
+            reg.linear_ = LinearMap(
+                tensors["linear.x_mean"], tensors["linear.coef"], tensors["linear.intercept"]
+            )
+        else:
+            import torch
+
+            from ._mlp import build_mlp
+
+            state = {k[4:]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("mlp.")}
+            hidden, n_in = state["0.weight"].shape
+            reg.mlp_ = build_mlp(n_in, state["3.weight"].shape[0], hidden, 0.0)
+            reg.mlp_.load_state_dict(state)
+            reg.mlp_.eval()
+            reg.mlp_norm_ = {k[5:]: v for k, v in tensors.items() if k.startswith("norm.")}
+        return reg
+
+
+def _embeddings(adata, use_rep: str, spatial_context: bool) -> np.ndarray:
+    if use_rep not in adata.obsm:
+        raise KeyError(
+            f"use_rep={use_rep!r} is not in adata.obsm ({list(adata.obsm)}); compute embeddings first with "
+            f"hopt_st.pp.embed(..., key_added={use_rep!r})."
+        )
+    X = check_embeddings(np.asarray(adata.obsm[use_rep]), name=f"adata.obsm[{use_rep!r}]")
+    if spatial_context:
+        from ._spatial import neighbour_mean
+
+        X = np.hstack([X, neighbour_mean(adata, X)])
+    return X
+
+
+def fit_expression(
+    adata,
+    *,
+    use_rep: str = "X_h-optimus-1",
+    genes=None,
+    n_top_genes: int = 50,
+    method: str = "ridge",
+    layer: str | None = None,
+    target: str = "log1p",
+    groups=None,
+    seed: int = 0,
+    spatial_context: bool = False,
+    **kwargs,
+) -> ExpressionRegressor:
+    """Fit a regressor from ``adata.obsm[use_rep]`` to the expression of ``genes``.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Spots with embeddings in ``obsm[use_rep]`` and raw counts in ``X`` (or ``layers[layer]``).
+    use_rep : str
+        Key of the embeddings in ``obsm``.
+    genes : list of str, optional
+        Genes to predict; when None, the ``n_top_genes`` with the largest variance of the target.
+    n_top_genes : int
+        Number of genes chosen when ``genes`` is None.
+    method : {"ridge", "ridge-hest", "mlp"}
+        See :class:`ExpressionRegressor`.
+    layer : str, optional
+        Layer with raw counts.
+    target : {"log1p", "normalize_log1p", "none"}
+        Target space, see :func:`hopt_st.tl._targets.target_matrix`.
+    groups : str or array-like, optional
+        Column of ``obs`` (or one value per spot) with sample/patient ids, for group-aware tuning.
+    seed : int
+        Random seed.
+    spatial_context : bool
+        Concatenate each spot's embedding with the mean embedding of its spatial neighbours.
+    **kwargs
+        Passed to :class:`ExpressionRegressor`.
+
+    Returns
+    -------
+    ExpressionRegressor
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r} is not one of {TARGETS}.")
+    X = _embeddings(adata, use_rep, spatial_context)
+    if genes is None:
+        genes = top_variable_genes(adata, n_top_genes, layer=layer, target=target)
+    genes = [str(g) for g in genes]
+    Y = target_matrix(adata, genes, target=target, layer=layer)
+    if isinstance(groups, str):
+        if groups not in adata.obs:
+            raise KeyError(f"groups={groups!r} is not a column of adata.obs ({list(adata.obs.columns)}).")
+        groups = adata.obs[groups].to_numpy()
+    reg = ExpressionRegressor(method, seed=seed, **kwargs)
+    reg.use_rep, reg.target, reg.spatial_context = use_rep, target, spatial_context
+    reg.fit(X, pd.DataFrame(Y, columns=genes), groups=groups)
+    logger.info("fit_expression: %s on %d spots x %d features -> %d genes", method, *X.shape, len(genes))
+    return reg
+
+
+def predict_expression(
+    adata_or_sdata,
+    regressor: ExpressionRegressor,
+    *,
+    use_rep: str | None = None,
+    key_added: str = "predicted",
+    table_name: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write predictions to ``obsm[key_added]`` (DataFrame: obs_names x genes, target space).
+
+    Also records ``uns["hopt_st"]["predictions"][key_added] = {"genes", "target", "use_rep", "method"}``.
+    Accepts an AnnData or a SpatialData (its spot table, ``table_name`` by default the only/first one).
+    """
+    try:
+        from spatialdata import SpatialData
+    except ImportError:  # pragma: no cover
+        SpatialData = ()
+    if isinstance(adata_or_sdata, SpatialData):
+        from hopt_st.io._elements import get_spot_table
+
+        adata, _ = get_spot_table(adata_or_sdata, table_name)
+    else:
+        adata = adata_or_sdata
+    use_rep = use_rep or regressor.use_rep
+    if use_rep is None:
+        raise ValueError("use_rep is unknown: pass use_rep= (the obsm key of the embeddings).")
+    if key_added in adata.obsm and not overwrite:
+        raise KeyError(f"obsm[{key_added!r}] already exists; pass overwrite=True or another key_added.")
+    X = _embeddings(adata, use_rep, regressor.spatial_context)
+    pred = regressor.predict(X)
+    adata.obsm[key_added] = pd.DataFrame(pred, index=adata.obs_names.copy(), columns=list(regressor.genes_))
+    uns = adata.uns.setdefault("hopt_st", {})
+    uns.setdefault("predictions", {})[key_added] = {
+        "genes": list(regressor.genes_),
+        "target": regressor.target,
+        "use_rep": use_rep,
+        "method": regressor.method,
+    }
