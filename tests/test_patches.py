@@ -1,0 +1,381 @@
+"""pp.patches / Patches / io.read_patches: geometry, resampling, inputs, errors, HEST h5 format.
+
+Exactness is checked against an independent reference: a direct crop (numpy, padded with the fill value)
+of the chosen pyramid level, resized by exact area averaging when reducing (each pixel replicated onto a
+common fine grid, then block means: :func:`area_resize`) and with PIL's BILINEAR when enlarging. The
+image's pixel values encode their own coordinates, so a misplaced window cannot match by accident.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from PIL import Image
+from spatialdata import SpatialData
+from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.transformations import Identity, Scale, Translation
+
+import hopt_st
+from hopt_st.pp import Patches, patches
+from hopt_st.pp._image_reader import LevelReader
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def coord_image(h: int, w: int) -> np.ndarray:
+    """(3, h, w) uint8: R = x mod 256, G = y mod 256, B = 256-px block id -- every pixel knows where it is."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx % 256, yy % 256, (xx // 256 * 37 + yy // 256 * 101) % 256]).astype(np.uint8)
+
+
+def make_sdata(
+    img,
+    xy,
+    *,
+    image_mpp=None,
+    dims=("c", "y", "x"),
+    scale_factors=None,
+    image_tf=None,
+    shapes_tf=None,
+    chunks=(128, 128),
+):
+    n = len(xy)
+    c_chunks = (img.shape[0] if dims[0] == "c" else img.shape[-1],)
+    ch = c_chunks + tuple(chunks) if dims[0] == "c" else tuple(chunks) + c_chunks
+    im = Image2DModel.parse(
+        img,
+        dims=dims,
+        scale_factors=scale_factors,
+        chunks=ch,
+        transformations=image_tf or {"global": Identity()},
+    )
+    ids = pd.Index([f"s{i}" for i in range(n)])
+    sh = ShapesModel.parse(
+        np.asarray(xy, dtype=float),
+        geometry=0,
+        radius=np.full(n, 5.0),
+        index=ids,
+        transformations=shapes_tf or {"global": Identity()},
+    )
+    obs = pd.DataFrame(
+        {"region": pd.Categorical(["spots"] * n), "spot_id": ids.to_numpy()},
+        index=[f"bc{i}" for i in range(n)],
+    )
+    t = TableModel.parse(
+        ad.AnnData(np.zeros((n, 2), np.float32), obs=obs),
+        region="spots",
+        region_key="region",
+        instance_key="spot_id",
+    )
+    if image_mpp is not None:
+        t.uns["hopt_st"] = {"image_mpp": {"he": float(image_mpp)}, "fullres_mpp": float(image_mpp)}
+    return SpatialData(images={"he": im}, shapes={"spots": sh}, tables={"table": t})
+
+
+def level_yxc(sdata, level: int) -> np.ndarray:
+    el = sdata.images["he"]
+    da = el if level == 0 and not hasattr(el, "children") else el[f"scale{level}"]["image"]
+    return np.moveaxis(np.asarray(da.data.compute() if hasattr(da.data, "compute") else da.data), 0, -1)
+
+
+def area_resize(crop: np.ndarray, p: int) -> np.ndarray:
+    """Exact area-average resize of a square (s, s, 3) crop to (p, p, 3), s >= p, by replication."""
+    s = crop.shape[0]
+    g = np.gcd(s, p)
+    up, block = p // g, s // g
+    fine = np.repeat(np.repeat(crop.astype(np.float64), up, axis=0), up, axis=1)  # (s*up, s*up, 3)
+    means = fine.reshape(p, block, p, block, 3).mean(axis=(1, 3))
+    return np.clip(np.floor(means + 0.5), 0, 255).astype(np.uint8)
+
+
+def reference_patches(level_img, centers_px0, downsample, side0, p, fill=255):
+    """Direct crop-and-resize: window of round(side0/d) level pixels nearest to each centre, PIL resize."""
+    h, w = level_img.shape[:2]
+    s = int(np.floor(side0 / downsample + 0.5))
+    pad = s + 2
+    padded = np.pad(level_img, ((pad, pad), (pad, pad), (0, 0)), constant_values=fill)
+    out = []
+    for cx, cy in centers_px0:
+        x0 = int(np.floor(cx / downsample - s / 2 + 0.5))
+        y0 = int(np.floor(cy / downsample - s / 2 + 0.5))
+        y0c = min(max(y0, -pad), h)  # far outside: stays within the padding
+        x0c = min(max(x0, -pad), w)
+        crop = padded[y0c + pad : y0c + pad + s, x0c + pad : x0c + pad + s]
+        if crop.shape[:2] != (s, s) or y0c != y0 or x0c != x0:
+            crop = np.full((s, s, 3), fill, np.uint8)
+        if s >= p:
+            out.append(area_resize(crop, p))
+        else:
+            out.append(np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((p, p), Image.BILINEAR)))
+    return np.stack(out)
+
+
+def aligned(patch_arr: np.ndarray, reference: np.ndarray, tol: int = 1) -> bool:
+    """The alignment check: every patch equals its reference to within ``tol`` grey levels."""
+    if patch_arr.shape != reference.shape:
+        return False
+    return int(np.abs(patch_arr.astype(int) - reference.astype(int)).max()) <= tol
+
+
+def grid_centers(lo, hi, n=4, jitter=0.37):
+    g = np.linspace(lo, hi, n)
+    xy = np.array([(x + jitter, y + 2 * jitter) for y in g for x in g])
+    return xy
+
+
+# --------------------------------------------------------------------------------------- exactness
+def test_resampler_matches_area_and_pil_references():
+    from hopt_st.pp._resample import resize
+
+    rng = np.random.default_rng(0)
+    for s, p in [(45, 32), (64, 32), (33, 32), (96, 40)]:
+        crop = rng.integers(0, 256, (s, s, 3), dtype=np.uint8)
+        assert aligned(resize(crop, p), area_resize(crop, p))
+        if s % p == 0:  # integer reduction: PIL's BOX filter is the same block mean
+            assert aligned(resize(crop, p), np.asarray(Image.fromarray(crop).resize((p, p), Image.BOX)))
+    crop = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    assert aligned(resize(crop, 32), np.asarray(Image.fromarray(crop).resize((32, 32), Image.BILINEAR)))
+
+
+@pytest.mark.parametrize("target_mpp", [0.75, 1.0, 0.5, 0.4])  # 1.5x and 2x reductions, 1:1, enlargement
+def test_exact_level0_fullres_px(target_mpp):
+    img = coord_image(500, 700)
+    xy = grid_centers(60, 440)
+    sd = make_sdata(img, xy, image_mpp=0.5)
+    p = patches(sd, patch_size=32, target_mpp=target_mpp)
+    side0 = 32 * target_mpp / 0.5
+    ref = reference_patches(np.moveaxis(img, 0, -1), xy, 1.0, side0, 32)
+    got = p.to_numpy()
+    assert got.dtype == np.uint8 and got.shape == (len(xy), 32, 32, 3)
+    assert aligned(got, ref)
+    assert p.patch_size_src == pytest.approx(side0)
+    np.testing.assert_array_equal(p.barcodes, sd.tables["table"].obs_names.to_numpy())
+    np.testing.assert_allclose(p.centers, xy)
+
+
+def test_centre_pixel_encodes_spot_position():
+    """Independent of any reference: at 1:1 the patch centre pixel is the spot's own pixel."""
+    img = coord_image(600, 600)
+    xy = np.array([[300.2, 200.7], [120.5, 450.49], [455.0, 333.3]])
+    p = patches(make_sdata(img, xy, image_mpp=0.5), patch_size=32, target_mpp=0.5)
+    for k, (cx, cy) in enumerate(xy):
+        r, g, _ = p[k][16, 16]
+        assert (r, g) == (int(np.floor(cx + 0.5)) % 256, int(np.floor(cy + 0.5)) % 256)
+
+
+@pytest.mark.parametrize(("target_mpp", "level"), [(0.5, 1), (0.7, 1), (1.0, 2), (0.3, 0)])
+def test_exact_from_pyramid_level(target_mpp, level):
+    img = coord_image(800, 800)
+    xy = grid_centers(100, 700)
+    sd = make_sdata(img, xy, image_mpp=0.25, scale_factors=[2, 2])
+    p = patches(sd, patch_size=32, target_mpp=target_mpp)
+    assert p.level_mpp == pytest.approx(0.25 * 2**level)
+    ref = reference_patches(level_yxc(sd, level), xy, 2.0**level, 32 * target_mpp / 0.25, 32)
+    assert aligned(p.to_numpy(), ref)
+
+
+def test_exact_in_transformed_coordinate_system():
+    """Visium-hires-like: the image is a 0.5x copy with a Scale to a shared system; shapes are translated."""
+    sf = 0.5  # image px per full-res px
+    img = coord_image(400, 500)  # the downscaled image
+    fullres = grid_centers(150, 750)  # spot centres in full-res px
+    own = fullres - np.array([100.0, 50.0])  # the shapes' own coordinates
+    sd = make_sdata(
+        img,
+        own,
+        image_tf={"aligned": Scale([1 / sf, 1 / sf], axes=("x", "y"))},
+        shapes_tf={"aligned": Translation([100.0, 50.0], axes=("x", "y"))},
+    )
+    fullres_mpp = 0.25
+    hopt_st.io.set_image_mpp(sd, {"he": fullres_mpp / sf})
+    p = patches(sd, patch_size=32, target_mpp=0.75)
+    ref = reference_patches(np.moveaxis(img, 0, -1), fullres * sf, 1.0, 32 * 0.75 / 0.5, 32)
+    assert aligned(p.to_numpy(), ref)
+    np.testing.assert_allclose(p.centers, own)
+    assert p.patch_size_src == pytest.approx(32 * 0.75 / fullres_mpp)  # in the spots' full-res px
+
+
+@pytest.mark.parametrize("corruption", ["swap_xy", "scale_2x", "shift_one_spot"])
+def test_alignment_check_catches_corrupted_centres(corruption):
+    img = coord_image(800, 800)
+    xy = grid_centers(150, 350)  # spacing 66.7 px; corrupted positions stay inside the image
+    ref = reference_patches(np.moveaxis(img, 0, -1), xy, 1.0, 48, 32)
+    good = patches(make_sdata(img, xy, image_mpp=0.5), patch_size=32, target_mpp=0.75).to_numpy()
+    assert aligned(good, ref)
+    bad_xy = {"swap_xy": xy[:, ::-1], "scale_2x": xy * 2, "shift_one_spot": xy + [200 / 3, 0]}[corruption]
+    bad = patches(make_sdata(img, bad_xy, image_mpp=0.5), patch_size=32, target_mpp=0.75).to_numpy()
+    assert not aligned(bad, ref)
+
+
+# ------------------------------------------------------------------------------ edges and outside
+def test_edge_spots_padded_and_fraction_recorded():
+    img = coord_image(300, 400)
+    xy = np.array([[200.0, 150.0], [0.0, 0.0], [399.0, 150.0], [600.0, 600.0]])
+    sd = make_sdata(img, xy, image_mpp=0.5)
+    with pytest.raises(ValueError, match=r"1 of 4 spots .* entirely outside .*bc3"):
+        patches(sd, patch_size=32, target_mpp=0.5)
+    p = patches(sd, patch_size=32, target_mpp=0.5, outside="keep", fill=(255, 0, 255))
+    frac = sd.tables["table"].obs["patch_fraction_inside"].to_numpy()
+    np.testing.assert_allclose(frac, [1.0, 0.25, 17 / 32, 0.0])
+    a = p.to_numpy()
+    assert (a[1, :16, :16] == [255, 0, 255]).all() and (
+        a[1, 16:, 16:] == np.moveaxis(img[:, :16, :16], 0, -1)
+    ).all()
+    assert (a[3] == [255, 0, 255]).all()
+    assert (a[2, :, 17:] == [255, 0, 255]).all() and not (a[2, :, :17] == [255, 0, 255]).all()
+    d = patches(sd, patch_size=32, target_mpp=0.5, outside="drop")
+    assert len(d) == 3 and list(d.barcodes) == ["bc0", "bc1", "bc2"]
+    kept = patches(sd, patch_size=32, target_mpp=0.5, outside="keep").to_numpy()  # fill 255
+    np.testing.assert_array_equal(d.to_numpy(), kept[:3])
+
+
+# ------------------------------------------------------------------------------------ input kinds
+def _rgb_result(img_cyx, xy):
+    return patches(make_sdata(img_cyx, xy, image_mpp=0.5), patch_size=24, target_mpp=0.75).to_numpy()
+
+
+def test_input_variants_documented_results():
+    rgb = coord_image(200, 260)
+    xy = np.array([[60.0, 70.0], [200.3, 130.6], [5.0, 190.0]])
+    base = _rgb_result(rgb, xy)
+    # RGBA: alpha dropped
+    rgba = np.concatenate([rgb, np.full((1, 200, 260), 7, np.uint8)])
+    np.testing.assert_array_equal(_rgb_result(rgba, xy), base)
+    # grey: replicated to 3 equal channels
+    grey = _rgb_result(rgb[:1], xy)
+    np.testing.assert_array_equal(grey, np.repeat(base[..., :1], 3, axis=-1))
+    # uint16 (full range): v16 = 257 * v8 gives the same patches
+    np.testing.assert_array_equal(_rgb_result(rgb.astype(np.uint16) * 257, xy), base)
+    # float in [0, 1]
+    np.testing.assert_array_equal(_rgb_result(rgb.astype(np.float32) / 255, xy), base)
+    # y, x, c input through spatialdata
+    yxc = np.ascontiguousarray(np.moveaxis(rgb, 0, -1))
+    sd = make_sdata(yxc, xy, image_mpp=0.5, dims=("y", "x", "c"))
+    np.testing.assert_array_equal(patches(sd, patch_size=24, target_mpp=0.75).to_numpy(), base)
+
+
+def test_level_reader_accepts_yxc_and_numpy():
+    rgb = np.moveaxis(coord_image(100, 150), 0, -1)
+    for data in (rgb, __import__("dask.array").array.from_array(rgb, chunks=(32, 40, 3))):
+        r = LevelReader(xr.DataArray(data, dims=("y", "x", "c")))
+        (win,) = r.read_windows(np.array([[-3, 140]]), (10, 20), np.array([1, 2, 3], np.uint8))
+        assert (win[3:, :10] == rgb[0:7, 140:150]).all()
+        assert (win[:3] == [1, 2, 3]).all() and (win[:, 10:] == [1, 2, 3]).all()
+
+
+def test_bad_inputs_raise_documented_errors():
+    xy = np.array([[50.0, 50.0]])
+    img = coord_image(100, 100)
+    with pytest.raises(TypeError, match="dtype int32"):
+        _rgb_result(img.astype(np.int32), xy)
+    with pytest.raises(ValueError, match="2 channels"):
+        _rgb_result(img[:2], xy)
+    with pytest.raises(ValueError, match=r"values in \[0, 1.98\]"):
+        _rgb_result(img.astype(np.float32) / 50, xy)
+    sd = make_sdata(img, xy)  # no recorded pixel size
+    with pytest.raises(ValueError, match="pixel size of image 'he' is unknown"):
+        patches(sd)
+    sd = make_sdata(img, xy, image_mpp=0.5)
+    with pytest.raises(ValueError, match="patch_size"):
+        patches(sd, patch_size=0)
+    with pytest.raises(ValueError, match="outside"):
+        patches(sd, outside="ignore")
+    with pytest.raises(ValueError, match="fill"):
+        patches(sd, fill=300)
+    with pytest.raises(ValueError, match="target_mpp"):
+        patches(sd, target_mpp=-1)
+    sd = make_sdata(img, xy, image_mpp=0.5, shapes_tf={"other": Identity()})
+    with pytest.raises(ValueError, match="share no coordinate system"):
+        patches(sd)
+
+
+# ---------------------------------------------------------------------- Patches API and h5 format
+def test_indexing_batches_and_h5_round_trip(tmp_path):
+    img = coord_image(400, 400)
+    xy = grid_centers(50, 350, n=5)
+    sd = make_sdata(img, xy, image_mpp=0.5)
+    p = patches(sd, patch_size=16, target_mpp=0.75)
+    assert isinstance(p, Patches) and len(p) == 25
+    full = p.to_numpy()
+    np.testing.assert_array_equal(p[3], full[3])
+    np.testing.assert_array_equal(p[-1], full[-1])
+    np.testing.assert_array_equal(p[2:9:3], full[2:9:3])
+    np.testing.assert_array_equal(p[np.array([7, 1, 7])], full[[7, 1, 7]])
+    sel = np.array([20, 3, 11, 4, 0, 24, 13])
+    got = list(p.iter_batches(2, indices=sel, num_workers=3))
+    np.testing.assert_array_equal(np.concatenate([i for i, _ in got]), sel)
+    np.testing.assert_array_equal(np.concatenate([b for _, b in got]), full[sel])
+
+    path = tmp_path / "patches.h5"
+    p.to_h5(path)
+    with pytest.raises(FileExistsError):
+        p.to_h5(path)
+    with h5py.File(path, "r") as f:  # HEST layout
+        assert f["img"].shape == (25, 16, 16, 3) and f["img"].dtype == np.uint8
+        np.testing.assert_array_equal(f["coords"][:], np.floor(xy - 12 + 0.5).astype(int))
+        assert f["barcode"].shape == (25, 1) and f["barcode"][0, 0] == b"bc0"
+        assert f["coords"].attrs["patch_size_src"] == pytest.approx(24.0)
+    q = hopt_st.io.read_patches(path)
+    assert isinstance(q, Patches) and len(q) == 25 and q.patch_size == 16 and q.mpp == pytest.approx(0.75)
+    np.testing.assert_array_equal(q.to_numpy(), full)
+    np.testing.assert_array_equal(q[np.array([5, 2, 5])], full[[5, 2, 5]])
+    np.testing.assert_array_equal(q.barcodes, p.barcodes)
+    np.testing.assert_allclose(q.centers, xy)
+    idx, batch = next(q.iter_batches(4, indices=np.array([9, 8])))
+    np.testing.assert_array_equal(batch, full[[9, 8]])
+
+
+def test_read_hest_style_file_without_attributes(tmp_path):
+    path = tmp_path / "hest.h5"
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 255, (5, 224, 224, 3), dtype=np.uint8)
+    coords = np.array([[10, 20], [30, 40], [50, 60], [70, 80], [90, 100]])
+    with h5py.File(path, "w") as f:
+        f["img"] = imgs
+        f["coords"] = coords
+        f["barcode"] = np.array([[b"AAAC-1"], [b"AAAG-1"], [b"AACT-1"], [b"ACGT-1"], [b"TTTT-1"]])
+    q = hopt_st.io.read_patches(path)
+    assert len(q) == 5 and q.patch_size == 224 and q.mpp == 0.5
+    assert list(q.barcodes[:2]) == ["AAAC-1", "AAAG-1"]
+    np.testing.assert_allclose(q.centers, coords + 112)
+    np.testing.assert_array_equal(q.to_numpy(), imgs)
+    with h5py.File(tmp_path / "bad.h5", "w") as f:
+        f["features"] = np.zeros(3)
+    with pytest.raises(ValueError, match="not a HEST patch file"):
+        hopt_st.io.read_patches(tmp_path / "bad.h5")
+
+
+# ------------------------------------------------------------------------------- real Visium crop
+def test_visium_crop_patches_at_half_micron(caplog):
+    folder = DATA / "visium_crop"
+    if not (folder / "test_img.jpg").exists():
+        pytest.skip("shared visium_crop data absent")
+    rgb = np.asarray(Image.open(folder / "test_img.jpg").convert("RGB"))
+    adata = ad.read_h5ad(folder / "test_data.h5ad")
+    sf = adata.uns["spatial"]["V1_Adult_Mouse_Brain"]["scalefactors"]
+    fullres_mpp = 55.0 / sf["spot_diameter_fullres"]  # ~0.615 µm/px
+    xy = adata.obsm["spatial"].astype(float)
+    sd = make_sdata(rgb, xy, image_mpp=fullres_mpp, dims=("y", "x", "c"), chunks=(256, 256))
+    with caplog.at_level(logging.WARNING, logger="hopt_st"):
+        p = patches(sd, patch_size=224, target_mpp=0.5, outside="keep")
+    upsample_warnings = [r for r in caplog.records if "upsampled" in r.getMessage()]
+    assert len(upsample_warnings) == 1
+    assert p.mpp == 0.5 and p.patch_size_src * fullres_mpp == pytest.approx(112.0)
+    got = p.to_numpy()
+    assert got.shape == (len(xy), 224, 224, 3)
+    ref = reference_patches(rgb, xy, 1.0, 224 * 0.5 / fullres_mpp, 224)
+    assert aligned(got, ref)
+    # centred: the patch centre matches the image around the spot centre (a shifted window would not)
+    k = int(np.argmax(sd.tables["table"].obs["patch_fraction_inside"].to_numpy()))
+    cx, cy = xy[k]
+    around = rgb[int(cy) - 5 : int(cy) + 5, int(cx) - 5 : int(cx) + 5].mean(axis=(0, 1))
+    centre = got[k, 104:120, 104:120].mean(axis=(0, 1))
+    assert np.abs(around - centre).max() < 12
