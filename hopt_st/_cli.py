@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -26,7 +27,8 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root = logging.getLogger()
     if not any(getattr(h, "_hopt_st", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        fmt = "%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"
+        handler.setFormatter(logging.Formatter(fmt))
         handler._hopt_st = True
         root.addHandler(handler)
     root.setLevel(logging.WARNING if not verbose else logging.DEBUG)
@@ -35,6 +37,10 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
         logging.getLogger("hopt_st").setLevel(level)
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"  # every tqdm bar in the process
+    if not verbose:  # third-party chatter that says nothing about the user's data
+        warnings.filterwarnings("ignore", message=".*zarr v3 autosharding.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _echo(msg: str = "") -> None:
@@ -180,6 +186,9 @@ def embed(
     tname = resolve_table_name(sdata, table_name)
     key = key_added or f"X_{model}"
     emb = sdata.tables[tname].obsm[key]
+    from ._demo import sanitize_tables
+
+    sanitize_tables(sdata)
     if in_place:
         sdata.write_element(tname, overwrite=True)
         dest = input_path

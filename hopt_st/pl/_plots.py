@@ -338,18 +338,19 @@ def gene_scores(
     if not groups or all(len(v) == 0 for v in groups.values()):
         raise ValueError("no per-gene scores to draw (empty input or all NaN).")
     n = len(groups)
-    height = max(2.5, 0.22 * max(len(v) for v in groups.values()) + 1.2)
+    height = max(2.5, 0.17 * max(len(v) for v in groups.values()) + 1.3)
     fig, axes = plt.subplots(1, n, figsize=(4.8 * n, height), squeeze=False, layout="constrained")
     for ax, (name, s) in zip(axes[0], groups.items()):
         y = np.arange(len(s))
         colors = [color if v >= 0 else "0.6" for v in s.to_numpy()]
         ax.barh(y, s.to_numpy(), color=colors)
         ax.set_yticks(y, labels=list(s.index), fontsize=8 if len(s) > 25 else 9)
-        ax.invert_yaxis()  # best first, at the top
+        ax.set_ylim(len(s) - 0.5, -0.5)  # best first, at the top
         ax.axvline(0, color="k", lw=0.8)
         ax.set_xlabel("Pearson r (measured vs predicted)")
         mean = float(s.mean())
-        ax.axvline(mean, color="tab:red", ls="--", lw=1)
+        ax.axvline(mean, color="tab:red", ls="--", lw=1, label=f"mean {mean:.3f}")
+        ax.legend(loc="lower right", fontsize=8, frameon=False)
         ax.set_title(f"{name + ': ' if name else ''}mean r = {mean:.3f} over {len(s)} genes", fontsize=10)
         ax.set_xlim(
             min(0.0, float(s.min()) - 0.05), max(1.0, float(s.max()) + 0.05) if s.max() > 0.9 else 1.0
