@@ -11,7 +11,8 @@ Ground truth
     square), rows summing to 1.
 ``table.varm["truth_loadings"]``
     ``(n_genes, n_states)`` log-fold effects: the expected count of gene ``g`` at a spot is
-    ``library_size * exp(var["truth_log_base"][g] + latent_truth @ truth_loadings[g])``.
+    ``library_size * exp(var["truth_log_base"][g] + latent_truth @ truth_loadings[g]) / Z`` with one constant
+    ``Z`` per slide (so noise genes do not depend on the states) and a log-normal library size per spot.
 ``table.var["state_dependent"]``
     ``True`` for genes driven by the latent states, ``False`` for pure noise genes.
 ``table.uns["hopt_st"]["metadata"]["synthetic"]``
@@ -134,8 +135,9 @@ def synthetic_visium(
 
     # --- counts -----------------------------------------------------------------------------------
     lib = mean_library_size * rng.lognormal(0.0, 0.15, size=n_spots)
-    rates = np.exp(model["log_base"][None, :] + latent @ model["loadings"].T)
-    rates = rates / rates.sum(axis=1, keepdims=True) * lib[:, None]
+    # a constant normaliser (not per spot) keeps noise genes independent of the states
+    norm = np.exp(model["log_base"] + model["loadings"].mean(axis=1)).sum()
+    rates = np.exp(model["log_base"][None, :] + latent @ model["loadings"].T) / norm * lib[:, None]
     counts = rng.poisson(rates).astype(np.float32)
 
     # --- elements ---------------------------------------------------------------------------------

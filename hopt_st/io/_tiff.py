@@ -251,6 +251,8 @@ def write_pyramidal_tiff(
     kwargs: dict = {"compression": compression}
     if compression == "jpeg":
         kwargs["compressionargs"] = {"level": 90}
+    elif compression == "zlib":
+        kwargs["compressionargs"] = {"level": 1}  # fast; still lossless
     try:
         with tifffile.TiffWriter(path, bigtiff=True) as tw:
             for level, (lh, lw) in enumerate(shapes):
