@@ -1,0 +1,159 @@
+"""Peak memory of ``hopt_st.io.read_hest`` on a synthetic 40k x 40k pyramidal slide.
+
+Writes (in a child process, tile band by tile band, JPEG tiles) a 40,000 x 40,000 px pyramidal BigTIFF plus
+matching ``st/`` and ``metadata/`` files into a temporary HEST folder, then in this process reads it with
+``read_hest``, touches a few windows (level-0 patches, a 2048 px window of level 2, the whole coarsest level)
+and prints the peak resident memory (ru_maxrss). The baseline is this process's RSS right after importing
+hopt_st, measured in the same run; the slide's decoded size is printed for comparison.
+
+Usage::
+
+    python benchmarks/read_hest_memory.py [--size 40000] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LIMIT_MB = 500.0
+
+
+def _rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _rss_now_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def write_slide(root: Path, size: int, seed: int = 0) -> str:
+    """Write wsis/, st/, metadata/ for sample 'BIG' (run in a child process)."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    from scipy import sparse
+
+    from hopt_st.datasets import synthetic_visium
+    from hopt_st.io._tiff import write_pyramidal_tiff
+
+    mpp = 0.5
+    sd = synthetic_visium(n_spots=120, image_mpp=mpp, seed=seed, n_genes=10)
+    tex = np.ascontiguousarray(np.asarray(sd.images["he"].data.compute()).transpose(1, 2, 0))
+    th, tw = tex.shape[:2]
+
+    def tile_fn(y0, x0, h, w):
+        rows = (y0 + np.arange(h)) % th
+        cols = (x0 + np.arange(w)) % tw
+        return tex[rows][:, cols]
+
+    for sub in ("wsis", "st", "metadata"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    write_pyramidal_tiff(
+        root / "wsis" / "BIG.tif", shape=(size, size), tile_fn=tile_fn, mpp=mpp, compression="jpeg"
+    )
+    t_write = time.perf_counter() - t0
+    # spots on a 100 µm hexagonal grid over the slide
+    step = 100 / mpp
+    ys = np.arange(step, size - step, step * np.sqrt(3) / 2)
+    xy = np.array(
+        [(x + (i % 2) * step / 2, y) for i, y in enumerate(ys) for x in np.arange(step, size - step, step)]
+    )
+    rng = np.random.default_rng(seed)
+    n = len(xy)
+    obs = pd.DataFrame(
+        {"pxl_col_in_fullres": xy[:, 0], "pxl_row_in_fullres": xy[:, 1]},
+        index=[f"B{i:06d}-1" for i in range(n)],
+    )
+    a = ad.AnnData(sparse.csr_matrix(rng.poisson(2.0, (n, 50)).astype(np.float32)), obs=obs)
+    a.var_names = [f"G{i}" for i in range(50)]
+    a.obsm["spatial"] = xy
+    a.write_h5ad(root / "st" / "BIG.h5ad")
+    meta = {
+        "pixel_size_um_estimated": mpp,
+        "st_technology": "Visium",
+        "patient": "P0",
+        "organ": "Synthetic",
+        "oncotree_code": "SYN",
+        "spot_diameter": 55.0,
+        "inter_spot_dist": 100.0,
+    }
+    (root / "metadata" / "BIG.json").write_text(json.dumps(meta))
+    return f"wrote {size} x {size} px slide, {n} spots in {t_write:.1f} s ({(root / 'wsis' / 'BIG.tif').stat().st_size / 1e6:.0f} MB on disk)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=int, default=40_000)
+    p.add_argument("--keep", type=Path, default=None, help="write the slide here and keep it")
+    p.add_argument("--_write", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._write is not None:
+        print(write_slide(args._write, args.size))
+        return
+
+    tmp = tempfile.TemporaryDirectory() if args.keep is None else None
+    root = Path(tmp.name) if tmp else args.keep
+    root.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--size", str(args.size), "--_write", str(root)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    print(out.stdout.strip().splitlines()[-1])
+
+    import numpy as np
+
+    import hopt_st  # noqa: F401  (the baseline includes the package's own imports)
+    from hopt_st.io import read_hest
+
+    base = _rss_peak_mb()
+    t0 = time.perf_counter()
+    sd = read_hest(root, "BIG")
+    t_open = time.perf_counter() - t0
+    after_open = _rss_peak_mb()
+    img = sd.images["he"]
+    levels = list(img.children)
+    lvl0 = img["scale0"]["image"].data
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    means = []
+    for _ in range(20):
+        y, x = rng.integers(0, args.size - 224, 2)
+        means.append(float(lvl0[:, y : y + 224, x : x + 224].compute().mean()))
+    lvl2 = img["scale2"]["image"].data
+    win = lvl2[:, 1000:3048, 1000:3048].compute()
+    coarse = img[levels[-1]]["image"].data.compute()
+    t_touch = time.perf_counter() - t0
+    peak = _rss_peak_mb()
+    decoded_mb = 3 * args.size * args.size / 2**20
+    print(f"levels: {[tuple(img[k]['image'].shape[1:]) for k in levels]}")
+    print(
+        f"read_hest open: {t_open * 1000:.0f} ms; touched 20 level-0 patches, a {win.shape[1]} px level-2 window "
+        f"and the whole coarsest level {coarse.shape[1:]} in {t_touch:.1f} s (mean pixel {np.mean(means):.0f})"
+    )
+    print(f"RSS baseline after importing hopt_st: {base:.0f} MB")
+    print(f"peak RSS after read_hest: {after_open:.0f} MB; after touching windows: {peak:.0f} MB")
+    print(
+        f"increase over baseline: {peak - base:.0f} MB (limit {LIMIT_MB:.0f} MB); level 0 decoded would be "
+        f"{decoded_mb:.0f} MB, i.e. {decoded_mb / max(peak - base, 1):.0f}x more"
+    )
+    print("PASS" if peak - base < LIMIT_MB else "FAIL")
+    if tmp:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
