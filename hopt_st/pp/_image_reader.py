@@ -19,7 +19,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 #: virtual chunk size used when the image is a plain numpy array
-_NUMPY_CHUNK = 1024
+_NUMPY_CHUNK = 512
 #: decoded chunks are cached up to this many bytes by default (shared by all threads of one reader)
 DEFAULT_CACHE_BYTES = 512 * 2**20
 
@@ -105,6 +105,16 @@ class LevelReader:
             self._ybounds = _chunk_bounds(ch["y"])
             self._xbounds = _chunk_bounds(ch["x"])
             self._direct, self._direct_dims = _direct_source(data, dims)
+            native = getattr(self._direct, "chunks", None)
+            if (
+                self._direct is not None
+                and isinstance(native, tuple)
+                and all(isinstance(c, int) for c in native)
+            ):
+                # the storage's own chunks (e.g. TIFF tiles), usually finer than the dask chunks: cache those
+                nat = dict(zip(self._direct_dims, native))
+                self._ybounds = np.unique(np.r_[np.arange(0, self.height, max(nat["y"], 64)), self.height])
+                self._xbounds = np.unique(np.r_[np.arange(0, self.width, max(nat["x"], 64)), self.width])
         else:
             self._ybounds = np.unique(np.r_[np.arange(0, self.height, _NUMPY_CHUNK), self.height])
             self._xbounds = np.unique(np.r_[np.arange(0, self.width, _NUMPY_CHUNK), self.width])
@@ -113,6 +123,7 @@ class LevelReader:
         self._cache_bytes = 0
         self._cache_limit = int(cache_bytes)
         self._lock = threading.Lock()
+        self._inflight: dict[tuple[int, int], threading.Event] = {}
 
     # -- chunks -------------------------------------------------------------------------------------
     def _slicer(self, iy: int, ix: int, dims: tuple[str, ...]) -> tuple:
@@ -149,37 +160,53 @@ class LevelReader:
         return np.ascontiguousarray(block)
 
     def _fetch(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
+        """Decoded uint8 RGB chunks for ``keys``: from the cache, else read once (concurrent readers of the
+        same chunk wait for the first one instead of decoding it again)."""
         out: dict[tuple[int, int], np.ndarray] = {}
-        missing = []
+        mine, theirs = [], []
         with self._lock:
             for k in keys:
                 v = self._cache.get(k)
-                if v is None:
-                    missing.append(k)
-                else:
+                if v is not None:
                     self._cache.move_to_end(k)
                     out[k] = v
-        if missing:
-            if self._direct is not None:
-                dims = self._direct_dims
-                blocks = [self._direct[self._slicer(*k, dims)] for k in missing]
-            else:
-                import dask
+                elif k in self._inflight:
+                    theirs.append((k, self._inflight[k]))
+                else:
+                    self._inflight[k] = threading.Event()
+                    mine.append(k)
+        if mine:
+            try:
+                if self._direct is not None:
+                    dims = self._direct_dims
+                    blocks = [self._direct[self._slicer(*k, dims)] for k in mine]
+                else:
+                    import dask
 
-                dims = self.dims
-                blocks = dask.compute(
-                    *[self._data[self._slicer(*k, dims)] for k in missing], scheduler="synchronous"
-                )
-            rgbs = [self._to_rgb8(b, dims) for b in blocks]
-            with self._lock:
-                for k, rgb in zip(missing, rgbs):
-                    out[k] = rgb
-                    if k not in self._cache:
+                    dims = self.dims
+                    blocks = dask.compute(
+                        *[self._data[self._slicer(*k, dims)] for k in mine], scheduler="synchronous"
+                    )
+                rgbs = [self._to_rgb8(b, dims) for b in blocks]
+                with self._lock:
+                    for k, rgb in zip(mine, rgbs):
+                        out[k] = rgb
                         self._cache[k] = rgb
                         self._cache_bytes += rgb.nbytes
-                while self._cache_bytes > self._cache_limit and self._cache:
-                    _, old = self._cache.popitem(last=False)
-                    self._cache_bytes -= old.nbytes
+                    while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
+                        _, old = self._cache.popitem(last=False)
+                        self._cache_bytes -= old.nbytes
+            finally:
+                with self._lock:
+                    for k in mine:
+                        self._inflight.pop(k).set()
+        for k, ev in theirs:
+            ev.wait()
+            with self._lock:
+                v = self._cache.get(k)
+            if v is None:  # producer failed, or already evicted: read it here (raises the same error)
+                v = self._fetch([k])[k]
+            out[k] = v
         return out
 
     # -- windows ------------------------------------------------------------------------------------
