@@ -298,3 +298,20 @@ def test_visium_crop_metadata_and_not_raw_counts():
     # its X is log-normalised: the raw-counts check must refuse it and say why
     with pytest.raises(ValueError, match=r"test_data\.h5ad.*raw counts.*non-integer"):
         ensure_raw_counts(a, SHARED / "visium_crop" / "test_data.h5ad")
+
+
+def test_tiff_pyramid_as_reduced_pages(tmp_path):
+    """Pyramids stored as reduced-resolution pages (pyvips/HEST style), not sub-IFDs, are read as levels."""
+    img = np.random.default_rng(1).integers(0, 255, (512, 768, 3), dtype=np.uint8)
+    p = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(p, bigtiff=True) as tw:
+        tw.write(img, tile=(128, 128), photometric="rgb", compression="zlib")
+        for f in (2, 4):
+            tw.write(
+                img[::f, ::f].copy(), tile=(128, 128), photometric="rgb", compression="zlib", subfiletype=1
+            )
+    tree = read_tiff_image(p)
+    assert [tree[k]["image"].shape[1:] for k in tree.children] == [(512, 768), (256, 384), (128, 192)]
+    np.testing.assert_array_equal(tree["scale2"]["image"].data.compute().transpose(1, 2, 0), img[::4, ::4])
+    m = get_transformation(tree["scale2"]["image"]).to_affine_matrix(("y", "x"), ("y", "x"))
+    np.testing.assert_allclose(np.diag(m)[:2], 4.0)
