@@ -1,6 +1,6 @@
 """HEST-Benchmark: a faithful reproduction (``protocol="hest"``) and a leakage-free one (``"strict"``)."""
 
 from ._download import download
-from ._run import run
+from ._run import markdown_table, run
 
-__all__ = ["download", "run"]
+__all__ = ["download", "markdown_table", "run"]
