@@ -203,6 +203,31 @@ def test_exact_in_transformed_coordinate_system():
     assert p.patch_size_src == pytest.approx(32 * 0.75 / fullres_mpp)  # in the spots' full-res px
 
 
+@pytest.mark.parametrize("layout", ["yxc", "cyx"])
+def test_exact_through_direct_zarr_path(layout):
+    """Images backed by zarr (e.g. TIFFs opened with tifffile's aszarr) are read from the store's own chunks."""
+    import dask.array as da
+    import zarr
+
+    img = coord_image(600, 640)
+    stored = np.ascontiguousarray(np.moveaxis(img, 0, -1)) if layout == "yxc" else img
+    chunks = (64, 64, 3) if layout == "yxc" else (3, 64, 64)
+    z = zarr.create_array(store=zarr.storage.MemoryStore(), shape=stored.shape, chunks=chunks, dtype=np.uint8)
+    z[...] = stored
+    d = da.from_zarr(z, chunks=tuple(4 * c if c != 3 else 3 for c in chunks))
+    d = d.transpose(2, 0, 1) if layout == "yxc" else d
+    xy = grid_centers(40, 600, n=5)
+    sd = make_sdata(img, xy, image_mpp=0.5)
+    sd.images["he"] = Image2DModel.parse(d, dims=("c", "y", "x"))
+    p = patches(sd, patch_size=32, target_mpp=0.75)
+    assert p._reader._direct is not None  # the fast path is the one under test
+    ref = reference_patches(np.moveaxis(img, 0, -1), xy, 1.0, 48, 32)
+    assert aligned(p.to_numpy(), ref)
+    np.testing.assert_array_equal(
+        np.concatenate([b for _, b in p.iter_batches(3, num_workers=4)]), p.to_numpy()
+    )
+
+
 @pytest.mark.parametrize("corruption", ["swap_xy", "scale_2x", "shift_one_spot"])
 def test_alignment_check_catches_corrupted_centres(corruption):
     img = coord_image(800, 800)
@@ -331,6 +356,11 @@ def test_indexing_batches_and_h5_round_trip(tmp_path):
     np.testing.assert_allclose(q.centers, xy)
     idx, batch = next(q.iter_batches(4, indices=np.array([9, 8])))
     np.testing.assert_array_equal(batch, full[[9, 8]])
+    # picklable, so usable as a torch Dataset with worker processes
+    import pickle
+
+    for obj in (p, q):
+        np.testing.assert_array_equal(pickle.loads(pickle.dumps(obj))[np.array([4, 1])], full[[4, 1]])
 
 
 def test_read_hest_style_file_without_attributes(tmp_path):

@@ -125,6 +125,15 @@ class LevelReader:
         self._lock = threading.Lock()
         self._inflight: dict[tuple[int, int], threading.Event] = {}
 
+    def __getstate__(self):  # picklable for torch DataLoader worker processes: cache and locks stay behind
+        state = self.__dict__.copy()
+        state.update(_cache=OrderedDict(), _cache_bytes=0, _lock=None, _inflight={})
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     # -- chunks -------------------------------------------------------------------------------------
     def _slicer(self, iy: int, ix: int, dims: tuple[str, ...]) -> tuple:
         ys = slice(int(self._ybounds[iy]), int(self._ybounds[iy + 1]))
