@@ -315,3 +315,30 @@ def test_tiff_pyramid_as_reduced_pages(tmp_path):
     np.testing.assert_array_equal(tree["scale2"]["image"].data.compute().transpose(1, 2, 0), img[::4, ::4])
     m = get_transformation(tree["scale2"]["image"]).to_affine_matrix(("y", "x"), ("y", "x"))
     np.testing.assert_allclose(np.diag(m)[:2], 4.0)
+
+
+# ---------------------------------------------------------------------------- pixel-size convention helpers
+
+
+def test_image_mpp_convention_and_spot_errors():
+    from hopt_st.io import set_image_mpp
+
+    sd = synthetic_visium(n_spots=20, seed=2, n_genes=5)
+    assert get_image_mpp(sd) == 0.5
+    assert get_image_mpp(sd, image_mpp=0.25) == 0.25  # explicit value wins
+    with pytest.raises(ValueError, match="plausible"):
+        get_image_mpp(sd, image_mpp=-1)
+    set_image_mpp(sd, {"he": 0.3})
+    assert get_image_mpp(sd) == 0.3
+    with pytest.raises(KeyError, match="'hires'.*images are \\['he'\\]"):
+        set_image_mpp(sd, {"hires": 1.0})
+    sd.tables["table"].uns["hopt_st"]["image_mpp"] = {}
+    with pytest.raises(ValueError, match=r"pixel size of image 'he' is unknown.*image_mpp="):
+        get_image_mpp(sd)
+    # NaN centres are refused with the barcodes named
+    shapes = sd.shapes["spots"]
+    from shapely.geometry import Point
+
+    shapes.loc[shapes.index[4], "geometry"] = Point(np.nan, np.nan)
+    with pytest.raises(ValueError, match=r"1 spots of 'spots' have NaN.*" + sd.tables["table"].obs_names[4]):
+        spot_centers(sd)
