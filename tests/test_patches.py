@@ -334,6 +334,10 @@ def test_indexing_batches_and_h5_round_trip(tmp_path):
     np.testing.assert_array_equal(p[-1], full[-1])
     np.testing.assert_array_equal(p[2:9:3], full[2:9:3])
     np.testing.assert_array_equal(p[np.array([7, 1, 7])], full[[7, 1, 7]])
+    assert p[[]].shape == (0, 16, 16, 3)
+    mask = np.zeros(25, bool)
+    mask[[2, 5]] = True
+    np.testing.assert_array_equal(p[mask], full[[2, 5]])
     sel = np.array([20, 3, 11, 4, 0, 24, 13])
     got = list(p.iter_batches(2, indices=sel, num_workers=3))
     np.testing.assert_array_equal(np.concatenate([i for i, _ in got]), sel)

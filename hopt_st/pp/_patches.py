@@ -85,6 +85,8 @@ class Patches:
         if isinstance(key, slice):
             return np.arange(n, dtype=np.int64)[key]
         idx = np.asarray(key)
+        if idx.size == 0:
+            return np.empty(0, dtype=np.int64)
         if idx.dtype == bool:
             if idx.shape != (n,):
                 raise IndexError(f"boolean index of shape {idx.shape} for {n} patches.")
