@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import traceback
 import warnings
@@ -35,8 +34,6 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("hopt_st").setLevel(logging.INFO if not quiet else logging.ERROR)
     if verbose:
         logging.getLogger("hopt_st").setLevel(level)
-    if quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # every tqdm bar in the process
     if not verbose:  # third-party chatter that says nothing about the user's data
         warnings.filterwarnings("ignore", message=".*zarr v3 autosharding.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -180,6 +177,7 @@ def embed(
         batch_size=batch_size,
         device=device,
         overwrite=overwrite,
+        progress=not _STATE["quiet"],
     )
     from .io._elements import resolve_table_name
 
@@ -190,12 +188,26 @@ def embed(
 
     sanitize_tables(sdata)
     if in_place:
-        sdata.write_element(tname, overwrite=True)
+        _replace_table_on_disk(sdata, tname)
         dest = input_path
     else:
         sdata.write(out, overwrite=overwrite)
         dest = out
     click.echo(f"{tname}.obsm[{key!r}]: {emb.shape[0]} spots x {emb.shape[1]} dims ({model}) -> {dest}")
+
+
+def _replace_table_on_disk(sdata, name: str) -> None:
+    """Rewrite one table of a backed SpatialData in its own store.
+
+    spatialdata refuses to overwrite an element inside the store it was read from, so the table is first
+    written to a scratch store (to be sure it serialises), then the old one is deleted and the new one written.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sdata.tables[name].write_zarr(Path(tmp) / "check.zarr")
+    sdata.delete_element_from_disk(name)
+    sdata.write_element(name)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def run_demo(
     first_reg = None
     for k, model in enumerate(models):
         say(f"[{2 + k}/{n_steps}] {model}: embed, fit ridge on the training half, predict")
-        hs.pp.embed(sdata, model=model)
+        hs.pp.embed(sdata, model=model, progress=progress)
         rep = f"X_{model}"
         reg = hs.tl.fit_expression(
             table[~test].copy(), use_rep=rep, n_top_genes=n_top_genes, method="ridge", seed=seed
