@@ -1,0 +1,112 @@
+"""Regressors: known-answer recovery, HEST ridge vs scikit-learn, LOO alpha, errors, save/load."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.stats import pearsonr
+
+from hopt_st import tl
+from hopt_st.tl._ridge import fit_hest_ridge, fit_hest_ridge_sklearn, fit_ridge_cv
+
+
+def _adata(n=600, d=24, g=20, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    W = rng.normal(size=(d, g)) * 0.2
+    Y = rng.poisson(np.exp(0.5 + X @ W * 0.6))
+    a = ad.AnnData(X=sp.csr_matrix(Y.astype(np.float32)), obsm={"X_e": X})
+    a.var_names = [f"g{i}" for i in range(g)]
+    a.obs["sample"] = np.repeat(["a", "b", "c", "d"], n // 4)
+    return a
+
+
+def test_pearson_per_gene_matches_scipy():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(50, 4)), rng.normal(size=(50, 4))
+    b[:, 1] = 3.0
+    r = tl.pearson_per_gene(a, b)
+    assert np.isnan(r[1])
+    for j in (0, 2, 3):
+        assert r[j] == pytest.approx(pearsonr(a[:, j], b[:, j])[0], abs=1e-12)
+
+
+def test_hest_ridge_equals_sklearn_pipeline_when_lsqr_converges():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(800, 300)) @ rng.normal(size=(300, 300)) * 0.3 + 5
+    Y = np.log1p(rng.poisson(np.exp(np.clip((X - 5) @ rng.normal(size=(300, 50)) * 0.005, -3, 3))))
+    ours = fit_hest_ridge(X[:600], Y[:600]).predict(X[600:])
+    ref = fit_hest_ridge_sklearn(X[:600], Y[:600], seed=0).predict(X[600:])
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_loo_alpha_matches_brute_force():
+    rng = np.random.default_rng(2)
+    X, Y = rng.normal(size=(60, 8)), rng.normal(size=(60, 2))
+    Y[:, 0] += X[:, 0] * 2
+    alphas = [0.1, 10.0, 1000.0]
+    _, best = fit_ridge_cv(X, Y, alphas=alphas)
+    from sklearn.linear_model import Ridge
+
+    for j in range(2):
+        errs = []
+        for a in alphas:
+            e = 0.0
+            for i in range(60):
+                m = np.ones(60, bool)
+                m[i] = False
+                mu, sd = X.mean(0), X.std(0)  # standardisation on all spots, as in the closed form
+                r = Ridge(alpha=a).fit((X[m] - mu) / sd, Y[m, j])
+                e += (r.predict(((X[i] - mu) / sd)[None])[0] - Y[i, j]) ** 2
+            errs.append(e)
+        assert best[j] == alphas[int(np.argmin(errs))]
+
+
+@pytest.mark.parametrize("method", ["ridge", "ridge-hest", "mlp"])
+def test_recovers_expression_and_not_from_shuffled_embeddings(method):
+    a = _adata()
+    tr = a.obs["sample"].isin(["a", "b", "c"]).to_numpy()
+    kw = {"max_epochs": 60} if method == "mlp" else {}
+    reg = tl.fit_expression(a[tr], use_rep="X_e", method=method, n_top_genes=10, groups="sample", **kw)
+    test = a[~tr].copy()
+    Yt = tl._targets.target_matrix(test, reg.genes_)
+    assert reg.score(test.obsm["X_e"], Yt) > 0.3
+    shuf = a[tr].copy()
+    shuf.obsm["X_e"] = shuf.obsm["X_e"][np.random.default_rng(0).permutation(shuf.n_obs)]
+    reg0 = tl.fit_expression(shuf, use_rep="X_e", method=method, genes=reg.genes_, **kw)
+    assert abs(reg0.score(test.obsm["X_e"], Yt)) < 0.1
+
+
+def test_predict_save_load_roundtrip(tmp_path):
+    a = _adata()
+    reg = tl.fit_expression(a, use_rep="X_e", n_top_genes=5)
+    tl.predict_expression(a, reg)
+    df = a.obsm["predicted"]
+    assert list(df.columns) == reg.genes_ and (df.index == a.obs_names).all()
+    assert a.uns["hopt_st"]["predictions"]["predicted"]["method"] == "ridge"
+    with pytest.raises(KeyError, match="overwrite"):
+        tl.predict_expression(a, reg)
+    reg.save(tmp_path / "r.safetensors")
+    back = tl.ExpressionRegressor.load(tmp_path / "r.safetensors")
+    np.testing.assert_array_equal(back.predict(a.obsm["X_e"]), reg.predict(a.obsm["X_e"]))
+    assert back.genes_ == reg.genes_ and back.use_rep == "X_e"
+
+
+def test_bad_inputs():
+    a = _adata(n=40)
+    with pytest.raises(KeyError, match="not in adata.var_names"):
+        tl.fit_expression(a, use_rep="X_e", genes=["nope"])
+    b = a.copy()
+    b.X = b.X.multiply(0.3).tocsr()
+    with pytest.raises(ValueError, match="raw counts"):
+        tl.fit_expression(b, use_rep="X_e", n_top_genes=5)
+    c = a.copy()
+    c.obsm["X_e"][3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        tl.fit_expression(c, use_rep="X_e", n_top_genes=5)
+    with pytest.raises(ValueError, match="at least as many spots"):
+        tl.fit_expression(a[:10], use_rep="X_e", n_top_genes=20)
+    with pytest.raises(KeyError, match="use_rep"):
+        tl.fit_expression(a, use_rep="X_missing")
