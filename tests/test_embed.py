@@ -127,7 +127,9 @@ def test_patches_h5_and_array_inputs_return_arrays(sdata, tmp_path):
     h5 = tmp_path / "patches.h5"
     p.to_h5(h5)
     np.testing.assert_allclose(hs.pp.embed(str(h5), FAST, progress=False), ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(hs.pp.embed(p.to_numpy(), FAST, progress=False), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        hs.pp.embed(p[np.arange(20)], FAST, progress=False), ref[:20], rtol=1e-5, atol=1e-6
+    )
     with pytest.raises(TypeError, match="SpatialData"):
         hs.pp.embed([1, 2, 3], FAST)
 

@@ -237,8 +237,12 @@ def run_encoder(
         return out
 
     model = encoder.to(device).eval()
-    if compile:
-        model = torch.compile(model)
+    if compile:  # compiled once per encoder and reused by later calls
+        compiled = getattr(encoder, "_hopt_compiled", None)
+        if compiled is None:
+            compiled = torch.compile(model)
+            object.__setattr__(encoder, "_hopt_compiled", compiled)  # not a submodule: state_dict unchanged
+        model = compiled
     use_cuda = device.type == "cuda"
     autocast = (
         torch.autocast(device_type=device.type, dtype=dtype)
@@ -249,22 +253,43 @@ def run_encoder(
     t0 = time.perf_counter()
     bar = tqdm(total=n, initial=int(done.sum()), unit="tile", desc=desc, disable=not progress, smoothing=0.1)
     n_new = 0
+    pending: list = []  # CUDA: (idx, pinned host buffer, event) of batches whose copy back is in flight
+
+    def finish(idx, emb):
+        nonlocal n_new
+        if emb.shape != (len(idx), dim):
+            raise RuntimeError(f"encoder returned {emb.shape} for a batch of {len(idx)}; expected dim {dim}.")
+        out[idx] = emb
+        done[idx] = True
+        if ckpt is not None:
+            ckpt.save(idx, emb)
+        n_new += len(idx)
+        bar.update(len(idx))
+
     try:
         for idx, batch in reader:
             x = batch.to(device, non_blocking=use_cuda)
+            n_real = x.shape[0]
+            if compile and n_real < batch_size:  # keep one static shape: no recompilation for the last batch
+                x = torch.cat([x, x.new_zeros((batch_size - n_real, *x.shape[1:]))])
             with torch.inference_mode(), autocast:
-                y = model(x)
-            emb = y.float().cpu().numpy()
-            if emb.shape != (len(idx), dim):
-                raise RuntimeError(
-                    f"encoder returned {emb.shape} for a batch of {len(idx)}; expected dim {dim}."
-                )
-            out[idx] = emb
-            done[idx] = True
-            if ckpt is not None:
-                ckpt.save(idx, emb)
-            n_new += len(idx)
-            bar.update(len(idx))
+                y = model(x)[:n_real]
+            if use_cuda:
+                # copy back asynchronously; collect the previous batch while this one computes
+                host = torch.empty(tuple(y.shape), dtype=torch.float32, pin_memory=True)
+                host.copy_(y.float(), non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                pending.append((idx, host, event))
+                if len(pending) > 1:
+                    pidx, phost, pev = pending.pop(0)
+                    pev.synchronize()
+                    finish(pidx, phost.numpy().copy())
+            else:
+                finish(idx, y.float().cpu().numpy())
+        for pidx, phost, pev in pending:
+            pev.synchronize()
+            finish(pidx, phost.numpy().copy())
     finally:
         reader.close()
         bar.close()
