@@ -210,6 +210,8 @@ def test_bench_on_synthetic_root(hest_bench_root, capsys, tmp_path):
         "both",
         "--out",
         out,
+        "--embeddings-dir",
+        tmp_path / "emb",  # not the user's cache
     )
     assert rc == 0, err
     res = pd.read_csv(out / "results.csv")

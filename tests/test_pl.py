@@ -227,6 +227,6 @@ def test_benchmark_heatmap_values_written():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["IDC", "PRAD", "Average"]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["handcrafted", "h-optimus-1"]
     # one colour scale for both protocols
-    assert heat[0].images[0].get_clim() == heat[1].images[0].get_clim()
+    assert heat[0].images[0].get_clim() == heat[1].images[0].get_clim() == (0.0, 0.5)
     with pytest.raises(ValueError, match="lacks columns"):
         hs.pl.benchmark(res.drop(columns="pearson_mean"))

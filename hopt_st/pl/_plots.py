@@ -373,6 +373,8 @@ def benchmark(
     show_std: bool = True,
     average: bool = True,
     cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
     fmt: str = "{:.3f}",
     title: str | None = None,
     save: str | Path | None = None,
@@ -396,6 +398,8 @@ def benchmark(
         Add an ``Average`` column (mean over tasks) when there are several tasks.
     cmap : str
         Matplotlib colour map.
+    vmin, vmax : float, optional
+        Colour limits, shared by all panels; default from ``min(0, lowest score)`` to the highest score.
     fmt : str
         Format of the written values.
     title : str, optional
@@ -429,9 +433,10 @@ def benchmark(
     protocols = list(dict.fromkeys(df["protocol"]))
     std_col = "pearson_std" if show_std and "pearson_std" in df.columns and value == "pearson_mean" else None
     vals = df[value].to_numpy(dtype=float)
-    vmin, vmax = float(np.nanmin(vals)), float(np.nanmax(vals))
-    if vmax <= vmin:
-        vmax = vmin + 1e-6
+    lo, hi = float(np.nanmin(vals)), float(np.nanmax(vals))
+    # from 0 (or below, for negative scores) so that small differences do not look like large ones
+    vmin = min(0.0, lo) if vmin is None else float(vmin)
+    vmax = max(hi, vmin + 0.1) if vmax is None else float(vmax)
     tasks = list(dict.fromkeys(df["task"]))
     models = list(dict.fromkeys(df["model"]))
     cols = tasks + (["Average"] if average and len(tasks) > 1 else [])
