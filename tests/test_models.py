@@ -79,6 +79,9 @@ def test_list_models_is_a_dataframe_of_every_entry():
     for name in BUILTIN:
         assert {"dim", "mean", "n_params"} <= set(models.get_spec(name).sources), name
     assert "not a timm model" in models.get_spec("phikon-v2").notes.lower()
+    hc = models.create("handcrafted", device="meta")
+    assert tuple(hc(torch.zeros(2, 224, 224, 3, dtype=torch.uint8, device="meta")).shape) == (2, N_FEATURES)
+    assert sum(p.numel() for p in hc.parameters()) == 0  # weight-free
 
 
 @pytest.mark.parametrize("name", BUILTIN)

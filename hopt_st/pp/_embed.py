@@ -238,9 +238,9 @@ def embed(
         "patch_size": psize,
         "dtype": info["dtype"],
         "device": str(dev),
-        "hopt_st_version": __version__,
-        "torch_version": torch.__version__,
-        "timm_version": timm.__version__,
+        "hopt_st_version": str(__version__),
+        "torch_version": str(torch.__version__),
+        "timm_version": str(timm.__version__),
     }
     logger.info("wrote table.obsm[%r] (%d x %d) with %s", key, *emb.shape, spec.name)
     return None
