@@ -230,3 +230,23 @@ def test_download_limits_to_tasks_and_explains_gated_access(monkeypatch, tmp_pat
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
     with pytest.raises(PermissionError, match="Request access"):
         bench.download(tmp_path, "IDC")
+
+
+def test_end_to_end_with_handcrafted_encoder(hest_bench_root, tmp_path, monkeypatch):
+    """The real pieces: write_hest_layout folder, read_hest_bench, pp.embed('handcrafted') on patch files."""
+    root, task = hest_bench_root["root"], hest_bench_root["task"]
+    calls = []
+    real = brun._embed_patches
+
+    def counted(*a, **k):
+        calls.append(a[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(brun, "_embed_patches", counted)
+    df = bench.run(root, tasks=task, model="handcrafted", protocol="both", embeddings_dir=tmp_path / "emb")
+    assert len(calls) == len(hest_bench_root["sample_ids"])
+    assert (df.n_folds == len(hest_bench_root["splits"])).all()
+    assert (df.pearson_mean > 0.2).all(), df
+    monkeypatch.setattr(brun, "_embed_patches", lambda *a, **k: pytest.fail("encoder called despite cache"))
+    again = bench.run(root, tasks=task, model="handcrafted", protocol="hest", embeddings_dir=tmp_path / "emb")
+    assert again.pearson_mean.iloc[0] == pytest.approx(df.pearson_mean.iloc[0], abs=1e-12)
