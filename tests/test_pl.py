@@ -96,8 +96,8 @@ def test_expression_panels_titles_and_shared_limits():
     for i, gene in enumerate(["GA", "GB"]):
         ax_m, ax_p = panels[2 * i], panels[2 * i + 1]
         r = np.corrcoef(meas[:, i], pred[:, i])[0, 1]
-        assert ax_m.get_title() == f"{gene}: measured"
-        assert f"{gene}: predicted (Pearson r = {r:.2f})" == ax_p.get_title()
+        assert ax_m.get_title() == f"{gene}\nmeasured"
+        assert ax_p.get_title() == f"{gene}\npredicted, Pearson r = {r:.2f}"
         cm, cp = _spot_collections(ax_m)[0], _spot_collections(ax_p)[0]
         # same colour scale for measured and predicted of a gene, covering both
         assert cm.get_clim() == cp.get_clim()
@@ -112,7 +112,7 @@ def test_expression_panels_titles_and_shared_limits():
     table.obs["test"] = np.arange(table.n_obs) < 12
     fig2 = hs.pl.expression(sdata, "GB", score_on="test")
     r_test = np.corrcoef(meas[:12, 1], pred[:12, 1])[0, 1]
-    assert fig2.axes[1].get_title() == f"GB: predicted (Pearson r = {r_test:.2f}, test spots)"
+    assert fig2.axes[1].get_title() == f"GB\npredicted, Pearson r = {r_test:.2f} (test spots)"
     # each row has its own colour bar, labelled with gene and space
     labels = [ax.get_ylabel() for ax in fig.axes if not _spot_collections(ax)]
     assert labels == ["GA (log1p counts)", "GB (log1p counts)"]
@@ -130,6 +130,10 @@ def test_expression_image_and_spots_align_through_scale_transform():
     ax = fig.axes[0]
     assert len(ax.images) == 1  # tissue under the spots
     np.testing.assert_allclose(_spot_collections(ax)[0].get_offsets()[0], view.xy[0])
+    # spots drawn at their true diameter (in image pixels), or scaled on request
+    np.testing.assert_allclose(_spot_collections(ax)[0].get_widths(), 2 * view.radius)
+    big = hs.pl.expression(sdata, "GA", spot_scale=2.5).axes[0]
+    np.testing.assert_allclose(_spot_collections(big)[0].get_widths(), 2.5 * 2 * view.radius)
 
 
 def test_expression_picks_small_pyramid_level():
@@ -176,7 +180,11 @@ def test_gene_scores_sorted_bars(kind):
     assert names == ["B", "D", "A", "C"]
     np.testing.assert_allclose(widths, [0.7, 0.45, 0.2, -0.1])
     assert ax.yaxis_inverted()  # best at the top
-    assert "mean r = 0.312" in ax.get_title()
+    assert "mean r = 0.312 (dashed) over 4 genes" in ax.get_title()
+    # top= keeps the best bars but the mean stays over all genes
+    names, _ = _bar_order(hs.pl.gene_scores(data, top=2).axes[0])
+    assert names == ["B", "D"]
+    assert "mean r = 0.312 (dashed) over 4 genes, top 2 shown" in plt.gcf().axes[0].get_title()
 
 
 def test_gene_scores_from_bench_results_one_panel_per_model():

@@ -88,12 +88,12 @@ def _color_limits(values: np.ndarray, robust: bool) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _draw_spots(ax, view: TissueView, values: np.ndarray, *, cmap, vmin, vmax, alpha):
+def _draw_spots(ax, view: TissueView, values: np.ndarray, *, cmap, vmin, vmax, alpha, scale=1.0):
     from matplotlib.collections import EllipseCollection
 
     if view.image is not None:
         ax.imshow(view.image, origin="upper", interpolation="antialiased")
-    d = 2 * view.radius
+    d = 2 * view.radius * scale
     coll = EllipseCollection(
         widths=d,
         heights=d,
@@ -134,6 +134,7 @@ def expression(
     show_image: bool = True,
     cmap: str = "viridis",
     alpha: float = 0.85,
+    spot_scale: float = 1.0,
     robust: bool = True,
     score_on: str | None = None,
     max_image_size: int = 2000,
@@ -167,6 +168,8 @@ def expression(
         Matplotlib colour map.
     alpha : float
         Opacity of the spots (the tissue shows through when < 1).
+    spot_scale : float
+        Draw spots this many times their true diameter (e.g. 2-3 for sparse spots on a large image).
     robust : bool
         Colour limits from the 1st-99th percentiles of the gene's measured and predicted values together
         (``False``: min-max).
@@ -223,7 +226,7 @@ def expression(
     else:
         if score_on not in table.obs.columns or table.obs[score_on].dtype != bool:
             raise KeyError(f"score_on={score_on!r} must name a boolean column of table {tname!r}.obs.")
-        scored, where = table.obs[score_on].to_numpy(), f", {score_on} spots"
+        scored, where = table.obs[score_on].to_numpy(), f" ({score_on} spots)"
 
     n = len(genes)
     if view.image is not None:
@@ -244,10 +247,11 @@ def expression(
         vmin, vmax = _color_limits(np.concatenate([m, p]), robust)
         r = _pearson(m[scored], p[scored])
         ax_m, ax_p = axes[i]
-        _draw_spots(ax_m, view, m, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha)
-        coll = _draw_spots(ax_p, view, p, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha)
-        ax_m.set_title(f"{gene}: measured")
-        ax_p.set_title(f"{gene}: predicted (Pearson r = {r:.2f}{where})")
+        kw = {"cmap": cmap, "vmin": vmin, "vmax": vmax, "alpha": alpha, "scale": spot_scale}
+        _draw_spots(ax_m, view, m, **kw)
+        coll = _draw_spots(ax_p, view, p, **kw)
+        ax_m.set_title(f"{gene}\nmeasured", fontsize=10)
+        ax_p.set_title(f"{gene}\npredicted, Pearson r = {r:.2f}{where}", fontsize=10)
         cb = fig.colorbar(coll, ax=[ax_m, ax_p], shrink=0.8, pad=0.02)
         cb.set_label(f"{gene} ({label})")
     if save is not None:
@@ -333,6 +337,7 @@ def gene_scores(
 
     groups = _score_groups(results)
     groups = {k: v.dropna().sort_values(ascending=False) for k, v in groups.items()}
+    stats = {k: (float(v.mean()), len(v)) for k, v in groups.items()}  # over all genes, before `top`
     if top is not None:
         groups = {k: v.iloc[:top] for k, v in groups.items()}
     if not groups or all(len(v) == 0 for v in groups.values()):
@@ -348,10 +353,13 @@ def gene_scores(
         ax.set_ylim(len(s) - 0.5, -0.5)  # best first, at the top
         ax.axvline(0, color="k", lw=0.8)
         ax.set_xlabel("Pearson r (measured vs predicted)")
-        mean = float(s.mean())
-        ax.axvline(mean, color="tab:red", ls="--", lw=1, label=f"mean {mean:.3f}")
-        ax.legend(loc="lower right", fontsize=8, frameon=False)
-        ax.set_title(f"{name + ': ' if name else ''}mean r = {mean:.3f} over {len(s)} genes", fontsize=10)
+        mean, n_all = stats[name]
+        ax.axvline(mean, color="tab:red", ls="--", lw=1)
+        shown = f", top {len(s)} shown" if len(s) < n_all else ""
+        ax.set_title(
+            f"{name + ': ' if name else ''}mean r = {mean:.3f} (dashed) over {n_all} genes{shown}",
+            fontsize=10,
+        )
         ax.set_xlim(
             min(0.0, float(s.min()) - 0.05), max(1.0, float(s.max()) + 0.05) if s.max() > 0.9 else 1.0
         )
