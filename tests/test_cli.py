@@ -200,6 +200,38 @@ def test_space_ranger_folder(shared_data, capsys, tmp_path):
     assert rc == 2 and "--out" in err
 
 
+def test_hest1k_root_with_sample(hest1k_root, capsys, tmp_path):
+    sample = hest1k_root["sample_ids"][0]
+    dest = tmp_path / f"{sample}.zarr"
+    rc, outp, err = _run(
+        capsys,
+        "-q",
+        "embed",
+        hest1k_root["root"],
+        "--sample",
+        sample,
+        "--model",
+        "handcrafted",
+        "--out",
+        dest,
+    )
+    assert rc == 0, err
+    table = sd.read_zarr(dest)["table"]
+    assert table.obsm["X_handcrafted"].shape == (table.n_obs, 32) and table.n_obs > 0
+    rc, _, err = _run(
+        capsys,
+        "embed",
+        hest1k_root["root"],
+        "--sample",
+        "NOPE",
+        "--model",
+        "handcrafted",
+        "--out",
+        tmp_path / "n.zarr",
+    )
+    assert rc == 1 and "NOPE" in _one_line_error(err)
+
+
 def test_bench_on_synthetic_root(hest_bench_root, capsys, tmp_path):
     out = tmp_path / "bench"
     rc, outp, err = _run(
