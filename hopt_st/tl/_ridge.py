@@ -124,7 +124,7 @@ def fit_hest_ridge_from_stats(
     k = hest_n_components(stats.n, d, n_components)
     scale = _standard_scale(np.diag(stats.css) / stats.n)
     cov = stats.css / np.outer(scale, scale)
-    lam, V = scipy.linalg.eigh(cov, subset_by_index=[d - k, d - 1], check_finite=False)
+    lam, V = scipy.linalg.eigh(cov, subset_by_index=[d - k, d - 1], driver="evr", check_finite=False)
     lam, V = lam[::-1], V[:, ::-1]
     lam = np.clip(lam, 0.0, None)
     ZtY = V.T @ (stats.cxy / scale[:, None])
