@@ -89,7 +89,16 @@ def cli(quiet: bool, verbose: bool) -> None:
 def demo(
     out: Path, models: tuple[str, ...], all_local: bool, n_spots: int, seed: int, overwrite: bool
 ) -> None:
-    """Offline demo: synthetic Visium -> embed -> ridge on a spatial split -> per-gene Pearson + figures."""
+    """Offline demo: synthetic Visium -> embed -> ridge on a spatial split -> per-gene Pearson + figures.
+
+    Writes per_gene_pearson.csv, expression.png, gene_scores.png and demo.zarr (image, spots, counts,
+    embeddings, predictions) into --out. No weights or internet needed.
+
+    \b
+    Examples:
+      hopt-st demo --out demo_out
+      hopt-st demo --out demo_out --all-local        # also every model with local weights
+    """
     from ._demo import local_models, run_demo
 
     models = list(dict.fromkeys(models))
@@ -156,7 +165,17 @@ def _is_zarr(path: Path) -> bool:
 def embed(
     input_path, model, weights, out, sample, key_added, table_name, image_key, batch_size, device, overwrite
 ):
-    """Embed every spot of INPUT with MODEL and write the embeddings to a SpatialData .zarr."""
+    """Embed every spot of INPUT with MODEL and write the embeddings to a SpatialData .zarr.
+
+    INPUT is a SpatialData .zarr (updated in place unless --out), a Space Ranger outs/ folder, or a
+    HEST-1k root with --sample ID. An existing embedding key or --out is never replaced without --overwrite.
+
+    \b
+    Examples:
+      hopt-st embed sample.zarr --model handcrafted
+      hopt-st embed outs/ --model h-optimus-1 --weights model.safetensors --out sample.zarr
+      hopt-st embed hest_data/ --sample TENX95 --model h-optimus-1 --out TENX95.zarr
+    """
     import hopt_st as hs
 
     if weights is not None and not weights.exists():
@@ -239,7 +258,7 @@ def _replace_table_on_disk(sdata, name: str) -> None:
     "--embeddings-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Cache of embeddings.",
+    help="Cache of embeddings (default: hopt_st's user cache).",
 )
 @click.option(
     "--out",
@@ -252,7 +271,15 @@ def _replace_table_on_disk(sdata, name: str) -> None:
 @click.option("--device", default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, seed):
-    """Run the HEST-Benchmark on ROOT (a hest-bench download) and print the Markdown table."""
+    """Run the HEST-Benchmark on ROOT (a hest-bench download) and print the Markdown table.
+
+    Writes results.csv, results.json (with provenance), per_gene.csv and benchmark.png into --out.
+
+    \b
+    Examples:
+      hopt-st bench hest-bench --model h-optimus-1 --protocol both
+      hopt-st bench hest-bench --tasks IDC,PRAD --model handcrafted --model h-optimus-1
+    """
     import pandas as pd
 
     import hopt_st as hs
