@@ -21,21 +21,24 @@ _STATE = {"verbose": False, "quiet": False}
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
+    """hopt_st's own messages at INFO (DEBUG with --verbose, errors only with --quiet); others at WARNING."""
     _STATE.update(verbose=verbose, quiet=quiet)
-    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     root = logging.getLogger()
     if not any(getattr(h, "_hopt_st", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        fmt = "%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"
-        handler.setFormatter(logging.Formatter(fmt))
+        handler.setFormatter(
+            logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s")
+        )
         handler._hopt_st = True
         root.addHandler(handler)
-    root.setLevel(logging.WARNING if not verbose else logging.DEBUG)
-    logging.getLogger("hopt_st").setLevel(logging.INFO if not quiet else logging.ERROR)
-    if verbose:
-        logging.getLogger("hopt_st").setLevel(level)
+    root.setLevel(logging.ERROR if quiet else logging.WARNING)
+    logging.getLogger("hopt_st").setLevel(
+        logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
+    )
     if not verbose:  # third-party chatter that says nothing about the user's data
         warnings.filterwarnings("ignore", message=".*zarr v3 autosharding.*")
+        warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+        warnings.filterwarnings("ignore", message=".*Writing zarr v2 data.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -246,7 +249,7 @@ def _replace_table_on_disk(sdata, name: str) -> None:
     type=click.Choice(["hest", "strict", "both"]),
     default="hest",
     show_default=True,
-    help="hest: HEST's published protocol; strict: leakage-free (see docs).",
+    help="hest: HEST's published protocol; strict: genes and ridge penalty chosen on training folds only.",
 )
 @click.option(
     "--weights",
