@@ -238,3 +238,23 @@ def test_benchmark_heatmap_values_written():
     assert heat[0].images[0].get_clim() == heat[1].images[0].get_clim() == (0.0, 0.5)
     with pytest.raises(ValueError, match="lacks columns"):
         hs.pl.benchmark(res.drop(columns="pearson_mean"))
+
+
+def test_tissue_view_on_space_ranger_lowres(shared_data):
+    """Real spatialdata-io output: spots (full-res px) land at full-res x tissue_lowres_scalef on the lowres PNG."""
+    import json
+
+    outs = shared_data / "visium_mini"
+    if not outs.exists():
+        pytest.skip("../shared/data/visium_mini is absent")
+    sdata = hs.io.read_visium(outs)
+    key = next(k for k in sdata.images if k.endswith("lowres_image"))
+    scalef = json.loads((outs / "spatial" / "scalefactors_json.json").read_text())["tissue_lowres_scalef"]
+    view = tissue_view(sdata, image_key=key, margin=0.0)
+    xy_full = np.asarray(sdata["table"].obsm["spatial"], dtype=float)
+    # the view is cropped to the spots: compare offsets-free (differences) and the spot radius
+    expected = xy_full * scalef
+    np.testing.assert_allclose(view.xy - view.xy[0], expected - expected[0], atol=0.01)
+    diameter = json.loads((outs / "spatial" / "scalefactors_json.json").read_text())["spot_diameter_fullres"]
+    assert view.radius == pytest.approx(diameter / 2 * scalef, rel=1e-3)
+    assert view.image.shape[2] == 3 and view.image.max() > 0
