@@ -152,15 +152,35 @@ def _run_hest(task, info, samples, solver, seed):
 
 
 def _strict_genes(samples, train_ids, n_genes):
+    """Top-``n_genes`` variance of log1p counts over the training spots, among genes measured in every sample.
+
+    Computed from sparse per-gene sums (log1p keeps zeros at zero), so whole transcriptomes stay sparse.
+    """
+    import scipy.sparse as sp
+
+    from ..tl._targets import _check_counts
+
     common = None
     for sid in samples:
         names = samples[sid]["table"].var_names
         common = names if common is None else common.intersection(names, sort=False)
-    common = list(common)
-    _, Y, _ = _fold_arrays(samples, train_ids, common, "train")
-    var = Y.var(axis=0)
+    if len(common) < n_genes:
+        raise ValueError(f"Only {len(common)} genes are measured in every sample; cannot select {n_genes}.")
+    s1 = np.zeros(len(common))
+    s2 = np.zeros(len(common))
+    n = 0
+    for sid in train_ids:
+        t = samples[sid]["table"]
+        M = t.X[:, t.var_names.get_indexer(common)]
+        M = sp.csr_matrix(M, dtype=np.float64)
+        _check_counts(M, f"expression of sample {sid!r}")
+        M.data = np.log1p(M.data)
+        s1 += np.asarray(M.sum(axis=0)).ravel()
+        s2 += np.asarray(M.multiply(M).sum(axis=0)).ravel()
+        n += M.shape[0]
+    var = s2 / n - (s1 / n) ** 2
     order = np.argsort(-var, kind="stable")[:n_genes]
-    return [common[j] for j in order]
+    return [str(common[j]) for j in order]
 
 
 def _run_strict(task, info, samples, n_genes):
