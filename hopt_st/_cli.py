@@ -261,7 +261,7 @@ def _replace_table_on_disk(sdata, name: str) -> None:
     "--embeddings-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Cache of embeddings (default: hopt_st's user cache).",
+    help="Cache of embeddings (default: OUT/<model>/embeddings).",
 )
 @click.option(
     "--out",
@@ -276,7 +276,9 @@ def _replace_table_on_disk(sdata, name: str) -> None:
 def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, seed):
     """Run the HEST-Benchmark on ROOT (a hest-bench download) and print the Markdown table.
 
-    Writes results.csv, results.json (with provenance), per_gene.csv and benchmark.png into --out.
+    Writes results.csv, results.json (with provenance), per_gene.csv and benchmark.png into --out, and
+    HEST's own result files per model into --out/<model>/ (embeddings cached in --out/<model>/embeddings
+    unless --embeddings-dir).
 
     \b
     Examples:
@@ -302,6 +304,7 @@ def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, s
                 weights=str(weights) if weights is not None else None,
                 device=device,
                 seed=seed,
+                out_dir=out / model,  # HEST-shaped per-fold JSONs (and, by default, the embeddings cache)
             )
         )
     df = pd.concat(frames, ignore_index=True)

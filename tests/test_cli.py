@@ -256,6 +256,8 @@ def test_bench_on_synthetic_root(hest_bench_root, capsys, tmp_path):
     hest = per_gene[per_gene["protocol"] == "hest"]
     assert sorted(hest["gene"]) == sorted(hest_bench_root["genes"])  # HEST's fixed 50 genes
     assert (out / "benchmark.png").exists() and (out / "results.json").exists()
+    # HEST's own result files, per model
+    assert (out / "handcrafted" / "hest" / "dataset_results.json").exists()
 
 
 def test_console_script_entry_point():
