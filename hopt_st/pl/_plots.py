@@ -357,7 +357,7 @@ def gene_scores(
         ax.axvline(mean, color="tab:red", ls="--", lw=1)
         shown = f", top {len(s)} shown" if len(s) < n_all else ""
         ax.set_title(
-            f"{name + ': ' if name else ''}mean r = {mean:.3f} (dashed) over {n_all} genes{shown}",
+            f"{name + chr(10) if name else ''}mean r = {mean:.3f} (dashed) over {n_all} genes{shown}",
             fontsize=10,
         )
         ax.set_xlim(
