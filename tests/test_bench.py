@@ -165,6 +165,20 @@ def test_sklearn_solver_matches_fast_solver(task, counting_encoder, tmp_path):
     assert abs(fast.pearson_mean.iloc[0] - slow.pearson_mean.iloc[0]) < 3e-5
 
 
+def test_cache_is_not_reused_for_other_patches(tmp_path, counting_encoder):
+    # same task name and sample ids under another root (other patches): the shared cache must not serve them
+    emb = tmp_path / "emb"
+    a = _write_task(tmp_path / "a", n_samples=4, n_spots=260, seed=1)
+    b = _write_task(tmp_path / "b", n_samples=4, n_spots=260, seed=2)
+    first = bench.run(a["dir"].parent, tasks="TINY", model="fake", embeddings_dir=emb)
+    assert len(counting_encoder) == 4
+    second = bench.run(b["dir"].parent, tasks="TINY", model="fake", embeddings_dir=emb)
+    assert len(counting_encoder) == 8  # recomputed, not served from a's cache
+    assert second.pearson_mean.iloc[0] != pytest.approx(first.pearson_mean.iloc[0], abs=1e-9)
+    bench.run(b["dir"].parent, tasks="TINY", model="fake", embeddings_dir=emb)
+    assert len(counting_encoder) == 8  # b's own cache is reused
+
+
 def test_strict_protocol_selects_genes_on_training_fold_only(task, counting_encoder, tmp_path):
     df = bench.run(
         task["dir"].parent, tasks="TINY", model="fake", protocol="both", embeddings_dir=tmp_path / "e"

@@ -56,13 +56,26 @@ def _patch_barcodes(patches_path) -> np.ndarray:
     return np.array([b.decode() if isinstance(b, bytes) else str(b) for b in raw])
 
 
+def _cache_fingerprint(patches_path, model, weights) -> str:
+    """What the cached embeddings were computed from: the patch file (path, size, mtime), model and weights."""
+    st = Path(patches_path).stat()
+    return f"{Path(patches_path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{model}|{weights}"
+
+
 def _cached_embeddings(cache: Path, patches_path, model, weights, device) -> tuple[np.ndarray, np.ndarray]:
+    fingerprint = _cache_fingerprint(patches_path, model, weights)
     if cache.is_file():
         with h5py.File(cache, "r") as f:
-            X = f["embeddings"][:]
-            bc = np.array([b.decode() for b in f["barcodes"][:]])
-        logger.info("Using cached embeddings %s", cache)
-        return X, bc
+            stale = f.attrs.get("fingerprint") != fingerprint
+            if not stale:
+                X = f["embeddings"][:]
+                bc = np.array([b.decode() for b in f["barcodes"][:]])
+        if not stale:
+            logger.info("Using cached embeddings %s", cache)
+            return X, bc
+        logger.warning(
+            "Cached embeddings %s were computed from other patches or weights: recomputing.", cache
+        )
     X = _embed_patches(patches_path, model, weights=weights, device=device)
     bc = _patch_barcodes(patches_path)
     if X.shape[0] != len(bc):
@@ -74,6 +87,7 @@ def _cached_embeddings(cache: Path, patches_path, model, weights, device) -> tup
         f.create_dataset("barcodes", data=np.array([b.encode() for b in bc]))
         f.attrs["model"] = model
         f.attrs["patches_path"] = str(patches_path)
+        f.attrs["fingerprint"] = fingerprint
     os.replace(tmp, cache)
     return X, bc
 
