@@ -158,11 +158,16 @@ def test_hest_protocol_equals_sklearn_reference_and_cache_is_reused(task, counti
     assert df2.pearson_mean.iloc[0] == pytest.approx(row.pearson_mean, abs=1e-12)
 
 
-def test_sklearn_solver_matches_fast_solver(task, counting_encoder, tmp_path):
+def test_sklearn_solver_equals_reference_to_1e6_and_fast_solver_to_3e5(task, counting_encoder, tmp_path):
     kw = dict(tasks="TINY", model="fake", protocol="hest", embeddings_dir=tmp_path / "emb")
     fast = bench.run(task["dir"].parent, **kw)
     slow = bench.run(task["dir"].parent, solver="sklearn", **kw)
     assert abs(fast.pearson_mean.iloc[0] - slow.pearson_mean.iloc[0]) < 3e-5
+    # solver="sklearn" is HEST's pipeline on the same float32 embeddings: equal to the reference to 1e-6
+    mean, std, per_gene = _reference(task)
+    assert abs(slow.pearson_mean.iloc[0] - mean) < 1e-6 and abs(slow.pearson_std.iloc[0] - std) < 1e-6
+    pg = slow.attrs["per_gene"].set_index("gene").loc[task["genes"], "pearson"].to_numpy()
+    np.testing.assert_allclose(pg, per_gene, atol=1e-6)
 
 
 def test_cache_is_not_reused_for_other_patches(tmp_path, counting_encoder):

@@ -113,6 +113,7 @@ def _load_task(root, task, model, emb_dir, weights, device):
     samples = {}
     for sid, ppath in tqdm(info["patches"].items(), desc=f"{task}: embeddings", leave=False):
         X, bc = _cached_embeddings(Path(emb_dir) / task / model / f"{sid}.h5", ppath, model, weights, device)
+        dtype = np.asarray(X).dtype  # HEST feeds its scikit-learn pipeline the stored (float32) embeddings
         X = check_embeddings(X, name=f"embeddings of sample {sid!r} ({task})")
         table = sdata.tables[sid]
         missing = pd.Index(bc).difference(table.obs_names)
@@ -122,7 +123,7 @@ def _load_task(root, task, model, emb_dir, weights, device):
             )
         table = table[bc]  # HEST subsets the expression by the embedding barcodes, in their order
         patient = str(table.obs["patient"].iloc[0]) if "patient" in table.obs else sid
-        samples[sid] = {"X": X, "table": table, "patient": patient}
+        samples[sid] = {"X": X, "table": table, "patient": patient, "dtype": dtype}
     return info, samples
 
 
@@ -153,7 +154,9 @@ def _run_hest(task, info, samples, solver, seed):
         X_te, Y_te, _ = _fold_arrays(samples, split["test"], genes, "test")
         if solver == "sklearn":
             X_tr, Y_tr, _ = _fold_arrays(samples, split["train"], genes, "train")
-            pred = fit_hest_ridge_sklearn(X_tr, Y_tr, n_components=HEST_N_COMPONENTS, seed=seed).predict(X_te)
+            dtype = np.result_type(*(samples[s]["dtype"] for s in [*split["train"], *split["test"]]))
+            pipe = fit_hest_ridge_sklearn(X_tr.astype(dtype), Y_tr, n_components=HEST_N_COMPONENTS, seed=seed)
+            pred = pipe.predict(X_te.astype(dtype))
         else:
             for sid in split["train"]:
                 if sid not in stats:  # moments of each sample computed once, pooled per fold

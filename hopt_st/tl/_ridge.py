@@ -313,7 +313,9 @@ def fit_hest_ridge_sklearn(X, Y, *, n_components: int = HEST_N_COMPONENTS, seed:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    X = np.asarray(X, dtype=np.float64)
+    X = np.asarray(X)  # the caller's dtype: HEST runs the pipeline on float32 embeddings
+    if X.dtype not in (np.float32, np.float64):
+        X = X.astype(np.float64)
     k = hest_n_components(X.shape[0], X.shape[1], n_components)
     pipe = Pipeline(
         [
