@@ -232,3 +232,20 @@ def test_sigkill_then_resume_recomputes_only_unfinished_batches(tmp_path):
     np.testing.assert_allclose(
         sdata.tables["table"].obsm[f"X_{FAST}"], fresh.tables["table"].obsm[f"X_{FAST}"], rtol=1e-6, atol=1e-7
     )
+
+
+def test_checkpoint_of_spots_placed_elsewhere_is_refused(tmp_path):
+    """Same spot ids, model and patch size, but the spots sit elsewhere on the image (e.g. re-registered):
+    the finished batches of the old run are embeddings of other tissue and must not be reused."""
+    from spatialdata.transformations import Translation, set_transformation
+
+    ck = tmp_path / "ck"
+    sd = hs.datasets.synthetic_visium(n_spots=60, seed=1)
+    hs.pp.embed(sd, FAST, checkpoint_dir=ck, batch_size=30, progress=False)
+    old = sd.tables["table"].obsm[f"X_{FAST}"].copy()
+    # shift the spots 100 µm (200 full-res px) to the right on the image
+    set_transformation(sd.shapes["spots"], Translation([200.0], axes=("x",)), to_coordinate_system="global")
+    fresh = hs.pp.embed(hs.pp.patches(sd, patch_size=56, target_mpp=2.0), FAST, progress=False)
+    assert not np.allclose(fresh, old)  # other tissue, other embeddings
+    with pytest.raises(ValueError, match="another run"):
+        hs.pp.embed(sd, FAST, checkpoint_dir=ck, batch_size=30, overwrite=True, progress=False)

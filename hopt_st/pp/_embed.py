@@ -37,6 +37,24 @@ def _weights_id(encoder) -> str:
     return "random-init:" + h.hexdigest()
 
 
+def _geometry_id(source) -> str | None:
+    """Hash of where the patches come from (spot centres, window size, source image and crop boxes), so a
+    checkpoint of spots placed elsewhere (same ids, other tissue) is not reused."""
+    centers = getattr(source, "centers", None)
+    if centers is None:
+        return None
+    h = hashlib.sha256(np.ascontiguousarray(np.asarray(centers, dtype=np.float64)).tobytes())
+    h.update(repr(float(getattr(source, "patch_size_src", 0.0))).encode())
+    reader = getattr(source, "_reader", None)
+    if reader is not None:
+        h.update(f"{reader.name}|{reader.height}x{reader.width}".encode())
+    for attr in ("_boxes", "_size"):
+        v = getattr(source, attr, None)
+        if v is not None:
+            h.update(np.ascontiguousarray(np.asarray(v, dtype=np.int64)).tobytes())
+    return h.hexdigest()
+
+
 def _as_source(data, spec, table_name, image_key):
     """Return ``(patches, sdata_or_None)``."""
     from spatialdata import SpatialData
@@ -193,6 +211,7 @@ def embed(
         barcodes=None
         if barcodes is None
         else hashlib.sha256("\n".join(map(str, barcodes)).encode()).hexdigest(),
+        geometry=_geometry_id(source),
     )
     fingerprint = hashlib.sha256(json.dumps(fp_obj, sort_keys=True, default=str).encode()).hexdigest()
     emb = run_encoder(
