@@ -137,6 +137,20 @@ def test_read_hest_bad_counts_nan_coords_and_pixel_size(hest1k_root, tmp_path):
     assert get_image_mpp(read_hest(tmp_path, sid, image_mpp=0.5)) == 0.5
 
 
+def test_read_hest_null_estimated_pixel_size_falls_back_to_embedded(hest1k_root, tmp_path):
+    """HEST metadata may carry ``"pixel_size_um_estimated": null`` next to a valid embedded pixel size."""
+    root = Path(hest1k_root["root"])
+    sid = hest1k_root["sample_ids"][0]
+    _copy_sample(root, tmp_path, sid)
+    meta_path = tmp_path / "metadata" / f"{sid}.json"
+    meta = json.loads(meta_path.read_text())
+    meta["pixel_size_um_estimated"] = None
+    meta["pixel_size_um_embedded"] = 0.2738
+    meta_path.write_text(json.dumps(meta))
+    assert get_image_mpp(read_hest(tmp_path, sid)) == pytest.approx(0.2738)
+    assert get_image_mpp(read_hest(tmp_path, sid, image_mpp=0.5)) == 0.5  # explicit value still wins
+
+
 def test_read_hest_non_pyramidal_lazy_and_corrupt_tiff(hest1k_root, tmp_path):
     root = Path(hest1k_root["root"])
     sid = hest1k_root["sample_ids"][0]

@@ -128,14 +128,21 @@ def read_hest(root: str | Path, sample_id: str, image_mpp: float | None = None) 
     if image_mpp is not None:
         mpp = _check_mpp(image_mpp, "image_mpp")
     else:
-        value = meta.get("pixel_size_um_estimated", meta.get("pixel_size_um_embedded"))
-        if value is None or (isinstance(value, float) and not np.isfinite(value)):
+
+        def usable(v):
+            return v is not None and not (isinstance(v, float) and not np.isfinite(v))
+
+        # a null/NaN estimate falls back to the pixel size embedded in the TIFF, as an absent one does
+        key = next(
+            (k for k in ("pixel_size_um_estimated", "pixel_size_um_embedded") if usable(meta.get(k))), None
+        )
+        if key is None:
             raise ValueError(
                 f"metadata {str(paths['metadata'])!r} has no 'pixel_size_um_estimated' (nor "
                 "'pixel_size_um_embedded'): the WSI's µm per pixel is unknown. Pass image_mpp=<µm per "
                 "full-resolution pixel> to read_hest (e.g. 0.25 for 40x, 0.5 for 20x)."
             )
-        mpp = _check_mpp(value, f"{paths['metadata']} pixel_size_um_estimated")
+        mpp = _check_mpp(meta[key], f"{paths['metadata']} {key}")
 
     adata = ad.read_h5ad(paths["st"])
     ensure_raw_counts(adata, paths["st"])
