@@ -107,7 +107,9 @@ def write_spaceranger_outs(
 
     hires = _png(hires_size, "tissue_hires_image.png")
     lowres = _png(lowres_size, "tissue_lowres_image.png")
-    spot_um = float(uns.get("metadata", {}).get("spot_diameter", 55.0))
+    # as Space Ranger writes it: the width of a theoretical 65 µm spot in full-res px (not the 55 µm spot)
+    from .io._visium import SPACERANGER_SPOT_DIAMETER_FULLRES_UM as spot_um
+
     scalefactors = {
         "spot_diameter_fullres": spot_um / fullres_mpp,
         "tissue_hires_scalef": hires,

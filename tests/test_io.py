@@ -276,9 +276,9 @@ def test_read_visium_mini():
     x = _dense(table.X)
     np.testing.assert_array_equal(x, np.round(x))
     sf = json.loads((SHARED / "visium_mini" / "spatial" / "scalefactors_json.json").read_text())
-    fullres = 55.0 / sf["spot_diameter_fullres"]
+    fullres = 65.0 / sf["spot_diameter_fullres"]  # Space Ranger: px across a theoretical 65 µm spot
     uns = table.uns["hopt_st"]
-    assert uns["fullres_mpp"] == pytest.approx(fullres) and fullres == pytest.approx(0.615, abs=1e-3)
+    assert uns["fullres_mpp"] == pytest.approx(fullres) and fullres == pytest.approx(0.727, abs=1e-3)
     assert uns["image_mpp"]["mini_hires_image"] == pytest.approx(fullres / sf["tissue_hires_scalef"])
     assert uns["image_mpp"]["mini_lowres_image"] == pytest.approx(fullres / sf["tissue_lowres_scalef"])
     assert get_image_mpp(sd, "mini_lowres_image") == pytest.approx(fullres / sf["tissue_lowres_scalef"])
@@ -298,6 +298,33 @@ def test_read_visium_mini():
     )
 
 
+@pytest.mark.skipif(not (SHARED / "visium_mini").is_dir(), reason="../shared/data/visium_mini not present")
+def test_read_visium_pixel_size_matches_the_100um_spot_grid():
+    """Known answer independent of any scale-factor convention: Visium spots sit on a grid with 100 µm
+    between neighbours of one row (two array columns apart) and 100 * sqrt(3) / 2 µm between rows."""
+    import pandas as pd
+
+    pos = pd.read_csv(SHARED / "visium_mini" / "spatial" / "tissue_positions_list.csv", header=None)
+    row, col, py, px = (pos[i].to_numpy(float) for i in (2, 3, 4, 5))
+    A = np.column_stack([col, row, np.ones(len(pos))])
+    px_per_col = np.linalg.lstsq(A, px, rcond=None)[0][0]  # full-res px per array column (50 µm)
+    py_per_row = np.linalg.lstsq(A, py, rcond=None)[0][1]  # full-res px per array row (86.6 µm)
+    mpp_x, mpp_y = 50.0 / px_per_col, 100 * np.sqrt(3) / 2 / py_per_row
+    assert mpp_x == pytest.approx(mpp_y, rel=0.01)  # the grid itself is consistent
+    sd = read_visium(SHARED / "visium_mini", dataset_id="mini")
+    assert sd.tables["table"].uns["hopt_st"]["fullres_mpp"] == pytest.approx(mpp_x, rel=0.01)
+
+
+def test_space_ranger_writer_round_trips_the_pixel_size(tmp_path):
+    from hopt_st._spaceranger import write_spaceranger_outs
+
+    sd = synthetic_visium(n_spots=30, n_genes=10, seed=3)  # 0.5 µm per full-res px
+    outs = write_spaceranger_outs(sd, tmp_path / "outs")
+    sf = json.loads((outs / "spatial" / "scalefactors_json.json").read_text())
+    assert sf["spot_diameter_fullres"] == pytest.approx(65.0 / 0.5)  # as Space Ranger writes it
+    assert read_visium(outs).tables["table"].uns["hopt_st"]["fullres_mpp"] == pytest.approx(0.5)
+
+
 @pytest.mark.skipif(not (SHARED / "visium_crop").is_dir(), reason="../shared/data/visium_crop not present")
 def test_visium_crop_metadata_and_not_raw_counts():
     from PIL import Image
@@ -306,7 +333,7 @@ def test_visium_crop_metadata_and_not_raw_counts():
     w, h = Image.open(SHARED / "visium_crop" / "test_img.jpg").size
     assert (w, h) == (950, 1717)
     sf = a.uns["spatial"]["V1_Adult_Mouse_Brain"]["scalefactors"]
-    assert 55.0 / sf["spot_diameter_fullres"] == pytest.approx(0.615, abs=1e-3)
+    assert 65.0 / sf["spot_diameter_fullres"] == pytest.approx(0.727, abs=1e-3)
     xy = a.obsm["spatial"]
     assert (xy[:, 0] >= 0).all() and (xy[:, 0] < w).all() and (xy[:, 1] >= 0).all() and (xy[:, 1] < h).all()
     # its X is log-normalised: the raw-counts check must refuse it and say why

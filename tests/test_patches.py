@@ -395,7 +395,7 @@ def test_visium_crop_patches_at_half_micron(caplog):
     rgb = np.asarray(Image.open(folder / "test_img.jpg").convert("RGB"))
     adata = ad.read_h5ad(folder / "test_data.h5ad")
     sf = adata.uns["spatial"]["V1_Adult_Mouse_Brain"]["scalefactors"]
-    fullres_mpp = 55.0 / sf["spot_diameter_fullres"]  # ~0.615 µm/px
+    fullres_mpp = 65.0 / sf["spot_diameter_fullres"]  # ~0.727 µm/px (px across a theoretical 65 µm spot)
     xy = adata.obsm["spatial"].astype(float)
     sd = make_sdata(rgb, xy, image_mpp=fullres_mpp, dims=("y", "x", "c"), chunks=(256, 256))
     with caplog.at_level(logging.WARNING, logger="hopt_st"):

@@ -17,6 +17,10 @@ from ._mpp import UNS_KEY, _check_mpp
 logger = logging.getLogger(__name__)
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
+#: Space Ranger's ``spot_diameter_fullres`` is the width in full-res pixels of a *theoretical 65 µm* spot
+#: (10x Genomics' scalefactors documentation), not of the 55 µm capture spot; checked against the 100 µm spot
+#: grid of real Space Ranger output (tests/test_io.py).
+SPACERANGER_SPOT_DIAMETER_FULLRES_UM = 65.0
 _POSITIONS = ("tissue_positions.csv", "tissue_positions_list.csv", "tissue_positions.parquet")
 
 
@@ -82,7 +86,8 @@ def read_visium(
         else the folder name.
     image_mpp
         µm per **full-resolution** pixel (the spots' coordinate unit). Default
-        ``55 / spot_diameter_fullres`` (a Visium spot is 55 µm wide). The hires/lowres images get
+        ``65 / spot_diameter_fullres`` (Space Ranger's ``spot_diameter_fullres`` spans a theoretical 65 µm
+        spot, not the 55 µm capture spot). The hires/lowres images get
         ``image_mpp / tissue_{hires,lowres}_scalef``.
     fullres_image_file
         Optional full-resolution H&E (e.g. the ``.tif`` given to Space Ranger).
@@ -121,8 +126,8 @@ def read_visium(
         fullres = _check_mpp(image_mpp, "image_mpp")
     else:
         fullres = _check_mpp(
-            VISIUM_SPOT_DIAMETER_UM / float(sf["spot_diameter_fullres"]),
-            f"55 µm / spot_diameter_fullres of {sf_path}",
+            SPACERANGER_SPOT_DIAMETER_FULLRES_UM / float(sf["spot_diameter_fullres"]),
+            f"65 µm / spot_diameter_fullres of {sf_path}",
         )
     mpp = {}
     for key in list(sdata.images.keys()):
