@@ -154,6 +154,22 @@ def test_expression_anndata_without_image_and_save(tmp_path):
     assert all(len(ax.images) == 0 for ax in fig.axes)
 
 
+def test_expression_measured_from_the_counts_layer_the_regressor_was_fit_on():
+    """scanpy habit: X normalised + log1p in place, raw counts kept in layers['counts']."""
+    table = _sdata(with_pred=False)["table"]
+    adata = AnnData(table.X.copy(), obs=table.obs[[]].copy(), var=table.var.copy())
+    adata.obsm["spatial"] = table.obsm["spatial"]
+    adata.layers["counts"] = adata.X.copy()
+    counts = adata.X.toarray()
+    adata.X = sp.csr_matrix(np.log1p(counts / counts.sum(1, keepdims=True) * 1e4))
+    adata.obsm["X_emb"] = np.log1p(counts)  # an embedding that carries the expression
+    reg = hs.tl.fit_expression(adata, use_rep="X_emb", genes=["GA", "GB"], layer="counts")
+    hs.tl.predict_expression(adata, reg)
+    fig = hs.pl.expression(adata, "GA", robust=False)
+    ax_m = [ax for ax in fig.axes if _spot_collections(ax)][0]
+    np.testing.assert_allclose(_spot_collections(ax_m)[0].get_array(), np.log1p(counts[:, 0]), rtol=1e-5)
+
+
 def test_expression_errors_name_the_problem():
     sdata = _sdata()
     with pytest.raises(KeyError, match="not predicted"):

@@ -22,7 +22,9 @@ UNS_KEY = "hopt_st"
 # --------------------------------------------------------------------------------------------------------------
 # expression on the tissue
 # --------------------------------------------------------------------------------------------------------------
-def _prediction_frame(table: AnnData, predicted_key: str, table_name: str) -> tuple[pd.DataFrame, str]:
+def _prediction_frame(
+    table: AnnData, predicted_key: str, table_name: str
+) -> tuple[pd.DataFrame, str, str | None]:
     if predicted_key not in table.obsm:
         raise KeyError(
             f"no predictions {predicted_key!r} in table {table_name!r}.obsm (keys: {list(table.obsm.keys())}): "
@@ -47,10 +49,11 @@ def _prediction_frame(table: AnnData, predicted_key: str, table_name: str) -> tu
             table_name,
         )
         target = "log1p"
-    return pred, str(target)
+    layer = meta.get("layer")  # the counts the regressor was fit on (X when absent)
+    return pred, str(target), None if layer is None else str(layer)
 
 
-def _measured(table: AnnData, genes: list[str], target: str) -> np.ndarray:
+def _measured(table: AnnData, genes: list[str], target: str, layer: str | None = None) -> np.ndarray:
     """Measured expression of ``genes`` in the predictions' target space, (n_obs, n_genes) float32."""
     missing = [g for g in genes if g not in table.var_names]
     if missing:
@@ -62,7 +65,7 @@ def _measured(table: AnnData, genes: list[str], target: str) -> np.ndarray:
     except ImportError:  # pragma: no cover - only while tl is being written
         target_matrix = None
     if target_matrix is not None:
-        return np.asarray(target_matrix(table, genes, target=target), dtype=np.float32)
+        return np.asarray(target_matrix(table, genes, target=target, layer=layer), dtype=np.float32)
     if target not in ("log1p", "raw", "counts"):  # pragma: no cover
         raise ValueError(f"cannot compute measured expression in target space {target!r} without hopt_st.tl.")
     x = table[:, genes].X
@@ -153,7 +156,7 @@ def expression(
     ----------
     sdata : SpatialData or AnnData
         Data holding ``table.obsm[predicted_key]`` (a DataFrame of predictions, genes as columns) and raw
-        counts in ``table.X``. With an AnnData, spots are drawn at ``obsm["spatial"]`` without an image.
+        counts in ``table.X`` (or in the layer the regressor was fit on, as recorded by predict_expression). With an AnnData, spots are drawn at ``obsm["spatial"]`` without an image.
     genes : str or sequence of str
         Gene(s) to draw; each must be a column of the predictions and a variable of the table.
     predicted_key : str
@@ -211,14 +214,14 @@ def expression(
     else:
         raise TypeError(f"expected a SpatialData or AnnData, got {type(sdata).__name__}.")
 
-    pred, target = _prediction_frame(table, predicted_key, tname)
+    pred, target, layer = _prediction_frame(table, predicted_key, tname)
     not_pred = [g for g in genes if g not in pred.columns]
     if not_pred:
         raise KeyError(
             f"genes {not_pred} were not predicted under {predicted_key!r}; predicted genes are "
             f"{list(pred.columns[:10])}{'...' if pred.shape[1] > 10 else ''}."
         )
-    measured = _measured(table, genes, target)
+    measured = _measured(table, genes, target, layer)
     predicted = pred.loc[table.obs_names, genes].to_numpy(dtype=np.float32)
     label = {"log1p": "log1p counts"}.get(target, target)
     if score_on is None:

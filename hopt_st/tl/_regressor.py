@@ -92,6 +92,7 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
     # -- metadata set by fit_expression (kept outside get_params) --
     use_rep: str | None = None
     target: str = "log1p"
+    layer: str | None = None
     spatial_context: bool = False
 
     def fit(self, X, y, groups=None):
@@ -213,6 +214,7 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
             "n_features_in": int(self.n_features_in_),
             "use_rep": self.use_rep,
             "target": self.target,
+            "layer": self.layer,
             "spatial_context": bool(self.spatial_context),
         }
         tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
@@ -236,6 +238,7 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
         reg.genes_ = meta["genes"]
         reg.n_features_in_ = meta["n_features_in"]
         reg.use_rep, reg.target = meta["use_rep"], meta["target"]
+        reg.layer = meta.get("layer")
         reg.spatial_context = meta["spatial_context"]
         reg.linear_, reg.mlp_, reg.sklearn_ = None, None, None
         if "alpha" in tensors:
@@ -330,6 +333,7 @@ def fit_expression(
         groups = adata.obs[groups].to_numpy()
     reg = ExpressionRegressor(method, seed=seed, **kwargs)
     reg.use_rep, reg.target, reg.spatial_context = use_rep, target, spatial_context
+    reg.layer = layer
     reg.fit(X, pd.DataFrame(Y, columns=genes), groups=groups)
     logger.info("fit_expression: %s on %d spots x %d features -> %d genes", method, *X.shape, len(genes))
     return reg
@@ -346,7 +350,8 @@ def predict_expression(
 ) -> None:
     """Write predictions to ``obsm[key_added]`` (DataFrame: obs_names x genes, target space).
 
-    Also records ``uns["hopt_st"]["predictions"][key_added] = {"genes", "target", "use_rep", "method"}``.
+    Also records ``uns["hopt_st"]["predictions"][key_added] = {"genes", "target", "use_rep", "method"}``
+    (plus ``"layer"`` when the regressor was fit on counts in a layer).
     Accepts an AnnData or a SpatialData (its spot table, ``table_name`` by default the only/first one).
     """
     try:
@@ -368,9 +373,12 @@ def predict_expression(
     pred = regressor.predict(X)
     adata.obsm[key_added] = pd.DataFrame(pred, index=adata.obs_names.copy(), columns=list(regressor.genes_))
     uns = adata.uns.setdefault("hopt_st", {})
-    uns.setdefault("predictions", {})[key_added] = {
+    meta = {
         "genes": list(regressor.genes_),
         "target": regressor.target,
         "use_rep": use_rep,
         "method": regressor.method,
     }
+    if getattr(regressor, "layer", None) is not None:  # where the measured counts are (None is not storable)
+        meta["layer"] = str(regressor.layer)
+    uns.setdefault("predictions", {})[key_added] = meta
