@@ -222,13 +222,52 @@ def test_read_hest_bench_round_trip(hest_bench_root):
         ref = ad.read_h5ad(info["paths"][sid]["adata"])[bc]
         np.testing.assert_array_equal(table.obs_names, bc)
         np.testing.assert_array_equal(_dense(table.X), _dense(ref.X))
-        np.testing.assert_array_equal(spot_centers(sd, sid), coords + 112)
-        # patch centres are the synthetic spot centres (rounded to whole pixels)
-        np.testing.assert_allclose(spot_centers(sd, sid), ref.obsm["spatial"], atol=0.5)
+        # HEST's corners: int(centre - patch_size_src // 2), patch_size_src = 224 at 0.5 µm/px
+        np.testing.assert_array_equal(coords, np.trunc(ref.obsm["spatial"] - 112))
+        # the spots are the expression file's own centres, exactly (not a corner + offset guess)
+        np.testing.assert_array_equal(spot_centers(sd, sid), ref.obsm["spatial"])
         assert (table.obs["patient"] == info["patients"][sid]).all()
-        assert table.uns["hopt_st"]["sample_id"] == sid and table.uns["hopt_st"]["fullres_mpp"] == 0.5
+        assert table.uns["hopt_st"]["sample_id"] == sid
+        # no size attribute in the file (as in HEST's): the side comes from the 112 px offset, within 1 px
+        assert table.uns["hopt_st"]["fullres_mpp"] == pytest.approx(0.5, rel=0.005)
     # also accepts the task folder itself
     assert set(read_hest_bench(info["task_dir"], "SYNTH").tables) == set(info["sample_ids"])
+
+
+def _hest_like_copy(info, tmp_path, spatial_mpp=0.2125, keep_spatial=True, src_attr=False):
+    """Copy the synthetic task and rewrite sample 0 as HEST would have patched a 0.2125 µm/px slide."""
+    dst = tmp_path / "SYNTH"
+    shutil.copytree(info["task_dir"], dst)
+    sid = info["sample_ids"][0]
+    src = 224 * 0.5 / spatial_mpp  # 527.06 level-0 px per 224 px patch
+    a = ad.read_h5ad(dst / "adata" / f"{sid}.h5ad")
+    with h5py.File(dst / "patches" / f"{sid}.h5", "r+") as f:
+        bc = [b.decode() for b in f["barcode"][:, 0]]
+        centers = np.rint(a[bc].obsm["spatial"] * 2.5) + 300.0  # whole-pixel spot centres on a bigger slide
+        del f["coords"]
+        f["coords"] = np.trunc(centers - src // 2).astype(np.int64)  # HEST: int(centre - patch_size_src // 2)
+        if src_attr:
+            f["coords"].attrs["patch_size_src"] = src
+    order = {b: i for i, b in enumerate(bc)}
+    a.obsm["spatial"] = centers[[order[b] for b in a.obs_names]]
+    if not keep_spatial:
+        del a.obsm["spatial"]
+    a.write_h5ad(dst / "adata" / f"{sid}.h5ad")
+    return dst, sid, centers, src
+
+
+def test_read_hest_bench_places_spots_like_hest_at_other_pixel_sizes(hest_bench_root, tmp_path):
+    info = hest_bench_root
+    # 1. HEST-like file, no size attribute: centres and pixel size come from obsm['spatial'] vs coords
+    dst, sid, centers, src = _hest_like_copy(info, tmp_path / "a")
+    table = read_hest_bench(dst, "SYNTH").tables[sid]
+    np.testing.assert_array_equal(table.obsm["spatial"], centers)  # a centre+112 guess would be 151 px off
+    assert table.uns["hopt_st"]["fullres_mpp"] == pytest.approx(0.2125, rel=0.003)
+    # 2. no obsm['spatial'] but the side recorded: centre = coords + patch_size_src // 2 (= 263, not 263.53)
+    dst, sid, centers, src = _hest_like_copy(info, tmp_path / "b", keep_spatial=False, src_attr=True)
+    table = read_hest_bench(dst, "SYNTH").tables[sid]
+    np.testing.assert_array_equal(table.obsm["spatial"], centers)
+    assert table.uns["hopt_st"]["fullres_mpp"] == pytest.approx(0.2125, rel=1e-9)
 
 
 def test_bench_patches_are_cut_from_the_image(hest_bench_root):

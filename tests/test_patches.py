@@ -349,7 +349,8 @@ def test_indexing_batches_and_h5_round_trip(tmp_path):
         p.to_h5(path)
     with h5py.File(path, "r") as f:  # HEST layout
         assert f["img"].shape == (25, 16, 16, 3) and f["img"].dtype == np.uint8
-        np.testing.assert_array_equal(f["coords"][:], np.floor(xy - 12 + 0.5).astype(int))
+        # HEST's corner: int(centre - patch_size_src // 2), here patch_size_src = 24
+        np.testing.assert_array_equal(f["coords"][:], np.trunc(xy - 12).astype(int))
         assert f["barcode"].shape == (25, 1) and f["barcode"][0, 0] == b"bc0"
         assert f["coords"].attrs["patch_size_src"] == pytest.approx(24.0)
     q = hopt_st.io.read_patches(path)
@@ -367,6 +368,22 @@ def test_indexing_batches_and_h5_round_trip(tmp_path):
         np.testing.assert_array_equal(pickle.loads(pickle.dumps(obj))[np.array([4, 1])], full[[4, 1]])
 
 
+def test_hest_corner_convention_round_trip():
+    from hopt_st.io._hest_coords import hest_centers, hest_topleft
+
+    rng = np.random.default_rng(3)
+    centers = rng.integers(300, 5000, (50, 2)).astype(float)  # whole-pixel spot centres (x, y)
+    for src in (224.0, 225.0, 527.0588, 243.6):
+        tl = hest_topleft(centers, src)
+        np.testing.assert_array_equal(tl, np.trunc(centers - src // 2))  # HEST's dump_patches formula
+        np.testing.assert_array_equal(hest_centers(tl, src), centers)
+    frac = centers + 0.7  # fractional centres: recovered to within the 1 px HEST's int() drops
+    off = frac - hest_centers(hest_topleft(frac, 527.0588), 527.0588)
+    assert np.all((off >= 0) & (off < 1))
+    with pytest.raises(ValueError, match="patch_size_src"):
+        hest_topleft(centers, 0)
+
+
 def test_read_hest_style_file_without_attributes(tmp_path):
     path = tmp_path / "hest.h5"
     rng = np.random.default_rng(0)
@@ -381,6 +398,13 @@ def test_read_hest_style_file_without_attributes(tmp_path):
     assert list(q.barcodes[:2]) == ["AAAC-1", "AAAG-1"]
     np.testing.assert_allclose(q.centers, coords + 112)
     np.testing.assert_array_equal(q.to_numpy(), imgs)
+    # a 0.2125 µm/px slide: patch_size_src = 527.06 and HEST offsets the corner by 527.06 // 2 = 263
+    with h5py.File(tmp_path / "hest_0p2125.h5", "w") as f:
+        f["img"] = imgs
+        f["coords"] = coords
+        f["coords"].attrs["patch_size_src"] = 224 * 0.5 / 0.2125
+        f["barcode"] = np.array([[b"AAAC-1"], [b"AAAG-1"], [b"AACT-1"], [b"ACGT-1"], [b"TTTT-1"]])
+    np.testing.assert_array_equal(hopt_st.io.read_patches(tmp_path / "hest_0p2125.h5").centers, coords + 263)
     with h5py.File(tmp_path / "bad.h5", "w") as f:
         f["features"] = np.zeros(3)
     with pytest.raises(ValueError, match="not a HEST patch file"):

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ..io._hest_coords import hest_topleft
 from ._synthetic import synthetic_visium
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ def write_hest_layout(
         ``"bench"``: a HEST-Benchmark task folder ``root/<task>/`` with ``splits/train_i.csv`` /
         ``test_i.csv`` (``sample_id, patches_path, expr_path``; patient-level folds: fold ``i`` tests on
         patient ``i``), ``patches/{id}.h5`` (``img`` (N, 224, 224, 3) uint8 at 0.5 µm/px, ``coords``
-        (N, 2) top-left x, y in full-res px, ``barcode`` (N, 1) bytes), ``adata/{id}.h5ad`` raw counts and
+        (N, 2) top-left x, y in full-res px as HEST computes them, ``barcode`` (N, 1) bytes; no size
+        attributes, as in HEST's files), ``adata/{id}.h5ad`` raw counts and
         ``var_50genes.json``.
     task
         Task folder name (``"bench"`` only).
@@ -189,15 +191,18 @@ def _write_hest1k(
 
 
 def write_patches_h5(path: str | Path, img: np.ndarray, coords: np.ndarray, barcodes) -> Path:
-    """Write a HEST patch file: ``img`` (N, P, P, 3) uint8, ``coords`` (N, 2) int top-left x, y, ``barcode`` (N, 1)."""
+    """Write a HEST patch file as HEST does: ``img`` (N, P, P, 3) uint8 with ``attrs["patch_size_target"]``,
+    ``coords`` (N, 2) int top-left x, y (level-0 px, ``int(centre - patch_size_src // 2)``), ``barcode`` (N, 1).
+
+    No pixel-size or ``patch_size_src`` attributes: HEST's patcher does not store them, so readers must cope
+    without (they take the spot centres from the expression file's ``obsm["spatial"]``).
+    """
     path = Path(path)
     bc = np.array([str(b).encode() for b in barcodes], dtype=f"S{max(1, max(len(str(b)) for b in barcodes))}")
     with h5py.File(path, "w") as f:
-        f.create_dataset("img", data=img, chunks=(1,) + img.shape[1:])
-        d = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
-        d.attrs["patch_size"] = int(img.shape[1])
-        d.attrs["patch_size_level0"] = int(img.shape[1])
-        d.attrs["pixel_size"] = PATCH_MPP
+        d = f.create_dataset("img", data=img, chunks=(1,) + img.shape[1:])
+        d.attrs["patch_size_target"] = int(img.shape[1])
+        f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
         f.create_dataset("barcode", data=bc[:, None])
     return path
 
@@ -207,7 +212,6 @@ def _write_bench(root, task, n_samples, n_patients, n_spots, n_genes, n_states, 
     for sub in ("splits", "patches", "adata"):
         (tdir / sub).mkdir(parents=True, exist_ok=True)
     ids, paths, patients, adatas = [], {}, {}, {}
-    half = PATCH_SIZE // 2
     for i in range(n_samples):
         sid = f"SYNB{seed + i:03d}"
         sd = synthetic_visium(
@@ -222,7 +226,7 @@ def _write_bench(root, task, n_samples, n_patients, n_spots, n_genes, n_states, 
         table = sd.tables["table"]
         img = _full_image(sd)
         xy = np.asarray(table.obsm["spatial"])
-        tl = np.rint(xy).astype(np.int64) - half
+        tl = hest_topleft(xy, PATCH_SIZE)  # full-res is at PATCH_MPP, so patch_size_src = PATCH_SIZE
         h, w = img.shape[:2]
         inside = (
             (tl[:, 0] >= 0) & (tl[:, 1] >= 0) & (tl[:, 0] + PATCH_SIZE <= w) & (tl[:, 1] + PATCH_SIZE <= h)

@@ -15,6 +15,7 @@ from spatialdata.models import ShapesModel, TableModel
 from spatialdata.transformations import Identity
 
 from ._counts import ensure_raw_counts
+from ._hest_coords import hest_centers, hest_half
 from ._mpp import UNS_KEY
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,58 @@ def _read_splits(tdir: Path) -> list[dict]:
     return splits
 
 
+_SIZE_ATTRS = ("patch_size", "patch_size_target")
+_SRC_ATTRS = ("patch_size_src", "patch_size_level0")
+
+
+def _first_attr(f: h5py.File, names: tuple[str, ...]):
+    for obj in (f.get("coords"), f.get("img"), f):
+        if obj is None:
+            continue
+        for name in names:
+            if name in obj.attrs:
+                return obj.attrs[name]
+    return None
+
+
+def _patch_centers(coords, src, adata, psize: int, path) -> tuple[np.ndarray, float]:
+    """Spot centres (full-res px) and the patch side in full-res px for one HEST patch file.
+
+    HEST's ``coords`` are ``int(centre - patch_size_src // 2)`` (see :mod:`._hest_coords`). HEST's files
+    record no ``patch_size_src``; the expression file's ``obsm["spatial"]`` (HEST's spot centres, the ones the
+    patches were cut around) then gives both the exact centres and the offset ``patch_size_src // 2``.
+    """
+    spatial = adata.obsm.get("spatial") if "spatial" in adata.obsm else None
+    if spatial is not None:
+        spatial = np.asarray(spatial, dtype=np.float64)
+        if spatial.shape == coords.shape and np.isfinite(spatial).all():
+            off = spatial - coords
+            half = float(np.median(np.floor(off)))
+            consistent = half >= 0 and np.all(np.abs(off - half - 0.5) <= 1.0)
+            if src is not None:
+                consistent = consistent and abs(half - hest_half(src)) <= 1.0
+            if consistent:
+                if src is None:
+                    # HEST truncates patch_size_src // 2: the side is known to within 2 px (< 0.4 % at 0.5 µm/px)
+                    src = 2.0 * half + 1.0
+                return spatial, src
+            logger.warning(
+                "%s: obsm['spatial'] of the expression file does not sit at a constant offset from the patch "
+                "coords (median %.1f px); placing spots from coords instead.",
+                path,
+                half,
+            )
+    if src is None:
+        src = float(psize)
+        logger.warning(
+            "%s records no patch_size_src and its expression file no usable obsm['spatial']; assuming the "
+            "patches were cut at full resolution (patch_size_src = %d px, full-res 0.5 µm/px).",
+            path,
+            psize,
+        )
+    return hest_centers(coords, src), float(src)
+
+
 def read_hest_bench(root: str | Path, task: str) -> SpatialData:
     """Read one HEST-Benchmark task.
 
@@ -70,8 +123,9 @@ def read_hest_bench(root: str | Path, task: str) -> SpatialData:
     -------
     SpatialData
         One table per sample, named by sample id (raw counts, rows in patch-file order, ``obs["patient"]``,
-        ``obsm["spatial"]`` = patch centres in full-res px), shapes ``"<sample_id>_spots"`` (55 µm circles at
-        the patch centres) and ``attrs["hest_bench"] = {"task", "root", "genes", "splits", "patches"}``
+        ``obsm["spatial"]`` = patch centres in full-res px: the expression file's own ``obsm["spatial"]`` when it
+        sits at HEST's offset from the patch ``coords``, else ``coords + patch_size_src // 2``), shapes
+        ``"<sample_id>_spots"`` (55 µm circles at the patch centres) and ``attrs["hest_bench"] = {"task", "root", "genes", "splits", "patches"}``
         where ``splits`` is a list of ``{"train": [ids], "test": [ids]}`` and ``patches`` maps sample id to
         the patch ``.h5`` path. No image: the patches stay on disk (read them with
         :func:`hopt_st.io.read_patches`).
@@ -122,12 +176,13 @@ def read_hest_bench(root: str | Path, task: str) -> SpatialData:
                     raise ValueError(
                         f"patch file {str(p_patch)!r} has no {key!r} dataset (keys: {list(f.keys())})."
                     )
-            coords = np.asarray(f["coords"][:], dtype=np.float64)
+            coords = np.asarray(f["coords"][:], dtype=np.float64).reshape(-1, 2)
             bc = np.asarray(f["barcode"][:]).reshape(len(coords), -1)[:, 0]
-            psize = int(f["img"].shape[1]) if "img" in f else int(f["coords"].attrs.get("patch_size", 224))
-            level0 = float(f["coords"].attrs.get("patch_size_level0", psize))
+            psize = int(f["img"].shape[1]) if "img" in f else int(_first_attr(f, _SIZE_ATTRS) or 224)
+            src = _first_attr(f, _SRC_ATTRS)
+            if src is None and _first_attr(f, ("downsample",)) is not None:
+                src = psize * float(np.ravel(_first_attr(f, ("downsample",)))[0])
         barcodes = [b.decode() if isinstance(b, bytes) else str(b) for b in bc]
-        fullres_mpp = PATCH_MPP * psize / level0
         adata = ad.read_h5ad(p_expr)
         ensure_raw_counts(adata, p_expr)
         missing = [b for b in barcodes if b not in adata.obs_names]
@@ -137,9 +192,12 @@ def read_hest_bench(root: str | Path, task: str) -> SpatialData:
                 f"(e.g. {missing[:3]}): patch and expression files do not match."
             )
         adata = adata[barcodes].copy()
-        centers = coords + level0 / 2.0
-        if not np.isfinite(centers).all():
+        if not np.isfinite(coords).all():
             raise ValueError(f"{str(p_patch)!r} has NaN/inf coords; drop those patches first.")
+        centers, src = _patch_centers(
+            coords, None if src is None else float(np.ravel(src)[0]), adata, psize, p_patch
+        )
+        fullres_mpp = PATCH_MPP * psize / src
         n = adata.n_obs
         region = f"{sid}_spots"
         if "patient" not in adata.obs:

@@ -3,14 +3,17 @@
 Layout (as written by HEST's patching and read by the HEST-Benchmark)::
 
     img      (n, P, P, 3) uint8     the patches
-    coords   (n, 2) int             top-left corner (x, y) of each patch in full-resolution pixels
+    coords   (n, 2) int             top-left corner (x, y) of each patch in full-resolution (level-0) pixels,
+                                    int(centre - patch_size_src // 2) as HEST computes it (see _hest_coords)
     barcode  (n, 1) bytes           spot barcode
 
 hopt_st also writes ``centers`` ((n, 2) float64, exact spot centres) and the attributes
 ``patch_size`` (P), ``patch_size_src`` (patch side in full-resolution pixels), ``pixel_size`` (µm per patch
 pixel), ``downsample`` (``patch_size_src / patch_size``) and ``level0_pixel_size`` (µm per full-resolution
-pixel) on ``coords``, ``img`` and the file root. HEST readers ignore what they do not know. When reading a file
-without them, ``patch_size_src`` defaults to ``P`` (with a logged note) and the pixel size to 0.5 µm (HEST's).
+pixel) on ``coords``, ``img`` and the file root. HEST readers ignore what they do not know. HEST's own files carry
+none of these (its patcher stores only ``img.attrs["patch_size_target"]``, as far as public code shows); when
+reading a file without them, ``patch_size_src`` defaults to ``P`` (with a logged note) and the pixel size to
+0.5 µm (HEST's), and centres are ``coords + patch_size_src // 2``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import h5py
 import numpy as np
 
 from ..pp._patches import Patches
+from ._hest_coords import hest_centers
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +130,8 @@ def read_patches(path) -> Patches:
     Returns
     -------
     Patches
-        Same interface as :func:`hopt_st.pp.patches`' result; ``centers`` are ``coords + patch_size_src / 2``
-        unless the file stores exact ``centers``.
+        Same interface as :func:`hopt_st.pp.patches`' result; ``centers`` are HEST's
+        ``coords + patch_size_src // 2`` unless the file stores exact ``centers``.
     """
     path = Path(path)
     if not path.exists():
@@ -152,7 +156,7 @@ def read_patches(path) -> Patches:
         else:
             raw = np.asarray(f[bkey][:]).reshape(n, -1)[:, 0]
             barcodes = np.array([b.decode() if isinstance(b, bytes) else str(b) for b in raw])
-        src = _attr(f, ("patch_size_src",))
+        src = _attr(f, ("patch_size_src", "patch_size_level0"))
         if src is None:
             down = _attr(f, ("downsample",))
             src = p * float(np.ravel(down)[0]) if down is not None else None
@@ -162,7 +166,9 @@ def read_patches(path) -> Patches:
         src = float(np.ravel(src)[0])
         mpp = _attr(f, ("pixel_size", "dst_pixel_size", "target_pixel_size"))
         mpp = _HEST_MPP if mpp is None else float(np.ravel(mpp)[0])
-        centers = np.asarray(f["centers"][:], dtype=np.float64) if "centers" in f else coords + src / 2
+        centers = (
+            np.asarray(f["centers"][:], dtype=np.float64) if "centers" in f else hest_centers(coords, src)
+        )
     p_obj = _H5Patches(path, barcodes=barcodes, centers=centers, patch_size=p, mpp=mpp, patch_size_src=src)
     p_obj._img_key = img_key
     return p_obj

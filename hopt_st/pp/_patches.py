@@ -160,8 +160,11 @@ class Patches:
 
     @property
     def coords(self) -> np.ndarray:
-        """``(n, 2)`` int64 top-left (x, y) corners in full-resolution pixels (the HEST ``coords``)."""
-        return np.floor(self.centers - self.patch_size_src / 2 + 0.5).astype(np.int64)
+        """``(n, 2)`` int64 top-left (x, y) corners in full-resolution pixels, computed as HEST does
+        (``int(center - patch_size_src // 2)``, see :mod:`hopt_st.io._hest_coords`)."""
+        from ..io._hest_coords import hest_topleft
+
+        return hest_topleft(self.centers, self.patch_size_src)
 
     def to_h5(self, path, *, overwrite: bool = False, num_workers: int | None = None) -> None:
         """Write the patches in HEST's patch .h5 format (``img``, ``coords``, ``barcode``); see
