@@ -114,20 +114,25 @@ def demo(
 
 
 # --------------------------------------------------------------------------------------------------------------
-def _read_input(path: Path, sample: str | None):
+def _read_input(path: Path, sample: str | None, image_mpp: float | None = None, image_key: str | None = None):
     """SpatialData from a .zarr, a Space Ranger outs/ folder, or a HEST-1k root + sample id."""
     import hopt_st as hs
 
     if not path.exists():
         raise FileNotFoundError(f"INPUT {str(path)!r} does not exist.")
     if sample is not None:
-        return hs.io.read_hest(path, sample), "hest"
+        return hs.io.read_hest(path, sample, image_mpp=image_mpp), "hest"
     if _is_zarr(path):
         import spatialdata as sd
 
-        return sd.read_zarr(path), "zarr"
+        sdata = sd.read_zarr(path)
+        if image_mpp is not None:
+            from .io._elements import resolve_image_key
+
+            hs.io.set_image_mpp(sdata, {resolve_image_key(sdata, image_key): image_mpp})
+        return sdata, "zarr"
     if path.is_dir() and (path / "spatial").is_dir():
-        return hs.io.read_visium(path), "visium"
+        return hs.io.read_visium(path, image_mpp=image_mpp), "visium"
     raise click.UsageError(
         f"INPUT {str(path)!r} is neither a SpatialData .zarr, a Space Ranger outs/ folder (with spatial/), "
         "nor, with --sample ID, a HEST-1k root."
@@ -162,11 +167,29 @@ def _is_zarr(path: Path) -> bool:
 @click.option("--key-added", default=None, help="obsm key; default X_<model>.")
 @click.option("--table-name", default=None, help="Spot table; default: the only one.")
 @click.option("--image-key", default=None, help="H&E image element; default: the largest.")
+@click.option(
+    "--image-mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="µm per full-resolution pixel of the slide, overriding the value the reader records or infers "
+    "(for a .zarr: of the image element's level 0).",
+)
 @click.option("--batch-size", type=click.IntRange(1), default=None)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, mps; default: the best available.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing embedding key and output.")
 def embed(
-    input_path, model, weights, out, sample, key_added, table_name, image_key, batch_size, device, overwrite
+    input_path,
+    model,
+    weights,
+    out,
+    sample,
+    key_added,
+    table_name,
+    image_key,
+    image_mpp,
+    batch_size,
+    device,
+    overwrite,
 ):
     """Embed every spot of INPUT with MODEL and write the embeddings to a SpatialData .zarr.
 
@@ -183,7 +206,7 @@ def embed(
 
     if weights is not None and not weights.exists():
         raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
-    sdata, kind = _read_input(input_path, sample)
+    sdata, kind = _read_input(input_path, sample, image_mpp=image_mpp, image_key=image_key)
     in_place = out is None or (kind == "zarr" and out.resolve() == input_path.resolve())
     if out is None and kind != "zarr":
         raise click.UsageError(f"INPUT is a {kind} folder: pass --out OUT.zarr to say where to write.")

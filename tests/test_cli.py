@@ -232,6 +232,29 @@ def test_hest1k_root_with_sample(hest1k_root, capsys, tmp_path):
     assert rc == 1 and "NOPE" in _one_line_error(err)
 
 
+def test_image_mpp_option_supplies_a_missing_pixel_size(hest1k_root, capsys, tmp_path):
+    import json
+    import shutil
+
+    root = tmp_path / "hest"
+    shutil.copytree(hest1k_root["root"], root)
+    sample = hest1k_root["sample_ids"][0]
+    meta_path = root / "metadata" / f"{sample}.json"
+    meta = json.loads(meta_path.read_text())
+    true_mpp = meta["pixel_size_um_estimated"]
+    for key in ("pixel_size_um_estimated", "pixel_size_um_embedded"):
+        meta.pop(key, None)
+    meta_path.write_text(json.dumps(meta))
+    args = ["embed", root, "--sample", sample, "--model", "handcrafted"]
+    rc, _, err = _run(capsys, *args, "--out", tmp_path / "a.zarr")
+    assert rc == 1 and "image_mpp" in _one_line_error(err)
+    rc, _, err = _run(capsys, "-q", *args, "--image-mpp", str(true_mpp), "--out", tmp_path / "b.zarr")
+    assert rc == 0, err
+    table = sd.read_zarr(tmp_path / "b.zarr")["table"]
+    assert list(table.uns["hopt_st"]["image_mpp"].values()) == [pytest.approx(true_mpp)]
+    assert table.obsm["X_handcrafted"].shape == (table.n_obs, 32)
+
+
 def test_bench_on_synthetic_root(hest_bench_root, capsys, tmp_path):
     out = tmp_path / "bench"
     rc, outp, err = _run(
