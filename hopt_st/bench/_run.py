@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..io._hest_coords import decode_barcodes
 from ..tl._metrics import pearson_per_gene
 from ..tl._regressor import check_embeddings
 from ..tl._ridge import (
@@ -52,8 +53,7 @@ def _embed_patches(patches_path: str, model: str, *, weights=None, device=None) 
 def _patch_barcodes(patches_path) -> np.ndarray:
     with h5py.File(patches_path, "r") as f:
         key = "barcode" if "barcode" in f else "barcodes"
-        raw = np.asarray(f[key][:]).reshape(-1)
-    return np.array([b.decode() if isinstance(b, bytes) else str(b) for b in raw])
+        return decode_barcodes(f[key][:])
 
 
 def _cache_fingerprint(patches_path, model, weights) -> str:

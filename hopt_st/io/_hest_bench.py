@@ -15,7 +15,7 @@ from spatialdata.models import ShapesModel, TableModel
 from spatialdata.transformations import Identity
 
 from ._counts import ensure_raw_counts
-from ._hest_coords import hest_centers, hest_half
+from ._hest_coords import decode_barcodes, h5_attr, hest_centers, hest_half, recorded_patch_size_src
 from ._mpp import UNS_KEY
 
 logger = logging.getLogger(__name__)
@@ -57,17 +57,6 @@ def _read_splits(tdir: Path) -> list[dict]:
 
 
 _SIZE_ATTRS = ("patch_size", "patch_size_target")
-_SRC_ATTRS = ("patch_size_src", "patch_size_level0")
-
-
-def _first_attr(f: h5py.File, names: tuple[str, ...]):
-    for obj in (f.get("coords"), f.get("img"), f):
-        if obj is None:
-            continue
-        for name in names:
-            if name in obj.attrs:
-                return obj.attrs[name]
-    return None
 
 
 def _patch_centers(coords, src, adata, psize: int, path) -> tuple[np.ndarray, float]:
@@ -177,12 +166,9 @@ def read_hest_bench(root: str | Path, task: str) -> SpatialData:
                         f"patch file {str(p_patch)!r} has no {key!r} dataset (keys: {list(f.keys())})."
                     )
             coords = np.asarray(f["coords"][:], dtype=np.float64).reshape(-1, 2)
-            bc = np.asarray(f["barcode"][:]).reshape(len(coords), -1)[:, 0]
-            psize = int(f["img"].shape[1]) if "img" in f else int(_first_attr(f, _SIZE_ATTRS) or 224)
-            src = _first_attr(f, _SRC_ATTRS)
-            if src is None and _first_attr(f, ("downsample",)) is not None:
-                src = psize * float(np.ravel(_first_attr(f, ("downsample",)))[0])
-        barcodes = [b.decode() if isinstance(b, bytes) else str(b) for b in bc]
+            barcodes = list(decode_barcodes(f["barcode"][:]))
+            psize = int(f["img"].shape[1]) if "img" in f else int(h5_attr(f, _SIZE_ATTRS) or 224)
+            src = recorded_patch_size_src(f, psize)
         adata = ad.read_h5ad(p_expr)
         ensure_raw_counts(adata, p_expr)
         missing = [b for b in barcodes if b not in adata.obs_names]
@@ -194,9 +180,7 @@ def read_hest_bench(root: str | Path, task: str) -> SpatialData:
         adata = adata[barcodes].copy()
         if not np.isfinite(coords).all():
             raise ValueError(f"{str(p_patch)!r} has NaN/inf coords; drop those patches first.")
-        centers, src = _patch_centers(
-            coords, None if src is None else float(np.ravel(src)[0]), adata, psize, p_patch
-        )
+        centers, src = _patch_centers(coords, src, adata, psize, p_patch)
         fullres_mpp = PATCH_MPP * psize / src
         n = adata.n_obs
         region = f"{sid}_spots"

@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from ..pp._patches import Patches
-from ._hest_coords import hest_centers
+from ._hest_coords import decode_barcodes, h5_attr, hest_centers, recorded_patch_size_src
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +64,6 @@ def write_patches_h5(
             img[int(idx[0]) : int(idx[-1]) + 1] = batch
     os.replace(tmp, path)
     logger.info("Wrote %d patches to %s.", n, path)
-
-
-def _attr(f: h5py.File, names: tuple[str, ...]):
-    for obj in (f.get("coords"), f.get("img"), f):
-        if obj is None:
-            continue
-        for name in names:
-            if name in obj.attrs:
-                return obj.attrs[name]
-    return None
 
 
 class _H5Patches(Patches):
@@ -154,17 +144,12 @@ def read_patches(path) -> Patches:
             barcodes = np.array([str(i) for i in range(n)])
             logger.info("%s has no 'barcode' dataset; patches are named by row number.", path)
         else:
-            raw = np.asarray(f[bkey][:]).reshape(n, -1)[:, 0]
-            barcodes = np.array([b.decode() if isinstance(b, bytes) else str(b) for b in raw])
-        src = _attr(f, ("patch_size_src", "patch_size_level0"))
-        if src is None:
-            down = _attr(f, ("downsample",))
-            src = p * float(np.ravel(down)[0]) if down is not None else None
+            barcodes = decode_barcodes(f[bkey][:])
+        src = recorded_patch_size_src(f, p)
         if src is None:
             src = float(p)
             logger.info("%s records no patch_size_src/downsample; assuming patches at full resolution.", path)
-        src = float(np.ravel(src)[0])
-        mpp = _attr(f, ("pixel_size", "dst_pixel_size", "target_pixel_size"))
+        mpp = h5_attr(f, ("pixel_size", "dst_pixel_size", "target_pixel_size"))
         mpp = _HEST_MPP if mpp is None else float(np.ravel(mpp)[0])
         centers = (
             np.asarray(f["centers"][:], dtype=np.float64) if "centers" in f else hest_centers(coords, src)
