@@ -6,12 +6,12 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 from spatialdata import SpatialData
-from spatialdata.models import Image2DModel, get_table_keys
+from spatialdata.models import Image2DModel
 from spatialdata.transformations import get_transformation
 
 from ._counts import ensure_raw_counts
+from ._elements import get_spot_table, spot_centers
 from ._mpp import UNS_KEY, _check_mpp
 
 logger = logging.getLogger(__name__)
@@ -146,23 +146,13 @@ def read_visium(
     table_name = "table" if "table" in sdata.tables else next(iter(sdata.tables))
     table = sdata.tables[table_name]
     ensure_raw_counts(table, path / counts_file)
-    region, _, instance_key = get_table_keys(table)
-    shapes_key = region if isinstance(region, str) else region[0]
-    shapes = sdata.shapes[shapes_key]
-    xy_shapes = np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()])
-    pos = shapes.index.get_indexer(table.obs[instance_key].to_numpy())
-    if (pos < 0).any():
+    _, shapes_key = get_spot_table(sdata, table_name)
+    try:
+        xy = spot_centers(sdata, table_name)
+    except ValueError as err:
         raise ValueError(
-            f"table {table_name!r} rows do not match the shapes {shapes_key!r} of {str(path)!r}."
-        )
-    xy = xy_shapes[pos].astype(np.float64)
-    bad = ~np.isfinite(xy).all(axis=1)
-    if bad.any():
-        raise ValueError(
-            f"{str(path)!r}: {int(bad.sum())} spots have NaN coordinates in the tissue positions file (first: "
-            f"{table.obs_names[np.flatnonzero(bad)[:5]].tolist()}). Fix or drop them from "
-            "spatial/tissue_positions*.csv."
-        )
+            f"{str(path)!r}: {err} (Spot positions come from spatial/tissue_positions*.csv.)"
+        ) from err
     table.obsm["spatial"] = xy
     sample_id = dataset_id or shapes_key
     table.uns[UNS_KEY] = {
