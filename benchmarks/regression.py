@@ -16,7 +16,7 @@ import numpy as np
 from scipy.stats import pearsonr
 
 from hopt_st.tl._metrics import pearson_per_gene
-from hopt_st.tl._ridge import combine_stats, fit_hest_ridge_from_stats, fit_hest_ridge_sklearn, moment_stats
+from hopt_st.tl.linear import combine_stats, fit_hest_ridge_from_stats, fit_hest_ridge_sklearn, moment_stats
 
 
 def make_data(n_spots, dim, n_genes, n_samples, seed=0):

@@ -102,7 +102,8 @@ def demo(
       hopt-st demo --out demo_out
       hopt-st demo --out demo_out --all-local        # also every model with local weights
     """
-    from ._demo import local_models, run_demo
+    from ._demo import run_demo
+    from .models import local_models
 
     models = list(dict.fromkeys(models))
     if all_local:
@@ -229,9 +230,6 @@ def embed(
     tname = resolve_table_name(sdata, table_name)
     key = key_added or f"X_{model}"
     emb = sdata.tables[tname].obsm[key]
-    from ._demo import sanitize_tables
-
-    sanitize_tables(sdata)
     if in_place:
         _replace_table_on_disk(sdata, tname)
         dest = input_path
@@ -368,32 +366,14 @@ def models(long_: bool) -> None:
 
     import hopt_st as hs
 
-    from ._demo import weights_status
-
-    df = hs.models.list_models()
-    if df.index.name == "name":
-        df = df.reset_index()
-    if not any(c in df.columns for c in ("weights", "weights_local", "local_weights")):
-        df["weights"] = [weights_status(n) for n in df["name"]]
-    if "hf_repo" in df.columns:
-        df["source"] = [f"hf.co/{r}" if isinstance(r, str) and r else "built in" for r in df["hf_repo"]]
-    if "n_params" in df.columns:
-        df["n_params"] = [_human(v) for v in df["n_params"]]
-    wanted = [
-        "name",
-        "dim",
-        "input_size",
-        "mpp",
-        "n_params",
-        "weights",
-        "weights_local",
-        "local_weights",
-        "source",
-    ]
-    cols = [c for c in wanted if c in df.columns] or list(df.columns)
+    df = hs.models.list_models().reset_index()
+    df["weights"] = [hs.models.weights_status(n) for n in df["name"]]
+    df["source"] = [f"hf.co/{r}" if isinstance(r, str) and r else "built in" for r in df["hf_repo"]]
+    df["n_params"] = [_human(v) for v in df["n_params"]]
+    cols = ["name", "dim", "input_size", "mpp", "n_params", "weights", "source"]
     with pd.option_context("display.max_columns", None, "display.width", 250, "display.max_colwidth", 60):
         click.echo(df[cols].to_string(index=False))
-    if long_ and "sources" in df.columns:
+    if long_:
         for name, src in zip(df["name"], df["sources"]):
             click.echo(f"\n{name}:\n  " + "\n  ".join(str(src).split("; ")))
     else:

@@ -20,59 +20,65 @@ logger = logging.getLogger(__name__)
 ZARR_NAME = "demo.zarr"
 
 
-def weights_status(name: str) -> str:
-    """``"not needed"``, ``"local"`` (file in the Hugging Face cache) or ``"missing"``; never downloads."""
-    from . import models
-
-    spec = models.get_spec(name)
-    if not getattr(spec, "hf_repo", None):
-        return "not needed" if getattr(spec, "arch", "") == "handcrafted" else "missing"
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover
-        return "missing"
-    for fname in getattr(spec, "hf_filenames", ()) or ():
-        hit = try_to_load_from_cache(spec.hf_repo, fname)
-        if isinstance(hit, str):
-            return "local"
-    return "missing"
-
-
-def local_models() -> list[str]:
-    """Registry models usable offline: weight-free ones and those with weights in the local HF cache."""
-    from . import models
-
-    names = list(models.list_models().index)
-    return [n for n in names if weights_status(n) in ("local", "not needed")]
-
-
-def plain_uns(value):
-    """A copy of ``value`` with str/int/float subclasses (e.g. ``torch.__version__``) as plain builtins.
-
-    AnnData's zarr/h5ad writers only know the builtin types; provenance records sometimes hold subclasses.
-    """
-    if isinstance(value, dict):
-        return {str(k): plain_uns(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain_uns(v) for v in value]
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    for t in (str, int, float):
-        if isinstance(value, t) and type(value) is not t:
-            return t(value)
-    return value
-
-
-def sanitize_tables(sdata) -> None:
-    """Make every table's ``uns["hopt_st"]`` writable (see :func:`plain_uns`), in place."""
-    for table in sdata.tables.values():
-        if "hopt_st" in table.uns:
-            table.uns["hopt_st"] = plain_uns(dict(table.uns["hopt_st"]))
-
-
 def spatial_split(xy: np.ndarray) -> np.ndarray:
     """Boolean test mask: spots right of the median x are held out (left half trains)."""
     return xy[:, 0] >= np.median(xy[:, 0])
+
+
+def _demo_sample(n_spots: int, seed: int, say):
+    """The synthetic sample with its spatial split recorded in ``obs["test"]`` / ``obs["split"]``."""
+    import hopt_st as hs
+
+    sdata = hs.datasets.synthetic_visium(n_spots=n_spots, seed=seed)
+    table = sdata["table"]
+    test = spatial_split(np.asarray(table.obsm["spatial"], dtype=float))
+    table.obs["test"] = test
+    table.obs["split"] = pd.Categorical(np.where(test, "test", "train"), categories=["train", "test"])
+    say(
+        f"      spatial split: {int((~test).sum())} training spots (left half), {int(test.sum())} test spots (right half)"
+    )
+    return sdata, test
+
+
+def _fit_and_score(sdata, test, model: str, key: str, n_top_genes: int, seed: int, progress: bool):
+    """Embed with ``model``, fit a ridge on the training spots, predict all spots; Pearson per gene on test."""
+    import hopt_st as hs
+
+    table = sdata["table"]
+    hs.pp.embed(sdata, model=model, progress=progress)
+    reg = hs.tl.fit_expression(
+        table[~test].copy(), use_rep=f"X_{model}", n_top_genes=n_top_genes, method="ridge", seed=seed
+    )
+    hs.tl.predict_expression(sdata, reg, key_added=key, overwrite=True)
+    genes = list(reg.genes_)
+    measured = hs.tl.target_matrix(table[test], genes, target=reg.target)
+    pred = table.obsm[key].loc[table.obs_names[test], genes].to_numpy()
+    return reg, pd.Series(hs.tl.pearson_per_gene(measured, pred), index=genes, dtype=float)
+
+
+def _figures(sdata, test, scores: pd.DataFrame, first_model: str, out: Path) -> dict:
+    """expression.png (best, median and worst gene) and gene_scores.png."""
+    import matplotlib.pyplot as plt
+
+    import hopt_st as hs
+
+    first = scores[first_model].dropna()
+    picks = list(dict.fromkeys([first.index[0], first.index[len(first) // 2], first.index[-1]]))
+    fig = hs.pl.expression(sdata, picks, predicted_key="predicted", score_on="test")
+    fig.suptitle(
+        f"{first_model} + ridge: best, median and worst of {len(first)} genes\n"
+        "fitted on the left half of the slide, Pearson on the right (held-out) half",
+        fontsize=10,
+    )
+    _mark_split(fig, test)
+    files = {"expression": out / "expression.png", "gene_scores": out / "gene_scores.png"}
+    fig.savefig(files["expression"], dpi=110)
+    plt.close(fig)
+    long = scores.reset_index().melt(id_vars="gene", var_name="model", value_name="pearson")
+    fig = hs.pl.gene_scores(long, title="Per-gene Pearson on held-out spots (right half)")
+    fig.savefig(files["gene_scores"], dpi=110)
+    plt.close(fig)
+    return files
 
 
 def run_demo(
@@ -90,36 +96,32 @@ def run_demo(
 
     Parameters
     ----------
-    out : str or Path
+    out
         Folder for ``demo.zarr``, ``per_gene_pearson.csv``, ``expression.png``, ``gene_scores.png``.
-    models : sequence of str
+    models
         Encoders to compare; the first one's predictions are stored under ``obsm["predicted"]``, the
         others under ``obsm["predicted_<model>"]``.
-    n_spots : int
+    n_spots
         Spots of the synthetic sample.
-    seed : int
+    seed
         Seed of the synthetic sample and the regressors.
-    n_top_genes : int
+    n_top_genes
         Genes to predict (most variable on the training spots).
-    overwrite : bool
+    overwrite
         Replace an existing ``demo.zarr``.
-    progress : bool
+    progress
         Print the steps (embedding shows its own progress bar).
-    say : callable, optional
+    say
         Where step messages go (default ``click.echo`` when ``progress``).
 
     Returns
     -------
-    dict
-        ``sdata``, ``scores`` (DataFrame gene x model of test-spot Pearson), ``files``, ``report`` (text).
+    ``sdata``, ``scores`` (DataFrame gene x model of test-spot Pearson), ``files``, ``report`` (text),
+    ``seconds``.
     """
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    import hopt_st as hs
-    from hopt_st.tl._targets import target_matrix
 
     if say is None:
         import click
@@ -136,70 +138,23 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     n_steps = 3 + len(models)
-
     say(f"[1/{n_steps}] synthetic Visium sample ({n_spots} spots, seed {seed})")
-    sdata = hs.datasets.synthetic_visium(n_spots=n_spots, seed=seed)
-    table = sdata["table"]
-    xy = np.asarray(table.obsm["spatial"], dtype=float)
-    test = spatial_split(xy)
-    table.obs["test"] = test
-    table.obs["split"] = pd.Categorical(np.where(test, "test", "train"), categories=["train", "test"])
-    say(
-        f"      spatial split: {int((~test).sum())} training spots (left half), {int(test.sum())} test spots (right half)"
-    )
-
-    scores = {}
-    first_reg = None
+    sdata, test = _demo_sample(n_spots, seed, say)
+    scores, regs = {}, []
     for k, model in enumerate(models):
         say(f"[{2 + k}/{n_steps}] {model}: embed, fit ridge on the training half, predict")
-        hs.pp.embed(sdata, model=model, progress=progress)
-        rep = f"X_{model}"
-        reg = hs.tl.fit_expression(
-            table[~test].copy(), use_rep=rep, n_top_genes=n_top_genes, method="ridge", seed=seed
-        )
         key = "predicted" if k == 0 else f"predicted_{model}"
-        hs.tl.predict_expression(sdata, reg, key_added=key, overwrite=True)
-        genes = list(reg.genes_)
-        measured = target_matrix(table[test], genes, target=reg.target)
-        pred = table.obsm[key].loc[table.obs_names[test], genes].to_numpy()
-        scores[model] = pd.Series(hs.tl.pearson_per_gene(measured, pred), index=genes, dtype=float)
-        if first_reg is None:
-            first_reg = reg
-    scores_df = pd.DataFrame(scores)
-    scores_df.index.name = "gene"
-    scores_df = scores_df.sort_values(models[0], ascending=False)
+        reg, scores[model] = _fit_and_score(sdata, test, model, key, n_top_genes, seed, progress)
+        regs.append(reg)
+    scores_df = pd.DataFrame(scores).rename_axis("gene").sort_values(models[0], ascending=False)
 
     say(f"[{n_steps - 1}/{n_steps}] figures")
-    files = {}
-    csv = out / "per_gene_pearson.csv"
-    scores_df.to_csv(csv)
-    files["per_gene_pearson"] = csv
-    first = scores_df[models[0]].dropna()
-    picks = list(dict.fromkeys([first.index[0], first.index[len(first) // 2], first.index[-1]]))
-    fig = hs.pl.expression(sdata, picks, predicted_key="predicted", score_on="test")
-    fig.suptitle(
-        f"{models[0]} + ridge: best, median and worst of {len(first)} genes\n"
-        "fitted on the left half of the slide, Pearson on the right (held-out) half",
-        fontsize=10,
-    )
-    _mark_split(fig, test)
-    files["expression"] = out / "expression.png"
-    fig.savefig(files["expression"], dpi=110)
-    plt.close(fig)
-    long = scores_df.reset_index().melt(id_vars="gene", var_name="model", value_name="pearson")
-    fig = hs.pl.gene_scores(long, title="Per-gene Pearson on held-out spots (right half)")
-    files["gene_scores"] = out / "gene_scores.png"
-    fig.savefig(files["gene_scores"], dpi=110)
-    plt.close(fig)
-
+    files = {"per_gene_pearson": out / "per_gene_pearson.csv"}
+    scores_df.to_csv(files["per_gene_pearson"])
+    files.update(_figures(sdata, test, scores_df, models[0], out))
     say(f"[{n_steps}/{n_steps}] writing {zarr_path}")
-    if first_reg is not None and hasattr(first_reg, "save"):
-        try:
-            first_reg.save(out / f"ridge_{models[0]}")
-            files["regressor"] = out / f"ridge_{models[0]}"
-        except Exception as e:  # noqa: BLE001 - the regressor file is a convenience, not the demo's result
-            logger.warning("Could not save the regressor: %s", e)
-    sanitize_tables(sdata)
+    regs[0].save(out / f"ridge_{models[0]}")
+    files["regressor"] = out / f"ridge_{models[0]}"
     sdata.write(zarr_path, overwrite=overwrite)
     files["zarr"] = zarr_path
     elapsed = time.perf_counter() - t0

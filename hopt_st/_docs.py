@@ -21,11 +21,11 @@ from typing import TypeVar
 F = TypeVar("F", bound=Callable)
 
 DOC_SDATA = "SpatialData with an H&E image, a shapes element of spots and a table annotating it."
-DOC_TABLE_NAME = "Spot table; ``None`` picks the only table (or the one named ``\"table\"``)."
+DOC_TABLE_NAME = 'Spot table; ``None`` picks the only table (or the one named ``"table"``).'
 DOC_IMAGE_KEY = "Image element; ``None`` picks the largest image that holds tissue pixels."
 DOC_IMAGE_MPP = (
     "µm per pixel of the image's full-resolution level (level 0); ``None`` reads "
-    "``table.uns[\"hopt_st\"][\"image_mpp\"]`` as recorded by the readers. An explicit value always wins."
+    '``table.uns["hopt_st"]["image_mpp"]`` as recorded by the readers. An explicit value always wins.'
 )
 DOC_TARGET_MPP = "µm per patch pixel (0.5 for H-optimus-1 and the HEST-Benchmark)."
 DOC_PATCH_SIZE = "Side of the patches in pixels."

@@ -19,7 +19,8 @@ from sklearn.preprocessing import StandardScaler
 
 import hopt_st as hs
 from hopt_st import models
-from hopt_st.pp._embed_engine import ArrayPatches, select_device, select_dtype
+from hopt_st._patchset import ArrayPatches
+from hopt_st.pp._device import select_device, select_dtype
 
 FAST = "handcrafted-fast"  # the handcrafted encoder on 56 px patches at 2 µm/px (same 112 µm field, 16x fewer px)
 
@@ -110,7 +111,7 @@ def test_small_random_vit_and_overwrite(sdata):
         direct = enc(torch.from_numpy(p[np.array([0, 17, 199])])).numpy()
     np.testing.assert_allclose(x[[0, 17, 199]], direct, rtol=1e-5, atol=1e-5)
 
-    with pytest.raises(KeyError, match="overwrite=True"):
+    with pytest.raises(ValueError, match="overwrite=True"):
         hs.pp.embed(sdata, enc, key_added="X_vit", progress=False)
     table.obsm["X_vit"] = np.zeros_like(x)
     hs.pp.embed(sdata, enc, key_added="X_vit", overwrite=True, progress=False)

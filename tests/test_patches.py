@@ -369,7 +369,7 @@ def test_indexing_batches_and_h5_round_trip(tmp_path):
 
 
 def test_hest_corner_convention_round_trip():
-    from hopt_st.io._hest_coords import hest_centers, hest_topleft
+    from hopt_st._patchset import hest_centers, hest_topleft
 
     rng = np.random.default_rng(3)
     centers = rng.integers(300, 5000, (50, 2)).astype(float)  # whole-pixel spot centres (x, y)

@@ -25,18 +25,17 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..io._hest_coords import decode_barcodes
-from ..tl._metrics import pearson_per_gene
-from ..tl._regressor import check_embeddings
-from ..tl._ridge import (
+from ..io import read_hest_bench, read_patches
+from ..tl import pearson_per_gene, target_matrix, top_variable_genes
+from ..tl.linear import (
     HEST_N_COMPONENTS,
+    check_embeddings,
     combine_stats,
     fit_hest_ridge_from_stats,
     fit_hest_ridge_sklearn,
     fit_ridge_cv,
     moment_stats,
 )
-from ..tl._targets import target_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +47,6 @@ def _embed_patches(patches_path: str, model: str, *, weights=None, device=None) 
     from ..pp import embed
 
     return np.asarray(embed(str(patches_path), model=model, weights=weights, device=device), dtype=np.float32)
-
-
-def _patch_barcodes(patches_path) -> np.ndarray:
-    with h5py.File(patches_path, "r") as f:
-        key = "barcode" if "barcode" in f else "barcodes"
-        return decode_barcodes(f[key][:])
 
 
 def _cache_fingerprint(patches_path, model, weights) -> str:
@@ -77,7 +70,7 @@ def _cached_embeddings(cache: Path, patches_path, model, weights, device) -> tup
             "Cached embeddings %s were computed from other patches or weights: recomputing.", cache
         )
     X = _embed_patches(patches_path, model, weights=weights, device=device)
-    bc = _patch_barcodes(patches_path)
+    bc = read_patches(patches_path).barcodes
     if X.shape[0] != len(bc):
         raise ValueError(f"Encoder returned {X.shape[0]} embeddings for {len(bc)} patches in {patches_path}.")
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -106,8 +99,6 @@ def _list_tasks(root: Path) -> list[str]:
 
 def _load_task(root, task, model, emb_dir, weights, device):
     """Per sample: embeddings (patch order), the count table aligned to them, the patient id."""
-    from ..io import read_hest_bench
-
     sdata = read_hest_bench(root, task)
     info = sdata.attrs["hest_bench"]
     samples = {}
@@ -169,35 +160,14 @@ def _run_hest(task, info, samples, solver, seed):
 
 
 def _strict_genes(samples, train_ids, n_genes):
-    """Top-``n_genes`` variance of log1p counts over the training spots, among genes measured in every sample.
-
-    Computed from sparse per-gene sums (log1p keeps zeros at zero), so whole transcriptomes stay sparse.
-    """
-    import scipy.sparse as sp
-
-    from ..tl._targets import _check_counts
-
+    """Top-``n_genes`` variance of log1p counts over the training spots, among genes measured in every sample."""
     common = None
     for sid in samples:
         names = samples[sid]["table"].var_names
         common = names if common is None else common.intersection(names, sort=False)
     if len(common) < n_genes:
         raise ValueError(f"Only {len(common)} genes are measured in every sample; cannot select {n_genes}.")
-    s1 = np.zeros(len(common))
-    s2 = np.zeros(len(common))
-    n = 0
-    for sid in train_ids:
-        t = samples[sid]["table"]
-        M = t.X[:, t.var_names.get_indexer(common)]
-        M = sp.csr_matrix(M, dtype=np.float64)
-        _check_counts(M, f"expression of sample {sid!r}")
-        M.data = np.log1p(M.data)
-        s1 += np.asarray(M.sum(axis=0)).ravel()
-        s2 += np.asarray(M.multiply(M).sum(axis=0)).ravel()
-        n += M.shape[0]
-    var = s2 / n - (s1 / n) ** 2
-    order = np.argsort(-var, kind="stable")[:n_genes]
-    return [str(common[j]) for j in order]
+    return top_variable_genes([samples[s]["table"] for s in train_ids], n_genes, target="log1p", genes=common)
 
 
 def _run_strict(task, info, samples, n_genes):

@@ -10,12 +10,11 @@ import json
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ..io._hest_coords import hest_topleft
+from .._patchset import ArrayPatches, hest_topleft, write_patches_h5
 from ._synthetic import synthetic_visium
 
 logger = logging.getLogger(__name__)
@@ -190,23 +189,6 @@ def _write_hest1k(
     return {"root": str(root), "layout": "hest1k", "sample_ids": ids, "paths": paths}
 
 
-def write_patches_h5(path: str | Path, img: np.ndarray, coords: np.ndarray, barcodes) -> Path:
-    """Write a HEST patch file as HEST does: ``img`` (N, P, P, 3) uint8 with ``attrs["patch_size_target"]``,
-    ``coords`` (N, 2) int top-left x, y (level-0 px, ``int(centre - patch_size_src // 2)``), ``barcode`` (N, 1).
-
-    No pixel-size or ``patch_size_src`` attributes: HEST's patcher does not store them, so readers must cope
-    without (they take the spot centres from the expression file's ``obsm["spatial"]``).
-    """
-    path = Path(path)
-    bc = np.array([str(b).encode() for b in barcodes], dtype=f"S{max(1, max(len(str(b)) for b in barcodes))}")
-    with h5py.File(path, "w") as f:
-        d = f.create_dataset("img", data=img, chunks=(1,) + img.shape[1:])
-        d.attrs["patch_size_target"] = int(img.shape[1])
-        f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
-        f.create_dataset("barcode", data=bc[:, None])
-    return path
-
-
 def _write_bench(root, task, n_samples, n_patients, n_spots, n_genes, n_states, seed, model_seed):
     tdir = root / task
     for sub in ("splits", "patches", "adata"):
@@ -234,7 +216,12 @@ def _write_bench(root, task, n_samples, n_patients, n_spots, n_genes, n_states, 
         tl, sel = tl[inside], np.flatnonzero(inside)
         patches = np.stack([img[y : y + PATCH_SIZE, x : x + PATCH_SIZE] for x, y in tl])
         barcodes = table.obs_names[sel].tolist()
-        p_patch = write_patches_h5(tdir / "patches" / f"{sid}.h5", patches, tl, barcodes)
+        # written as HEST's own patcher writes them (no hopt_st size attributes, no exact centres)
+        p_patch = write_patches_h5(
+            ArrayPatches(patches, PATCH_MPP, barcodes, centers=xy[sel], patch_size_src=PATCH_SIZE),
+            tdir / "patches" / f"{sid}.h5",
+            hopt_st_fields=False,
+        )
         adata = _plain_adata(table[sel], sid)
         p_ad = tdir / "adata" / f"{sid}.h5ad"
         adata.write_h5ad(p_ad)

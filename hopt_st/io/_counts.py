@@ -11,19 +11,30 @@ from scipy import sparse
 
 logger = logging.getLogger(__name__)
 
-
-def _values(x) -> np.ndarray:
-    if sparse.issparse(x):
-        return np.asarray(x.data)
-    return np.asarray(x).ravel()
+_SAMPLE = 200_000  # values looked at when checking a file's counts
 
 
-def _non_integer(x, sample: int = 200_000) -> np.ndarray:
-    v = _values(x)
+def non_count_values(x, sample: int | None = None) -> np.ndarray:
+    """The values of a (sparse) matrix that are not counts: negative, non-integer, NaN or inf.
+
+    Parameters
+    ----------
+    x
+        Dense or sparse matrix (only stored values of a sparse one are looked at).
+    sample
+        Look at the first ``sample`` stored values only (a cheap check of large matrices); all when ``None``.
+
+    Returns
+    -------
+    The offending values (empty when ``x`` holds counts).
+    """
+    v = np.asarray(x.data) if sparse.issparse(x) else np.asarray(x).ravel()
     if np.issubdtype(v.dtype, np.integer) or v.dtype == bool:
-        return v[:0]
-    v = v[:sample] if v.size > sample else v
-    bad = (v != np.round(v)) | (v < 0) | ~np.isfinite(v)
+        return v[v < 0] if np.issubdtype(v.dtype, np.signedinteger) else v[:0]
+    if sample is not None and v.size > sample:
+        v = v[:sample]
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(v) | (v < 0) | (v != np.round(v))
     return v[bad]
 
 
@@ -33,15 +44,19 @@ def ensure_raw_counts(adata: AnnData, path: str | Path) -> None:
     When ``X`` is not integer-valued but ``layers["counts"]`` or ``adata.raw`` is, that is used instead
     (with a log message); otherwise a ``ValueError`` names the file, shows offending values and the fix.
     """
-    bad = _non_integer(adata.X)
+    bad = non_count_values(adata.X, _SAMPLE)
     if bad.size == 0:
         return
     for name in ("counts", "raw_counts"):
-        if name in adata.layers and _non_integer(adata.layers[name]).size == 0:
+        if name in adata.layers and non_count_values(adata.layers[name], _SAMPLE).size == 0:
             logger.info("%s: X is not raw counts; using layers[%r].", path, name)
             adata.X = adata.layers[name]
             return
-    if adata.raw is not None and adata.raw.shape == adata.shape and _non_integer(adata.raw.X).size == 0:
+    if (
+        adata.raw is not None
+        and adata.raw.shape == adata.shape
+        and non_count_values(adata.raw.X, _SAMPLE).size == 0
+    ):
         logger.info("%s: X is not raw counts; using adata.raw.X.", path)
         adata.X = adata.raw.X
         return

@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import xarray as xr
 from anndata import AnnData
-from spatialdata import SpatialData
+from spatialdata import SpatialData, get_centroids, get_pyramid_levels, match_element_to_table
 from spatialdata.models import TableModel, get_table_keys
+from spatialdata.transformations import Identity, get_transformation
 
 logger = logging.getLogger(__name__)
 
@@ -70,27 +72,33 @@ def get_spot_table(sdata: SpatialData, table_name: str | None = None) -> tuple[A
 def spot_centers(sdata: SpatialData, table_name: str | None = None) -> np.ndarray:
     """Spot centres ``(n_spots, 2)`` as (x, y) in the shapes element's own coordinates, in table row order.
 
-    For circles this is the circle centre; for polygons (square pseudo-spots) the centroid.
+    For circles this is the circle centre; for polygons (square pseudo-spots) the centroid
+    (spatialdata's ``get_centroids``, after ``match_element_to_table`` puts the shapes in table order).
     Raises when a table row has no matching shape or a centre is NaN.
     """
-    table, shapes_key = get_spot_table(sdata, table_name)
-    _, _, instance_key = get_table_keys(table)
-    shapes = sdata.shapes[shapes_key]
-    if "radius" in shapes.columns:
-        xy = np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()])
-    else:
-        c = shapes.geometry.centroid
-        xy = np.column_stack([c.x.to_numpy(), c.y.to_numpy()])
-    ids = table.obs[instance_key].to_numpy()
-    pos = shapes.index.get_indexer(ids)
-    if (pos < 0).any():
-        missing = ids[pos < 0][:5].tolist()
+    name = resolve_table_name(sdata, table_name)
+    table, shapes_key = get_spot_table(sdata, name)
+    elements, matched = match_element_to_table(sdata, shapes_key, name)
+    if matched.n_obs != table.n_obs:
+        _, _, instance_key = get_table_keys(table)
+        missing = table.obs_names.difference(matched.obs_names)
         raise ValueError(
-            f"{int((pos < 0).sum())} rows of table {resolve_table_name(sdata, table_name)!r} have no shape in "
-            f"{shapes_key!r} (instance ids {missing}...): the table's {instance_key!r} column must match the "
-            "shapes' index."
+            f"{table.n_obs - matched.n_obs} rows of table {name!r} have no shape in {shapes_key!r} (first: "
+            f"{missing[:5].tolist()}...): the table's {instance_key!r} column must match the shapes' index."
         )
-    xy = xy[pos].astype(np.float64)
+    shapes = elements[shapes_key]
+    if not len(shapes):
+        return np.empty((0, 2), dtype=np.float64)
+    transformations = get_transformation(shapes, get_all=True)
+    # centroids in a coordinate system where the shapes sit by Identity: their own coordinates
+    cs = next((c for c, t in transformations.items() if isinstance(t, Identity)), None)
+    if cs is None:
+        cs = next(iter(transformations))
+    xy = get_centroids(shapes, coordinate_system=cs).compute()[["x", "y"]].to_numpy(dtype=np.float64)
+    if not isinstance(transformations[cs], Identity):
+        m = transformations[cs].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+        inv = np.linalg.inv(np.asarray(m, dtype=np.float64))
+        xy = xy @ inv[:2, :2].T + inv[:2, 2]
     bad = ~np.isfinite(xy).all(axis=1)
     if bad.any():
         raise ValueError(
@@ -100,13 +108,17 @@ def spot_centers(sdata: SpatialData, table_name: str | None = None) -> np.ndarra
     return xy
 
 
-def _level0_shape(image) -> tuple[int, int]:
-    """(height, width) of an image element's full-resolution level (DataArray or multiscale DataTree)."""
-    if hasattr(image, "sizes") and "y" in image.sizes:
-        return int(image.sizes["y"]), int(image.sizes["x"])
-    first = image[next(iter(image.children))]  # DataTree: scale0 first
-    da = next(iter(first.ds.data_vars.values()))
-    return int(da.sizes["y"]), int(da.sizes["x"])
+def image_levels(image) -> list[xr.DataArray]:
+    """The levels of an image element, finest first (one for a plain image; spatialdata's
+    ``get_pyramid_levels`` for a multiscale one)."""
+    if isinstance(image, xr.DataArray):
+        return [image]
+    return list(get_pyramid_levels(image))
+
+
+def level_shape(level: xr.DataArray) -> tuple[int, int]:
+    """(height, width) of one image level."""
+    return int(level.sizes["y"]), int(level.sizes["x"])
 
 
 def resolve_image_key(sdata: SpatialData, image_key: str | None = None) -> str:
@@ -120,7 +132,7 @@ def resolve_image_key(sdata: SpatialData, image_key: str | None = None) -> str:
         raise ValueError("The SpatialData has no image: an H&E image element is needed to cut patches.")
     if len(keys) == 1:
         return keys[0]
-    sizes = {k: np.prod(_level0_shape(sdata.images[k])) for k in keys}
+    sizes = {k: np.prod(level_shape(image_levels(sdata.images[k])[0])) for k in keys}
     best = max(sizes, key=sizes.get)
     logger.info("Several images %s; using the largest, %r (pass image_key= to choose).", keys, best)
     return best

@@ -15,14 +15,13 @@ from spatialdata import SpatialData
 from spatialdata.models import ShapesModel, TableModel
 from spatialdata.transformations import Identity
 
+from .._constants import SQUARE_SPOT_SIDE_UM, UNS_KEY, VISIUM_SPOT_DIAMETER_UM
 from ._counts import ensure_raw_counts
-from ._mpp import UNS_KEY, _check_mpp
+from ._mpp import check_mpp
 from ._tiff import read_tiff_image
 
 logger = logging.getLogger(__name__)
 
-VISIUM_SPOT_DIAMETER_UM = 55.0
-SQUARE_SPOT_SIDE_UM = 100.0
 _SQUARE_TECHS = ("xenium", "visium hd", "visium_hd", "visiumhd")
 
 
@@ -76,6 +75,82 @@ def _json_safe(meta: dict) -> dict:
     return out
 
 
+def _sample_paths(root: Path, sample_id: str) -> dict[str, Path]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"HEST folder {str(root)!r} does not exist.")
+    paths = {
+        "wsi": root / "wsis" / f"{sample_id}.tif",
+        "st": root / "st" / f"{sample_id}.h5ad",
+        "metadata": root / "metadata" / f"{sample_id}.json",
+    }
+    missing = [k for k, p in paths.items() if not p.is_file()]
+    if len(missing) == len(paths):
+        raise KeyError(
+            f"sample {sample_id!r} is not in the HEST folder {str(root)!r}; samples present: {_present_ids(root)}. "
+            "Download it (e.g. hest's datasets.load_dataset / huggingface_hub.snapshot_download with "
+            f"allow_patterns=['*{sample_id}[_.]*'])."
+        )
+    if missing:
+        raise FileNotFoundError(
+            f"HEST sample {sample_id!r} is incomplete: missing {[str(paths[k]) for k in missing]}. "
+            "A HEST-1k sample needs wsis/{id}.tif, st/{id}.h5ad and metadata/{id}.json: download the missing "
+            "files again."
+        )
+    return paths
+
+
+def _read_metadata(path: Path) -> dict:
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"metadata {str(path)!r} is not valid JSON ({e}).") from e
+
+
+def _metadata_mpp(meta: dict, path: Path) -> float:
+    """µm/px of the WSI: ``pixel_size_um_estimated``, else (null/NaN/absent) ``pixel_size_um_embedded``."""
+
+    def usable(v):
+        return v is not None and not (isinstance(v, float) and not np.isfinite(v))
+
+    key = next(
+        (k for k in ("pixel_size_um_estimated", "pixel_size_um_embedded") if usable(meta.get(k))), None
+    )
+    if key is None:
+        raise ValueError(
+            f"metadata {str(path)!r} has no 'pixel_size_um_estimated' (nor 'pixel_size_um_embedded'): the WSI's "
+            "µm per pixel is unknown. Pass image_mpp=<µm per full-resolution pixel> to read_hest (e.g. 0.25 for "
+            "40x, 0.5 for 20x)."
+        )
+    return check_mpp(meta[key], f"{path} {key}")
+
+
+def _spot_shapes(xy: np.ndarray, meta: dict, mpp: float):
+    """55 µm circles (Visium/ST; ``spot_diameter`` of the metadata when given) or 100 µm squares (Xenium / HD)."""
+    tech = str(meta.get("st_technology", "Visium"))
+    n = len(xy)
+    if any(t in tech.lower() for t in _SQUARE_TECHS):
+        half = SQUARE_SPOT_SIDE_UM / 2 / mpp
+        geoms = [box(x - half, y - half, x + half, y + half) for x, y in xy]
+        return ShapesModel.parse(
+            gpd.GeoDataFrame(geometry=geoms, index=pd.Index(np.arange(n))),
+            transformations={"global": Identity()},
+        )
+    diameter_um = VISIUM_SPOT_DIAMETER_UM
+    try:
+        d = float(meta.get("spot_diameter", diameter_um))
+        diameter_um = d if np.isfinite(d) and d > 0 else diameter_um
+    except (TypeError, ValueError):
+        pass
+    return ShapesModel.parse(
+        xy.copy(),
+        geometry=0,
+        radius=np.full(n, diameter_um / 2 / mpp),
+        index=np.arange(n),
+        transformations={"global": Identity()},
+    )
+
+
 def read_hest(root: str | Path, sample_id: str, image_mpp: float | None = None) -> SpatialData:
     """Read one HEST-1k sample lazily.
 
@@ -97,98 +172,32 @@ def read_hest(root: str | Path, sample_id: str, image_mpp: float | None = None) 
         ``uns["hopt_st"] = {"image_mpp": {"he": mpp}, "fullres_mpp": mpp, "sample_id", "metadata"}``.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"HEST folder {str(root)!r} does not exist.")
     sample_id = str(sample_id)
-    paths = {
-        "wsi": root / "wsis" / f"{sample_id}.tif",
-        "st": root / "st" / f"{sample_id}.h5ad",
-        "metadata": root / "metadata" / f"{sample_id}.json",
-    }
-    missing = [k for k, p in paths.items() if not p.is_file()]
-    if len(missing) == len(paths):
-        present = _present_ids(root)
-        raise KeyError(
-            f"sample {sample_id!r} is not in the HEST folder {str(root)!r}; samples present: {present}. "
-            "Download it (e.g. hest's datasets.load_dataset / huggingface_hub.snapshot_download with "
-            f"allow_patterns=['*{sample_id}[_.]*'])."
-        )
-    if missing:
-        raise FileNotFoundError(
-            f"HEST sample {sample_id!r} is incomplete: missing {[str(paths[k]) for k in missing]}. "
-            "A HEST-1k sample needs wsis/{id}.tif, st/{id}.h5ad and metadata/{id}.json: download the missing "
-            "files again."
-        )
-
-    with open(paths["metadata"]) as f:
-        try:
-            meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"metadata {str(paths['metadata'])!r} is not valid JSON ({e}).") from e
+    paths = _sample_paths(root, sample_id)
+    meta = _read_metadata(paths["metadata"])
     if image_mpp is not None:
-        mpp = _check_mpp(image_mpp, "image_mpp")
+        mpp = check_mpp(image_mpp, "image_mpp")
     else:
-
-        def usable(v):
-            return v is not None and not (isinstance(v, float) and not np.isfinite(v))
-
-        # a null/NaN estimate falls back to the pixel size embedded in the TIFF, as an absent one does
-        key = next(
-            (k for k in ("pixel_size_um_estimated", "pixel_size_um_embedded") if usable(meta.get(k))), None
-        )
-        if key is None:
-            raise ValueError(
-                f"metadata {str(paths['metadata'])!r} has no 'pixel_size_um_estimated' (nor "
-                "'pixel_size_um_embedded'): the WSI's µm per pixel is unknown. Pass image_mpp=<µm per "
-                "full-resolution pixel> to read_hest (e.g. 0.25 for 40x, 0.5 for 20x)."
-            )
-        mpp = _check_mpp(meta[key], f"{paths['metadata']} {key}")
+        mpp = _metadata_mpp(meta, paths["metadata"])
 
     adata = ad.read_h5ad(paths["st"])
     ensure_raw_counts(adata, paths["st"])
     xy = _spot_xy(adata, paths["st"])
-
     image = read_tiff_image(paths["wsi"])
+    shapes = _spot_shapes(xy, meta, mpp)
 
-    tech = str(meta.get("st_technology", "Visium"))
     n = adata.n_obs
-    spot_ids = np.arange(n)
-    if any(t in tech.lower() for t in _SQUARE_TECHS):
-        half = SQUARE_SPOT_SIDE_UM / 2 / mpp
-        geoms = [box(x - half, y - half, x + half, y + half) for x, y in xy]
-        shapes = ShapesModel.parse(
-            gpd.GeoDataFrame(geometry=geoms, index=pd.Index(spot_ids)), transformations={"global": Identity()}
-        )
-    else:
-        diameter_um = VISIUM_SPOT_DIAMETER_UM
-        try:
-            d = float(meta.get("spot_diameter", diameter_um))
-            diameter_um = d if np.isfinite(d) and d > 0 else diameter_um
-        except (TypeError, ValueError):
-            pass
-        shapes = ShapesModel.parse(
-            xy.copy(),
-            geometry=0,
-            radius=np.full(n, diameter_um / 2 / mpp),
-            index=spot_ids,
-            transformations={"global": Identity()},
-        )
-
     adata.obs["region"] = pd.Categorical(["spots"] * n)
-    adata.obs["spot_id"] = spot_ids
+    adata.obs["spot_id"] = np.arange(n)
     adata.obsm["spatial"] = xy.copy()
-    for key in ("spatialdata_attrs",):
-        adata.uns.pop(key, None)
+    adata.uns.pop("spatialdata_attrs", None)
     store = dict(adata.uns.get(UNS_KEY, {}))
     store.update(
-        {
-            "image_mpp": {"he": mpp},
-            "fullres_mpp": mpp,
-            "sample_id": sample_id,
-            "metadata": _json_safe(meta),
-        }
+        {"image_mpp": {"he": mpp}, "fullres_mpp": mpp, "sample_id": sample_id, "metadata": _json_safe(meta)}
     )
     adata.uns[UNS_KEY] = store
     table = TableModel.parse(adata, region="spots", region_key="region", instance_key="spot_id")
-    logger.info("read_hest %s: %d spots, %s, %.4g µm/px", sample_id, n, tech, mpp)
+    logger.info(
+        "read_hest %s: %d spots, %s, %.4g µm/px", sample_id, n, meta.get("st_technology", "Visium"), mpp
+    )
     return SpatialData(images={"he": image}, shapes={"spots": shapes}, tables={"table": table})

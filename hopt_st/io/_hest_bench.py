@@ -14,14 +14,18 @@ from spatialdata import SpatialData
 from spatialdata.models import ShapesModel, TableModel
 from spatialdata.transformations import Identity
 
+from .._constants import UNS_KEY, VISIUM_SPOT_DIAMETER_UM
+from .._patchset import (
+    HEST_PATCH_MPP,
+    decode_barcodes,
+    h5_attr,
+    hest_centers,
+    hest_half,
+    recorded_patch_size_src,
+)
 from ._counts import ensure_raw_counts
-from ._hest_coords import decode_barcodes, h5_attr, hest_centers, hest_half, recorded_patch_size_src
-from ._mpp import UNS_KEY
 
 logger = logging.getLogger(__name__)
-
-SPOT_DIAMETER_UM = 55.0
-PATCH_MPP = 0.5
 
 
 def _read_splits(tdir: Path) -> list[dict]:
@@ -62,7 +66,7 @@ _SIZE_ATTRS = ("patch_size", "patch_size_target")
 def _patch_centers(coords, src, adata, psize: int, path) -> tuple[np.ndarray, float]:
     """Spot centres (full-res px) and the patch side in full-res px for one HEST patch file.
 
-    HEST's ``coords`` are ``int(centre - patch_size_src // 2)`` (see :mod:`._hest_coords`). HEST's files
+    HEST's ``coords`` are ``int(centre - patch_size_src // 2)`` (see :mod:`hopt_st._patchset`). HEST's files
     record no ``patch_size_src``; the expression file's ``obsm["spatial"]`` (HEST's spot centres, the ones the
     patches were cut around) then gives both the exact centres and the offset ``patch_size_src // 2``.
     """
@@ -97,6 +101,112 @@ def _patch_centers(coords, src, adata, psize: int, path) -> tuple[np.ndarray, fl
     return hest_centers(coords, src), float(src)
 
 
+def _task_dir(root: Path, task: str) -> Path:
+    tdir = root / task
+    if not tdir.is_dir() and root.name == task and (root / "splits").is_dir():
+        return root
+    if not tdir.is_dir():
+        present = sorted(p.name for p in root.iterdir() if (p / "splits").is_dir()) if root.is_dir() else []
+        raise FileNotFoundError(
+            f"HEST-Benchmark task {task!r} not found: {str(tdir)!r} does not exist; tasks present in "
+            f"{str(root)!r}: {present}. Download it, e.g. huggingface_hub.snapshot_download('MahmoodLab/hest-bench', "
+            f"repo_type='dataset', allow_patterns=['{task}/*'])."
+        )
+    return tdir
+
+
+def _read_genes(tdir: Path) -> list[str]:
+    genes_path = tdir / "var_50genes.json"
+    if not genes_path.is_file():
+        raise FileNotFoundError(f"{str(genes_path)!r} is missing: the task's 50 genes are listed there.")
+    genes = json.loads(genes_path.read_text()).get("genes")
+    if not genes:
+        raise ValueError(f"{str(genes_path)!r} has no 'genes' list.")
+    return [str(g) for g in genes]
+
+
+def _sample_files(raw_splits: list[dict]) -> tuple[dict, dict, list]:
+    """sample -> (patches, expr) relative paths; sample -> patient (the fold that tests it); splits as ids."""
+    files: dict[str, tuple[str, str]] = {}
+    patient: dict[str, str] = {}
+    splits = []
+    for i, fold in enumerate(raw_splits):
+        for name in ("train", "test"):
+            for row in fold[name].itertuples(index=False):
+                files.setdefault(str(row.sample_id), (str(row.patches_path), str(row.expr_path)))
+                if name == "test":
+                    patient.setdefault(str(row.sample_id), f"P{i}")
+        splits.append({k: [str(s) for s in fold[k]["sample_id"]] for k in ("train", "test")})
+    return files, patient, splits
+
+
+def _read_patch_index(p_patch: Path) -> tuple[np.ndarray, list[str], int, float | None]:
+    """coords, barcodes, patch size and recorded patch_size_src of a patch file (pixels are not read)."""
+    with h5py.File(p_patch, "r") as f:
+        for key in ("coords", "barcode"):
+            if key not in f:
+                raise ValueError(
+                    f"patch file {str(p_patch)!r} has no {key!r} dataset (keys: {list(f.keys())})."
+                )
+        coords = np.asarray(f["coords"][:], dtype=np.float64).reshape(-1, 2)
+        barcodes = list(decode_barcodes(f["barcode"][:]))
+        psize = int(f["img"].shape[1]) if "img" in f else int(h5_attr(f, _SIZE_ATTRS) or 224)
+        src = recorded_patch_size_src(f, psize)
+    if not np.isfinite(coords).all():
+        raise ValueError(f"{str(p_patch)!r} has NaN/inf coords; drop those patches first.")
+    return coords, barcodes, psize, src
+
+
+def _read_sample(task: str, sid: str, p_patch: Path, p_expr: Path, patient: str):
+    """One sample's table (rows in patch-file order) and spot circles."""
+    for p in (p_patch, p_expr):
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"sample {sid!r} of task {task!r}: {str(p)!r} (listed in the split files) is missing. "
+                "Download the task's patches/ and adata/ folders again."
+            )
+    coords, barcodes, psize, src = _read_patch_index(p_patch)
+    adata = ad.read_h5ad(p_expr)
+    ensure_raw_counts(adata, p_expr)
+    missing = [b for b in barcodes if b not in adata.obs_names]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} patch barcodes of {str(p_patch)!r} are not in {str(p_expr)!r} "
+            f"(e.g. {missing[:3]}): patch and expression files do not match."
+        )
+    adata = adata[barcodes].copy()
+    centers, src = _patch_centers(coords, src, adata, psize, p_patch)
+    fullres_mpp = HEST_PATCH_MPP * psize / src
+    n, region = adata.n_obs, f"{sid}_spots"
+    if "patient" not in adata.obs:
+        adata.obs["patient"] = patient
+    adata.obs["patient"] = adata.obs["patient"].astype(str)
+    adata.obs["region"] = pd.Categorical([region] * n)
+    adata.obs["spot_id"] = np.arange(n)
+    adata.obsm["spatial"] = centers
+    adata.uns.pop("spatialdata_attrs", None)
+    adata.uns[UNS_KEY] = {
+        "image_mpp": {},
+        "fullres_mpp": float(fullres_mpp),
+        "sample_id": sid,
+        "metadata": {
+            "task": task,
+            "patches_path": str(p_patch),
+            "patch_size": psize,
+            "patch_mpp": HEST_PATCH_MPP,
+        },
+    }
+    table = TableModel.parse(adata, region=region, region_key="region", instance_key="spot_id")
+    shapes = ShapesModel.parse(
+        centers.copy(),
+        geometry=0,
+        radius=np.full(n, VISIUM_SPOT_DIAMETER_UM / 2 / fullres_mpp),
+        index=np.arange(n),
+        transformations={"global": Identity()},
+    )
+    return table, shapes
+
+
 def read_hest_bench(root: str | Path, task: str) -> SpatialData:
     """Read one HEST-Benchmark task.
 
@@ -114,108 +224,27 @@ def read_hest_bench(root: str | Path, task: str) -> SpatialData:
         One table per sample, named by sample id (raw counts, rows in patch-file order, ``obs["patient"]``,
         ``obsm["spatial"]`` = patch centres in full-res px: the expression file's own ``obsm["spatial"]`` when it
         sits at HEST's offset from the patch ``coords``, else ``coords + patch_size_src // 2``), shapes
-        ``"<sample_id>_spots"`` (55 µm circles at the patch centres) and ``attrs["hest_bench"] = {"task", "root", "genes", "splits", "patches"}``
-        where ``splits`` is a list of ``{"train": [ids], "test": [ids]}`` and ``patches`` maps sample id to
-        the patch ``.h5`` path. No image: the patches stay on disk (read them with
-        :func:`hopt_st.io.read_patches`).
+        ``"<sample_id>_spots"`` (55 µm circles at the patch centres) and
+        ``attrs["hest_bench"] = {"task", "root", "genes", "splits", "patches"}`` where ``splits`` is a list of
+        ``{"train": [ids], "test": [ids]}`` and ``patches`` maps sample id to the patch ``.h5`` path. No image:
+        the patches stay on disk (read them with :func:`hopt_st.io.read_patches`).
     """
     root = Path(root)
-    tdir = root / task
-    if not tdir.is_dir() and root.name == task and (root / "splits").is_dir():
-        tdir, root = root, root.parent
-    if not tdir.is_dir():
-        present = sorted(p.name for p in root.iterdir() if (p / "splits").is_dir()) if root.is_dir() else []
-        raise FileNotFoundError(
-            f"HEST-Benchmark task {task!r} not found: {str(tdir)!r} does not exist; tasks present in "
-            f"{str(root)!r}: {present}. Download it, e.g. huggingface_hub.snapshot_download('MahmoodLab/hest-bench', "
-            f"repo_type='dataset', allow_patterns=['{task}/*'])."
-        )
+    tdir = _task_dir(root, task)
     raw_splits = _read_splits(tdir)
-    genes_path = tdir / "var_50genes.json"
-    if not genes_path.is_file():
-        raise FileNotFoundError(f"{str(genes_path)!r} is missing: the task's 50 genes are listed there.")
-    genes = json.loads(genes_path.read_text()).get("genes")
-    if not genes:
-        raise ValueError(f"{str(genes_path)!r} has no 'genes' list.")
-
-    # sample -> (patches, expr) relative paths; patient = the fold that tests it (patient-level folds)
-    files: dict[str, tuple[str, str]] = {}
-    patient: dict[str, str] = {}
-    splits = []
-    for i, fold in enumerate(raw_splits):
-        for name in ("train", "test"):
-            for row in fold[name].itertuples(index=False):
-                files.setdefault(str(row.sample_id), (str(row.patches_path), str(row.expr_path)))
-                if name == "test":
-                    patient.setdefault(str(row.sample_id), f"P{i}")
-        splits.append({k: [str(s) for s in fold[k]["sample_id"]] for k in ("train", "test")})
-
+    genes = _read_genes(tdir)
+    files, patient, splits = _sample_files(raw_splits)
     tables, shapes, patches = {}, {}, {}
     for sid, (ppath, epath) in files.items():
-        p_patch, p_expr = tdir / ppath, tdir / epath
-        for p in (p_patch, p_expr):
-            if not p.is_file():
-                raise FileNotFoundError(
-                    f"sample {sid!r} of task {task!r}: {str(p)!r} (listed in the split files) is missing. "
-                    "Download the task's patches/ and adata/ folders again."
-                )
-        with h5py.File(p_patch, "r") as f:
-            for key in ("coords", "barcode"):
-                if key not in f:
-                    raise ValueError(
-                        f"patch file {str(p_patch)!r} has no {key!r} dataset (keys: {list(f.keys())})."
-                    )
-            coords = np.asarray(f["coords"][:], dtype=np.float64).reshape(-1, 2)
-            barcodes = list(decode_barcodes(f["barcode"][:]))
-            psize = int(f["img"].shape[1]) if "img" in f else int(h5_attr(f, _SIZE_ATTRS) or 224)
-            src = recorded_patch_size_src(f, psize)
-        adata = ad.read_h5ad(p_expr)
-        ensure_raw_counts(adata, p_expr)
-        missing = [b for b in barcodes if b not in adata.obs_names]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} patch barcodes of {str(p_patch)!r} are not in {str(p_expr)!r} "
-                f"(e.g. {missing[:3]}): patch and expression files do not match."
-            )
-        adata = adata[barcodes].copy()
-        if not np.isfinite(coords).all():
-            raise ValueError(f"{str(p_patch)!r} has NaN/inf coords; drop those patches first.")
-        centers, src = _patch_centers(coords, src, adata, psize, p_patch)
-        fullres_mpp = PATCH_MPP * psize / src
-        n = adata.n_obs
-        region = f"{sid}_spots"
-        if "patient" not in adata.obs:
-            adata.obs["patient"] = patient.get(sid, sid)
-        adata.obs["patient"] = adata.obs["patient"].astype(str)
-        adata.obs["region"] = pd.Categorical([region] * n)
-        adata.obs["spot_id"] = np.arange(n)
-        adata.obsm["spatial"] = centers
-        adata.uns.pop("spatialdata_attrs", None)
-        adata.uns[UNS_KEY] = {
-            "image_mpp": {},
-            "fullres_mpp": float(fullres_mpp),
-            "sample_id": sid,
-            "metadata": {
-                "task": task,
-                "patches_path": str(p_patch),
-                "patch_size": psize,
-                "patch_mpp": PATCH_MPP,
-            },
-        }
-        tables[sid] = TableModel.parse(adata, region=region, region_key="region", instance_key="spot_id")
-        shapes[region] = ShapesModel.parse(
-            centers.copy(),
-            geometry=0,
-            radius=np.full(n, SPOT_DIAMETER_UM / 2 / fullres_mpp),
-            index=np.arange(n),
-            transformations={"global": Identity()},
+        tables[sid], shapes[f"{sid}_spots"] = _read_sample(
+            task, sid, tdir / ppath, tdir / epath, patient.get(sid, sid)
         )
-        patches[sid] = str(p_patch)
+        patches[sid] = str(tdir / ppath)
     sdata = SpatialData(shapes=shapes, tables=tables)
     sdata.attrs["hest_bench"] = {
         "task": task,
         "root": str(tdir),
-        "genes": [str(g) for g in genes],
+        "genes": genes,
         "splits": splits,
         "patches": patches,
     }

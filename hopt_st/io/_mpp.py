@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from spatialdata import SpatialData
 
+from .._constants import UNS_KEY
 from ._elements import resolve_image_key, resolve_table_name
-
-UNS_KEY = "hopt_st"
 
 
 def get_image_mpp(
@@ -48,12 +47,14 @@ def get_image_mpp(
         µm per level-0 pixel.
     """
     if image_mpp is not None:
-        return _check_mpp(image_mpp, "image_mpp")
+        return check_mpp(image_mpp, "image_mpp")
     image_key = resolve_image_key(sdata, image_key)
     table_name = resolve_table_name(sdata, table_name)
     recorded = sdata.tables[table_name].uns.get(UNS_KEY, {}).get("image_mpp", {})
     if image_key in recorded:
-        return _check_mpp(recorded[image_key], f"table {table_name!r} uns['{UNS_KEY}']['image_mpp'][{image_key!r}]")
+        return check_mpp(
+            recorded[image_key], f"table {table_name!r} uns['{UNS_KEY}']['image_mpp'][{image_key!r}]"
+        )
     raise ValueError(
         f"The pixel size of image {image_key!r} is unknown: no table.uns['{UNS_KEY}']['image_mpp'][{image_key!r}] "
         f"in table {table_name!r}. Pass image_mpp=<µm per full-resolution pixel> (e.g. 0.25 for a 40x scan, "
@@ -79,13 +80,15 @@ def set_image_mpp(sdata: SpatialData, mpp: dict[str, float], table_name: str | N
     recorded = dict(store.get("image_mpp", {}))
     for key, value in mpp.items():
         if key not in sdata.images:
-            raise KeyError(f"image {key!r} not found in the SpatialData; its images are {list(sdata.images)}.")
-        recorded[key] = _check_mpp(value, f"mpp[{key!r}]")
+            raise KeyError(
+                f"image {key!r} not found in the SpatialData; its images are {list(sdata.images)}."
+            )
+        recorded[key] = check_mpp(value, f"mpp[{key!r}]")
     store["image_mpp"] = recorded
     uns[UNS_KEY] = store
 
 
-def _check_mpp(value, what: str) -> float:
+def check_mpp(value, what: str) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):

@@ -10,17 +10,18 @@ from spatialdata import SpatialData
 from spatialdata.models import Image2DModel
 from spatialdata.transformations import get_transformation
 
+from .._constants import (
+    SPACERANGER_SPOT_DIAMETER_FULLRES_UM,
+    UNS_KEY,
+    VISIUM_SPOT_DIAMETER_UM,
+    VISIUM_SPOT_DISTANCE_UM,
+)
 from ._counts import ensure_raw_counts
 from ._elements import get_spot_table, spot_centers
-from ._mpp import UNS_KEY, _check_mpp
+from ._mpp import check_mpp
 
 logger = logging.getLogger(__name__)
 
-VISIUM_SPOT_DIAMETER_UM = 55.0
-#: Space Ranger's ``spot_diameter_fullres`` is the width in full-res pixels of a *theoretical 65 µm* spot
-#: (10x Genomics' scalefactors documentation), not of the 55 µm capture spot; checked against the 100 µm spot
-#: grid of real Space Ranger output (tests/test_io.py).
-SPACERANGER_SPOT_DIAMETER_FULLRES_UM = 65.0
 _POSITIONS = ("tissue_positions.csv", "tissue_positions_list.csv", "tissue_positions.parquet")
 
 
@@ -123,9 +124,9 @@ def read_visium(
         sdata = spatialdata_io.visium(path, dataset_id=dataset_id, counts_file=counts_file, **kwargs)
 
     if image_mpp is not None:
-        fullres = _check_mpp(image_mpp, "image_mpp")
+        fullres = check_mpp(image_mpp, "image_mpp")
     else:
-        fullres = _check_mpp(
+        fullres = check_mpp(
             SPACERANGER_SPOT_DIAMETER_FULLRES_UM / float(sf["spot_diameter_fullres"]),
             f"65 µm / spot_diameter_fullres of {sf_path}",
         )
@@ -162,7 +163,7 @@ def read_visium(
         "metadata": {
             "st_technology": "Visium",
             "spot_diameter": VISIUM_SPOT_DIAMETER_UM,
-            "inter_spot_dist": 100.0,
+            "inter_spot_dist": VISIUM_SPOT_DISTANCE_UM,
             "scalefactors": {k: float(v) for k, v in sf.items() if isinstance(v, (int, float))},
             "path": str(path),
         },

@@ -1,25 +1,24 @@
 """Preprocessing: spot-centred patches at true physical size, and foundation-model embeddings.
 
-``embed`` (which needs torch) is imported on first use, so cutting patches does not load torch.
+``embed`` loads on first use (``lazy_loader``), so cutting patches does not import torch.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._patches import Patches, patches
+import lazy_loader as lazy
+
+from .._patchset import Patches
+from ._patches import patches
+
+__all__ = ["Patches", "embed", "patches"]
+__getattr__, _, _ = lazy.attach(__name__, submod_attrs={"_embed": ["embed"]})
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._embed import embed
-
-
-def __getattr__(name: str):
-    if name == "embed":
-        from ._embed import embed
-
-        globals()["embed"] = embed
-        return embed
-    raise AttributeError(f"module 'hopt_st.pp' has no attribute {name!r}")
-
-
-__all__ = ["Patches", "embed", "patches"]

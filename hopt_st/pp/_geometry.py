@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from spatialdata import SpatialData
-from spatialdata.transformations import get_transformation
+from spatialdata.transformations import get_transformation, get_transformation_between_coordinate_systems
 
 logger = logging.getLogger(__name__)
 
@@ -20,47 +20,23 @@ logger = logging.getLogger(__name__)
 _MPP_RTOL = 1e-3
 
 
-def image_levels(image) -> list:
-    """The levels of an image element, finest first: a list of ``xarray.DataArray`` (one for a plain image)."""
-    if hasattr(image, "dims") and hasattr(image, "data") and not hasattr(image, "children"):
-        return [image]
-    levels = []
-    for name in sorted(image.children, key=lambda s: int("".join(ch for ch in s if ch.isdigit()) or 0)):
-        ds = image[name].ds
-        levels.append(next(iter(ds.data_vars.values())))
-    return levels
-
-
-def level_shape(level) -> tuple[int, int]:
-    """(height, width) of one level."""
-    return int(level.sizes["y"]), int(level.sizes["x"])
-
-
 def spots_to_image_matrix(sdata: SpatialData, shapes_key: str, image_key: str) -> np.ndarray:
     """3x3 affine matrix mapping the shapes' own (x, y) coordinates to the image's level-0 pixel (x, y).
 
-    Both elements must share a coordinate system; ``"global"`` is preferred when several are shared.
+    The two elements must be connected through their coordinate systems (spatialdata's
+    ``get_transformation_between_coordinate_systems``).
     """
-    t_shapes = get_transformation(sdata.shapes[shapes_key], get_all=True)
-    t_image = get_transformation(sdata.images[image_key], get_all=True)
-    common = sorted(set(t_shapes) & set(t_image))
-    if not common:
-        raise ValueError(
-            f"shapes {shapes_key!r} (coordinate systems {sorted(t_shapes)}) and image {image_key!r} (coordinate "
-            f"systems {sorted(t_image)}) share no coordinate system, so spots cannot be placed on the image: add a "
-            "transformation to a common coordinate system with spatialdata.transformations.set_transformation."
-        )
-    cs = "global" if "global" in common else common[0]
-    axes = ("x", "y")
-    m_shapes = np.asarray(t_shapes[cs].to_affine_matrix(input_axes=axes, output_axes=axes), dtype=np.float64)
-    m_image = np.asarray(t_image[cs].to_affine_matrix(input_axes=axes, output_axes=axes), dtype=np.float64)
+    shapes, image = sdata.shapes[shapes_key], sdata.images[image_key]
     try:
-        inv_image = np.linalg.inv(m_image)
-    except np.linalg.LinAlgError:
+        t = get_transformation_between_coordinate_systems(sdata, shapes, image)
+    except RuntimeError:
         raise ValueError(
-            f"the transformation of image {image_key!r} to coordinate system {cs!r} is not invertible: {t_image[cs]}"
+            f"shapes {shapes_key!r} (coordinate systems {sorted(get_transformation(shapes, get_all=True))}) and "
+            f"image {image_key!r} (coordinate systems {sorted(get_transformation(image, get_all=True))}) share no "
+            "coordinate system, so spots cannot be placed on the image: add a transformation to a common "
+            "coordinate system with spatialdata.transformations.set_transformation."
         ) from None
-    m = inv_image @ m_shapes
+    m = np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
     lin = m[:2, :2]
     if abs(lin[0, 1]) > 1e-9 * abs(lin).max() or abs(lin[1, 0]) > 1e-9 * abs(lin).max():
         logger.warning(

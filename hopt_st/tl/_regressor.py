@@ -8,32 +8,29 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from anndata import AnnData
 from sklearn.base import BaseEstimator, RegressorMixin
+from spatialdata import SpatialData
 
+from .._constants import UNS_KEY
+from .._docs import DOC_OVERWRITE, DOC_TABLE_NAME, DOC_USE_REP, inject_docs
+from ..io._elements import get_spot_table
 from ._metrics import pearson_per_gene
-from ._ridge import HEST_N_COMPONENTS, LinearMap, fit_hest_ridge, fit_hest_ridge_sklearn, fit_ridge_cv
 from ._targets import TARGETS, target_matrix, top_variable_genes
+from .linear import (
+    HEST_N_COMPONENTS,
+    LinearMap,
+    check_embeddings,
+    fit_hest_ridge,
+    fit_hest_ridge_sklearn,
+    fit_ridge_cv,
+    hest_alpha,
+)
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("ridge", "ridge-hest", "mlp")
 _FORMAT = "hopt_st.ExpressionRegressor/1"
-
-
-def check_embeddings(X, name: str = "embeddings") -> np.ndarray:
-    """Embeddings as float64, refusing NaN/inf and non-2D input with a clear message."""
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (n_spots, dim) array, got shape {X.shape}.")
-    X = X.astype(np.float64, copy=False)
-    bad = ~np.isfinite(X)
-    if bad.any():
-        rows = np.flatnonzero(bad.any(axis=1))
-        raise ValueError(
-            f"{name} has NaN or infinite values in {len(rows)} spots (e.g. rows {rows[:5].tolist()}); "
-            "re-compute the embeddings or drop those spots before fitting."
-        )
-    return X
 
 
 class ExpressionRegressor(BaseEstimator, RegressorMixin):
@@ -132,8 +129,6 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
         if self.method == "ridge":
             self.linear_, self.alpha_ = fit_ridge_cv(X, Y, alphas=self.alphas, groups=groups)
         elif self.method == "ridge-hest":
-            from ._ridge import hest_alpha
-
             k = min(self.n_components, *X.shape)
             self.alpha_ = np.full(Y.shape[1], hest_alpha(k, Y.shape[1]))
             if self.solver == "sklearn":
@@ -339,8 +334,9 @@ def fit_expression(
     return reg
 
 
+@inject_docs(table_name=DOC_TABLE_NAME, overwrite=DOC_OVERWRITE, use_rep=DOC_USE_REP)
 def predict_expression(
-    adata_or_sdata,
+    adata_or_sdata: AnnData | SpatialData,
     regressor: ExpressionRegressor,
     *,
     use_rep: str | None = None,
@@ -348,31 +344,49 @@ def predict_expression(
     table_name: str | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Write predictions to ``obsm[key_added]`` (DataFrame: obs_names x genes, target space).
+    """Predict expression at every spot with a fitted regressor.
 
-    Also records ``uns["hopt_st"]["predictions"][key_added] = {"genes", "target", "use_rep", "method"}``
-    (plus ``"layer"`` when the regressor was fit on counts in a layer).
-    Accepts an AnnData or a SpatialData (its spot table, ``table_name`` by default the only/first one).
+    Parameters
+    ----------
+    adata_or_sdata
+        Spots with embeddings: an AnnData, or a SpatialData (its spot table).
+    regressor
+        Fitted by :func:`fit_expression` (or :meth:`ExpressionRegressor.fit`).
+    use_rep
+        {use_rep} Default: the one the regressor was fit on.
+    key_added
+        ``obsm`` key of the predictions.
+    table_name
+        {table_name}
+    overwrite
+        {overwrite}
+
+    Returns
+    -------
+    ``None``, and sets:
+
+    ``obsm[key_added]``
+        DataFrame (obs_names x genes) of predictions in the regressor's target space.
+    ``uns["hopt_st"]["predictions"][key_added]``
+        ``{{"genes", "target", "use_rep", "method"}}`` (plus ``"layer"`` when the regressor was fit on counts
+        in a layer).
     """
-    try:
-        from spatialdata import SpatialData
-    except ImportError:  # pragma: no cover
-        SpatialData = ()
     if isinstance(adata_or_sdata, SpatialData):
-        from hopt_st.io._elements import get_spot_table
-
         adata, _ = get_spot_table(adata_or_sdata, table_name)
-    else:
+    elif isinstance(adata_or_sdata, AnnData):
         adata = adata_or_sdata
+    else:
+        raise TypeError(
+            f"predict_expression takes an AnnData or a SpatialData, got {type(adata_or_sdata).__name__}."
+        )
     use_rep = use_rep or regressor.use_rep
     if use_rep is None:
         raise ValueError("use_rep is unknown: pass use_rep= (the obsm key of the embeddings).")
     if key_added in adata.obsm and not overwrite:
-        raise KeyError(f"obsm[{key_added!r}] already exists; pass overwrite=True or another key_added.")
+        raise ValueError(f"obsm[{key_added!r}] already exists; pass overwrite=True or another key_added.")
     X = _embeddings(adata, use_rep, regressor.spatial_context)
     pred = regressor.predict(X)
     adata.obsm[key_added] = pd.DataFrame(pred, index=adata.obs_names.copy(), columns=list(regressor.genes_))
-    uns = adata.uns.setdefault("hopt_st", {})
     meta = {
         "genes": list(regressor.genes_),
         "target": regressor.target,
@@ -381,4 +395,4 @@ def predict_expression(
     }
     if getattr(regressor, "layer", None) is not None:  # where the measured counts are (None is not storable)
         meta["layer"] = str(regressor.layer)
-    uns.setdefault("predictions", {})[key_added] = meta
+    adata.uns.setdefault(UNS_KEY, {}).setdefault("predictions", {})[key_added] = meta

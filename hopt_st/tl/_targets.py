@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import scipy.sparse as sp
+from anndata import AnnData
+
+from ..io._counts import non_count_values
 
 TARGETS = ("log1p", "normalize_log1p", "none")
 
 
 def _check_counts(M, what: str) -> None:
-    data = M.data if sp.issparse(M) else np.asarray(M)
-    if data.size == 0:
-        return
-    if not np.all(np.isfinite(data)):
-        raise ValueError(f"{what} contains NaN or infinite values; raw counts are required for this target.")
-    if data.min() < 0 or not np.all(np.equal(np.mod(data, 1), 0)):
+    bad = non_count_values(M)
+    if bad.size:
         raise ValueError(
-            f"{what} does not hold raw counts (found negative or non-integer values, e.g. already "
-            "log-transformed or normalised data). Pass layer= naming a layer with raw counts, or "
-            "target='none' to use the values as they are."
+            f"{what} does not hold raw counts (found negative, non-integer or non-finite values, e.g. "
+            f"{np.unique(bad)[:5].tolist()}: already log-transformed or normalised data?). Pass layer= naming a "
+            "layer with raw counts, or target='none' to use the values as they are."
         )
 
 
@@ -71,11 +72,67 @@ def target_matrix(adata, genes, *, target: str = "log1p", layer: str | None = No
     return sub.astype(np.float32)
 
 
-def top_variable_genes(adata, n_top: int, *, layer: str | None = None, target: str = "log1p") -> list[str]:
-    """The ``n_top`` genes with the highest variance of the target expression (ties by name order)."""
-    if n_top > adata.n_vars:
-        raise ValueError(f"n_top_genes={n_top} but the data has only {adata.n_vars} genes.")
-    Y = target_matrix(adata, list(adata.var_names), target=target, layer=layer).astype(np.float64)
-    var = Y.var(axis=0)
+def _sparse_target(M, target: str) -> sp.csr_matrix:
+    """``M`` (raw counts) in the target space as float64 CSR; every target keeps zeros at zero."""
+    M = sp.csr_matrix(M, dtype=np.float64, copy=True)
+    if target == "normalize_log1p":
+        total = np.asarray(M.sum(axis=1)).ravel()
+        total[total == 0] = 1.0
+        M = sp.csr_matrix(M.multiply(1e4 / total[:, None]))
+    if target in ("log1p", "normalize_log1p"):
+        M.data = np.log1p(M.data)
+    return M
+
+
+def top_variable_genes(
+    adata: AnnData | Sequence[AnnData],
+    n_top: int,
+    *,
+    layer: str | None = None,
+    target: str = "log1p",
+    genes: Sequence[str] | None = None,
+) -> list[str]:
+    """The ``n_top`` genes whose target expression varies most over the spots.
+
+    Computed from sparse per-gene sums (every target keeps zeros at zero), so whole transcriptomes stay sparse.
+
+    Parameters
+    ----------
+    adata
+        Spots x genes with raw counts in ``X`` (or ``layers[layer]``); a list pools the spots of several
+        samples.
+    n_top
+        Number of genes to return.
+    layer
+        Layer holding the counts; ``X`` when None.
+    target
+        Target space, see :func:`target_matrix`.
+    genes
+        Candidate genes (default: every gene of the first AnnData); ties are broken by this order.
+
+    Returns
+    -------
+    The genes, most variable first.
+    """
+    adatas = [adata] if isinstance(adata, AnnData) else list(adata)
+    genes = [str(g) for g in (adatas[0].var_names if genes is None else genes)]
+    if n_top > len(genes):
+        raise ValueError(f"n_top_genes={n_top} but there are only {len(genes)} candidate genes.")
+    s1, s2, n = np.zeros(len(genes)), np.zeros(len(genes)), 0
+    for a in adatas:
+        if layer is not None and layer not in a.layers:
+            raise KeyError(f"layer={layer!r} is not in adata.layers ({list(a.layers)}).")
+        M = a.X if layer is None else a.layers[layer]
+        if target != "none":
+            _check_counts(M, "adata.X" if layer is None else f"adata.layers[{layer!r}]")
+        idx = a.var_names.get_indexer(genes)
+        if (idx < 0).any():
+            missing = [g for g, i in zip(genes, idx) if i < 0]
+            raise KeyError(f"{len(missing)} candidate genes are not in adata.var_names, e.g. {missing[:5]}.")
+        T = _sparse_target(M, target)[:, idx]
+        s1 += np.asarray(T.sum(axis=0)).ravel()
+        s2 += np.asarray(T.multiply(T).sum(axis=0)).ravel()
+        n += T.shape[0]
+    var = s2 / n - (s1 / n) ** 2
     order = np.argsort(-var, kind="stable")[:n_top]
-    return [str(adata.var_names[i]) for i in order]
+    return [genes[j] for j in order]

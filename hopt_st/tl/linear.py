@@ -1,4 +1,4 @@
-"""Closed-form ridge regressors.
+"""Linear probes from embeddings to expression, and their building blocks (public; used by :mod:`hopt_st.bench`).
 
 Two estimators live here:
 
@@ -28,6 +28,22 @@ logger = logging.getLogger(__name__)
 HEST_N_COMPONENTS = 256
 HEST_MAX_ITER = 1000
 DEFAULT_ALPHAS = np.logspace(-2, 6, 17)
+
+
+def check_embeddings(X, name: str = "embeddings") -> np.ndarray:
+    """Embeddings as float64, refusing NaN/inf and non-2D input with a clear message."""
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (n_spots, dim) array, got shape {X.shape}.")
+    X = X.astype(np.float64, copy=False)
+    bad = ~np.isfinite(X)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise ValueError(
+            f"{name} has NaN or infinite values in {len(rows)} spots (e.g. rows {rows[:5].tolist()}); "
+            "re-compute the embeddings or drop those spots before fitting."
+        )
+    return X
 
 
 def hest_alpha(n_features: int, n_genes: int) -> float:
@@ -110,9 +126,7 @@ def hest_n_components(n_samples: int, n_features: int, n_components: int = HEST_
     return k
 
 
-def fit_hest_ridge_from_stats(
-    stats: MomentStats, *, n_components: int = HEST_N_COMPONENTS, exact: bool = False
-) -> LinearMap:
+def fit_hest_ridge_from_stats(stats: MomentStats, *, n_components: int = HEST_N_COMPONENTS) -> LinearMap:
     """HEST's ridge probe from pooled moments.
 
     With standardised training data ``S`` and PCA basis ``V`` (top-k eigenvectors of ``S^T S``), the scores
@@ -128,18 +142,18 @@ def fit_hest_ridge_from_stats(
     lam, V = lam[::-1], V[:, ::-1]
     lam = np.clip(lam, 0.0, None)
     ZtY = V.T @ (stats.cxy / scale[:, None])
-    W = hest_ridge_solve(np.sqrt(lam), ZtY, stats.syy, hest_alpha(k, g), exact=exact)
+    W = hest_ridge_solve(np.sqrt(lam), ZtY, stats.syy, hest_alpha(k, g))
     coef = (V @ W) / scale[:, None]
     return LinearMap(x_mean=stats.mean, coef=coef, intercept=np.zeros(g))
 
 
-def fit_hest_ridge(X, Y, *, n_components: int = HEST_N_COMPONENTS, exact: bool = False) -> LinearMap:
+def fit_hest_ridge(X, Y, *, n_components: int = HEST_N_COMPONENTS) -> LinearMap:
     """HEST's ridge probe (standardise, PCA, ridge without intercept), see :func:`hest_ridge_solve`."""
     X = np.asarray(X, dtype=np.float64)
     Y = np.asarray(Y, dtype=np.float64)
     n, d = X.shape
     if n >= d:
-        return fit_hest_ridge_from_stats(moment_stats(X, Y), n_components=n_components, exact=exact)
+        return fit_hest_ridge_from_stats(moment_stats(X, Y), n_components=n_components)
     # fewer spots than features: thin SVD of the standardised data
     k = hest_n_components(n, d, n_components)
     mean = X.mean(axis=0)
@@ -147,9 +161,7 @@ def fit_hest_ridge(X, Y, *, n_components: int = HEST_N_COMPONENTS, exact: bool =
     S = (X - mean) / scale
     U, s, Vt = np.linalg.svd(S, full_matrices=False)
     U, s, Vt = U[:, :k], s[:k], Vt[:k]
-    W = hest_ridge_solve(
-        s, s[:, None] * (U.T @ Y), np.sum(Y * Y, axis=0), hest_alpha(k, Y.shape[1]), exact=exact
-    )
+    W = hest_ridge_solve(s, s[:, None] * (U.T @ Y), np.sum(Y * Y, axis=0), hest_alpha(k, Y.shape[1]))
     return LinearMap(x_mean=mean, coef=(Vt.T @ W) / scale[:, None], intercept=np.zeros(Y.shape[1]))
 
 
@@ -170,15 +182,13 @@ def hest_ridge_solve(
     ynorm2,
     alpha: float,
     *,
-    exact: bool = False,
     tol: float = 1e-4,
     iter_lim: int = HEST_MAX_ITER,
     conlim: float = 1e8,
 ) -> np.ndarray:
     """Ridge without intercept on orthogonal PCA scores ``Z`` (``Z^T Z = diag(s**2)``), one column per gene.
 
-    ``exact=True`` returns the ridge minimiser ``Z^T y / (s**2 + alpha)``. ``exact=False`` (HEST's behaviour)
-    reproduces what ``Ridge(solver="lsqr", tol=1e-4, max_iter=1000)`` returns: LSQR (Paige & Saunders) with
+    Reproduces what ``Ridge(solver="lsqr", tol=1e-4, max_iter=1000)`` returns: LSQR (Paige & Saunders) with
     ``damp = sqrt(alpha)``, ``atol = btol = tol``, stopped by its usual tests, which on PCA scores typically
     happens after a few dozen iterations, well before the minimiser (the difference in Pearson is ~1e-3, far
     above the 1e-6 this reproduction aims at). Because ``Z = U diag(s)`` has orthonormal ``U``, every LSQR
@@ -203,8 +213,6 @@ def hest_ridge_solve(
     """
     s = np.asarray(s, dtype=np.float64)
     ZtY = np.asarray(ZtY, dtype=np.float64)
-    if exact:
-        return ZtY / (s**2 + alpha)[:, None]
     k, g = ZtY.shape
     eps = np.finfo(np.float64).eps
     pos = s > 0

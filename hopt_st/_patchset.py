@@ -1,0 +1,486 @@
+"""Patch sets: the :class:`Patches` sequence and HEST's patch ``.h5`` file format (reader and writer).
+
+A leaf module: ``io`` (which reads patch files) and ``pp`` (which cuts patches from images) both build on it,
+and it imports neither.
+
+HEST's patch files
+------------------
+::
+
+    img      (n, P, P, 3) uint8     the patches
+    coords   (n, 2) int             top-left corner (x, y) of each patch in full-resolution (level-0) pixels
+    barcode  (n, 1) bytes           spot barcode
+
+For a spot centred at ``c`` (level-0 pixels, ``(x, y)`` as in ``adata.obsm["spatial"]``) and a patch covering
+``patch_size_src`` level-0 pixels (a float: ``target_patch_size * target_pixel_size / wsi_pixel_size``), HEST
+writes ``coords = int(c - patch_size_src // 2)`` (``HESTData.dump_patches`` in github.com/mahmoodlab/HEST
+``src/hest/HESTData.py``; ``WSIPatcher.get_tile`` returns the "pixel x/y of top-left corner (before
+rescaling)"). The centre is therefore ``coords + floor(patch_size_src / 2)`` (exact for integer centres,
+otherwise up to 1 px below the true centre because of the truncation).
+
+hopt_st also writes ``centers`` ((n, 2) float64, exact spot centres) and the attributes ``patch_size``,
+``patch_size_src`` (patch side in level-0 pixels), ``pixel_size`` (µm per patch pixel), ``downsample``
+(``patch_size_src / patch_size``) and ``level0_pixel_size`` on ``coords``, ``img`` and the file root; HEST
+readers ignore what they do not know.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: µm per pixel assumed for a patch file that records none (HEST-Benchmark patches are 0.5 µm/px)
+HEST_PATCH_MPP = 0.5
+#: attributes that, in HEST-style files, record the patch side in level-0 px
+PATCH_SIZE_SRC_ATTRS = ("patch_size_src", "patch_size_level0")
+
+
+def default_workers() -> int:
+    """Default number of reading threads: the CPU count, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HEST's corner convention
+# ----------------------------------------------------------------------------------------------------------
+def hest_half(patch_size_src: float) -> float:
+    """HEST's corner-to-centre offset ``patch_size_src // 2`` (level-0 px)."""
+    if not np.isfinite(patch_size_src) or patch_size_src <= 0:
+        raise ValueError(
+            f"patch_size_src must be a positive number of level-0 pixels, got {patch_size_src!r}."
+        )
+    return float(np.floor(float(patch_size_src) / 2.0))
+
+
+def hest_topleft(centers: np.ndarray, patch_size_src: float) -> np.ndarray:
+    """``(n, 2)`` int64 top-left (x, y) corners exactly as HEST computes them from spot centres."""
+    tl = np.asarray(centers, dtype=np.float64) - hest_half(patch_size_src)
+    return np.trunc(tl).astype(np.int64)
+
+
+def hest_centers(coords: np.ndarray, patch_size_src: float) -> np.ndarray:
+    """``(n, 2)`` float64 spot centres implied by HEST ``coords`` (inverse of :func:`hest_topleft`)."""
+    return np.asarray(coords, dtype=np.float64) + hest_half(patch_size_src)
+
+
+def h5_attr(f: h5py.File, names: tuple[str, ...]):
+    """The first of ``names`` found in the attributes of ``coords``, then ``img``, then the file; else ``None``."""
+    for obj in (f.get("coords"), f.get("img"), f):
+        if obj is None:
+            continue
+        for name in names:
+            if name in obj.attrs:
+                return obj.attrs[name]
+    return None
+
+
+def recorded_patch_size_src(f: h5py.File, patch_size: int) -> float | None:
+    """The patch side in level-0 px that a patch file records (directly or as a downsample); else ``None``."""
+    src = h5_attr(f, PATCH_SIZE_SRC_ATTRS)
+    if src is None:
+        down = h5_attr(f, ("downsample",))
+        if down is None:
+            return None
+        return patch_size * float(np.ravel(down)[0])
+    return float(np.ravel(src)[0])
+
+
+def decode_barcodes(raw) -> np.ndarray:
+    """Barcodes of a patch file's ``barcode`` dataset ((N,) or (N, 1), bytes or str) as an array of str."""
+    raw = np.asarray(raw)
+    raw = raw.reshape(len(raw), -1)[:, 0]
+    return np.array([b.decode() if isinstance(b, bytes) else str(b) for b in raw])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the Patches sequence
+# ----------------------------------------------------------------------------------------------------------
+class Patches:
+    """A lazy, indexable sequence of uint8 ``(patch_size, patch_size, 3)`` RGB patches, one per spot.
+
+    Nothing is read until patches are asked for. Works as a map-style ``torch.utils.data.Dataset``
+    (``len`` and integer indexing), but :meth:`iter_batches` is much faster: it reads whole batches in
+    parallel threads with bounded prefetch.
+
+    Parameters
+    ----------
+    barcodes
+        Spot ids, in patch order.
+    centers
+        ``(n, 2)`` (x, y) spot centres in full-resolution pixels, or ``None`` when unknown (e.g. an array of
+        patches without coordinates).
+    patch_size
+        Side of every patch in pixels.
+    mpp
+        µm per patch pixel, or ``None`` when unknown.
+    patch_size_src
+        Side of every patch in full-resolution pixels, or ``None`` when unknown.
+
+    Attributes
+    ----------
+    barcodes : numpy.ndarray of str
+    centers : numpy.ndarray or None
+    patch_size : int
+    mpp : float or None
+    patch_size_src : float or None
+    """
+
+    def __init__(
+        self,
+        barcodes,
+        centers: np.ndarray | None,
+        patch_size: int,
+        mpp: float | None,
+        patch_size_src: float | None,
+    ):
+        self.barcodes = np.asarray(barcodes).astype(str)
+        self.centers = None if centers is None else np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+        self.patch_size = int(patch_size)
+        self.mpp = None if mpp is None else float(mpp)
+        self.patch_size_src = None if patch_size_src is None else float(patch_size_src)
+        if self.centers is not None and len(self.barcodes) != len(self.centers):
+            raise ValueError(f"{len(self.barcodes)} barcodes but {len(self.centers)} centres.")
+
+    # -- to be provided by subclasses ---------------------------------------------------------------
+    def _read(self, idx: np.ndarray) -> np.ndarray:
+        """``(len(idx), P, P, 3)`` uint8 patches for valid, non-negative indices ``idx``."""
+        raise NotImplementedError
+
+    def _source_id(self) -> str:
+        """What the pixels come from (file, image element and crop boxes, ...), for :meth:`fingerprint`."""
+        return type(self).__name__
+
+    # -- identity -----------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """sha256 of what determines these patches: spots (ids, centres), size, µm/px and the pixel source.
+
+        Two patch sets with the same fingerprint hold the same patches, so embeddings computed from one
+        (e.g. a checkpoint) may be reused for the other.
+        """
+        h = hashlib.sha256()
+        h.update("\n".join(self.barcodes.tolist()).encode())
+        if self.centers is not None:
+            h.update(np.ascontiguousarray(self.centers).tobytes())
+        h.update(repr((self.patch_size, self.mpp, self.patch_size_src)).encode())
+        h.update(self._source_id().encode())
+        return h.hexdigest()
+
+    # -- sequence interface -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.barcodes)
+
+    def __repr__(self) -> str:
+        mpp = "?" if self.mpp is None else f"{self.mpp:g}"
+        src = "?" if self.patch_size_src is None else f"{self.patch_size_src:.1f}"
+        return (
+            f"{type(self).__name__}(n={len(self)}, patch_size={self.patch_size}, mpp={mpp}, "
+            f"patch_size_src={src} full-res px)"
+        )
+
+    def _indices(self, key) -> np.ndarray:
+        n = len(self)
+        if isinstance(key, slice):
+            return np.arange(n, dtype=np.int64)[key]
+        idx = np.asarray(key)
+        if idx.size == 0:
+            return np.empty(0, dtype=np.int64)
+        if idx.dtype == bool:
+            if idx.shape != (n,):
+                raise IndexError(f"boolean index of shape {idx.shape} for {n} patches.")
+            return np.flatnonzero(idx).astype(np.int64)
+        if idx.dtype.kind not in "iu":
+            raise IndexError(
+                f"patches are indexed by int, slice, int array or boolean mask, not {idx.dtype}."
+            )
+        idx = idx.astype(np.int64).ravel()
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"patch index out of range for {n} patches.")
+        return np.where(idx < 0, idx + n, idx)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self._read(self._indices([int(key)]))[0]
+        return self._read(self._indices(key))
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for _, batch in self.iter_batches(64):
+            yield from batch
+
+    def iter_batches(
+        self, batch_size: int = 64, *, indices=None, num_workers: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(idx, batch)`` in order: ``idx`` int64 ``(B,)``, ``batch`` uint8 ``(B, P, P, 3)``.
+
+        Parameters
+        ----------
+        batch_size
+            Patches per batch.
+        indices
+            Which patches (int array, slice or boolean mask); all by default.
+        num_workers
+            Reading threads; at most ``2 * num_workers`` batches are in flight (memory bounded).
+            ``None``: ``min(8, cpu count)``; ``0`` or ``1``: read in the calling thread.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        idx = self._indices(slice(None) if indices is None else indices)
+        chunks = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+        nw = default_workers() if num_workers is None else int(num_workers)
+        if nw <= 1 or len(chunks) <= 1:
+            for c in chunks:
+                yield c, self._read(c)
+            return
+        pool = ThreadPoolExecutor(max_workers=nw, thread_name_prefix="hopt_st-patches")
+        pending: deque = deque()
+        it = iter(chunks)
+        try:
+            for c in it:
+                pending.append((c, pool.submit(self._read, c)))
+                if len(pending) >= 2 * nw:
+                    break
+            while pending:
+                c, fut = pending.popleft()
+                batch = fut.result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(self._read, nxt)))
+                yield c, batch
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def to_numpy(self, *, num_workers: int | None = None) -> np.ndarray:
+        """All patches as one ``(n, P, P, 3)`` uint8 array."""
+        out = np.empty((len(self), self.patch_size, self.patch_size, 3), dtype=np.uint8)
+        for idx, batch in self.iter_batches(128, num_workers=num_workers):
+            out[idx] = batch
+        return out
+
+    @property
+    def coords(self) -> np.ndarray:
+        """``(n, 2)`` int64 top-left (x, y) corners in full-resolution pixels, computed as HEST does
+        (``int(center - patch_size_src // 2)``)."""
+        if self.centers is None or self.patch_size_src is None:
+            raise ValueError(f"{self!r} has no spot centres / patch_size_src, so it has no HEST coords.")
+        return hest_topleft(self.centers, self.patch_size_src)
+
+    def to_h5(
+        self, path: str | os.PathLike, *, overwrite: bool = False, num_workers: int | None = None
+    ) -> None:
+        """Write the patches in HEST's patch .h5 format, see :func:`write_patches_h5`."""
+        write_patches_h5(self, path, overwrite=overwrite, num_workers=num_workers)
+
+
+class ArrayPatches(Patches):
+    """In-memory patches: a uint8 ``(n, P, P, 3)`` array as a :class:`Patches` sequence.
+
+    Parameters
+    ----------
+    array
+        The patches.
+    mpp
+        µm per patch pixel, if known.
+    barcodes
+        Spot ids; default ``"0"``, ``"1"``, ...
+    centers
+        ``(n, 2)`` spot centres in full-resolution pixels, if known.
+    patch_size_src
+        Patch side in full-resolution pixels, if known.
+    """
+
+    def __init__(
+        self, array: np.ndarray, mpp: float | None = None, barcodes=None, centers=None, patch_size_src=None
+    ):
+        array = np.asarray(array)
+        if (
+            array.dtype != np.uint8
+            or array.ndim != 4
+            or array.shape[-1] != 3
+            or array.shape[1] != array.shape[2]
+        ):
+            raise ValueError(f"patch array must be uint8 (n, P, P, 3); got {array.dtype} {array.shape}.")
+        if barcodes is None:
+            barcodes = np.arange(len(array)).astype(str)
+        super().__init__(barcodes, centers, array.shape[1], mpp, patch_size_src)
+        if len(self.barcodes) != len(array):
+            raise ValueError(f"{len(self.barcodes)} barcodes for {len(array)} patches.")
+        self.array = array
+
+    def _read(self, idx: np.ndarray) -> np.ndarray:
+        return self.array[idx]
+
+    def _source_id(self) -> str:
+        return "array:" + hashlib.sha256(np.ascontiguousarray(self.array).data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HEST patch files
+# ----------------------------------------------------------------------------------------------------------
+def write_patches_h5(
+    patches: Patches,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    num_workers: int | None = None,
+    hopt_st_fields: bool = True,
+) -> Path:
+    """Write ``patches`` to ``path`` in HEST's patch format (see the module docstring).
+
+    Parameters
+    ----------
+    patches
+        The patches; they need spot centres and ``patch_size_src`` (for HEST's ``coords``).
+    path
+        Output ``.h5`` file, written under a temporary name and renamed when complete.
+    overwrite
+        Replace an existing file.
+    num_workers
+        Reading threads (see :meth:`Patches.iter_batches`).
+    hopt_st_fields
+        Also write hopt_st's ``centers`` dataset and size attributes; ``False`` writes only what HEST's own
+        patcher writes (``img``, ``coords``, ``barcode`` and ``img.attrs["patch_size_target"]``).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``, holding datasets ``img``, ``coords``, ``barcode`` (and ``centers``).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    n, p = len(patches), patches.patch_size
+    coords = patches.coords
+    encoded = [b.encode() for b in patches.barcodes]
+    barcodes = np.array(encoded, dtype=f"S{max([1] + [len(b) for b in encoded])}")
+    tmp = path.with_name(path.name + ".part")
+    with h5py.File(tmp, "w") as f:
+        img = f.create_dataset("img", shape=(n, p, p, 3), dtype=np.uint8, chunks=(1, p, p, 3) if n else None)
+        img.attrs["patch_size_target"] = p
+        ds_coords = f.create_dataset("coords", data=coords)
+        f.create_dataset("barcode", data=barcodes.reshape(-1, 1))
+        if hopt_st_fields:
+            f.create_dataset("centers", data=patches.centers)
+            attrs = {
+                "patch_size": p,
+                "patch_size_src": float(patches.patch_size_src),
+                "pixel_size": float(patches.mpp),
+                "downsample": float(patches.patch_size_src / p),
+                "level0_pixel_size": float(patches.mpp * p / patches.patch_size_src),
+            }
+            for obj in (f, img, ds_coords):
+                obj.attrs.update(attrs)
+        for idx, batch in patches.iter_batches(256, num_workers=num_workers):
+            img[int(idx[0]) : int(idx[-1]) + 1] = batch
+    os.replace(tmp, path)
+    logger.info("Wrote %d patches to %s.", n, path)
+    return path
+
+
+class _H5Patches(Patches):
+    """Patches read lazily from a HEST patch .h5 file."""
+
+    def __init__(self, path, img_key: str, **kwargs):
+        super().__init__(**kwargs)
+        self.path = Path(path)
+        self._img_key = img_key
+        self._lock = threading.Lock()
+        self._file: h5py.File | None = None
+        self._pid = None
+
+    def _source_id(self) -> str:
+        st = self.path.stat()
+        return f"h5:{self.path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+    def _handle(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file
+
+    def _read(self, idx: np.ndarray) -> np.ndarray:
+        if len(idx) == 0:
+            return np.empty((0, self.patch_size, self.patch_size, 3), dtype=np.uint8)
+        order = np.argsort(idx, kind="stable")
+        uniq, inverse = np.unique(idx[order], return_inverse=True)
+        with self._lock:
+            ds = self._handle()[self._img_key]
+            if len(uniq) == uniq[-1] - uniq[0] + 1:
+                data = ds[int(uniq[0]) : int(uniq[-1]) + 1]
+            else:
+                data = ds[uniq]
+        out = np.empty((len(idx), self.patch_size, self.patch_size, 3), dtype=np.uint8)
+        out[order] = data[inverse]
+        return out
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_file"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def read_patches(path: str | os.PathLike) -> Patches:
+    """Open a HEST patch .h5 file (HEST's own or written by :meth:`Patches.to_h5`) as lazy :class:`Patches`.
+
+    Parameters
+    ----------
+    path
+        The .h5 file with datasets ``img`` (n, P, P, 3) uint8, ``coords`` (n, 2) top-left (x, y) in
+        full-resolution pixels and ``barcode``.
+
+    Returns
+    -------
+    Patches
+        Same interface as :func:`hopt_st.pp.patches`' result; ``centers`` are HEST's
+        ``coords + patch_size_src // 2`` unless the file stores exact ``centers``. A file recording no
+        ``patch_size_src`` / ``downsample`` is taken to be cut at full resolution, and one recording no pixel
+        size to be at 0.5 µm/px (HEST-Benchmark's).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"patch file {path} not found.")
+    with h5py.File(path, "r") as f:
+        img_key = next((k for k in ("img", "imgs", "images") if k in f), None)
+        if img_key is None or "coords" not in f:
+            raise ValueError(
+                f"{path} is not a HEST patch file: it needs datasets 'img' and 'coords' (it has {list(f.keys())})."
+            )
+        ds = f[img_key]
+        if ds.ndim != 4 or ds.shape[1] != ds.shape[2] or ds.shape[3] != 3 or ds.dtype != np.uint8:
+            raise ValueError(
+                f"{path}: dataset {img_key!r} has shape {ds.shape} and dtype {ds.dtype}; expected (n, P, P, 3) uint8."
+            )
+        n, p = ds.shape[0], ds.shape[1]
+        coords = np.asarray(f["coords"][:], dtype=np.float64).reshape(n, -1)[:, :2]
+        bkey = next((k for k in ("barcode", "barcodes") if k in f), None)
+        if bkey is None:
+            barcodes = np.array([str(i) for i in range(n)])
+            logger.info("%s has no 'barcode' dataset; patches are named by row number.", path)
+        else:
+            barcodes = decode_barcodes(f[bkey][:])
+        src = recorded_patch_size_src(f, p)
+        if src is None:
+            src = float(p)
+            logger.info("%s records no patch_size_src/downsample; assuming patches at full resolution.", path)
+        mpp = h5_attr(f, ("pixel_size", "dst_pixel_size", "target_pixel_size"))
+        mpp = HEST_PATCH_MPP if mpp is None else float(np.ravel(mpp)[0])
+        centers = (
+            np.asarray(f["centers"][:], dtype=np.float64) if "centers" in f else hest_centers(coords, src)
+        )
+    return _H5Patches(
+        path, img_key, barcodes=barcodes, centers=centers, patch_size=p, mpp=mpp, patch_size_src=src
+    )
