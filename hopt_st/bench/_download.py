@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -13,18 +14,24 @@ TASKS = ("IDC", "PRAD", "PAAD", "SKCM", "COAD", "READ", "CCRCC", "LUNG", "LYMPH_
 RETIRED_TASKS = ("HCC",)
 
 
-def download(root, tasks=None, *, token: str | None = None, revision: str | None = None) -> Path:
+def download(
+    root: str | os.PathLike,
+    tasks: str | Sequence[str] | None = None,
+    *,
+    token: str | None = None,
+    revision: str | None = None,
+) -> Path:
     """Fetch the task folders of ``MahmoodLab/hest-bench`` into ``root`` (``root/<TASK>/...``).
 
     Parameters
     ----------
-    root : str or Path
+    root
         Destination folder; pass the same folder to :func:`hopt_st.bench.run`.
-    tasks : str or list of str, optional
+    tasks
         Tasks to fetch (default: the 9 current tasks). ``"HCC"`` (retired) may be asked for explicitly.
-    token : str, optional
+    token
         Hugging Face token; by default ``HF_TOKEN`` from the environment or the cached login (never logged).
-    revision : str, optional
+    revision
         Dataset revision (commit) to pin.
 
     Returns

@@ -18,7 +18,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import h5py
 import numpy as np
@@ -220,44 +222,44 @@ def _summarise(task, model, protocol, folds):
 
 
 def run(
-    root,
+    root: str | os.PathLike,
     *,
-    tasks=None,
+    tasks: str | Sequence[str] | None = None,
     model: str = "h-optimus-1",
-    protocol: str = "hest",
-    embeddings_dir=None,
-    weights=None,
-    device=None,
-    out_dir=None,
+    protocol: Literal["hest", "strict", "both"] = "hest",
+    embeddings_dir: str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = None,
+    device: str | None = None,
+    out_dir: str | os.PathLike | None = None,
     seed: int = 0,
-    solver: str = "fast",
+    solver: Literal["fast", "sklearn"] = "fast",
     n_genes: int = 50,
 ) -> pd.DataFrame:
     """Run the HEST-Benchmark for one encoder.
 
     Parameters
     ----------
-    root : str or Path
+    root
         Folder holding the task folders (as written by :func:`hopt_st.bench.download`).
-    tasks : str or list of str, optional
+    tasks
         Tasks to run; default every task folder under ``root``.
-    model : str
+    model
         Encoder name in :mod:`hopt_st.models`.
-    protocol : {"hest", "strict", "both"}
+    protocol
         See the module docstring.
-    embeddings_dir : str or Path, optional
+    embeddings_dir
         Cache of embeddings, one ``<task>/<model>/<sample>.h5`` per sample (reused when present). Default
         ``out_dir/embeddings`` or, without ``out_dir``, ``~/.cache/hopt_st/hest_bench``.
     weights, device
         Passed to the encoder.
-    out_dir : str or Path, optional
+    out_dir
         Where to write ``<task>/<model>/<protocol>/results_kfold.json`` (and ``split{i}/results.json``),
         ``<protocol>/dataset_results.json`` (HEST's shapes), ``results.csv`` and ``results.md``.
-    seed : int
+    seed
         Seed (PCA of the scikit-learn solver; recorded in the provenance).
-    solver : {"fast", "sklearn"}
+    solver
         ``"hest"`` protocol: the fast implementation or HEST's scikit-learn pipeline itself.
-    n_genes : int
+    n_genes
         Genes per fold for ``"strict"``.
 
     Returns

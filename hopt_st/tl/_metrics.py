@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
-def pearson_per_gene(y_true, y_pred) -> np.ndarray:
+def pearson_per_gene(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
     """Pearson correlation between measured and predicted expression, gene by gene.
 
     Computed in float64 with the same definition as :func:`scipy.stats.pearsonr`
@@ -14,10 +15,10 @@ def pearson_per_gene(y_true, y_pred) -> np.ndarray:
 
     Parameters
     ----------
-    y_true : array-like of shape (n_spots, n_genes) or (n_spots,)
-        Measured expression.
-    y_pred : array-like of the same shape
-        Predicted expression.
+    y_true
+        Measured expression, ``(n_spots, n_genes)`` or ``(n_spots,)``.
+    y_pred
+        Predicted expression, same shape.
 
     Returns
     -------

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from numpy.typing import ArrayLike
 from sklearn.base import BaseEstimator, RegressorMixin
 from spatialdata import SpatialData
 
@@ -38,19 +41,19 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
 
     Parameters
     ----------
-    method : {"ridge", "ridge-hest", "mlp"}
+    method
         ``"ridge"``: ridge with intercept on standardised embeddings, alpha per gene by exact leave-one-out
         error, or by group-wise inner cross-validation when ``groups`` is passed to :meth:`fit`.
         ``"ridge-hest"``: HEST-Benchmark's probe (StandardScaler -> PCA(256) -> Ridge lsqr,
         alpha = 100 / (n_components * n_genes), no intercept).
         ``"mlp"``: one-hidden-layer torch MLP, early stopping on an inner split.
-    seed : int
+    seed
         Seed for PCA (sklearn solver), the MLP initialisation and its validation split.
-    alphas : sequence of float, optional
+    alphas
         Candidate penalties for ``"ridge"``.
-    n_components : int
+    n_components
         PCA dimension of ``"ridge-hest"`` (256 in HEST).
-    solver : {"fast", "sklearn"}
+    solver
         ``"ridge-hest"`` only: closed-form/reduced-LSQR implementation or the scikit-learn pipeline itself.
     hidden, max_epochs, patience, device
         MLP settings.
@@ -65,16 +68,16 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
 
     def __init__(
         self,
-        method: str = "ridge",
+        method: Literal["ridge", "ridge-hest", "mlp"] = "ridge",
         *,
         seed: int = 0,
-        alphas=None,
+        alphas: Sequence[float] | None = None,
         n_components: int = HEST_N_COMPONENTS,
-        solver: str = "fast",
+        solver: Literal["fast", "sklearn"] = "fast",
         hidden: int = 256,
         max_epochs: int = 200,
         patience: int = 10,
-        device=None,
+        device: str | None = None,
     ):
         self.method = method
         self.seed = seed
@@ -271,15 +274,15 @@ def _embeddings(adata, use_rep: str, spatial_context: bool) -> np.ndarray:
 
 
 def fit_expression(
-    adata,
+    adata: AnnData,
     *,
     use_rep: str = "X_h-optimus-1",
-    genes=None,
+    genes: Sequence[str] | None = None,
     n_top_genes: int = 50,
-    method: str = "ridge",
+    method: Literal["ridge", "ridge-hest", "mlp"] = "ridge",
     layer: str | None = None,
-    target: str = "log1p",
-    groups=None,
+    target: Literal["log1p", "normalize_log1p", "none"] = "log1p",
+    groups: str | ArrayLike | None = None,
     seed: int = 0,
     spatial_context: bool = False,
     **kwargs,
@@ -288,25 +291,25 @@ def fit_expression(
 
     Parameters
     ----------
-    adata : anndata.AnnData
+    adata
         Spots with embeddings in ``obsm[use_rep]`` and raw counts in ``X`` (or ``layers[layer]``).
-    use_rep : str
+    use_rep
         Key of the embeddings in ``obsm``.
-    genes : list of str, optional
+    genes
         Genes to predict; when None, the ``n_top_genes`` with the largest variance of the target.
-    n_top_genes : int
+    n_top_genes
         Number of genes chosen when ``genes`` is None.
-    method : {"ridge", "ridge-hest", "mlp"}
+    method
         See :class:`ExpressionRegressor`.
-    layer : str, optional
+    layer
         Layer with raw counts.
-    target : {"log1p", "normalize_log1p", "none"}
-        Target space, see :func:`hopt_st.tl._targets.target_matrix`.
-    groups : str or array-like, optional
+    target
+        Target space, see :func:`hopt_st.tl.target_matrix`.
+    groups
         Column of ``obs`` (or one value per spot) with sample/patient ids, for group-aware tuning.
-    seed : int
+    seed
         Random seed.
-    spatial_context : bool
+    spatial_context
         Concatenate each spot's embedding with the mean embedding of its spatial neighbours.
     **kwargs
         Passed to :class:`ExpressionRegressor`.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,19 +24,25 @@ def _check_counts(M, what: str) -> None:
         )
 
 
-def target_matrix(adata, genes, *, target: str = "log1p", layer: str | None = None) -> np.ndarray:
+def target_matrix(
+    adata: AnnData,
+    genes: Sequence[str],
+    *,
+    target: Literal["log1p", "normalize_log1p", "none"] = "log1p",
+    layer: str | None = None,
+) -> np.ndarray:
     """Measured expression of ``genes`` in the target space, as a dense float32 array.
 
     Parameters
     ----------
-    adata : anndata.AnnData
+    adata
         Spots x genes, raw counts in ``X`` (or in ``layers[layer]``).
-    genes : list of str
+    genes
         Genes to return, in this order.
-    target : {"log1p", "normalize_log1p", "none"}
+    target
         ``"log1p"``: ``log(1 + counts)`` of raw counts (HEST's choice). ``"normalize_log1p"``: counts scaled to
         10,000 per spot over all genes (``scanpy.pp.normalize_total``), then log1p. ``"none"``: values as stored.
-    layer : str, optional
+    layer
         Layer holding the counts; ``X`` when None.
 
     Returns

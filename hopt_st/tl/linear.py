@@ -197,13 +197,13 @@ def hest_ridge_solve(
 
     Parameters
     ----------
-    s : numpy.ndarray
+    s
         (k,) singular values of Z.
-    ZtY : numpy.ndarray
+    ZtY
         (k, g) ``Z^T Y``.
-    ynorm2 : numpy.ndarray
+    ynorm2
         (g,) ``||y||^2`` per gene (uncentred: the ridge has no intercept).
-    alpha : float
+    alpha
         Ridge penalty.
 
     Returns
