@@ -43,6 +43,11 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def _models_option(default: str, help: str):
+    """``--model NAME`` that may be repeated (into the ``models`` tuple)."""
+    return click.option("--model", "models", multiple=True, default=(default,), show_default=True, help=help)
+
+
 def _echo(msg: str = "") -> None:
     if not _STATE["quiet"]:
         click.echo(msg)
@@ -69,14 +74,7 @@ def cli(quiet: bool, verbose: bool) -> None:
     show_default=True,
     help="Folder for the figures, tables and demo.zarr.",
 )
-@click.option(
-    "--model",
-    "models",
-    multiple=True,
-    default=("handcrafted",),
-    show_default=True,
-    help="Encoder(s) to compare; repeat the option. Models need local weights.",
-)
+@_models_option("handcrafted", "Encoder(s) to compare; repeat the option. Models need local weights.")
 @click.option(
     "--all-local", is_flag=True, help="Also run every registry model whose weights are found locally."
 )
@@ -257,14 +255,7 @@ def _replace_table_on_disk(sdata, name: str) -> None:
 @cli.command()
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--tasks", default=None, help="Comma-separated task names (e.g. IDC,PRAD); default: all found.")
-@click.option(
-    "--model",
-    "models",
-    multiple=True,
-    default=("h-optimus-1",),
-    show_default=True,
-    help="Encoder; repeat to compare.",
-)
+@_models_option("h-optimus-1", "Encoder; repeat to compare.")
 @click.option(
     "--protocol",
     type=click.Choice(["hest", "strict", "both"]),

@@ -18,13 +18,20 @@ from spatialdata.transformations import Identity, get_transformation
 logger = logging.getLogger(__name__)
 
 
+def _check_named(what: str, key: str | None, elements) -> None:
+    """A key given by the user must name an existing element; the error lists the ones there are."""
+    if key is not None and key not in elements:
+        raise KeyError(
+            f"{what} {key!r} not found in the SpatialData; its {what}s are {list(elements.keys())}."
+        )
+
+
 def resolve_table_name(sdata: SpatialData, table_name: str | None = None) -> str:
     """Return the name of the spot table: ``table_name`` if given, else the only table, else ``"table"``."""
-    names = list(sdata.tables.keys())
+    _check_named("table", table_name, sdata.tables)
     if table_name is not None:
-        if table_name not in sdata.tables:
-            raise KeyError(f"table {table_name!r} not found in the SpatialData; its tables are {names}.")
         return table_name
+    names = list(sdata.tables.keys())
     if len(names) == 1:
         return names[0]
     if "table" in names:
@@ -123,11 +130,10 @@ def level_shape(level: xr.DataArray) -> tuple[int, int]:
 
 def resolve_image_key(sdata: SpatialData, image_key: str | None = None) -> str:
     """Return ``image_key`` if given, else the image with the most pixels at full resolution."""
-    keys = list(sdata.images.keys())
+    _check_named("image", image_key, sdata.images)
     if image_key is not None:
-        if image_key not in sdata.images:
-            raise KeyError(f"image {image_key!r} not found in the SpatialData; its images are {keys}.")
         return image_key
+    keys = list(sdata.images.keys())
     if not keys:
         raise ValueError("The SpatialData has no image: an H&E image element is needed to cut patches.")
     if len(keys) == 1:
