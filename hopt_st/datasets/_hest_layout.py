@@ -134,7 +134,7 @@ def write_hest_layout(
 def _write_hest1k(
     root, n_samples, n_spots, n_genes, n_states, image_mpp, xenium, seed, model_seed, compression
 ):
-    from ..io._tiff import write_pyramidal_tiff
+    from ._tiff import write_pyramidal_tiff
 
     for sub in ("wsis", "st", "metadata"):
         (root / sub).mkdir(exist_ok=True)
