@@ -11,8 +11,9 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from spatialdata import SpatialData
-from spatialdata.transformations import get_transformation
+import xarray as xr
+from spatialdata import SpatialData, get_pyramid_levels
+from spatialdata.transformations import get_transformation, get_transformation_between_coordinate_systems
 
 from ..io._elements import get_spot_table, resolve_image_key, resolve_table_name, spot_centers
 
@@ -30,36 +31,24 @@ class TissueView:
     level: int | None
 
 
-def _levels(image) -> list:
-    """The image element's levels as DataArrays (c, y, x), finest first."""
-    if hasattr(image, "sizes") and "y" in image.sizes:
-        return [image]
-    out = []
-    for name in sorted(image.children, key=lambda s: int(str(s).removeprefix("scale") or 0)):
-        ds = image[name].ds
-        out.append(next(iter(ds.data_vars.values())))
-    return out
+def _spots_to_image(sdata: SpatialData, shapes, image) -> np.ndarray:
+    """3x3 affine (x, y) from the spots' own coordinates to the image's level-0 pixels.
 
-
-def _affine_xy(element, cs: str) -> np.ndarray:
-    return np.asarray(
-        get_transformation(element, to_coordinate_system=cs).to_affine_matrix(
-            input_axes=("x", "y"), output_axes=("x", "y")
-        ),
-        dtype=float,
-    )
-
-
-def _common_cs(a, b) -> str:
-    ca = get_transformation(a, get_all=True)
-    cb = get_transformation(b, get_all=True)
-    common = [c for c in ca if c in cb]
+    The path goes through a coordinate system both elements are registered to (``"global"`` when shared).
+    """
+    cs_image = get_transformation(image, get_all=True)
+    cs_spots = get_transformation(shapes, get_all=True)
+    common = [c for c in cs_image if c in cs_spots]
     if not common:
         raise ValueError(
-            f"the image and the spots share no coordinate system (image: {list(ca)}, spots: {list(cb)}): "
-            "register both to one (spatialdata.transformations.set_transformation) to draw spots on the tissue."
+            f"the image and the spots share no coordinate system (image: {list(cs_image)}, spots: "
+            f"{list(cs_spots)}): register both to one (spatialdata.transformations.set_transformation) to "
+            "draw spots on the tissue."
         )
-    return "global" if "global" in common else common[0]
+    t = get_transformation_between_coordinate_systems(
+        sdata, shapes, image, intermediate_coordinate_systems="global" if "global" in common else common[0]
+    )
+    return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
 
 
 def _spot_radius(shapes) -> float:
@@ -87,13 +76,11 @@ def tissue_view(
         return TissueView(None, xy, radius, None, None)
     image_key = resolve_image_key(sdata, image_key)
     image = sdata.images[image_key]
-    cs = _common_cs(image, shapes)
-    # spots' coordinates -> image level-0 pixels
-    to_img = np.linalg.inv(_affine_xy(image, cs)) @ _affine_xy(shapes, cs)
+    to_img = _spots_to_image(sdata, shapes, image)
     xy0 = xy @ to_img[:2, :2].T + to_img[:2, 2]
     r0 = radius * float(np.sqrt(abs(np.linalg.det(to_img[:2, :2]))))
 
-    levels = _levels(image)
+    levels = [image] if isinstance(image, xr.DataArray) else get_pyramid_levels(image)
     h0, w0 = int(levels[0].sizes["y"]), int(levels[0].sizes["x"])
     level = next((i for i, lv in enumerate(levels) if max(lv.sizes["y"], lv.sizes["x"]) <= max_size), None)
     if level is None:
