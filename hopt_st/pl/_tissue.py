@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
+from geopandas import GeoDataFrame
 from spatialdata import SpatialData, get_pyramid_levels
 from spatialdata.transformations import get_transformation, get_transformation_between_coordinate_systems
 
+from .._docs import DOC_IMAGE_KEY, DOC_SDATA, DOC_TABLE_NAME, inject_docs
 from ..io._elements import get_spot_table, resolve_image_key, resolve_table_name, spot_centers
 
 logger = logging.getLogger(__name__)
@@ -31,7 +33,9 @@ class TissueView:
     level: int | None
 
 
-def _spots_to_image(sdata: SpatialData, shapes, image) -> np.ndarray:
+def _spots_to_image(
+    sdata: SpatialData, shapes: GeoDataFrame, image: xr.DataArray | xr.DataTree
+) -> np.ndarray:
     """3x3 affine (x, y) from the spots' own coordinates to the image's level-0 pixels.
 
     The path goes through a coordinate system both elements are registered to (``"global"`` when shared).
@@ -51,12 +55,13 @@ def _spots_to_image(sdata: SpatialData, shapes, image) -> np.ndarray:
     return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
 
 
-def _spot_radius(shapes) -> float:
+def _spot_radius(shapes: GeoDataFrame) -> float:
     if "radius" in shapes.columns:
         return float(np.nanmedian(shapes["radius"].to_numpy(dtype=float)))
     return float(np.sqrt(np.nanmedian(shapes.geometry.area.to_numpy()) / np.pi))
 
 
+@inject_docs(sdata=DOC_SDATA, table_name=DOC_TABLE_NAME, image_key=DOC_IMAGE_KEY)
 def tissue_view(
     sdata: SpatialData,
     *,
@@ -66,7 +71,30 @@ def tissue_view(
     max_size: int = 2000,
     margin: float = 0.05,
 ) -> TissueView:
-    """Spot centres (table row order) and, when possible, the H&E crop under them at a small level."""
+    """Spot centres (table row order) and, when possible, the H&E crop under them at a small level.
+
+    Parameters
+    ----------
+    sdata
+        {sdata}
+    table_name
+        {table_name}
+    image_key
+        {image_key}
+    show_image
+        Crop the image; ``False`` returns the spots alone, in their own coordinates.
+    max_size
+        Largest side, in pixels, of the crop: the finest pyramid level whose largest side is at most this
+        is used (or the coarsest level, strided down, when none is that small).
+    margin
+        Crop margin around the spots, as a fraction of the spots' extent.
+
+    Returns
+    -------
+    TissueView
+        The RGB crop (``None`` without a usable image), spot centres and radius in its pixel grid, the
+        image key and pyramid level used.
+    """
     table_name = resolve_table_name(sdata, table_name)
     _, shapes_key = get_spot_table(sdata, table_name)
     shapes = sdata.shapes[shapes_key]
