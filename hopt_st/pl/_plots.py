@@ -25,10 +25,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-DOC_TITLE = "Figure title."
-DOC_CMAP = "Matplotlib colour map."
+_DOC_TITLE = "Figure title."
+_DOC_CMAP = "Matplotlib colour map."
 #: The ``save`` and ``dpi`` entries of every plot's Parameters section (scanpy's ``doc_show_save_ax`` pattern).
-DOC_SAVE_DPI = f"save\n        {DOC_SAVE}\n    dpi\n        {DOC_DPI}"
+_DOC_SAVE_DPI = f"save\n        {DOC_SAVE}\n    dpi\n        {DOC_DPI}"
 
 
 def _save(fig: Figure, save: str | Path | None, dpi: int) -> None:
@@ -217,7 +217,7 @@ def _expression_layout(view: TissueView, n_genes: int, panel_size: float) -> tup
     )
 
 
-@inject_docs(table_name=DOC_TABLE_NAME, image_key=DOC_IMAGE_KEY, cmap=DOC_CMAP, save_dpi=DOC_SAVE_DPI)
+@inject_docs(table_name=DOC_TABLE_NAME, image_key=DOC_IMAGE_KEY, cmap=_DOC_CMAP, save_dpi=_DOC_SAVE_DPI)
 def expression(
     sdata: SpatialData | AnnData,
     genes: str | Sequence[str],
@@ -352,7 +352,7 @@ def _score_groups(results: pd.Series | Mapping[str, float] | pd.DataFrame) -> di
     )
 
 
-@inject_docs(title=DOC_TITLE, save_dpi=DOC_SAVE_DPI)
+@inject_docs(title=_DOC_TITLE, save_dpi=_DOC_SAVE_DPI)
 def gene_scores(
     results: pd.Series | Mapping[str, float] | pd.DataFrame,
     *,
@@ -484,7 +484,7 @@ def _write_cells(ax: Axes, im, m: np.ndarray, std: pd.DataFrame | None, cmap: st
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="k" if lum > 0.5 else "w")
 
 
-@inject_docs(cmap=DOC_CMAP, title=DOC_TITLE, save_dpi=DOC_SAVE_DPI)
+@inject_docs(cmap=_DOC_CMAP, title=_DOC_TITLE, save_dpi=_DOC_SAVE_DPI)
 def benchmark(
     results: pd.DataFrame,
     *,
