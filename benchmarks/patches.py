@@ -49,7 +49,7 @@ def _texture(seed: int = 0, side: int = 2048) -> np.ndarray:
 
 
 def make_tiff(path: Path, side: int) -> Path:
-    from hopt_st.io._tiff import write_pyramidal_tiff
+    from hopt_st.datasets import write_pyramidal_tiff
 
     tex = _texture()
     t = tex.shape[0]

@@ -46,8 +46,7 @@ def write_slide(root: Path, size: int, seed: int = 0) -> str:
     import pandas as pd
     from scipy import sparse
 
-    from hopt_st.datasets import synthetic_visium
-    from hopt_st.io._tiff import write_pyramidal_tiff
+    from hopt_st.datasets import synthetic_visium, write_pyramidal_tiff
 
     mpp = 0.5
     sd = synthetic_visium(n_spots=120, image_mpp=mpp, seed=seed, n_genes=10)

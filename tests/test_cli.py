@@ -186,8 +186,7 @@ def test_models_lists_registry(capsys):
 def test_space_ranger_folder(shared_data, capsys, tmp_path):
     outs = shared_data / "visium_mini"
     if not outs.exists():  # a synthetic Space Ranger-like folder instead of the real test sample
-        from hopt_st._spaceranger import write_spaceranger_outs
-        from hopt_st.datasets import synthetic_visium
+        from hopt_st.datasets import synthetic_visium, write_spaceranger_outs
 
         outs = write_spaceranger_outs(synthetic_visium(n_spots=60, n_genes=20, seed=3), tmp_path / "outs")
     dest = tmp_path / "mini.zarr"

@@ -11,7 +11,7 @@ import pytest
 from scipy import sparse
 from spatialdata.models import get_table_keys
 
-from hopt_st.datasets import synthetic_visium
+from hopt_st.datasets import synthetic_visium, write_pyramidal_tiff, write_spaceranger_outs
 from hopt_st.io._elements import get_spot_table, spot_centers
 
 
@@ -154,6 +154,27 @@ def test_synthetic_bad_arguments():
         synthetic_visium(n_spots=10, technology="slide-seq")
     with pytest.raises(ValueError, match="image_mpp"):
         synthetic_visium(n_spots=10, image_mpp=0)
+    with pytest.raises(TypeError, match="n_spots"):
+        synthetic_visium(n_spots=10.5)
+    with pytest.raises(TypeError, match="image_mpp"):
+        synthetic_visium(n_spots=10, image_mpp="0.5")
+
+
+def test_writers_reject_wrong_types_and_values(tmp_path, synthetic_sdata):
+    with pytest.raises(TypeError, match="SpatialData"):
+        write_spaceranger_outs(synthetic_sdata.tables["table"], tmp_path / "outs")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_spaceranger_outs(synthetic_sdata, tmp_path / "full")
+    with pytest.raises(TypeError, match="numpy array"):
+        write_pyramidal_tiff(tmp_path / "a.tif", [[0, 0, 0]])
+    with pytest.raises(ValueError, match="uint8"):
+        write_pyramidal_tiff(tmp_path / "a.tif", np.zeros((32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        write_pyramidal_tiff(tmp_path / "a.tif", np.zeros((32, 32, 3), np.uint8), tile=100)
+    with pytest.raises(ValueError, match="shape= and tile_fn="):
+        write_pyramidal_tiff(tmp_path / "a.tif", shape=(32, 32))
 
 
 def test_write_bench_layout_files(hest_bench_root):

@@ -14,11 +14,11 @@ import tifffile
 from scipy import sparse
 from spatialdata.transformations import Identity, get_transformation
 
-from hopt_st.datasets import synthetic_visium
+from hopt_st.datasets import synthetic_visium, write_pyramidal_tiff, write_spaceranger_outs
 from hopt_st.io import get_image_mpp, read_hest, read_hest_bench, read_visium
 from hopt_st.io._counts import ensure_raw_counts
 from hopt_st.io._elements import get_spot_table, spot_centers
-from hopt_st.io._tiff import read_tiff_image, write_pyramidal_tiff
+from hopt_st.io._tiff import read_tiff_image
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -355,8 +355,6 @@ def test_read_visium_pixel_size_matches_the_100um_spot_grid():
 
 
 def test_space_ranger_writer_round_trips_the_pixel_size(tmp_path):
-    from hopt_st._spaceranger import write_spaceranger_outs
-
     sd = synthetic_visium(n_spots=30, n_genes=10, seed=3)  # 0.5 µm per full-res px
     outs = write_spaceranger_outs(sd, tmp_path / "outs")
     sf = json.loads((outs / "spatial" / "scalefactors_json.json").read_text())

@@ -178,6 +178,15 @@ def test_expression_errors_name_the_problem():
         hs.pl.expression(sdata, ["GA"], predicted_key="other")
     with pytest.raises(ValueError, match="empty"):
         hs.pl.expression(sdata, [])
+    with pytest.raises(TypeError, match="gene name"):
+        hs.pl.expression(sdata, 3)
+    with pytest.raises(TypeError, match="SpatialData or AnnData"):
+        hs.pl.expression(sdata["table"].to_df(), "GA")
+    sdata["table"].obs["flag"] = 1
+    with pytest.raises(TypeError, match="boolean column"):
+        hs.pl.expression(sdata, "GA", score_on="flag")
+    with pytest.raises(KeyError, match="boolean column"):
+        hs.pl.expression(sdata, "GA", score_on="nope")
 
 
 def _bar_order(ax):

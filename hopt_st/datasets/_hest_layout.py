@@ -9,28 +9,37 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import xarray as xr
 from anndata import AnnData
+from spatialdata import get_pyramid_levels
 
+from .._constants import (
+    PATCH_SIZE,
+    SQUARE_SPOT_SIDE_UM,
+    TARGET_MPP,
+    VISIUM_SPOT_DIAMETER_UM,
+    VISIUM_SPOT_DISTANCE_UM,
+)
 from .._patchset import ArrayPatches, hest_topleft, write_patches_h5
 from ._synthetic import synthetic_visium
+from ._tiff import write_pyramidal_tiff
 
 logger = logging.getLogger(__name__)
 
-PATCH_SIZE = 224
-PATCH_MPP = 0.5
 
-
-def _full_image(sdata) -> np.ndarray:
-    """Level-0 pixels of image "he" as (y, x, 3) uint8."""
+def _sample(sample_id: str, seed: int, **kwargs) -> tuple[AnnData, np.ndarray]:
+    """A synthetic sample's table and its image's level-0 pixels as (y, x, 3) uint8."""
+    sdata = synthetic_visium(seed=seed, sample_id=sample_id, **kwargs)
     img = sdata.images["he"]
-    da = img["scale0"]["image"] if hasattr(img, "children") and len(img.children) else img
-    return np.ascontiguousarray(np.asarray(da.data.compute()).transpose(1, 2, 0))
+    da = img if isinstance(img, xr.DataArray) else get_pyramid_levels(img, n=0)
+    return sdata.tables["table"], np.ascontiguousarray(np.asarray(da.data.compute()).transpose(1, 2, 0))
 
 
-def _plain_adata(table, sample_id: str) -> AnnData:
+def _plain_adata(table: AnnData, sample_id: str) -> AnnData:
     """The table as HEST ships it: raw counts, Visium obs columns, obsm['spatial']; no spatialdata attrs."""
     keep = ["in_tissue", "array_row", "array_col", "pxl_col_in_fullres", "pxl_row_in_fullres"]
     obs = table.obs[keep].copy()
@@ -57,23 +66,46 @@ def write_hest_layout(
     seed: int = 0,
     model_seed: int = 0,
     compression: str = "jpeg",
-) -> dict:
-    """Write synthetic samples in a real HEST on-disk layout.
+) -> dict[str, Any]:
+    """Write synthetic samples (:func:`synthetic_visium`) in a real HEST on-disk layout.
+
+    ``layout="hest1k"`` writes, for each sample ``{id}`` (``SYN<seed>``; ``SYNX<seed>`` for the Xenium-like one):
+
+    ``wsis/{id}.tif``
+        The H&E as a tiled pyramidal BigTIFF (:func:`write_pyramidal_tiff`, reduced levels as sub-IFDs,
+        resolution from ``image_mpp``).
+    ``st/{id}.h5ad``
+        Raw counts (float32 CSR) with ``obs`` ``in_tissue``, ``array_row``, ``array_col``,
+        ``pxl_col_in_fullres``, ``pxl_row_in_fullres``; ``obsm["spatial"]`` (x, y full-res px),
+        ``obsm["latent_truth"]``, ``varm["truth_loadings"]`` and ``uns["sample_id"]``.
+    ``metadata/{id}.json``
+        HEST's metadata fields: ``id``, ``pixel_size_um_estimated`` / ``pixel_size_um_embedded``
+        (``image_mpp``), ``magnification``, ``fullres_px_width`` / ``fullres_px_height``, ``patient``,
+        ``organ``, ``oncotree_code``, ``species``, ``tissue``, ``disease_state``, ``st_technology``,
+        ``spot_diameter`` / ``inter_spot_dist`` (µm), ``spots_under_tissue``, ``nb_genes``,
+        ``dataset_title``.
+
+    ``layout="bench"`` writes a HEST-Benchmark task folder ``root/<task>/`` (samples ``SYNB<seed>``):
+
+    ``splits/train_{i}.csv``, ``splits/test_{i}.csv``
+        Columns ``sample_id, patches_path, expr_path``; patient-level folds: fold ``i`` tests on patient
+        ``i`` and trains on the others.
+    ``patches/{id}.h5``
+        ``img`` (N, 224, 224, 3) uint8 at 0.5 µm/px, ``coords`` (N, 2) top-left x, y in full-res px as HEST
+        computes them, ``barcode`` (N, 1) bytes; no size attributes, as in HEST's files. Only spots whose
+        patch lies inside the image.
+    ``adata/{id}.h5ad``
+        Raw counts of those spots, as in ``st/`` above.
+    ``var_50genes.json``
+        ``{"genes": [...]}``: the 50 genes of highest variance of log1p(counts normalised to 10,000) over
+        all samples, as HEST-Benchmark picks them.
 
     Parameters
     ----------
     root
         Output folder (created).
     layout
-        ``"hest1k"``: ``wsis/{id}.tif`` (tiled pyramidal BigTIFF, reduced levels as sub-IFDs),
-        ``st/{id}.h5ad`` (raw counts, ``obs['pxl_col_in_fullres'/'pxl_row_in_fullres']``,
-        ``obsm['spatial']``), ``metadata/{id}.json``.
-        ``"bench"``: a HEST-Benchmark task folder ``root/<task>/`` with ``splits/train_i.csv`` /
-        ``test_i.csv`` (``sample_id, patches_path, expr_path``; patient-level folds: fold ``i`` tests on
-        patient ``i``), ``patches/{id}.h5`` (``img`` (N, 224, 224, 3) uint8 at 0.5 µm/px, ``coords``
-        (N, 2) top-left x, y in full-res px as HEST computes them, ``barcode`` (N, 1) bytes; no size
-        attributes, as in HEST's files), ``adata/{id}.h5ad`` raw counts and
-        ``var_50genes.json``.
+        ``"hest1k"`` (HEST-1k folders) or ``"bench"`` (a HEST-Benchmark task), see above.
     task
         Task folder name (``"bench"`` only).
     n_samples
@@ -81,8 +113,12 @@ def write_hest_layout(
     n_patients
         Number of patients (``"bench"``: number of folds; samples are dealt to patients in turn).
         Default: one patient per sample up to 3 samples, else ``n_samples // 2``.
-    n_spots, n_genes, n_states
-        Size of each synthetic sample (see :func:`synthetic_visium`); the bench layout needs >= 50 genes.
+    n_spots
+        Spots per sample.
+    n_genes
+        Genes per sample; the bench layout needs >= 50.
+    n_states
+        Latent cell states of the tissue model.
     image_mpp
         µm per pixel of the synthetic WSIs (``"bench"`` patches are cut at this resolution, so it must be
         0.5 there: HEST-Benchmark patches are 224 px at 0.5 µm/px).
@@ -103,6 +139,8 @@ def write_hest_layout(
         and ``"patients"`` (``{sample_id: patient}``).
     """
     root = Path(root)
+    if not isinstance(layout, str):
+        raise TypeError(f"layout must be 'bench' or 'hest1k', got {type(layout).__name__}.")
     if layout not in ("bench", "hest1k"):
         raise ValueError(
             f"layout = {layout!r}: use 'bench' (HEST-Benchmark task) or 'hest1k' (HEST-1k folders)."
@@ -118,7 +156,7 @@ def write_hest_layout(
         raise ValueError(
             f"n_genes = {n_genes}: the HEST-Benchmark layout lists 50 genes, so n_genes must be >= 50."
         )
-    if abs(image_mpp - PATCH_MPP) > 1e-9:
+    if abs(image_mpp - TARGET_MPP) > 1e-9:
         raise ValueError(
             f"image_mpp = {image_mpp}: HEST-Benchmark patches are {PATCH_SIZE} px at 0.5 µm/px; use 0.5."
         )
@@ -133,8 +171,6 @@ def write_hest_layout(
 def _write_hest1k(
     root, n_samples, n_spots, n_genes, n_states, image_mpp, xenium, seed, model_seed, compression
 ):
-    from ..io._tiff import write_pyramidal_tiff
-
     for sub in ("wsis", "st", "metadata"):
         (root / sub).mkdir(exist_ok=True)
     ids, paths = [], {}
@@ -142,18 +178,16 @@ def _write_hest1k(
     if xenium:
         specs.append((f"SYNX{seed:03d}", "Xenium", seed + n_samples))
     for sid, tech, s in specs:
-        sd = synthetic_visium(
+        table, img = _sample(
+            sid,
+            s,
             n_spots=n_spots,
             image_mpp=image_mpp,
-            seed=s,
             n_genes=n_genes,
             n_states=n_states,
             model_seed=model_seed,
             technology=tech,
-            sample_id=sid,
         )
-        table = sd.tables["table"]
-        img = _full_image(sd)
         p_wsi = write_pyramidal_tiff(
             root / "wsis" / f"{sid}.tif", img, mpp=image_mpp, compression=compression, min_side=256
         )
@@ -176,8 +210,8 @@ def _write_hest1k(
             "tissue": "synthetic",
             "disease_state": "Cancer",
             "st_technology": tech,
-            "spot_diameter": 100.0 if square else 55.0,
-            "inter_spot_dist": 100.0,
+            "spot_diameter": SQUARE_SPOT_SIDE_UM if square else VISIUM_SPOT_DIAMETER_UM,
+            "inter_spot_dist": VISIUM_SPOT_DISTANCE_UM,
             "spots_under_tissue": int(table.n_obs),
             "nb_genes": int(table.n_vars),
         }
@@ -196,19 +230,17 @@ def _write_bench(root, task, n_samples, n_patients, n_spots, n_genes, n_states, 
     ids, paths, patients, adatas = [], {}, {}, {}
     for i in range(n_samples):
         sid = f"SYNB{seed + i:03d}"
-        sd = synthetic_visium(
+        table, img = _sample(
+            sid,
+            seed + i,
             n_spots=n_spots,
-            image_mpp=PATCH_MPP,
-            seed=seed + i,
+            image_mpp=TARGET_MPP,
             n_genes=n_genes,
             n_states=n_states,
             model_seed=model_seed,
-            sample_id=sid,
         )
-        table = sd.tables["table"]
-        img = _full_image(sd)
         xy = np.asarray(table.obsm["spatial"])
-        tl = hest_topleft(xy, PATCH_SIZE)  # full-res is at PATCH_MPP, so patch_size_src = PATCH_SIZE
+        tl = hest_topleft(xy, PATCH_SIZE)  # full-res is at TARGET_MPP, so patch_size_src = PATCH_SIZE
         h, w = img.shape[:2]
         inside = (
             (tl[:, 0] >= 0) & (tl[:, 1] >= 0) & (tl[:, 0] + PATCH_SIZE <= w) & (tl[:, 1] + PATCH_SIZE <= h)
@@ -218,7 +250,7 @@ def _write_bench(root, task, n_samples, n_patients, n_spots, n_genes, n_states, 
         barcodes = table.obs_names[sel].tolist()
         # written as HEST's own patcher writes them (no hopt_st size attributes, no exact centres)
         p_patch = write_patches_h5(
-            ArrayPatches(patches, PATCH_MPP, barcodes, centers=xy[sel], patch_size_src=PATCH_SIZE),
+            ArrayPatches(patches, TARGET_MPP, barcodes, centers=xy[sel], patch_size_src=PATCH_SIZE),
             tdir / "patches" / f"{sid}.h5",
             hopt_st_fields=False,
         )

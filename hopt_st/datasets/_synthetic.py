@@ -28,17 +28,18 @@ import logging
 
 import numpy as np
 import pandas as pd
+import xarray as xr
 from anndata import AnnData
+from geopandas import GeoDataFrame
 from scipy import sparse
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Identity
 
+from .._constants import SQUARE_SPOT_SIDE_UM, UNS_KEY, VISIUM_SPOT_DIAMETER_UM, VISIUM_SPOT_DISTANCE_UM
+
 logger = logging.getLogger(__name__)
 
-SPOT_DIAMETER_UM = 55.0
-SPOT_DISTANCE_UM = 100.0
-SQUARE_SIDE_UM = 100.0
 _MARGIN_UM = 120.0
 _MULTISCALE_SIDE = 4096
 _CHUNK = 1024
@@ -117,6 +118,44 @@ def synthetic_visium(
     >>> sdata.tables["table"].obsm["latent_truth"].shape
     (100, 4)
     """
+    _check_arguments(n_spots, n_states, n_genes, image_mpp)
+    squares = _is_square_technology(technology)
+    sample_id = sample_id or f"synthetic_{seed}"
+    mpp = float(image_mpp)
+    rng = np.random.default_rng(seed)
+    model = _tissue_model(n_states, n_genes, n_state_genes, model_seed)
+
+    # spot grid (µm), slide size, latent field and the image it shows
+    centers_um, array_row, array_col = _grid(n_spots, squares)
+    width_um = centers_um[:, 0].max() + _MARGIN_UM
+    height_um = centers_um[:, 1].max() + _MARGIN_UM
+    width, height = int(np.ceil(width_um / mpp)), int(np.ceil(height_um / mpp))
+    field = _LatentField(n_states, width_um, height_um, rng)
+    image = _render(field, model, width, height, mpp, rng)
+
+    # ground truth at spots: mean state fractions over the spot's footprint; counts drawn from it
+    half_um = SQUARE_SPOT_SIDE_UM / 2 if squares else VISIUM_SPOT_DIAMETER_UM / 2
+    latent = field.spot_fractions(centers_um, half_um, squares)
+    counts = _counts(model, latent, mean_library_size, rng)
+
+    xy = centers_um / mpp
+    table = _table(counts, latent, model, xy, array_row, array_col, seed)
+    table.uns[UNS_KEY] = _uns(mpp, sample_id, squares, seed, model_seed, n_states)
+    table = TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")
+    logger.info("synthetic_visium: %d spots, image %d x %d px at %.3g µm/px", n_spots, width, height, mpp)
+    return SpatialData(
+        images={"he": _image_element(image)},
+        shapes={"spots": _spot_shapes(xy, mpp, squares)},
+        tables={"table": table},
+    )
+
+
+def _check_arguments(n_spots: int, n_states: int, n_genes: int, image_mpp: float) -> None:
+    for name, v in (("n_spots", n_spots), ("n_states", n_states), ("n_genes", n_genes)):
+        if not isinstance(v, int | np.integer) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an integer, got {type(v).__name__}.")
+    if not isinstance(image_mpp, int | float | np.number) or isinstance(image_mpp, bool):
+        raise TypeError(f"image_mpp must be a number (µm per pixel), got {type(image_mpp).__name__}.")
     if n_spots < 1:
         raise ValueError(f"n_spots = {n_spots!r}: need at least one spot.")
     if n_states < 2:
@@ -127,56 +166,50 @@ def synthetic_visium(
         raise ValueError(
             f"image_mpp = {image_mpp!r} µm/px is not plausible; use e.g. 0.5 (20x) or 0.25 (40x)."
         )
-    squares = _is_square_technology(technology)
-    sample_id = sample_id or f"synthetic_{seed}"
-    mpp = float(image_mpp)
-    rng = np.random.default_rng(seed)
-    model = _tissue_model(n_states, n_genes, n_state_genes, model_seed)
 
-    # --- spot grid (µm) -------------------------------------------------------------------------
-    centers_um, array_row, array_col = _grid(n_spots, squares)
-    width_um = centers_um[:, 0].max() + _MARGIN_UM
-    height_um = centers_um[:, 1].max() + _MARGIN_UM
-    width, height = int(np.ceil(width_um / mpp)), int(np.ceil(height_um / mpp))
 
-    # --- latent field on a coarse grid ------------------------------------------------------------
-    field = _LatentField(n_states, width_um, height_um, rng)
-    image = _render(field, model, width, height, mpp, rng)
-
-    # --- ground truth at spots: mean state fractions over the spot's footprint --------------------
-    latent = field.spot_fractions(
-        centers_um, SQUARE_SIDE_UM / 2 if squares else SPOT_DIAMETER_UM / 2, squares
-    )
-
-    # --- counts -----------------------------------------------------------------------------------
-    lib = mean_library_size * rng.lognormal(0.0, 0.15, size=n_spots)
+def _counts(
+    model: dict, latent: np.ndarray, mean_library_size: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Poisson counts (n_spots, n_genes) float32 around the model's rates at each spot's state fractions."""
+    lib = mean_library_size * rng.lognormal(0.0, 0.15, size=len(latent))
     # a constant normaliser (not per spot) keeps noise genes independent of the states
     norm = np.exp(model["log_base"] + model["loadings"].mean(axis=1)).sum()
     rates = np.exp(model["log_base"][None, :] + latent @ model["loadings"].T) / norm * lib[:, None]
-    counts = rng.poisson(rates).astype(np.float32)
+    return rng.poisson(rates).astype(np.float32)
 
-    # --- elements ---------------------------------------------------------------------------------
-    xy = centers_um / mpp
-    spot_ids = np.arange(n_spots)
+
+def _spot_shapes(xy: np.ndarray, mpp: float, squares: bool) -> GeoDataFrame:
+    """55 µm circles, or 100 µm squares, centred at ``xy`` (full-resolution px), indexed 0..n-1."""
+    spot_ids = np.arange(len(xy))
     if squares:
         from shapely.geometry import box
 
-        half = SQUARE_SIDE_UM / 2 / mpp
+        half = SQUARE_SPOT_SIDE_UM / 2 / mpp
         geoms = [box(x - half, y - half, x + half, y + half) for x, y in xy]
-        import geopandas as gpd
+        return ShapesModel.parse(
+            GeoDataFrame(geometry=geoms, index=pd.Index(spot_ids)), transformations={"global": Identity()}
+        )
+    return ShapesModel.parse(
+        xy.copy(),
+        geometry=0,
+        radius=np.full(len(xy), VISIUM_SPOT_DIAMETER_UM / 2 / mpp),
+        index=spot_ids,
+        transformations={"global": Identity()},
+    )
 
-        shapes = ShapesModel.parse(
-            gpd.GeoDataFrame(geometry=geoms, index=pd.Index(spot_ids)),
-            transformations={"global": Identity()},
-        )
-    else:
-        shapes = ShapesModel.parse(
-            xy.copy(),
-            geometry=0,
-            radius=np.full(n_spots, SPOT_DIAMETER_UM / 2 / mpp),
-            index=spot_ids,
-            transformations={"global": Identity()},
-        )
+
+def _table(
+    counts: np.ndarray,
+    latent: np.ndarray,
+    model: dict,
+    xy: np.ndarray,
+    array_row: np.ndarray,
+    array_col: np.ndarray,
+    seed: int,
+) -> AnnData:
+    """Counts with Visium obs columns, ``obsm["spatial"]`` and the ground truth (not yet a TableModel)."""
+    n_spots = len(xy)
     barcodes = [f"SYN{seed % 1000:03d}{i:05d}-1" for i in range(n_spots)]
     obs = pd.DataFrame(
         {
@@ -186,29 +219,31 @@ def synthetic_visium(
             "pxl_col_in_fullres": xy[:, 0],
             "pxl_row_in_fullres": xy[:, 1],
             "region": pd.Categorical(["spots"] * n_spots),
-            "spot_id": spot_ids,
+            "spot_id": np.arange(n_spots),
         },
         index=pd.Index(barcodes),
     )
     var = pd.DataFrame(
-        {
-            "state_dependent": model["state_dependent"],
-            "truth_log_base": model["log_base"],
-        },
+        {"state_dependent": model["state_dependent"], "truth_log_base": model["log_base"]},
         index=pd.Index(model["gene_names"]),
     )
     adata = AnnData(X=sparse.csr_matrix(counts), obs=obs, var=var)
     adata.obsm["spatial"] = xy.copy()
     adata.obsm["latent_truth"] = latent.astype(np.float32)
     adata.varm["truth_loadings"] = model["loadings"].astype(np.float32)
-    adata.uns["hopt_st"] = {
+    return adata
+
+
+def _uns(mpp: float, sample_id: str, squares: bool, seed: int, model_seed: int, n_states: int) -> dict:
+    """``uns["hopt_st"]``: pixel sizes (the readers' convention), sample id, Visium-like metadata."""
+    return {
         "image_mpp": {"he": mpp},
         "fullres_mpp": mpp,
         "sample_id": sample_id,
         "metadata": {
             "st_technology": "Xenium" if squares else "Visium",
-            "spot_diameter": SQUARE_SIDE_UM if squares else SPOT_DIAMETER_UM,
-            "inter_spot_dist": SPOT_DISTANCE_UM,
+            "spot_diameter": SQUARE_SPOT_SIDE_UM if squares else VISIUM_SPOT_DIAMETER_UM,
+            "inter_spot_dist": VISIUM_SPOT_DISTANCE_UM,
             "synthetic": {
                 "seed": int(seed),
                 "model_seed": int(model_seed),
@@ -217,10 +252,12 @@ def synthetic_visium(
             },
         },
     }
-    table = TableModel.parse(adata, region="spots", region_key="region", instance_key="spot_id")
 
-    scale_factors = _scale_factors(height, width)
-    img = Image2DModel.parse(
+
+def _image_element(image: np.ndarray) -> xr.DataArray | xr.DataTree:
+    """The (3, height, width) uint8 image as element ``"he"``: multiscale when a side exceeds 4096 px."""
+    scale_factors = _scale_factors(*image.shape[1:])
+    return Image2DModel.parse(
         image,
         dims=("c", "y", "x"),
         c_coords=["r", "g", "b"],
@@ -228,8 +265,6 @@ def synthetic_visium(
         chunks=(3, _CHUNK, _CHUNK),
         transformations={"global": Identity()},
     )
-    logger.info("synthetic_visium: %d spots, image %d x %d px at %.3g µm/px", n_spots, width, height, mpp)
-    return SpatialData(images={"he": img}, shapes={"spots": shapes}, tables={"table": table})
 
 
 def _is_square_technology(technology: str) -> bool:
@@ -254,13 +289,13 @@ def _scale_factors(height: int, width: int) -> list[int]:
 
 def _grid(n_spots: int, squares: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Spot centres (µm) on a 100 µm hexagonal (Visium) or square grid; the slide is ~1.6x wider than tall."""
-    row_step = SPOT_DISTANCE_UM if squares else SPOT_DISTANCE_UM * np.sqrt(3) / 2
-    n_rows = max(1, int(round(np.sqrt(n_spots * row_step / (1.6 * SPOT_DISTANCE_UM)))))
+    row_step = VISIUM_SPOT_DISTANCE_UM if squares else VISIUM_SPOT_DISTANCE_UM * np.sqrt(3) / 2
+    n_rows = max(1, int(round(np.sqrt(n_spots * row_step / (1.6 * VISIUM_SPOT_DISTANCE_UM)))))
     n_cols = int(np.ceil(n_spots / n_rows))
     idx = np.arange(n_spots)
     row, col = idx // n_cols, idx % n_cols
-    offset = 0.0 if squares else (row % 2) * SPOT_DISTANCE_UM / 2
-    x = _MARGIN_UM + col * SPOT_DISTANCE_UM + offset
+    offset = 0.0 if squares else (row % 2) * VISIUM_SPOT_DISTANCE_UM / 2
+    x = _MARGIN_UM + col * VISIUM_SPOT_DISTANCE_UM + offset
     y = _MARGIN_UM + row * row_step
     # Visium array coordinates: columns step by 2, odd rows shifted by one
     array_col = col * 2 + (row % 2) if not squares else col

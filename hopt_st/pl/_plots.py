@@ -3,20 +3,38 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 from spatialdata import SpatialData
 
+from .._constants import UNS_KEY
+from .._docs import DOC_DPI, DOC_IMAGE_KEY, DOC_SAVE, DOC_TABLE_NAME, inject_docs
 from ..io._elements import resolve_table_name
+from ..tl import pearson_per_gene, target_matrix
 from ._tissue import TissueView, tissue_view
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+    from matplotlib.collections import EllipseCollection
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
-UNS_KEY = "hopt_st"
+_DOC_TITLE = "Figure title."
+_DOC_CMAP = "Matplotlib colour map."
+#: The ``save`` and ``dpi`` entries of every plot's Parameters section (scanpy's ``doc_show_save_ax`` pattern).
+_DOC_SAVE_DPI = f"save\n        {DOC_SAVE}\n    dpi\n        {DOC_DPI}"
+
+
+def _save(fig: Figure, save: str | Path | None, dpi: int) -> None:
+    if save is not None:
+        fig.savefig(save, dpi=dpi)
+        logger.info("Saved %s", save)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -60,25 +78,13 @@ def _measured(table: AnnData, genes: list[str], target: str, layer: str | None =
         raise KeyError(
             f"genes {missing} are not in the table's var_names; no measured values to compare with."
         )
-    try:
-        from ..tl._targets import target_matrix
-    except ImportError:  # pragma: no cover - only while tl is being written
-        target_matrix = None
-    if target_matrix is not None:
-        return np.asarray(target_matrix(table, genes, target=target, layer=layer), dtype=np.float32)
-    if target not in ("log1p", "raw", "counts"):  # pragma: no cover
-        raise ValueError(f"cannot compute measured expression in target space {target!r} without hopt_st.tl.")
-    x = table[:, genes].X
-    x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
-    return np.log1p(x) if target == "log1p" else x
+    return np.asarray(target_matrix(table, genes, target=target, layer=layer), dtype=np.float32)
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r over the spots where both values are finite (NaN when fewer than 2)."""
     ok = np.isfinite(a) & np.isfinite(b)
-    a, b = a[ok].astype(np.float64), b[ok].astype(np.float64)
-    if a.size < 2 or a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
+    return float(pearson_per_gene(a[ok], b[ok])[0]) if ok.sum() >= 2 else float("nan")
 
 
 def _color_limits(values: np.ndarray, robust: bool) -> tuple[float, float]:
@@ -91,7 +97,17 @@ def _color_limits(values: np.ndarray, robust: bool) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _draw_spots(ax, view: TissueView, values: np.ndarray, *, cmap, vmin, vmax, alpha, scale=1.0):
+def _draw_spots(
+    ax: Axes,
+    view: TissueView,
+    values: np.ndarray,
+    *,
+    cmap: str,
+    vmin: float,
+    vmax: float,
+    alpha: float,
+    scale: float = 1.0,
+) -> EllipseCollection:
     from matplotlib.collections import EllipseCollection
 
     if view.image is not None:
@@ -127,6 +143,79 @@ def _draw_spots(ax, view: TissueView, values: np.ndarray, *, cmap, vmin, vmax, a
     return coll
 
 
+def _resolve_data(
+    sdata: SpatialData | AnnData,
+    table_name: str | None,
+    image_key: str | None,
+    show_image: bool,
+    max_image_size: int,
+) -> tuple[AnnData, str, TissueView]:
+    """The table, its name in messages, and what the panels draw (spots and, with a SpatialData, the H&E)."""
+    if isinstance(sdata, AnnData):
+        table = sdata
+        if "spatial" not in table.obsm:
+            raise KeyError("the AnnData has no obsm['spatial'] (x, y) spot coordinates to draw the spots at.")
+        xy = np.asarray(table.obsm["spatial"], dtype=float)[:, :2]
+        return table, "adata", TissueView(None, xy, _radius_from_spacing(xy), None, None)
+    if isinstance(sdata, SpatialData):
+        tname = resolve_table_name(sdata, table_name)
+        view = tissue_view(
+            sdata, table_name=tname, image_key=image_key, show_image=show_image, max_size=max_image_size
+        )
+        return sdata.tables[tname], tname, view
+    raise TypeError(f"expected a SpatialData or AnnData, got {type(sdata).__name__}.")
+
+
+def _gene_frames(
+    table: AnnData, tname: str, genes: list[str], predicted_key: str
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Measured and predicted values (n_obs, n_genes) in the predictions' target space, and its label."""
+    pred, target, layer = _prediction_frame(table, predicted_key, tname)
+    not_pred = [g for g in genes if g not in pred.columns]
+    if not_pred:
+        raise KeyError(
+            f"genes {not_pred} were not predicted under {predicted_key!r}; predicted genes are "
+            f"{list(pred.columns[:10])}{'...' if pred.shape[1] > 10 else ''}."
+        )
+    measured = _measured(table, genes, target, layer)
+    predicted = pred.loc[table.obs_names, genes].to_numpy(dtype=np.float32)
+    return measured, predicted, {"log1p": "log1p counts"}.get(target, target)
+
+
+def _scored_spots(table: AnnData, tname: str, score_on: str | None) -> tuple[np.ndarray, str]:
+    """Boolean mask of the spots the Pearson is computed on, and the note for the titles."""
+    if score_on is None:
+        return np.ones(table.n_obs, bool), ""
+    if score_on not in table.obs.columns:
+        raise KeyError(f"score_on={score_on!r} must name a boolean column of table {tname!r}.obs.")
+    if table.obs[score_on].dtype != bool:
+        raise TypeError(
+            f"score_on={score_on!r} must name a boolean column of table {tname!r}.obs; it is "
+            f"{table.obs[score_on].dtype}."
+        )
+    return table.obs[score_on].to_numpy(), f" ({score_on} spots)"
+
+
+def _expression_layout(view: TissueView, n_genes: int, panel_size: float) -> tuple[Figure, np.ndarray]:
+    """One row of (measured, predicted) panels per gene, shaped like the tissue."""
+    import matplotlib.pyplot as plt
+
+    if view.image is not None:
+        aspect = view.image.shape[0] / view.image.shape[1]
+    else:
+        span = np.ptp(view.xy, axis=0) + 4 * view.radius
+        aspect = float(span[1] / span[0]) if span[0] > 0 else 1.0
+    aspect = float(np.clip(aspect, 0.25, 4.0))
+    return plt.subplots(
+        n_genes,
+        2,
+        figsize=(2 * panel_size + 1.1, n_genes * (panel_size * aspect + 0.45) + 0.2),
+        squeeze=False,
+        layout="constrained",
+    )
+
+
+@inject_docs(table_name=DOC_TABLE_NAME, image_key=DOC_IMAGE_KEY, cmap=_DOC_CMAP, save_dpi=_DOC_SAVE_DPI)
 def expression(
     sdata: SpatialData | AnnData,
     genes: str | Sequence[str],
@@ -144,7 +233,7 @@ def expression(
     panel_size: float = 3.6,
     save: str | Path | None = None,
     dpi: int = 150,
-):
+) -> Figure:
     """Measured vs predicted expression side by side on the H&E: one row per gene, two columns.
 
     Measured expression is shown in the same space as the predictions (e.g. log1p counts, as recorded by
@@ -154,97 +243,56 @@ def expression(
 
     Parameters
     ----------
-    sdata : SpatialData or AnnData
+    sdata
         Data holding ``table.obsm[predicted_key]`` (a DataFrame of predictions, genes as columns) and raw
-        counts in ``table.X`` (or in the layer the regressor was fit on, as recorded by predict_expression). With an AnnData, spots are drawn at ``obsm["spatial"]`` without an image.
-    genes : str or sequence of str
+        counts in ``table.X`` (or in the layer the regressor was fit on, as recorded by predict_expression).
+        With an AnnData, spots are drawn at ``obsm["spatial"]`` without an image.
+    genes
         Gene(s) to draw; each must be a column of the predictions and a variable of the table.
-    predicted_key : str
+    predicted_key
         Key of the predictions in ``table.obsm``.
-    table_name : str, optional
-        The spot table; ``None`` picks the only table.
-    image_key : str, optional
-        The H&E image; ``None`` picks the largest. A small pyramid level is drawn, never the full slide.
-    show_image : bool
+    table_name
+        {table_name}
+    image_key
+        {image_key} A small pyramid level is drawn, never the full slide.
+    show_image
         Draw the H&E under the spots.
-    cmap : str
-        Matplotlib colour map.
-    alpha : float
+    cmap
+        {cmap}
+    alpha
         Opacity of the spots (the tissue shows through when < 1).
-    spot_scale : float
+    spot_scale
         Draw spots this many times their true diameter (e.g. 2-3 for sparse spots on a large image).
-    robust : bool
+    robust
         Colour limits from the 1st-99th percentiles of the gene's measured and predicted values together
         (``False``: min-max).
-    score_on : str, optional
+    score_on
         A boolean ``table.obs`` column (e.g. held-out test spots): the Pearson in the titles is computed on
         those spots only (all spots are still drawn). ``None``: all spots.
-    max_image_size : int
+    max_image_size
         Largest side, in pixels, of the image level drawn.
-    panel_size : float
+    panel_size
         Size of one panel in inches.
-    save : str or Path, optional
-        Write the figure there (format from the suffix).
-    dpi : int
-        Resolution when saving.
+    {save_dpi}
 
     Returns
     -------
-    matplotlib.figure.Figure
-        The figure; ``fig.axes[2 * i]`` / ``fig.axes[2 * i + 1]`` are gene ``i``'s measured / predicted panels.
+    Figure
+        ``fig.axes[2 * i]`` / ``fig.axes[2 * i + 1]`` are gene ``i``'s measured / predicted panels, then
+        one colour bar per gene.
     """
-    import matplotlib.pyplot as plt
-
-    genes = [genes] if isinstance(genes, str) else list(genes)
+    if isinstance(genes, str):
+        genes = [genes]
+    elif isinstance(genes, Iterable):
+        genes = list(genes)
+    else:
+        raise TypeError(f"genes must be a gene name or a sequence of names, got {type(genes).__name__}.")
     if not genes:
         raise ValueError("genes is empty: pass one or more gene names.")
-    if isinstance(sdata, AnnData):
-        table, tname = sdata, "adata"
-        if "spatial" not in table.obsm:
-            raise KeyError("the AnnData has no obsm['spatial'] (x, y) spot coordinates to draw the spots at.")
-        xy = np.asarray(table.obsm["spatial"], dtype=float)[:, :2]
-        radius = _radius_from_spacing(xy)
-        view = TissueView(None, xy, radius, None, None)
-    elif isinstance(sdata, SpatialData):
-        tname = resolve_table_name(sdata, table_name)
-        table = sdata.tables[tname]
-        view = tissue_view(
-            sdata, table_name=tname, image_key=image_key, show_image=show_image, max_size=max_image_size
-        )
-    else:
-        raise TypeError(f"expected a SpatialData or AnnData, got {type(sdata).__name__}.")
-
-    pred, target, layer = _prediction_frame(table, predicted_key, tname)
-    not_pred = [g for g in genes if g not in pred.columns]
-    if not_pred:
-        raise KeyError(
-            f"genes {not_pred} were not predicted under {predicted_key!r}; predicted genes are "
-            f"{list(pred.columns[:10])}{'...' if pred.shape[1] > 10 else ''}."
-        )
-    measured = _measured(table, genes, target, layer)
-    predicted = pred.loc[table.obs_names, genes].to_numpy(dtype=np.float32)
-    label = {"log1p": "log1p counts"}.get(target, target)
-    if score_on is None:
-        scored, where = np.ones(table.n_obs, bool), ""
-    else:
-        if score_on not in table.obs.columns or table.obs[score_on].dtype != bool:
-            raise KeyError(f"score_on={score_on!r} must name a boolean column of table {tname!r}.obs.")
-        scored, where = table.obs[score_on].to_numpy(), f" ({score_on} spots)"
-
-    n = len(genes)
-    if view.image is not None:
-        aspect = view.image.shape[0] / view.image.shape[1]
-    else:
-        span = np.ptp(view.xy, axis=0) + 4 * view.radius
-        aspect = float(span[1] / span[0]) if span[0] > 0 else 1.0
-    aspect = float(np.clip(aspect, 0.25, 4.0))
-    fig, axes = plt.subplots(
-        n,
-        2,
-        figsize=(2 * panel_size + 1.1, n * (panel_size * aspect + 0.45) + 0.2),
-        squeeze=False,
-        layout="constrained",
-    )
+    table, tname, view = _resolve_data(sdata, table_name, image_key, show_image, max_image_size)
+    measured, predicted, label = _gene_frames(table, tname, genes, predicted_key)
+    scored, where = _scored_spots(table, tname, score_on)
+    fig, axes = _expression_layout(view, len(genes), panel_size)
     for i, gene in enumerate(genes):
         m, p = measured[:, i], predicted[:, i]
         vmin, vmax = _color_limits(np.concatenate([m, p]), robust)
@@ -257,9 +305,7 @@ def expression(
         ax_p.set_title(f"{gene}\npredicted, Pearson r = {r:.2f}{where}", fontsize=10)
         cb = fig.colorbar(coll, ax=[ax_m, ax_p], shrink=0.8, pad=0.02)
         cb.set_label(f"{gene} ({label})")
-    if save is not None:
-        fig.savefig(save, dpi=dpi)
-        logger.info("Saved %s", save)
+    _save(fig, save, dpi)
     return fig
 
 
@@ -275,7 +321,7 @@ def _radius_from_spacing(xy: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------------------------
 # per-gene scores
 # --------------------------------------------------------------------------------------------------------------
-def _score_groups(results) -> dict[str, pd.Series]:
+def _score_groups(results: pd.Series | Mapping[str, float] | pd.DataFrame) -> dict[str, pd.Series]:
     """Normalise the accepted inputs to {panel title: Series gene -> pearson}."""
     if isinstance(results, pd.Series):
         return {str(results.name) if results.name is not None else "": results.astype(float)}
@@ -304,37 +350,36 @@ def _score_groups(results) -> dict[str, pd.Series]:
     )
 
 
+@inject_docs(title=_DOC_TITLE, save_dpi=_DOC_SAVE_DPI)
 def gene_scores(
-    results,
+    results: pd.Series | Mapping[str, float] | pd.DataFrame,
     *,
     top: int | None = None,
     title: str | None = None,
     color: str = "#3b75af",
     save: str | Path | None = None,
     dpi: int = 150,
-):
+) -> Figure:
     """Per-gene Pearson correlation as sorted horizontal bars, best gene at the top.
 
     Parameters
     ----------
-    results : pandas.Series, dict or pandas.DataFrame
+    results
         gene -> Pearson (Series or dict); or a DataFrame with ``gene`` and ``pearson`` columns; or the table
         returned by :func:`hopt_st.bench.run`, whose ``attrs["per_gene"]`` is used (one panel per
         task/model/protocol that varies).
-    top : int, optional
+    top
         Draw only the ``top`` best genes of each panel.
-    title : str, optional
-        Figure title.
-    color : str
+    title
+        {title}
+    color
         Bar colour (negative correlations are drawn in grey).
-    save : str or Path, optional
-        Write the figure there.
-    dpi : int
-        Resolution when saving.
+    {save_dpi}
 
     Returns
     -------
-    matplotlib.figure.Figure
+    Figure
+        One panel of bars per group, titled with its mean Pearson over all its genes.
     """
     import matplotlib.pyplot as plt
 
@@ -368,15 +413,76 @@ def gene_scores(
         )
     if title:
         fig.suptitle(title)
-    if save is not None:
-        fig.savefig(save, dpi=dpi)
-        logger.info("Saved %s", save)
+    _save(fig, save, dpi)
     return fig
 
 
 # --------------------------------------------------------------------------------------------------------------
 # benchmark heat map
 # --------------------------------------------------------------------------------------------------------------
+def _check_results(results: pd.DataFrame, value: str) -> None:
+    if not isinstance(results, pd.DataFrame):
+        raise TypeError(
+            f"expected the DataFrame returned by hopt_st.bench.run, got {type(results).__name__}."
+        )
+    need = {"task", "model", value}
+    if need - set(results.columns):
+        raise ValueError(
+            f"the results table lacks columns {sorted(need - set(results.columns))} (it has {list(results.columns)})."
+        )
+    if results.empty:
+        raise ValueError("the results table is empty.")
+
+
+def _heat_limits(values: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
+    """Colour limits shared by all panels: from ``min(0, lowest)`` to the highest score unless given."""
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    # from 0 (or below, for negative scores) so that small differences do not look like large ones
+    vmin = min(0.0, lo) if vmin is None else float(vmin)
+    vmax = max(hi, vmin + 0.1) if vmax is None else float(vmax)
+    return vmin, vmax
+
+
+def _model_by_task(
+    sub: pd.DataFrame, value: str, std_col: str | None, models: list, tasks: list, average: bool
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Models x tasks means of ``value`` (and of ``std_col``), with an ``Average`` column when asked."""
+    mat = sub.pivot_table(index="model", columns="task", values=value, aggfunc="mean").reindex(
+        index=models, columns=tasks
+    )
+    std = (
+        sub.pivot_table(index="model", columns="task", values=std_col, aggfunc="mean").reindex(
+            index=models, columns=tasks
+        )
+        if std_col
+        else None
+    )
+    if average:
+        mat["Average"] = mat[tasks].mean(axis=1)
+        if std is not None:
+            std["Average"] = np.nan
+    return mat, std
+
+
+def _write_cells(ax: Axes, im, m: np.ndarray, std: pd.DataFrame | None, cmap: str, fmt: str) -> None:
+    """Each finite value (and ``± std``) in its cell, black on light colours, white on dark ones."""
+    import matplotlib.pyplot as plt
+
+    norm = im.norm
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            v = m[i, j]
+            if not np.isfinite(v):
+                continue
+            text = fmt.format(v)
+            if std is not None and np.isfinite(std.iat[i, j]):
+                text += f"\n± {std.iat[i, j]:.3f}"
+            rgba = plt.get_cmap(cmap)(norm(v))
+            lum = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="k" if lum > 0.5 else "w")
+
+
+@inject_docs(cmap=_DOC_CMAP, title=_DOC_TITLE, save_dpi=_DOC_SAVE_DPI)
 def benchmark(
     results: pd.DataFrame,
     *,
@@ -390,7 +496,7 @@ def benchmark(
     title: str | None = None,
     save: str | Path | None = None,
     dpi: int = 150,
-):
+) -> Figure:
     """Task x model heat map of a benchmark's scores, values written in each cell.
 
     Rows are models, columns tasks (as in HEST-Benchmark's README), one panel per protocol when
@@ -398,56 +504,41 @@ def benchmark(
 
     Parameters
     ----------
-    results : pandas.DataFrame
+    results
         As returned by :func:`hopt_st.bench.run`: columns ``task``, ``model``, ``value`` (default
         ``pearson_mean``), optionally ``protocol`` and ``pearson_std``.
-    value : str
+    value
         Column holding the score.
-    show_std : bool
+    show_std
         Write ``± std`` under the value when a ``pearson_std`` column is present.
-    average : bool
+    average
         Add an ``Average`` column (mean over tasks) when there are several tasks.
-    cmap : str
-        Matplotlib colour map.
-    vmin, vmax : float, optional
-        Colour limits, shared by all panels; default from ``min(0, lowest score)`` to the highest score.
-    fmt : str
-        Format of the written values.
-    title : str, optional
-        Figure title.
-    save : str or Path, optional
-        Write the figure there.
-    dpi : int
-        Resolution when saving.
+    cmap
+        {cmap}
+    vmin
+        Lower colour limit, shared by all panels; default ``min(0, lowest score)``.
+    vmax
+        Upper colour limit, shared by all panels; default the highest score.
+    fmt
+        Format of the written values (:meth:`str.format`).
+    title
+        {title}
+    {save_dpi}
 
     Returns
     -------
-    matplotlib.figure.Figure
+    Figure
         ``fig.axes`` holds one heat map per protocol, then the colour bar(s).
     """
     import matplotlib.pyplot as plt
 
-    if not isinstance(results, pd.DataFrame):
-        raise TypeError(
-            f"expected the DataFrame returned by hopt_st.bench.run, got {type(results).__name__}."
-        )
-    need = {"task", "model", value}
-    if need - set(results.columns):
-        raise ValueError(
-            f"the results table lacks columns {sorted(need - set(results.columns))} (it has {list(results.columns)})."
-        )
-    if results.empty:
-        raise ValueError("the results table is empty.")
+    _check_results(results, value)
     df = results.copy()
     if "protocol" not in df.columns:
         df["protocol"] = ""
     protocols = list(dict.fromkeys(df["protocol"]))
     std_col = "pearson_std" if show_std and "pearson_std" in df.columns and value == "pearson_mean" else None
-    vals = df[value].to_numpy(dtype=float)
-    lo, hi = float(np.nanmin(vals)), float(np.nanmax(vals))
-    # from 0 (or below, for negative scores) so that small differences do not look like large ones
-    vmin = min(0.0, lo) if vmin is None else float(vmin)
-    vmax = max(hi, vmin + 0.1) if vmax is None else float(vmax)
+    vmin, vmax = _heat_limits(df[value].to_numpy(dtype=float), vmin, vmax)
     tasks = list(dict.fromkeys(df["task"]))
     models = list(dict.fromkeys(df["model"]))
     cols = tasks + (["Average"] if average and len(tasks) > 1 else [])
@@ -461,38 +552,14 @@ def benchmark(
     im = None
     for ax, proto in zip(axes[0], protocols):
         sub = df[df["protocol"] == proto]
-        mat = sub.pivot_table(index="model", columns="task", values=value, aggfunc="mean").reindex(
-            index=models, columns=tasks
-        )
-        std = (
-            sub.pivot_table(index="model", columns="task", values=std_col, aggfunc="mean").reindex(
-                index=models, columns=tasks
-            )
-            if std_col
-            else None
-        )
-        if "Average" in cols:
-            mat["Average"] = mat[tasks].mean(axis=1)
-            if std is not None:
-                std["Average"] = np.nan
+        mat, std = _model_by_task(sub, value, std_col, models, tasks, "Average" in cols)
         m = mat.to_numpy(dtype=float)
         im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_xticks(np.arange(len(cols)), labels=cols, rotation=35, ha="right")
         ax.set_yticks(np.arange(len(models)), labels=models)
         if "Average" in cols:
             ax.axvline(len(tasks) - 0.5, color="w", lw=2)
-        norm = im.norm
-        for i in range(m.shape[0]):
-            for j in range(m.shape[1]):
-                v = m[i, j]
-                if not np.isfinite(v):
-                    continue
-                text = fmt.format(v)
-                if std is not None and np.isfinite(std.iat[i, j]):
-                    text += f"\n± {std.iat[i, j]:.3f}"
-                rgba = plt.get_cmap(cmap)(norm(v))
-                lum = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
-                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="k" if lum > 0.5 else "w")
+        _write_cells(ax, im, m, std, cmap, fmt)
         ax.set_title(f"protocol: {proto}" if proto else "", fontsize=10)
         ax.set_xlabel("task")
         ax.set_ylabel("model")
@@ -500,7 +567,5 @@ def benchmark(
     cb.set_label(value.replace("_", " "))
     if title:
         fig.suptitle(title)
-    if save is not None:
-        fig.savefig(save, dpi=dpi)
-        logger.info("Saved %s", save)
+    _save(fig, save, dpi)
     return fig

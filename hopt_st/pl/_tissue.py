@@ -11,9 +11,12 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from spatialdata import SpatialData
-from spatialdata.transformations import get_transformation
+import xarray as xr
+from geopandas import GeoDataFrame
+from spatialdata import SpatialData, get_pyramid_levels
+from spatialdata.transformations import get_transformation, get_transformation_between_coordinate_systems
 
+from .._docs import DOC_IMAGE_KEY, DOC_SDATA, DOC_TABLE_NAME, inject_docs
 from ..io._elements import get_spot_table, resolve_image_key, resolve_table_name, spot_centers
 
 logger = logging.getLogger(__name__)
@@ -30,44 +33,35 @@ class TissueView:
     level: int | None
 
 
-def _levels(image) -> list:
-    """The image element's levels as DataArrays (c, y, x), finest first."""
-    if hasattr(image, "sizes") and "y" in image.sizes:
-        return [image]
-    out = []
-    for name in sorted(image.children, key=lambda s: int(str(s).removeprefix("scale") or 0)):
-        ds = image[name].ds
-        out.append(next(iter(ds.data_vars.values())))
-    return out
+def _spots_to_image(
+    sdata: SpatialData, shapes: GeoDataFrame, image: xr.DataArray | xr.DataTree
+) -> np.ndarray:
+    """3x3 affine (x, y) from the spots' own coordinates to the image's level-0 pixels.
 
-
-def _affine_xy(element, cs: str) -> np.ndarray:
-    return np.asarray(
-        get_transformation(element, to_coordinate_system=cs).to_affine_matrix(
-            input_axes=("x", "y"), output_axes=("x", "y")
-        ),
-        dtype=float,
-    )
-
-
-def _common_cs(a, b) -> str:
-    ca = get_transformation(a, get_all=True)
-    cb = get_transformation(b, get_all=True)
-    common = [c for c in ca if c in cb]
+    The path goes through a coordinate system both elements are registered to (``"global"`` when shared).
+    """
+    cs_image = get_transformation(image, get_all=True)
+    cs_spots = get_transformation(shapes, get_all=True)
+    common = [c for c in cs_image if c in cs_spots]
     if not common:
         raise ValueError(
-            f"the image and the spots share no coordinate system (image: {list(ca)}, spots: {list(cb)}): "
-            "register both to one (spatialdata.transformations.set_transformation) to draw spots on the tissue."
+            f"the image and the spots share no coordinate system (image: {list(cs_image)}, spots: "
+            f"{list(cs_spots)}): register both to one (spatialdata.transformations.set_transformation) to "
+            "draw spots on the tissue."
         )
-    return "global" if "global" in common else common[0]
+    t = get_transformation_between_coordinate_systems(
+        sdata, shapes, image, intermediate_coordinate_systems="global" if "global" in common else common[0]
+    )
+    return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
 
 
-def _spot_radius(shapes) -> float:
+def _spot_radius(shapes: GeoDataFrame) -> float:
     if "radius" in shapes.columns:
         return float(np.nanmedian(shapes["radius"].to_numpy(dtype=float)))
     return float(np.sqrt(np.nanmedian(shapes.geometry.area.to_numpy()) / np.pi))
 
 
+@inject_docs(sdata=DOC_SDATA, table_name=DOC_TABLE_NAME, image_key=DOC_IMAGE_KEY)
 def tissue_view(
     sdata: SpatialData,
     *,
@@ -77,7 +71,30 @@ def tissue_view(
     max_size: int = 2000,
     margin: float = 0.05,
 ) -> TissueView:
-    """Spot centres (table row order) and, when possible, the H&E crop under them at a small level."""
+    """Spot centres (table row order) and, when possible, the H&E crop under them at a small level.
+
+    Parameters
+    ----------
+    sdata
+        {sdata}
+    table_name
+        {table_name}
+    image_key
+        {image_key}
+    show_image
+        Crop the image; ``False`` returns the spots alone, in their own coordinates.
+    max_size
+        Largest side, in pixels, of the crop: the finest pyramid level whose largest side is at most this
+        is used (or the coarsest level, strided down, when none is that small).
+    margin
+        Crop margin around the spots, as a fraction of the spots' extent.
+
+    Returns
+    -------
+    TissueView
+        The RGB crop (``None`` without a usable image), spot centres and radius in its pixel grid, the
+        image key and pyramid level used.
+    """
     table_name = resolve_table_name(sdata, table_name)
     _, shapes_key = get_spot_table(sdata, table_name)
     shapes = sdata.shapes[shapes_key]
@@ -87,13 +104,11 @@ def tissue_view(
         return TissueView(None, xy, radius, None, None)
     image_key = resolve_image_key(sdata, image_key)
     image = sdata.images[image_key]
-    cs = _common_cs(image, shapes)
-    # spots' coordinates -> image level-0 pixels
-    to_img = np.linalg.inv(_affine_xy(image, cs)) @ _affine_xy(shapes, cs)
+    to_img = _spots_to_image(sdata, shapes, image)
     xy0 = xy @ to_img[:2, :2].T + to_img[:2, 2]
     r0 = radius * float(np.sqrt(abs(np.linalg.det(to_img[:2, :2]))))
 
-    levels = _levels(image)
+    levels = [image] if isinstance(image, xr.DataArray) else get_pyramid_levels(image)
     h0, w0 = int(levels[0].sizes["y"]), int(levels[0].sizes["x"])
     level = next((i for i, lv in enumerate(levels) if max(lv.sizes["y"], lv.sizes["x"]) <= max_size), None)
     if level is None:
