@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import save_file
 
 from hopt_st import models
-from hopt_st.models import ModelSpec
 from hopt_st.models._handcrafted import FEATURE_NAMES, N_FEATURES
 from hopt_st.models._weights import KeyMismatchError, WeightsUnavailableError, convert_hf_dinov2
 
@@ -31,36 +30,12 @@ CARD = {
 }
 
 
-def tiny_spec(name="tiny-reg4", pooling="token", **kw) -> ModelSpec:
-    return ModelSpec(
-        name=name,
-        dim=64 if pooling == "token" else 128,
-        input_size=56,
-        mpp=2.0,
-        mean=(0.707223, 0.578729, 0.703617),
-        std=(0.211883, 0.230117, 0.177517),
-        timm_name="vit_small_patch14_reg4_dinov2",
-        timm_kwargs=dict(
-            img_size=56,
-            embed_dim=64,
-            depth=2,
-            num_heads=2,
-            init_values=1e-5,
-            num_classes=0,
-            dynamic_img_size=False,
-        ),
-        pooling=pooling,
-        hf_repo=None,
-        n_params=None,
-        **kw,
-    )
+def specs_to_register(tiny_vit_spec):
+    """Registered for this module by the ``model_specs`` fixture (conftest), unregistered after it."""
+    return [tiny_vit_spec(f"tiny-reg4-{pooling}", pooling) for pooling in ("token", "cls+mean")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _tiny_registered():
-    for pooling in ("token", "cls+mean"):
-        models.register(tiny_spec(f"tiny-reg4-{pooling}", pooling), overwrite=True)
-    yield
+pytestmark = pytest.mark.usefixtures("model_specs")
 
 
 def _uint8(n=3, size=56, seed=0):
@@ -117,11 +92,11 @@ def test_timm_prefix_builds_any_timm_model():
         models.get_spec("h-optimus-9")
 
 
-def test_register_refuses_duplicates():
+def test_register_refuses_duplicates(tiny_vit_spec):
     with pytest.raises(ValueError, match="already registered"):
-        models.register(tiny_spec("tiny-reg4-token"))
+        models.register(tiny_vit_spec("tiny-reg4-token"))
     with pytest.raises(ValueError, match="pooling"):
-        tiny_spec("bad", pooling="max")
+        tiny_vit_spec("bad", pooling="max")
 
 
 @pytest.mark.parametrize("pooling", ["token", "cls+mean"])
@@ -269,7 +244,7 @@ def _to_hf_dinov2(sd: dict) -> dict:
     return out
 
 
-def test_phikon_v2_hf_dinov2_checkpoint_is_converted(tmp_path):
+def test_phikon_v2_hf_dinov2_checkpoint_is_converted(tmp_path, register_spec):
     small = dataclasses.replace(
         models.get_spec("phikon-v2"),
         name="tiny-phikon",
@@ -279,7 +254,7 @@ def test_phikon_v2_hf_dinov2_checkpoint_is_converted(tmp_path):
             img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, init_values=1e-5, num_classes=0
         ),
     )
-    models.register(small, overwrite=True)
+    register_spec(small)
     torch.manual_seed(3)
     ref = models.create("tiny-phikon", pretrained=False)
     hf = _to_hf_dinov2(ref.backbone.state_dict())
