@@ -8,10 +8,21 @@
 - ``hest1k_root``: a HEST-1k folder with 2 Visium samples and 1 Xenium-like sample (zlib tiles, lossless);
   the writer's ``dict``.
 - ``shared_data``: ``Path`` of ``../shared/data`` (may not exist: skip when needed).
+
+Encoder registry (never changed at import time; every registration is undone at teardown):
+
+- ``tiny_vit_spec``: a function ``(name="tiny-vit", pooling="token", *, embed_dim=64, **fields) -> ModelSpec``
+  of a tiny random ViT of H-optimus-1's family (``vit_small_patch14_reg4_dinov2``: 4 registers, layer
+  scale; 56 px input, depth 2, 2 heads) at 2 µm/px with H-optimus normalisation. Not registered.
+- ``model_specs``: registers, for one test module, the specs returned by the module's
+  ``specs_to_register(tiny_vit_spec)`` and unregisters them after its last test; use it with
+  ``pytestmark = pytest.mark.usefixtures("model_specs")``. Its value is ``{name: spec}``.
+- ``register_spec``: a function ``(*specs, overwrite=False)`` that registers specs for one test.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -47,3 +58,58 @@ def hest1k_root(tmp_path_factory):
     return write_hest_layout(
         root, layout="hest1k", n_samples=2, n_spots=80, n_genes=40, xenium=True, compression="zlib", seed=3
     )
+
+
+def _tiny_vit_spec(name: str = "tiny-vit", pooling: str = "token", *, embed_dim: int = 64, **fields):
+    from hopt_st.models import ModelSpec
+    from hopt_st.models._spec import HOPTIMUS_MEAN, HOPTIMUS_STD
+
+    return ModelSpec(
+        name=name,
+        dim=embed_dim if pooling == "token" else 2 * embed_dim,
+        input_size=56,
+        mpp=2.0,
+        mean=HOPTIMUS_MEAN,
+        std=HOPTIMUS_STD,
+        timm_name="vit_small_patch14_reg4_dinov2",
+        timm_kwargs=dict(
+            img_size=56,
+            embed_dim=embed_dim,
+            depth=2,
+            num_heads=2,
+            init_values=1e-5,
+            num_classes=0,
+            dynamic_img_size=False,
+        ),
+        pooling=pooling,
+        **fields,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_spec():
+    return _tiny_vit_spec
+
+
+@pytest.fixture(scope="module")
+def model_specs(request, tiny_vit_spec):
+    from hopt_st import models
+
+    make = getattr(request.module, "specs_to_register", None)
+    if make is None:
+        raise RuntimeError(f"{request.module.__name__} uses model_specs but defines no specs_to_register().")
+    specs = list(make(tiny_vit_spec))
+    with models.registered(*specs):
+        yield {spec.name: spec for spec in specs}
+
+
+@pytest.fixture
+def register_spec():
+    from hopt_st import models
+
+    with contextlib.ExitStack() as stack:
+
+        def register(*specs, overwrite=False):
+            return stack.enter_context(models.registered(*specs, overwrite=overwrite))
+
+        yield register

@@ -25,34 +25,13 @@ from hopt_st.pp._device import select_device, select_dtype
 FAST = "handcrafted-fast"  # the handcrafted encoder on 56 px patches at 2 µm/px (same 112 µm field, 16x fewer px)
 
 
-def _register_fast():
-    models.register(
-        dataclasses.replace(models.get_spec("handcrafted"), name=FAST, input_size=56, mpp=2.0), overwrite=True
-    )
-    models.register(
-        models.ModelSpec(
-            name="tiny-vit",
-            dim=48,
-            input_size=56,
-            mpp=2.0,
-            mean=(0.707223, 0.578729, 0.703617),
-            std=(0.211883, 0.230117, 0.177517),
-            timm_name="vit_small_patch14_reg4_dinov2",
-            timm_kwargs=dict(
-                img_size=56,
-                embed_dim=48,
-                depth=2,
-                num_heads=2,
-                init_values=1e-5,
-                num_classes=0,
-                dynamic_img_size=False,
-            ),
-        ),
-        overwrite=True,
-    )
+def specs_to_register(tiny_vit_spec):
+    """Registered for this module by the ``model_specs`` fixture (conftest), unregistered after it."""
+    fast = dataclasses.replace(models.get_spec("handcrafted"), name=FAST, input_size=56, mpp=2.0)
+    return [fast, tiny_vit_spec("tiny-vit", embed_dim=48)]
 
 
-_register_fast()
+pytestmark = pytest.mark.usefixtures("model_specs")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +17,6 @@ import torch
 from safetensors.torch import save_file
 
 from hopt_st import models
-from hopt_st.models import ModelSpec
 from hopt_st.models._handcrafted import FEATURE_NAMES, N_FEATURES
 from hopt_st.models._weights import KeyMismatchError, WeightsUnavailableError, convert_hf_dinov2
 
@@ -31,36 +35,12 @@ CARD = {
 }
 
 
-def tiny_spec(name="tiny-reg4", pooling="token", **kw) -> ModelSpec:
-    return ModelSpec(
-        name=name,
-        dim=64 if pooling == "token" else 128,
-        input_size=56,
-        mpp=2.0,
-        mean=(0.707223, 0.578729, 0.703617),
-        std=(0.211883, 0.230117, 0.177517),
-        timm_name="vit_small_patch14_reg4_dinov2",
-        timm_kwargs=dict(
-            img_size=56,
-            embed_dim=64,
-            depth=2,
-            num_heads=2,
-            init_values=1e-5,
-            num_classes=0,
-            dynamic_img_size=False,
-        ),
-        pooling=pooling,
-        hf_repo=None,
-        n_params=None,
-        **kw,
-    )
+def specs_to_register(tiny_vit_spec):
+    """Registered for this module by the ``model_specs`` fixture (conftest), unregistered after it."""
+    return [tiny_vit_spec(f"tiny-reg4-{pooling}", pooling) for pooling in ("token", "cls+mean")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _tiny_registered():
-    for pooling in ("token", "cls+mean"):
-        models.register(tiny_spec(f"tiny-reg4-{pooling}", pooling), overwrite=True)
-    yield
+pytestmark = pytest.mark.usefixtures("model_specs")
 
 
 def _uint8(n=3, size=56, seed=0):
@@ -117,11 +97,11 @@ def test_timm_prefix_builds_any_timm_model():
         models.get_spec("h-optimus-9")
 
 
-def test_register_refuses_duplicates():
+def test_register_refuses_duplicates(tiny_vit_spec):
     with pytest.raises(ValueError, match="already registered"):
-        models.register(tiny_spec("tiny-reg4-token"))
+        models.register(tiny_vit_spec("tiny-reg4-token"))
     with pytest.raises(ValueError, match="pooling"):
-        tiny_spec("bad", pooling="max")
+        tiny_vit_spec("bad", pooling="max")
 
 
 @pytest.mark.parametrize("pooling", ["token", "cls+mean"])
@@ -171,11 +151,34 @@ class _Evil:
 def test_pickle_with_code_is_refused(tmp_path):
     p = tmp_path / "evil.bin"
     torch.save({"x": _Evil()}, p)
-    with pytest.raises(ValueError, match="weights_only"):
+    with pytest.raises(ValueError, match="weights_only") as e:
         models.create("tiny-reg4-token", weights=p)
+    assert str(p) in str(e.value) and "never unpickles" in str(e.value)
     with pytest.raises(ValueError, match="unsupported extension"):
         (tmp_path / "w.ckpt").write_bytes(b"0")
         models.create("tiny-reg4-token", weights=tmp_path / "w.ckpt")
+
+
+def test_corrupt_and_non_state_dict_files_are_refused(tmp_path):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
+    with pytest.raises(ValueError, match="not a readable safetensors file") as e:
+        models.create("tiny-reg4-token", weights=corrupt)
+    assert str(corrupt) in str(e.value)
+    truncated = tmp_path / "truncated.pth"
+    torch.save({"w": torch.zeros(8)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    with pytest.raises(ValueError, match="cannot be read with torch.load") as e:
+        models.create("tiny-reg4-token", weights=truncated)
+    assert str(truncated) in str(e.value)
+    for i, obj in enumerate(
+        [[torch.zeros(2)], torch.zeros(3), {"w": [1, 2]}, {"w": torch.zeros(1), 3: torch.zeros(1)}]
+    ):
+        path = tmp_path / f"not_a_state_dict_{i}.pt"
+        torch.save(obj, path)
+        with pytest.raises(ValueError, match="flat dict of tensors") as e:
+            models.create("tiny-reg4-token", weights=path)
+        assert str(path) in str(e.value)
 
 
 def test_key_mismatch_names_missing_and_unexpected_keys(tmp_path):
@@ -269,7 +272,7 @@ def _to_hf_dinov2(sd: dict) -> dict:
     return out
 
 
-def test_phikon_v2_hf_dinov2_checkpoint_is_converted(tmp_path):
+def test_phikon_v2_hf_dinov2_checkpoint_is_converted(tmp_path, register_spec):
     small = dataclasses.replace(
         models.get_spec("phikon-v2"),
         name="tiny-phikon",
@@ -279,7 +282,7 @@ def test_phikon_v2_hf_dinov2_checkpoint_is_converted(tmp_path):
             img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, init_values=1e-5, num_classes=0
         ),
     )
-    models.register(small, overwrite=True)
+    register_spec(small)
     torch.manual_seed(3)
     ref = models.create("tiny-phikon", pretrained=False)
     hf = _to_hf_dinov2(ref.backbone.state_dict())
@@ -323,3 +326,256 @@ def test_handcrafted_tracks_colour_and_nuclei_density():
         hema[0] < hema[1] < hema[2] and peaks[0] == 0 < peaks[1] < peaks[2]
     )  # more nuclei, more haematoxylin
     assert out[3, f["gray_gradient_mean"]] > out[1, f["gray_gradient_mean"]]
+
+
+def test_variants_are_replacements_of_one_spec():
+    h1, h0 = models.get_spec("h-optimus-1"), models.get_spec("h-optimus-0")
+    a, b = dataclasses.asdict(h1), dataclasses.asdict(h0)
+    assert {k for k in a if a[k] != b[k]} == {"name", "hf_repo", "n_params", "license", "notes", "sources"}
+    assert h0.timm_kwargs == h1.timm_kwargs and h0.timm_kwargs is not h1.timm_kwargs  # copied, not shared
+
+
+def test_spec_is_hashable_plain_data(tiny_vit_spec):
+    a, b = tiny_vit_spec("x"), tiny_vit_spec("x")
+    assert a == b and hash(a) == hash(b) and len({a, b, tiny_vit_spec("y")}) == 2
+    kwargs = dict(a.timm_kwargs)
+    c = dataclasses.replace(a, timm_kwargs=kwargs)
+    kwargs["depth"] = 40  # the spec holds its own copy
+    assert c.timm_kwargs["depth"] == 2 and c == a
+    assert dataclasses.replace(a, mean=[0.5, 0.5, 0.5]).mean == (0.5, 0.5, 0.5)
+    with pytest.raises(TypeError, match="dim must be an int"):
+        dataclasses.replace(a, dim="64")
+    with pytest.raises(TypeError, match="timm_kwargs must be a dict"):
+        dataclasses.replace(a, timm_kwargs=[("depth", 2)])
+    with pytest.raises(TypeError, match="hf_filenames"):
+        dataclasses.replace(a, hf_filenames="model.safetensors")
+    with pytest.raises(ValueError, match="input_size=0"):
+        dataclasses.replace(a, input_size=0)
+    with pytest.raises(ValueError, match="3 values"):
+        dataclasses.replace(a, std=(1.0, 1.0))
+    with pytest.raises(ValueError, match="arch"):
+        dataclasses.replace(a, arch="onnx")
+
+
+def test_registered_restores_the_registry(tiny_vit_spec):
+    h1 = models.get_spec("h-optimus-1")
+    mine = dataclasses.replace(h1, mpp=0.25)
+    with models.registered(mine, tiny_vit_spec("tiny-temp"), overwrite=True) as specs:
+        assert specs[0] is mine and models.get_spec("h-optimus-1") is mine
+        assert "tiny-temp" in models.list_models().index
+    assert models.get_spec("h-optimus-1") is h1
+    with pytest.raises(KeyError, match="not in the registry"):
+        models.get_spec("tiny-temp")
+    with pytest.raises(ValueError, match="already registered"):  # a failure undoes the earlier ones too
+        with models.registered(tiny_vit_spec("tiny-temp"), tiny_vit_spec("tiny-reg4-token")):
+            pass
+    with pytest.raises(KeyError):
+        models.get_spec("tiny-temp")
+    spec = models.register(tiny_vit_spec("tiny-temp"))
+    assert models.unregister("tiny-temp") is spec
+    with pytest.raises(KeyError, match="not in the registry"):
+        models.unregister("tiny-temp")
+    with pytest.raises(TypeError):
+        models.unregister(spec)
+    with pytest.raises(TypeError, match="ModelSpec"):
+        models.register("tiny-temp")
+
+
+def test_backbone_carries_the_normalisation_config():
+    from timm.data import resolve_data_config
+
+    enc = models.create("tiny-reg4-token", pretrained=False)
+    cfg = enc.backbone.pretrained_cfg
+    assert cfg["mean"] == enc.spec.mean and cfg["std"] == enc.spec.std and cfg["input_size"] == (3, 56, 56)
+    data = resolve_data_config({}, model=enc.backbone)
+    assert data["mean"] == enc.spec.mean and data["input_size"] == (3, 56, 56) and data["crop_pct"] == 1.0
+    meta = models.create("h-optimus-1", pretrained=False, device="meta").backbone.pretrained_cfg
+    assert meta["mean"] == (0.707223, 0.578729, 0.703617) and meta["input_size"] == (3, 224, 224)
+
+
+def test_dtype_casts_the_backbone():
+    torch.manual_seed(4)
+    ref = models.create("tiny-reg4-cls+mean", pretrained=False)
+    half = models.create(ref.spec, pretrained=False, dtype="bfloat16")
+    half.load_state_dict(ref.state_dict())
+    assert {p.dtype for p in half.backbone.parameters()} == {torch.bfloat16}
+    x = _uint8(2)
+    with torch.inference_mode():
+        y, y_ref = half(x), ref(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, rtol=0.1, atol=0.1)
+    hc = models.create("handcrafted", dtype=torch.float16)  # statistics stay float32
+    assert hc.backbone.stain_inv.dtype == torch.float32
+    with pytest.raises(ValueError, match="floating precision"):
+        models.create("tiny-reg4-token", pretrained=False, dtype="int8")
+    with pytest.raises(TypeError, match="dtype"):
+        models.create("tiny-reg4-token", pretrained=False, dtype=16)
+    with pytest.raises(TypeError, match="weights"):
+        models.create("tiny-reg4-token", weights=3)
+    with pytest.raises(ValueError, match="device"):
+        models.create("tiny-reg4-token", pretrained=False, device="gpu0")
+
+
+# ---------------------------------------------------------------- one encoder per process, digests known
+
+
+def _save_tiny(path, seed=0):
+    torch.manual_seed(seed)
+    sd = models.create("tiny-reg4-token", pretrained=False).backbone.state_dict()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+def test_get_encoder_builds_once_per_spec_file_device_and_dtype(tmp_path, tiny_vit_spec, register_spec):
+    models.clear_encoder_cache()
+    w = _save_tiny(tmp_path / "w.safetensors")
+    a = models.get_encoder("tiny-reg4-token", weights=w)
+    assert models.get_encoder("tiny-reg4-token", weights=str(w)) is a
+    assert models.get_encoder(models.get_spec("tiny-reg4-token"), weights=w, device="cpu") is a
+    assert models.encoder_cache_info() == {"builds": 1, "hits": 2, "size": 1}
+    assert models.create("tiny-reg4-token", weights=w) is not a  # create() always builds
+    assert models.get_encoder("tiny-reg4-token", weights=w, dtype=torch.bfloat16) is not a
+    random = models.get_encoder("tiny-reg4-token", pretrained=False)
+    assert random is not a and random.weights_sha256 is None
+    assert models.get_encoder("tiny-reg4-token", pretrained=False) is random
+    assert models.encoder_cache_info()["builds"] == 3
+
+    _save_tiny(w, seed=1)  # the file changed: loaded again, with its new digest
+    os.utime(w, ns=(time.time_ns(), time.time_ns() + 10**9))
+    b = models.get_encoder("tiny-reg4-token", weights=w)
+    assert b is not a and b.weights_sha256 == hashlib.sha256(w.read_bytes()).hexdigest() != a.weights_sha256
+
+    register_spec(tiny_vit_spec("tiny-reg4-token", embed_dim=32), overwrite=True)  # same name, other spec
+    c = models.get_encoder("tiny-reg4-token", pretrained=False)
+    assert c is not random and c.spec.dim == 32
+    assert models.encoder_cache_info()["builds"] == 5
+    models.clear_encoder_cache()
+    assert models.encoder_cache_info() == {"builds": 0, "hits": 0, "size": 0}
+    assert models.get_encoder("tiny-reg4-token", pretrained=False) is not c
+
+
+def test_get_encoder_is_thread_safe(monkeypatch):
+    from hopt_st.models import _cache
+
+    models.clear_encoder_cache()
+    built = []
+    build = _cache.build_encoder
+
+    def slow_build(*args, **kwargs):
+        built.append(1)
+        time.sleep(0.3)  # every thread arrives while the first one builds
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(_cache, "build_encoder", slow_build)
+    barrier = threading.Barrier(6)
+
+    def get(_):
+        barrier.wait()
+        return models.get_encoder("tiny-reg4-cls+mean", pretrained=False)
+
+    with ThreadPoolExecutor(6) as pool:
+        encoders = list(pool.map(get, range(6)))
+    assert len(built) == 1 and all(e is encoders[0] for e in encoders)
+    assert models.encoder_cache_info() == {"builds": 1, "hits": 5, "size": 1}
+    models.clear_encoder_cache()
+
+
+def _count_hashing(monkeypatch):
+    from hopt_st.models import _weights
+
+    calls = []
+    real = _weights.sha256_file
+
+    def counting(path, *args, **kwargs):
+        calls.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(_weights, "sha256_file", counting)
+    monkeypatch.setattr(_weights, "_DIGESTS", {})
+    return calls
+
+
+def _hf_cache_file(hub, repo, filename, data: bytes, blob_name=None):
+    """Write ``data`` into a Hugging Face cache layout: snapshots/<rev>/<filename> -> ../../blobs/<blob_name>."""
+    root = hub / ("models--" + repo.replace("/", "--"))
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    blob = root / "blobs" / (blob_name or hashlib.sha256(data).hexdigest())
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    link = root / "snapshots" / rev / filename
+    link.parent.mkdir(parents=True)
+    link.symlink_to(Path("..", "..", "blobs", blob.name))
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(rev)
+    return link
+
+
+def test_digest_of_a_hugging_face_cache_file_is_its_blob_name(
+    tmp_path, monkeypatch, tiny_vit_spec, register_spec
+):
+    from huggingface_hub import constants
+
+    calls = _count_hashing(monkeypatch)
+    data = _save_tiny(tmp_path / "w.safetensors").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    hub = tmp_path / "hub"
+    link = _hf_cache_file(hub, "org/tiny", "model.safetensors", data)
+    assert models.create("tiny-reg4-token", weights=link).weights_sha256 == sha and calls == []
+
+    # through the Hub lookup (offline: the cache only), as create()/get_encoder() do for a registry model
+    register_spec(tiny_vit_spec("tiny-hub", hf_repo="org/tiny"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models.clear_encoder_cache()
+    enc = models.get_encoder("tiny-hub")
+    assert enc.weights_sha256 == sha and enc.weights_source.endswith("model.safetensors") and calls == []
+
+    # a blob that links on into a shared store (named by another hash) is known by its per-repo name
+    shared = tmp_path / "hub" / "blobs" / "ab" / ("ab" * 32)
+    shared.parent.mkdir(parents=True)
+    shared.write_bytes(data)
+    blob = hub / "models--org--tiny" / "blobs" / sha
+    blob.unlink()
+    blob.symlink_to(shared)
+    assert models.create("tiny-hub").weights_sha256 == sha and calls == []
+    models.clear_encoder_cache()
+
+    # a 40-hex blob name is a git sha1 (small files kept in git), not the sha256: the file is hashed
+    sha1_link = _hf_cache_file(tmp_path / "hub2", "org/tiny", "model.safetensors", data, blob_name="f" * 40)
+    assert models.create("tiny-reg4-token", weights=sha1_link).weights_sha256 == sha and len(calls) == 1
+
+
+def test_digest_is_computed_once_per_file_version(tmp_path, monkeypatch):
+    calls = _count_hashing(monkeypatch)
+    w = _save_tiny(tmp_path / "w.safetensors")
+    first = models.create("tiny-reg4-token", weights=w).weights_sha256
+    assert models.create("tiny-reg4-token", weights=w).weights_sha256 == first and len(calls) == 1
+    os.utime(w, ns=(time.time_ns(), time.time_ns() + 10**9))  # touched: hashed again
+    assert models.create("tiny-reg4-token", weights=w).weights_sha256 == first and len(calls) == 2
+
+
+# ---------------------------------------------------------------- which weights are on this machine
+
+
+def test_weights_status_and_local_models_never_download(tmp_path, monkeypatch, tiny_vit_spec, register_spec):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("weights_status must not download")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _hf_cache_file(tmp_path / "hub", "org/tiny", "pytorch_model.bin", b"weights")
+    register_spec(
+        tiny_vit_spec("tiny-cached", hf_repo="org/tiny"), tiny_vit_spec("tiny-absent", hf_repo="org/absent")
+    )
+    assert models.weights_status("handcrafted") == "not needed"
+    assert models.weights_status("tiny-cached") == "local"  # the second candidate file name is found
+    assert models.weights_status("tiny-absent") == "missing"
+    assert models.weights_status("tiny-reg4-token") == "missing"  # no repository: only a file can be passed
+    assert models.weights_status("h-optimus-1") == "missing"
+    local = models.local_models()
+    assert {"handcrafted", "tiny-cached"} <= set(local)
+    assert not {"tiny-absent", "h-optimus-1", "tiny-reg4-token"} & set(local)
+    assert local == [n for n in models.list_models().index if n in local]  # registry order

@@ -1,12 +1,16 @@
-"""The :class:`Encoder` module: uint8 RGB patches in, float32 embeddings out.
+"""The :class:`Encoder` module: uint8 RGB patches in, float32 embeddings out; and how one is built.
 
 Scaling to ``[0, 1]``, resizing (only if the patch size differs from the model's) and mean/std
 normalisation happen inside ``forward``, on the module's device, so only uint8 crosses the bus.
+Backbones are made by ``timm.create_model`` with the spec's normalisation as timm's ``pretrained_cfg``
+(``backbone.pretrained_cfg["mean"]`` etc.), and weights are read by ``timm.models.load_state_dict``
+and loaded only after an exact key check.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -14,12 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._handcrafted import HandcraftedEncoder
-from ._weights import KEY_MAPS, check_keys, read_state_dict, resolve_weights, sha256_file
+from ._spec import ModelSpec
+from ._weights import KEY_MAPS, check_keys, read_state_dict, resolve_weights, weights_sha256
 
 logger = logging.getLogger(__name__)
 
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 def _resolve_layers(kwargs: dict) -> dict:
+    """``timm_kwargs`` with the layer classes named by string (``mlp_layer``, ``act_layer``) resolved."""
     from timm.layers import SwiGLUPacked
 
     names = {"SwiGLUPacked": SwiGLUPacked, "SiLU": nn.SiLU, "GELU": nn.GELU}
@@ -29,29 +37,72 @@ def _resolve_layers(kwargs: dict) -> dict:
     }
 
 
-def build_backbone(spec) -> nn.Module:
+def _pretrained_cfg(spec: ModelSpec) -> dict:
+    """How the spec feeds its model, as a timm ``pretrained_cfg`` overlay."""
+    s = spec.input_size
+    return dict(
+        mean=spec.mean,
+        std=spec.std,
+        input_size=(3, s, s),
+        interpolation="bilinear",
+        crop_pct=1.0,
+        license=spec.license or None,
+    )
+
+
+def build_backbone(spec: ModelSpec) -> nn.Module:
     """The bare network of a spec with random weights, built on the current default device."""
     if spec.arch == "handcrafted":
         return HandcraftedEncoder()
     import timm
 
-    return timm.create_model(spec.timm_name, pretrained=False, **_resolve_layers(spec.timm_kwargs))
+    return timm.create_model(
+        spec.timm_name,
+        pretrained=False,
+        pretrained_cfg_overlay=_pretrained_cfg(spec),
+        **_resolve_layers(spec.timm_kwargs),
+    )
 
 
 class Encoder(nn.Module):
     """A patch encoder built from a :class:`~hopt_st.models.ModelSpec`.
 
+    Parameters
+    ----------
+    spec
+        The spec it was built from (its ``dim`` is the embedding size).
+    backbone
+        The network.
+    weights_sha256
+        sha256 of the weight file, ``None`` for random or weight-free encoders.
+    weights_source
+        Path of the weight file, ``"random"`` or ``"none"`` (handcrafted).
+
     Attributes
     ----------
-    spec : ModelSpec
-    backbone : torch.nn.Module
-    weights_sha256 : str or None
-        sha256 of the weight file, ``None`` for random or weight-free encoders.
-    weights_source : str
-        Path of the weight file, ``"random"`` or ``"none"`` (handcrafted).
+    spec
+        The spec.
+    backbone
+        The network (a timm model carrying the spec's normalisation in ``pretrained_cfg``).
+    weights_sha256
+        sha256 of the weight file, or ``None``.
+    weights_source
+        Path of the weight file, ``"random"`` or ``"none"``.
     """
 
-    def __init__(self, spec, backbone: nn.Module, *, weights_sha256=None, weights_source="random"):
+    spec: ModelSpec
+    backbone: nn.Module
+    weights_sha256: str | None
+    weights_source: str
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        backbone: nn.Module,
+        *,
+        weights_sha256: str | None = None,
+        weights_source: str = "random",
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.backbone = backbone
@@ -62,12 +113,25 @@ class Encoder(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std, device=dev).view(1, 3, 1, 1), persistent=False)
         self._warned_resize = False
 
-    @property
-    def dim(self) -> int:
-        return self.spec.dim
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embed uint8 RGB patches ``(B, H, W, 3)`` -> float32 ``(B, dim)``."""
+        """Embed patches.
+
+        Parameters
+        ----------
+        x
+            uint8 RGB patches ``(B, H, W, 3)``, ideally ``spec.input_size`` px wide (else resized, with a
+            warning once).
+
+        Returns
+        -------
+        torch.Tensor
+            float32 ``(B, spec.dim)``.
+
+        Raises
+        ------
+        ValueError
+            ``x`` is not a uint8 ``(B, H, W, 3)`` tensor.
+        """
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(
                 f"encoder {self.spec.name!r} takes uint8 RGB patches (B, H, W, 3); got {x.dtype} {tuple(x.shape)}."
@@ -88,6 +152,7 @@ class Encoder(nn.Module):
                 self._warned_resize = True
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         x = (x - self.mean) / self.std
+        x = x.to(next(self.backbone.parameters()).dtype)  # a float16 / bfloat16 backbone takes its own dtype
         if self.spec.pooling == "token":
             out = self.backbone(x)
         else:  # cls+mean
@@ -97,36 +162,87 @@ class Encoder(nn.Module):
         return out.float()
 
 
-def build_encoder(spec, *, weights=None, pretrained=True, device=None) -> Encoder:
-    """Build an :class:`Encoder` (see :func:`hopt_st.models.create`)."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
+def as_device(device: str | torch.device | None) -> torch.device:
+    """``torch.device(device)``; ``None`` is the CPU. ``TypeError``/``ValueError`` for a bad value."""
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, str | torch.device):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}.")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device={device!r} is not a torch device ({e}).") from None
+
+
+def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A floating parameter dtype from a ``torch.dtype`` or its name (``"bfloat16"``); ``None`` stays."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    elif not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or its name, got {type(dtype).__name__}.")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not a floating precision (float32, bfloat16, float16).")
+    return dtype
+
+
+def weights_file(
+    spec: ModelSpec, weights: str | os.PathLike | None, pretrained: bool, device: torch.device
+) -> Path | None:
+    """The weight file an encoder loads (found on the Hub if need be), or ``None`` for no weights."""
+    if weights is not None and not isinstance(weights, str | os.PathLike):
+        raise TypeError(f"weights must be a path (str or os.PathLike), got {type(weights).__name__}.")
+    if not isinstance(pretrained, bool):
+        raise TypeError(f"pretrained must be True or False, got {type(pretrained).__name__}.")
     if spec.arch == "handcrafted":
         if weights is not None:
-            raise ValueError("model 'handcrafted' has no weights: do not pass weights=.")
-        with torch.device(device):
-            backbone = HandcraftedEncoder()
-        return Encoder(spec, backbone, weights_source="none").eval()
-
+            raise ValueError(f"model {spec.name!r} has no weights: do not pass weights=.")
+        return None
     if weights is None and not pretrained:
-        with torch.device(device):
-            backbone = build_backbone(spec)
-        return Encoder(spec, backbone.eval(), weights_source="random").eval()
+        return None
     if device.type == "meta":
         raise ValueError(
             f"device='meta' builds {spec.name!r} without memory, so it cannot hold weights: pass pretrained=False."
         )
-    path = Path(weights) if weights is not None else resolve_weights(spec)
+    return Path(weights) if weights is not None else resolve_weights(spec)
+
+
+def _load_backbone(spec: ModelSpec, path: Path) -> nn.Module:
+    """The spec's network with the weights of ``path``, on CPU, after an exact key and shape check."""
     sd = read_state_dict(path)
     if spec.key_map:
         sd = KEY_MAPS[spec.key_map](sd)
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory for the random weights that would be overwritten
         backbone = build_backbone(spec)
     check_keys(backbone, sd, what=f"model {spec.name!r} from {str(path)!r}")
     backbone.load_state_dict(sd, strict=True, assign=True)
     if any(b.is_meta for b in backbone.buffers()):  # non-persistent buffers: build for real, then load
         backbone = build_backbone(spec)
         backbone.load_state_dict(sd, strict=True)
-    backbone = backbone.float().to(device).eval()
-    digest = sha256_file(path)
-    logger.info("loaded %s weights from %s (sha256 %s)", spec.name, path, digest[:12])
-    return Encoder(spec, backbone, weights_sha256=digest, weights_source=str(path)).eval()
+    return backbone.float()
+
+
+def build_encoder(
+    spec: ModelSpec,
+    *,
+    weights: str | os.PathLike | None = None,
+    pretrained: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Encoder:
+    """Build a new :class:`Encoder` (see :func:`hopt_st.models.create`)."""
+    device = as_device(device)
+    dtype = as_dtype(dtype)
+    path = weights_file(spec, weights, pretrained, device)
+    if path is None:
+        with torch.device(device):
+            backbone = build_backbone(spec)
+        digest, source = None, "none" if spec.arch == "handcrafted" else "random"
+    else:
+        backbone = _load_backbone(spec, path).to(device)
+        digest, source = weights_sha256(path), str(path)
+        logger.info("loaded %s weights from %s (sha256 %s)", spec.name, path, digest[:12])
+    if dtype is not None and spec.arch != "handcrafted":  # handcrafted statistics stay float32
+        backbone = backbone.to(dtype)
+    return Encoder(spec, backbone.eval(), weights_sha256=digest, weights_source=source).eval()

@@ -62,7 +62,7 @@ class HandcraftedEncoder(nn.Module):
 
     feature_names = FEATURE_NAMES
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         m = torch.tensor(_STAIN_MATRIX, dtype=torch.float64)
         m = m / m.norm(dim=1, keepdim=True)

@@ -2,8 +2,10 @@
 
 Sources, in order: an explicit local file; else the spec's Hugging Face repository through
 ``huggingface_hub`` (local cache first when ``HF_HUB_OFFLINE`` is set; token from ``HF_TOKEN``, never
-logged). Files are read with safetensors, or ``torch.load(weights_only=True)`` for ``.bin``/``.pth``
-(never unrestricted pickle). Keys must match the architecture exactly.
+logged). Files are read by ``timm.models.load_state_dict``: safetensors, or ``torch.load(weights_only=True)``
+for ``.bin``/``.pth``/``.pt`` (never unrestricted pickle). Keys must match the architecture exactly.
+A file's sha256 is computed at most once per process, and never for a file of the Hugging Face cache,
+whose blob is named by it.
 """
 
 from __future__ import annotations
@@ -12,13 +14,24 @@ import hashlib
 import logging
 import os
 import re
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
 _TRUE = ("1", "true", "yes", "on")
+_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_HF_REPO_DIR = re.compile(r"(models|datasets|spaces)--.+")
+_MAX_LINKS = 8
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> sha256
+_DIGEST_LOCK = threading.Lock()
 
 
 class WeightsUnavailableError(FileNotFoundError):
@@ -30,7 +43,7 @@ class KeyMismatchError(RuntimeError):
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a file, read in chunks (reads the whole file: see :func:`weights_sha256`)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -38,7 +51,69 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _access_help(spec, reason: str) -> str:
+def hf_blob_sha256(path: str | os.PathLike) -> str | None:
+    """sha256 of a file of the Hugging Face cache, known from its blob's name without reading the file.
+
+    In the cache, ``<repo folder>/snapshots/<revision>/<file>`` links to ``<repo folder>/blobs/<etag>``, and
+    the etag of a Git LFS file (every weight file) is the sha256 of its content: 64 hex digits. Small files
+    kept in git are named by their git sha1 (40 hex digits) and are not trusted. The link chain is followed
+    one step at a time, so a blob that itself links into the shared Xet store (named by the Xet hash, not
+    the sha256) is still recognised by its per-repository name.
+
+    Parameters
+    ----------
+    path
+        A file, possibly a link into the cache.
+
+    Returns
+    -------
+    str or None
+        The sha256, or ``None`` when the file is not an LFS blob of a Hugging Face cache.
+    """
+    p = Path(path).absolute()
+    for _ in range(_MAX_LINKS):
+        p = p.parent.resolve() / p.name  # real folder names; the file's own name kept
+        if (
+            p.parent.name == "blobs"
+            and _HF_REPO_DIR.fullmatch(p.parent.parent.name)
+            and _SHA256.fullmatch(p.name)
+        ):
+            return p.name
+        if not p.is_symlink():
+            return None
+        p = p.parent / os.readlink(p)
+    return None
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a weight file, computed at most once per file version and process.
+
+    Known without reading: a file of the Hugging Face cache (see :func:`hf_blob_sha256`) or a file already
+    hashed in this process with the same resolved path, size and modification time.
+
+    Parameters
+    ----------
+    path
+        The file to fingerprint.
+
+    Returns
+    -------
+    str
+        Hex sha256.
+    """
+    real = Path(path).resolve()
+    st = real.stat()
+    key = (str(real), st.st_size, st.st_mtime_ns)
+    with _DIGEST_LOCK:
+        digest = _DIGESTS.get(key)
+    if digest is None:
+        digest = hf_blob_sha256(path) or sha256_file(real)
+        with _DIGEST_LOCK:
+            _DIGESTS[key] = digest
+    return digest
+
+
+def _access_help(spec: ModelSpec, reason: str) -> str:
     repo = spec.hf_repo
     files = " or ".join(spec.hf_filenames)
     return (
@@ -53,8 +128,24 @@ def _access_help(spec, reason: str) -> str:
     )
 
 
-def resolve_weights(spec) -> Path:
-    """Local path of the spec's weights: from the Hugging Face cache, or downloaded from the Hub."""
+def resolve_weights(spec: ModelSpec) -> Path:
+    """Local path of a spec's weights: from the Hugging Face cache, or downloaded from the Hub.
+
+    Parameters
+    ----------
+    spec
+        The spec; its ``hf_filenames`` are tried in order in its ``hf_repo``.
+
+    Returns
+    -------
+    pathlib.Path
+        The file (in the Hugging Face cache).
+
+    Raises
+    ------
+    WeightsUnavailableError
+        No repository, a gated or absent one, no network: the message says how to get the weights.
+    """
     if not spec.hf_repo:
         raise WeightsUnavailableError(
             f"model {spec.name!r} has no Hugging Face repository in its spec: pass weights='/path/to/file' "
@@ -113,38 +204,63 @@ def _scrub(text: str, token: str | None) -> str:
     return re.sub(r"hf_[A-Za-z0-9]{10,}", "hf_***", text)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint: ``.safetensors`` natively, ``.bin``/``.pth``/``.pt`` with ``torch.load(weights_only=True)``.
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
 
-    A checkpoint wrapping its tensors in a single ``"state_dict"`` / ``"model"`` entry is unwrapped.
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint with ``timm.models.load_state_dict`` (tensors only, never arbitrary objects).
+
+    ``.safetensors`` files are read with safetensors, ``.bin``/``.pth``/``.pt`` with
+    ``torch.load(weights_only=True)``. A checkpoint wrapping its tensors in a ``"state_dict"`` / ``"model"``
+    entry is unwrapped and DDP / ``torch.compile`` key prefixes are removed (timm's ``clean_state_dict``).
+
+    Parameters
+    ----------
+    path
+        The weight file.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        The state dict, on CPU.
+
+    Raises
+    ------
+    WeightsUnavailableError
+        The file does not exist.
+    ValueError
+        Unsupported extension; a corrupt file; a pickle that needs code to load; no flat dict of tensors.
     """
+    from timm.models import load_state_dict
+
     path = Path(path)
     if not path.is_file():
         raise WeightsUnavailableError(f"weights file {str(path)!r} does not exist.")
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path), device="cpu")
-    elif suffix in (".bin", ".pth", ".pt"):
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle with code, or corrupt
-            raise ValueError(
-                f"weights file {str(path)!r} cannot be read with torch.load(weights_only=True) ({e}). "
-                "hopt_st never unpickles arbitrary objects: convert it to .safetensors."
-            ) from e
-    else:
+    if suffix not in _SUFFIXES:
         raise ValueError(
             f"weights file {str(path)!r}: unsupported extension {suffix!r}; use .safetensors (or .bin/.pth/.pt)."
         )
-    if isinstance(sd, dict) and not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        for k in ("state_dict", "model"):
-            if k in sd and isinstance(sd[k], dict):
-                sd = sd[k]
-                break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"weights file {str(path)!r} does not hold a flat dict of tensors (a state dict).")
+    not_a_state_dict = f"weights file {str(path)!r} does not hold a flat dict of tensors (a state dict)."
+    try:
+        sd = load_state_dict(str(path), use_ema=False, device="cpu", weights_only=True)
+    except AttributeError as e:  # timm cleans the keys of whatever it loaded: a list, a tensor, ...
+        raise ValueError(not_a_state_dict) from e
+    except Exception as e:  # corrupt file, or a pickle with code
+        if suffix == ".safetensors":
+            raise ValueError(
+                f"weights file {str(path)!r} is not a readable safetensors file ({e}); it may be truncated "
+                "or corrupt: download it again."
+            ) from e
+        raise ValueError(
+            f"weights file {str(path)!r} cannot be read with torch.load(weights_only=True) ({e}). "
+            "hopt_st never unpickles arbitrary objects: convert it to .safetensors."
+        ) from e
+    if not _is_state_dict(sd):
+        raise ValueError(not_a_state_dict)
     return sd
 
 
@@ -153,6 +269,16 @@ def convert_hf_dinov2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     ``embeddings.mask_token`` (only used for masked training) is dropped. Unknown keys are kept
     unchanged, so that exact matching reports them.
+
+    Parameters
+    ----------
+    sd
+        State dict of a ``Dinov2Model`` (keys optionally prefixed ``"dinov2."``).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        The same tensors under timm's names (query, key and value concatenated into ``qkv``).
     """
     out: dict[str, torch.Tensor] = {}
     sd = {k.removeprefix("dinov2."): v for k, v in sd.items()}
@@ -211,7 +337,22 @@ def _summarise(keys: list[str], n: int = 8) -> str:
 
 
 def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], *, what: str) -> None:
-    """Raise :class:`KeyMismatchError` unless ``sd`` has exactly the model's keys and shapes."""
+    """Check that a state dict has exactly a model's keys and shapes.
+
+    Parameters
+    ----------
+    model
+        The module (may live on the meta device).
+    sd
+        The state dict to load.
+    what
+        What is loaded, for the message (e.g. ``"model 'uni' from '/path/w.bin'"``).
+
+    Raises
+    ------
+    KeyMismatchError
+        Naming the missing and unexpected keys (the first 8 of each), or the wrong shapes.
+    """
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
