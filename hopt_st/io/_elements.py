@@ -13,7 +13,11 @@ import xarray as xr
 from anndata import AnnData
 from spatialdata import SpatialData, get_centroids, get_pyramid_levels, match_element_to_table
 from spatialdata.models import TableModel, get_table_keys
-from spatialdata.transformations import Identity, get_transformation
+from spatialdata.transformations import (
+    Identity,
+    get_transformation,
+    get_transformation_between_coordinate_systems,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +117,38 @@ def spot_centers(sdata: SpatialData, table_name: str | None = None) -> np.ndarra
             f"{table.obs_names[np.flatnonzero(bad)[:5]].tolist()}): drop them from the table and shapes first."
         )
     return xy
+
+
+def spots_to_image_matrix(sdata: SpatialData, shapes_key: str, image_key: str) -> np.ndarray:
+    """3x3 affine matrix mapping the shapes' own (x, y) coordinates to the image's level-0 pixel (x, y).
+
+    The path goes through a coordinate system both elements are registered to (``"global"`` when shared),
+    composed by spatialdata's ``get_transformation_between_coordinate_systems``.
+    """
+    shapes, image = sdata.shapes[shapes_key], sdata.images[image_key]
+    cs_shapes = get_transformation(shapes, get_all=True)
+    cs_image = get_transformation(image, get_all=True)
+    common = [c for c in cs_image if c in cs_shapes]
+    if not common:
+        raise ValueError(
+            f"shapes {shapes_key!r} (coordinate systems {sorted(cs_shapes)}) and image {image_key!r} (coordinate "
+            f"systems {sorted(cs_image)}) share no coordinate system, so spots cannot be placed on the image: add "
+            "a transformation to a common coordinate system with spatialdata.transformations.set_transformation."
+        )
+    via = "global" if "global" in common else common[0]
+    t = get_transformation_between_coordinate_systems(
+        sdata, shapes, image, intermediate_coordinate_systems=via
+    )
+    m = np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
+    lin = m[:2, :2]
+    if abs(lin[0, 1]) > 1e-9 * abs(lin).max() or abs(lin[1, 0]) > 1e-9 * abs(lin).max():
+        logger.warning(
+            "The spots of %r are rotated or sheared relative to image %r; patches are cut axis-aligned in the "
+            "image's pixel grid around the mapped centres.",
+            shapes_key,
+            image_key,
+        )
+    return m
 
 
 def image_levels(image) -> list[xr.DataArray]:

@@ -14,10 +14,15 @@ import numpy as np
 import xarray as xr
 from geopandas import GeoDataFrame
 from spatialdata import SpatialData, get_pyramid_levels
-from spatialdata.transformations import get_transformation, get_transformation_between_coordinate_systems
 
 from .._docs import DOC_IMAGE_KEY, DOC_SDATA, DOC_TABLE_NAME, inject_docs
-from ..io._elements import get_spot_table, resolve_image_key, resolve_table_name, spot_centers
+from ..io._elements import (
+    get_spot_table,
+    resolve_image_key,
+    resolve_table_name,
+    spot_centers,
+    spots_to_image_matrix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,28 +36,6 @@ class TissueView:
     radius: float  # spot radius in the same units
     image_key: str | None
     level: int | None
-
-
-def _spots_to_image(
-    sdata: SpatialData, shapes: GeoDataFrame, image: xr.DataArray | xr.DataTree
-) -> np.ndarray:
-    """3x3 affine (x, y) from the spots' own coordinates to the image's level-0 pixels.
-
-    The path goes through a coordinate system both elements are registered to (``"global"`` when shared).
-    """
-    cs_image = get_transformation(image, get_all=True)
-    cs_spots = get_transformation(shapes, get_all=True)
-    common = [c for c in cs_image if c in cs_spots]
-    if not common:
-        raise ValueError(
-            f"the image and the spots share no coordinate system (image: {list(cs_image)}, spots: "
-            f"{list(cs_spots)}): register both to one (spatialdata.transformations.set_transformation) to "
-            "draw spots on the tissue."
-        )
-    t = get_transformation_between_coordinate_systems(
-        sdata, shapes, image, intermediate_coordinate_systems="global" if "global" in common else common[0]
-    )
-    return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
 
 
 def _spot_radius(shapes: GeoDataFrame) -> float:
@@ -104,7 +87,7 @@ def tissue_view(
         return TissueView(None, xy, radius, None, None)
     image_key = resolve_image_key(sdata, image_key)
     image = sdata.images[image_key]
-    to_img = _spots_to_image(sdata, shapes, image)
+    to_img = spots_to_image_matrix(sdata, shapes_key, image_key)
     xy0 = xy @ to_img[:2, :2].T + to_img[:2, 2]
     r0 = radius * float(np.sqrt(abs(np.linalg.det(to_img[:2, :2]))))
 

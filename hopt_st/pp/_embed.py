@@ -16,7 +16,7 @@ from .._constants import UNS_KEY
 from .._docs import DOC_IMAGE_KEY, DOC_OVERWRITE, DOC_PROGRESS, DOC_TABLE_NAME, inject_docs
 from .._patchset import ArrayPatches, Patches, read_patches
 from ..io._elements import get_spot_table
-from ..models import Encoder, ModelSpec, create, get_spec
+from ..models import Encoder, ModelSpec, get_encoder, get_spec
 from ._checkpoint import CheckpointStore
 from ._device import select_device, select_dtype
 from ._engine import run_encoder
@@ -223,8 +223,8 @@ def embed(
             )
     source = _resolve_input(data, spec, table_name, image_key)
     _check_geometry(source, spec)
-    if encoder is None:
-        encoder = create(spec, weights=weights, pretrained=True, device="cpu")
+    if encoder is None:  # built once per process, then reused (on this device)
+        encoder = get_encoder(spec, weights=weights, device=dev)
     bs = int(batch_size or _default_batch_size(spec, dev))
     if bs < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")

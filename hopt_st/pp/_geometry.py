@@ -11,41 +11,11 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from spatialdata import SpatialData
-from spatialdata.transformations import get_transformation, get_transformation_between_coordinate_systems
 
 logger = logging.getLogger(__name__)
 
 #: relative tolerance when comparing a level's pixel size with the target (float noise of downsample ratios)
 _MPP_RTOL = 1e-3
-
-
-def spots_to_image_matrix(sdata: SpatialData, shapes_key: str, image_key: str) -> np.ndarray:
-    """3x3 affine matrix mapping the shapes' own (x, y) coordinates to the image's level-0 pixel (x, y).
-
-    The two elements must be connected through their coordinate systems (spatialdata's
-    ``get_transformation_between_coordinate_systems``).
-    """
-    shapes, image = sdata.shapes[shapes_key], sdata.images[image_key]
-    try:
-        t = get_transformation_between_coordinate_systems(sdata, shapes, image)
-    except RuntimeError:
-        raise ValueError(
-            f"shapes {shapes_key!r} (coordinate systems {sorted(get_transformation(shapes, get_all=True))}) and "
-            f"image {image_key!r} (coordinate systems {sorted(get_transformation(image, get_all=True))}) share no "
-            "coordinate system, so spots cannot be placed on the image: add a transformation to a common "
-            "coordinate system with spatialdata.transformations.set_transformation."
-        ) from None
-    m = np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
-    lin = m[:2, :2]
-    if abs(lin[0, 1]) > 1e-9 * abs(lin).max() or abs(lin[1, 0]) > 1e-9 * abs(lin).max():
-        logger.warning(
-            "The spots of %r are rotated or sheared relative to image %r; patches are cut axis-aligned in the "
-            "image's pixel grid around the mapped centres.",
-            shapes_key,
-            image_key,
-        )
-    return m
 
 
 def apply_affine(m: np.ndarray, xy: np.ndarray) -> np.ndarray:

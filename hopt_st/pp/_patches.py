@@ -27,6 +27,7 @@ from ..io._elements import (
     resolve_image_key,
     resolve_table_name,
     spot_centers,
+    spots_to_image_matrix,
 )
 from ..io._mpp import check_mpp, get_image_mpp
 from ._geometry import (
@@ -34,7 +35,6 @@ from ._geometry import (
     choose_level,
     fraction_inside,
     patch_boxes,
-    spots_to_image_matrix,
     units_per_image_px,
 )
 from ._image_reader import LevelReader
