@@ -1,16 +1,22 @@
 """Shared docstring fragments (squidpy/scanpy style): one text per parameter that many functions take.
 
-Use :func:`inject_docs` on a function whose docstring contains ``{name}`` placeholders::
+Write ``{name}`` in a docstring and decorate the function with :func:`inject_docs`; the placeholders are
+filled from :data:`DOCS` (plus any keyword given to the decorator)::
 
-    @inject_docs(table_name=DOC_TABLE_NAME)
+    @inject_docs()
     def f(sdata, table_name=None):
         '''...
 
         Parameters
         ----------
+        sdata
+            {sdata}
         table_name
             {table_name}
         '''
+
+``{spot_params}`` stands for the whole ``sdata`` / ``table_name`` / ``image_key`` block and ``{save_dpi}``
+for ``save`` / ``dpi``. Literal braces in such a docstring are written ``{{`` and ``}}``.
 """
 
 from __future__ import annotations
@@ -38,12 +44,40 @@ DOC_SAVE = "Write the figure there (format from the suffix)."
 DOC_DPI = "Resolution when saving."
 
 
+def _entries(**texts: str) -> str:
+    """Several numpydoc parameter entries as one fragment (placed at the 4-space docstring indent)."""
+    return "\n    ".join(f"{name}\n        {text}" for name, text in texts.items())
+
+
+#: every shared fragment, by placeholder name
+DOCS: dict[str, str] = {
+    "sdata": DOC_SDATA,
+    "table_name": DOC_TABLE_NAME,
+    "image_key": DOC_IMAGE_KEY,
+    "image_mpp": DOC_IMAGE_MPP,
+    "target_mpp": DOC_TARGET_MPP,
+    "patch_size": DOC_PATCH_SIZE,
+    "overwrite": DOC_OVERWRITE,
+    "copy": DOC_COPY,
+    "progress": DOC_PROGRESS,
+    "key_added": DOC_KEY_ADDED,
+    "use_rep": DOC_USE_REP,
+    "save": DOC_SAVE,
+    "dpi": DOC_DPI,
+    "spot_params": _entries(sdata=DOC_SDATA, table_name=DOC_TABLE_NAME, image_key=DOC_IMAGE_KEY),
+    "save_dpi": _entries(save=DOC_SAVE, dpi=DOC_DPI),
+}
+
+
 def inject_docs(**fragments: str) -> Callable[[F], F]:
-    """Fill ``{name}`` placeholders of the decorated function's docstring with ``fragments``."""
+    """Fill the ``{name}`` placeholders of the decorated function's docstring from :data:`DOCS` and ``fragments``.
+
+    An unknown placeholder raises ``KeyError`` when the module is imported, so a typo cannot ship.
+    """
 
     def decorate(func: F) -> F:
         if func.__doc__:
-            func.__doc__ = func.__doc__.format(**fragments)
+            func.__doc__ = func.__doc__.format_map({**DOCS, **fragments})
         return func
 
     return decorate

@@ -19,7 +19,7 @@ from anndata import AnnData
 from spatialdata import SpatialData, get_pyramid_levels
 
 from .._constants import SPACERANGER_SPOT_DIAMETER_FULLRES_UM, UNS_KEY
-from .._docs import DOC_IMAGE_KEY, DOC_TABLE_NAME, inject_docs
+from .._docs import inject_docs
 from ..io._elements import get_spot_table, resolve_image_key, resolve_table_name
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def _write_scalefactors(path: Path, fullres_mpp: float, hires: float, lowres: fl
     path.write_text(json.dumps(scalefactors, indent=4))
 
 
-@inject_docs(table_name=DOC_TABLE_NAME, image_key=DOC_IMAGE_KEY)
+@inject_docs()
 def write_spaceranger_outs(
     sdata: SpatialData,
     path: str | Path,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .._docs import DOC_OVERWRITE, inject_docs
+from .._docs import inject_docs
 from ._builtin import BUILTIN
 from ._spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 
@@ -61,7 +61,7 @@ DOC_BUILD_RAISES = """WeightsUnavailableError
         The weight file does not match the architecture exactly."""
 
 
-@inject_docs(overwrite=DOC_OVERWRITE)
+@inject_docs()
 def register(spec: ModelSpec, *, overwrite: bool = False) -> ModelSpec:
     """Add a :class:`ModelSpec` to the registry.
 
@@ -124,7 +124,7 @@ def unregister(name: str) -> ModelSpec:
 
 
 @contextmanager
-@inject_docs(overwrite=DOC_OVERWRITE)
+@inject_docs()
 def registered(*specs: ModelSpec, overwrite: bool = False) -> Iterator[tuple[ModelSpec, ...]]:
     """Register ``specs`` for the duration of a ``with`` block, then restore the registry as it was.
 

@@ -13,7 +13,7 @@ from anndata import AnnData
 from spatialdata import SpatialData
 
 from .._constants import UNS_KEY
-from .._docs import DOC_DPI, DOC_IMAGE_KEY, DOC_SAVE, DOC_TABLE_NAME, inject_docs
+from .._docs import inject_docs
 from ..io._elements import resolve_table_name
 from ..tl import pearson_per_gene, target_matrix
 from ._tissue import TissueView, tissue_view
@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 _DOC_TITLE = "Figure title."
 _DOC_CMAP = "Matplotlib colour map."
 #: The ``save`` and ``dpi`` entries of every plot's Parameters section (scanpy's ``doc_show_save_ax`` pattern).
-_DOC_SAVE_DPI = f"save\n        {DOC_SAVE}\n    dpi\n        {DOC_DPI}"
 
 
 def _save(fig: Figure, save: str | Path | None, dpi: int) -> None:
@@ -215,7 +214,7 @@ def _expression_layout(view: TissueView, n_genes: int, panel_size: float) -> tup
     )
 
 
-@inject_docs(table_name=DOC_TABLE_NAME, image_key=DOC_IMAGE_KEY, cmap=_DOC_CMAP, save_dpi=_DOC_SAVE_DPI)
+@inject_docs(cmap=_DOC_CMAP)
 def expression(
     sdata: SpatialData | AnnData,
     genes: str | Sequence[str],
@@ -350,7 +349,7 @@ def _score_groups(results: pd.Series | Mapping[str, float] | pd.DataFrame) -> di
     )
 
 
-@inject_docs(title=_DOC_TITLE, save_dpi=_DOC_SAVE_DPI)
+@inject_docs(title=_DOC_TITLE)
 def gene_scores(
     results: pd.Series | Mapping[str, float] | pd.DataFrame,
     *,
@@ -482,7 +481,7 @@ def _write_cells(ax: Axes, im, m: np.ndarray, std: pd.DataFrame | None, cmap: st
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="k" if lum > 0.5 else "w")
 
 
-@inject_docs(cmap=_DOC_CMAP, title=_DOC_TITLE, save_dpi=_DOC_SAVE_DPI)
+@inject_docs(cmap=_DOC_CMAP, title=_DOC_TITLE)
 def benchmark(
     results: pd.DataFrame,
     *,

@@ -15,7 +15,7 @@ import xarray as xr
 from geopandas import GeoDataFrame
 from spatialdata import SpatialData, get_pyramid_levels
 
-from .._docs import DOC_IMAGE_KEY, DOC_SDATA, DOC_TABLE_NAME, inject_docs
+from .._docs import inject_docs
 from ..io._elements import (
     get_spot_table,
     resolve_image_key,
@@ -44,7 +44,7 @@ def _spot_radius(shapes: GeoDataFrame) -> float:
     return float(np.sqrt(np.nanmedian(shapes.geometry.area.to_numpy()) / np.pi))
 
 
-@inject_docs(sdata=DOC_SDATA, table_name=DOC_TABLE_NAME, image_key=DOC_IMAGE_KEY)
+@inject_docs()
 def tissue_view(
     sdata: SpatialData,
     *,
@@ -58,12 +58,7 @@ def tissue_view(
 
     Parameters
     ----------
-    sdata
-        {sdata}
-    table_name
-        {table_name}
-    image_key
-        {image_key}
+    {spot_params}
     show_image
         Crop the image; ``False`` returns the spots alone, in their own coordinates.
     max_size

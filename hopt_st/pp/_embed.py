@@ -13,7 +13,7 @@ import torch
 from spatialdata import SpatialData
 
 from .._constants import UNS_KEY
-from .._docs import DOC_IMAGE_KEY, DOC_OVERWRITE, DOC_PROGRESS, DOC_TABLE_NAME, inject_docs
+from .._docs import inject_docs
 from .._patchset import ArrayPatches, Patches, read_patches
 from ..io._elements import get_spot_table
 from ..models import Encoder, ModelSpec, get_encoder, get_spec
@@ -142,9 +142,7 @@ def _write_provenance(table, key: str, spec: ModelSpec, encoder: Encoder, info: 
     }
 
 
-@inject_docs(
-    table_name=DOC_TABLE_NAME, image_key=DOC_IMAGE_KEY, overwrite=DOC_OVERWRITE, progress=DOC_PROGRESS
-)
+@inject_docs()
 def embed(
     data: SpatialData | Patches | str | os.PathLike | np.ndarray,
     model: str | ModelSpec | Encoder = "h-optimus-1",

@@ -11,12 +11,6 @@ from spatialdata import SpatialData
 
 from .._constants import OBS_FRACTION_KEY, PATCH_SIZE, TARGET_MPP
 from .._docs import (
-    DOC_IMAGE_KEY,
-    DOC_IMAGE_MPP,
-    DOC_PATCH_SIZE,
-    DOC_SDATA,
-    DOC_TABLE_NAME,
-    DOC_TARGET_MPP,
     inject_docs,
 )
 from .._patchset import Patches
@@ -160,14 +154,7 @@ def _spots_to_keep(table, lay: _Layout, outside: str, fill) -> np.ndarray:
     return keep
 
 
-@inject_docs(
-    sdata=DOC_SDATA,
-    table_name=DOC_TABLE_NAME,
-    image_key=DOC_IMAGE_KEY,
-    patch_size=DOC_PATCH_SIZE,
-    target_mpp=DOC_TARGET_MPP,
-    image_mpp=DOC_IMAGE_MPP,
-)
+@inject_docs()
 def patches(
     sdata: SpatialData,
     *,
@@ -190,12 +177,7 @@ def patches(
 
     Parameters
     ----------
-    sdata
-        {sdata}
-    table_name
-        {table_name}
-    image_key
-        {image_key}
+    {spot_params}
     patch_size
         {patch_size}
     target_mpp

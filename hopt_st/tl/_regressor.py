@@ -16,7 +16,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from spatialdata import SpatialData
 
 from .._constants import UNS_KEY
-from .._docs import DOC_OVERWRITE, DOC_TABLE_NAME, DOC_USE_REP, inject_docs
+from .._docs import inject_docs
 from ..io._elements import get_spot_table
 from ._metrics import pearson_per_gene
 from ._targets import TARGETS, target_matrix, top_variable_genes
@@ -337,7 +337,7 @@ def fit_expression(
     return reg
 
 
-@inject_docs(table_name=DOC_TABLE_NAME, overwrite=DOC_OVERWRITE, use_rep=DOC_USE_REP)
+@inject_docs()
 def predict_expression(
     adata_or_sdata: AnnData | SpatialData,
     regressor: ExpressionRegressor,
