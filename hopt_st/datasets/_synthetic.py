@@ -390,19 +390,24 @@ class _LatentField:
         return f.mean(axis=1)
 
 
-def _upsample(coarse: np.ndarray, y0: int, y1: int, width: int, step_px: float) -> np.ndarray:
-    """Bilinear upsampling of ``(C, h, w)`` samples taken every ``step_px`` pixels: rows ``y0:y1`` of the
-    ``(C, height, width)`` result (every row is computed on its own, so bands of rows join seamlessly)."""
+def _upsample(
+    coarse: np.ndarray, height: int, width: int, step_px: float, y0: float = 0.0, x0: float = 0.0
+) -> np.ndarray:
+    """Bilinear upsampling of ``(C, h, w)`` samples taken every ``step_px`` pixels to ``(C, height, width)``.
+
+    Output pixel ``(i, j)`` sits at ``(y0 + i, x0 + j)`` pixels from the first sample: a window of a larger
+    upsampled image is the same whichever window it is cut from.
+    """
     out = []
-    yi = (np.arange(y0, y1) + 0.5) / step_px
-    xi = (np.arange(width) + 0.5) / step_px
-    ys = np.clip(np.floor(yi).astype(np.int64), 0, coarse.shape[1] - 2)
-    xs = np.clip(np.floor(xi).astype(np.int64), 0, coarse.shape[2] - 2)
-    ty = np.clip(yi - ys, 0, 1).astype(np.float32)[:, None]
-    tx = np.clip(xi - xs, 0, 1).astype(np.float32)[None, :]
+    yi = (y0 + np.arange(height) + 0.5) / step_px
+    xi = (x0 + np.arange(width) + 0.5) / step_px
+    y0 = np.clip(np.floor(yi).astype(np.int64), 0, coarse.shape[1] - 2)
+    x0 = np.clip(np.floor(xi).astype(np.int64), 0, coarse.shape[2] - 2)
+    ty = np.clip(yi - y0, 0, 1).astype(np.float32)[:, None]
+    tx = np.clip(xi - x0, 0, 1).astype(np.float32)[None, :]
     for c in coarse.astype(np.float32):
-        rows = c[ys] * (1 - ty) + c[ys + 1] * ty  # (y1 - y0, w)
-        out.append(rows[:, xs] * (1 - tx) + rows[:, xs + 1] * tx)
+        rows = c[y0] * (1 - ty) + c[y0 + 1] * ty  # (height, w)
+        out.append(rows[:, x0] * (1 - tx) + rows[:, x0 + 1] * tx)
     return np.stack(out)
 
 
@@ -478,10 +483,12 @@ def _render(field: _LatentField, model: dict, width: int, height: int, mpp: floa
     img = np.empty((3, height, width), dtype=np.uint8)
     fib_width = int(np.ceil(width / 3)) + 1
     for (y0, y1), grain_state in zip(bands, grain_states):
-        maps = _upsample(coarse, y0, y1, width, step_px)  # (4, rows, W): stroma RGB, texture amplitude
+        maps = _upsample(
+            coarse, y1 - y0, width, step_px, y0=y0
+        )  # (4, rows, W): stroma RGB, texture amplitude
         stroma = maps[:3]
         tex_amp = maps[3]
-        fibres = _upsample(fib, y0, y1, fib_width, fib_step)[0]
+        fibres = _upsample(fib, y1 - y0, fib_width, fib_step, y0=y0)[0]
         fibres = np.repeat(fibres, 3, axis=1)[:, :width]
         grain = _generator(grain_state).standard_normal((y1 - y0, width), dtype=np.float32) * 4.0
         shade = fibres * tex_amp + grain
