@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 _NUMPY_CHUNK = 512
 #: decoded chunks are cached up to this many bytes by default (shared by all threads of one reader)
 DEFAULT_CACHE_BYTES = 512 * 2**20
+#: smallest cache a reader is given when the budget is split between processes (~ a few rows of tiles)
+MIN_CACHE_BYTES = 48 * 2**20
 
 
 def _chunk_bounds(sizes) -> np.ndarray:
@@ -125,9 +127,22 @@ class LevelReader:
         self._lock = threading.Lock()
         self._inflight: dict[tuple[int, int], threading.Event] = {}
 
+    def set_cache_bytes(self, n: int) -> None:
+        """Change the budget of the decoded-chunk cache (evicting the oldest chunks beyond it)."""
+        with self._lock:
+            self._cache_limit = int(n)
+            self._evict()
+
+    def _evict(self) -> None:  # with the lock held
+        while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.nbytes
+
     def __getstate__(self):  # picklable for torch DataLoader worker processes: cache and locks stay behind
         state = self.__dict__.copy()
         state.update(_cache=OrderedDict(), _cache_bytes=0, _lock=None, _inflight={})
+        if state["_direct"] is not None:  # read directly: the dask graph is not needed (nor always picklable)
+            state["_data"] = None
         return state
 
     def __setstate__(self, state):
@@ -202,9 +217,7 @@ class LevelReader:
                         out[k] = rgb
                         self._cache[k] = rgb
                         self._cache_bytes += rgb.nbytes
-                    while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
-                        _, old = self._cache.popitem(last=False)
-                        self._cache_bytes -= old.nbytes
+                    self._evict()
             finally:
                 with self._lock:
                     for k in mine:

@@ -29,9 +29,10 @@ from ._geometry import (
     choose_level,
     fraction_inside,
     patch_boxes,
+    spatial_order,
     units_per_image_px,
 )
-from ._image_reader import LevelReader
+from ._image_reader import DEFAULT_CACHE_BYTES, MIN_CACHE_BYTES, LevelReader
 from ._resample import resize
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,15 @@ class _SlidePatches(Patches):
         h.update(np.ascontiguousarray(self._boxes).tobytes())
         h.update(repr((self._size, self._fill.tolist())).encode())
         return "slide:" + h.hexdigest()
+
+    def read_order(self, indices=None) -> np.ndarray:
+        # Morton order of the windows on the level: neighbouring spots share decoded tiles
+        idx = self._indices(slice(None) if indices is None else indices)
+        return idx[spatial_order(self._boxes[idx], max(self._size))]
+
+    def _reading_in_processes(self, n_processes: int) -> None:
+        # each process has its own tile cache: together they keep to the one-process budget
+        self._reader.set_cache_bytes(max(DEFAULT_CACHE_BYTES // max(n_processes, 1), MIN_CACHE_BYTES))
 
     def _read(self, idx: np.ndarray) -> np.ndarray:
         out = np.empty((len(idx), self.patch_size, self.patch_size, 3), dtype=np.uint8)
