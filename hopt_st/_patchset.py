@@ -487,8 +487,9 @@ def write_patches_h5(
             }
             for obj in (f, img, ds_coords):
                 obj.attrs.update(attrs)
-        for idx, batch in patches.iter_batches(256, num_workers=num_workers):
-            img[int(idx[0]) : int(idx[-1]) + 1] = batch
+        for idx, batch in patches.iter_batches(256, indices=patches.read_order(), num_workers=num_workers):
+            o = np.argsort(idx)  # read in spatial order, written by index (h5py wants increasing indices)
+            img[idx[o]] = batch[o]
     os.replace(tmp, path)
     logger.info("Wrote %d patches to %s.", n, path)
     return path

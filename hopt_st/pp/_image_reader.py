@@ -4,8 +4,9 @@ Per-window dask slicing pays graph construction and scheduling for every patch. 
 served from whole storage chunks: the chunks a batch of windows touches are looked up in a bounded LRU cache
 of decoded chunks, the missing ones are computed in **one** dask call per batch (or read directly from the
 underlying numpy / zarr array when the dask graph is a plain ``from_array``), converted once to uint8 RGB,
-and the windows are pasted together from them. Neighbouring spots share chunks, so each JPEG tile of a
-slide is decoded about once, whatever the order of the spots.
+and the windows are pasted together from them. Neighbouring spots share chunks, so when windows come in
+spatial order (``Patches.read_order``: Morton order, whatever the order of the table) each JPEG tile of a slide
+is decoded about once.
 """
 
 from __future__ import annotations
