@@ -137,3 +137,10 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+
+def ratio(results: dict[str, list[dict]], key: str, num: str, den: str) -> dict:
+    """Per-round ratio ``num / den`` of ``key`` (both measured in the same round): printed min / median."""
+    r = np.array([a[key] / b[key] for a, b in zip(results[num], results[den])], dtype=float)
+    print(f"  {num} / {den}: min {r.min():.2f}x, median {np.median(r):.2f}x ({key}, per round)")
+    return {"ratio_min": float(r.min()), "ratio_median": float(np.median(r))}

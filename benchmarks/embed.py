@@ -34,7 +34,7 @@ from PIL import Image
 from torchvision import transforms
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import interleave, load, summary  # noqa: E402
+from _common import interleave, load, ratio, summary  # noqa: E402
 
 import hopt_st as hs  # noqa: E402
 from hopt_st import models  # noqa: E402
@@ -153,6 +153,8 @@ def main(argv=None) -> int:
         res = interleave(sides, args.rounds)
     print(f"summary ({load()} at the end):")
     summary(res, "tiles_per_s", "naive per-spot loop", unit="tiles/s")
+    for side in list(sides)[1:]:
+        ratio(res, "tiles_per_s", side, "naive per-spot loop")
     diff = max(diffs)
     print(
         f"max |difference| of embeddings over all rounds: {diff:.2e} ({'OK' if diff <= 1e-5 else 'MISMATCH'} at 1e-5)"

@@ -238,8 +238,13 @@ class LevelReader:
         b = int(np.searchsorted(bounds, hi, side="left"))
         return range(max(a, 0), min(b, len(bounds) - 1))
 
-    def read_windows(self, boxes: np.ndarray, size: tuple[int, int], fill: np.ndarray) -> list[np.ndarray]:
-        """Read ``(sy, sx, 3)`` uint8 windows with top-left corners ``boxes`` (y0, x0); outside = ``fill``."""
+    def read_windows(
+        self, boxes: np.ndarray, size: tuple[int, int], fill: np.ndarray, out: np.ndarray | None = None
+    ) -> list[np.ndarray] | np.ndarray:
+        """Read ``(sy, sx, 3)`` uint8 windows with top-left corners ``boxes`` (y0, x0); outside = ``fill``.
+
+        Returns a list of windows, or fills and returns ``out`` (``(len(boxes), sy, sx, 3)`` uint8) when given.
+        """
         sy, sx = size
         spans = []
         needed: set[tuple[int, int]] = set()
@@ -254,12 +259,13 @@ class LevelReader:
             spans.append((y0, x0, ya, yb, xa, xb, rys, rxs))
             needed.update((iy, ix) for iy in rys for ix in rxs)
         chunks = self._fetch(sorted(needed))
-        out = []
-        for span in spans:
-            win = np.empty((sy, sx, 3), dtype=np.uint8)
+        wins = [] if out is None else out
+        for k, span in enumerate(spans):
+            win = np.empty((sy, sx, 3), dtype=np.uint8) if out is None else out[k]
+            if out is None:
+                wins.append(win)
             if span is None:
                 win[...] = fill
-                out.append(win)
                 continue
             y0, x0, ya, yb, xa, xb, rys, rxs = span
             if ya > y0 or yb < y0 + sy or xa > x0 or xb < x0 + sx:
@@ -273,5 +279,4 @@ class LevelReader:
                     win[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0] = chunks[(iy, ix)][
                         ty0 - cy0 : ty1 - cy0, tx0 - cx0 : tx1 - cx0
                     ]
-            out.append(win)
-        return out
+        return wins

@@ -71,6 +71,14 @@ class _SlidePatches(Patches):
         # at most 256 windows at a time: bounds the raw windows held besides the output
         for start in range(0, len(idx), 256):
             part = idx[start : start + 256]
+            if self._size == (
+                self.patch_size,
+                self.patch_size,
+            ):  # 1:1: windows pasted straight into the output
+                self._reader.read_windows(
+                    self._boxes[part], self._size, self._fill, out=out[start : start + len(part)]
+                )
+                continue
             wins = self._reader.read_windows(self._boxes[part], self._size, self._fill)
             for j, w in enumerate(wins):
                 out[start + j] = resize(w, self.patch_size)
