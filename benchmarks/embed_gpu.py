@@ -25,7 +25,10 @@ as JSON to ``$OUT/embed_gpu.json`` (or ``--json``):
 ``--smoke`` runs every part on the CPU with a one-block ViT and a small slide in under a minute (the test
 suite runs it so that the script cannot rot).
 
-Run (one GPU): ``python benchmarks/embed_gpu.py [--workers 15] [--budget-s 420]``
+Run (one GPU): ``python benchmarks/embed_gpu.py [--workers 15] [--budget-s 450]``; on a lent nvidia-h200 machine
+(whose image lacks spatialdata & co.) through ``benchmarks/run_embed_gpu.sh``, which says how to carry the wheels
+listed in ``benchmarks/h200_wheels.txt``. The JSON is rewritten after every part, so a run stopped at its time limit
+keeps what it measured.
 """
 
 from __future__ import annotations
@@ -517,7 +520,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--budget-s",
         type=float,
-        default=440.0,
+        default=450.0,
         help="wall-clock budget; optional parts beyond it are skipped",
     )
     ap.add_argument("--json", default=None, help="default: $OUT/embed_gpu.json when OUT is set")
@@ -525,7 +528,7 @@ def main(argv=None) -> int:
         "--smoke", action="store_true", help="CPU, one-block ViT, small slide (for the test suite)"
     )
     args = ap.parse_args(argv)
-    args.est_config_s, args.est_compile_s = 8.0, 150.0
+    args.est_config_s, args.est_compile_s = 8.0, 200.0
     logging.basicConfig(level=logging.WARNING)
     if args.smoke:
         device = torch.device("cpu")
@@ -543,6 +546,12 @@ def main(argv=None) -> int:
     budget = Budget(args.budget_s)
     skipped: list[str] = []
     result: dict = {"args": {k: v for k, v in vars(args).items() if not k.startswith("est_")}}
+    path = args.json or (os.path.join(os.environ["OUT"], "embed_gpu.json") if os.environ.get("OUT") else None)
+
+    def save() -> None:  # after every part: a run killed at its time limit keeps what it measured
+        result["skipped"], result["elapsed_s"] = skipped, budget.elapsed()
+        if path:
+            Path(path).write_text(json.dumps(result, indent=1, default=str))
 
     spec = tiny_spec() if args.smoke else models.get_spec("h-optimus-1")
     with models.registered(spec, overwrite=True) if args.smoke else contextlib.nullcontext():
@@ -568,17 +577,22 @@ def main(argv=None) -> int:
         )
         # the essential figures first; torch.compile (minutes) last, as far as the budget allows
         result["compute"] = part_compute(enc, spec, device, args, budget, skipped)
+        save()
         result["timm_fp16_compute"] = part_timm_compute(enc, spec, device, args)
+        save()
         embs: dict = {}
         n_num = args.e2e_batch_size
         result["numerics"] = part_numerics(enc, {}, spec, device, n_num, n_num, embs)
+        save()
         with tempfile.TemporaryDirectory() as tmp:
             result["end_to_end"], sdata = part_end_to_end(
                 enc, spec, device, args, budget, skipped, Path(tmp) / "slide.tif"
             )
+            save()
             if not args.no_compile:
                 rows, compiled = part_compile(enc, spec, device, args, budget, skipped)
                 result["compute"] += rows
+                save()
                 if compiled:
                     result["numerics"] = part_numerics(enc, compiled, spec, device, n_num, n_num, embs)
                 if "bf16" in compiled:
@@ -587,14 +601,11 @@ def main(argv=None) -> int:
                     result["end_to_end"]["runs"] += end_to_end_runs(
                         sdata, enc, device, args, budget, skipped, plan
                     )
-    result["skipped"] = skipped
-    result["elapsed_s"] = budget.elapsed()
+    save()
     print(
         f"\ndone in {budget.elapsed():.0f} s (budget {args.budget_s:.0f} s); skipped: {skipped or 'nothing'}; {load()}"
     )
-    path = args.json or (os.path.join(os.environ["OUT"], "embed_gpu.json") if os.environ.get("OUT") else None)
     if path:
-        Path(path).write_text(json.dumps(result, indent=1, default=str))
         print(f"wrote {path}")
     return 0
 
