@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import traceback
 import warnings
@@ -203,19 +204,28 @@ def embed(
     """
     import hopt_st as hs
 
+    from .io._elements import resolve_table_name
+    from .io._store import check_name, write_sdata, write_table_in_place
+    from .pp._embed import default_key
+
+    key = (
+        default_key(hs.models.get_spec(model).name)
+        if key_added is None
+        else check_name(key_added, "--key-added")
+    )
     if weights is not None and not weights.exists():
         raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
-    sdata, kind = _read_input(input_path, sample, image_mpp=image_mpp, image_key=image_key)
-    in_place = out is None or (kind == "zarr" and out.resolve() == input_path.resolve())
-    if out is None and kind != "zarr":
-        raise click.UsageError(f"INPUT is a {kind} folder: pass --out OUT.zarr to say where to write.")
+    in_place = out is None or (input_path.exists() and out.resolve() == input_path.resolve())
     if not in_place and out.exists() and not overwrite:
         raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
+    sdata, kind = _read_input(input_path, sample, image_mpp=image_mpp, image_key=image_key)
+    if in_place and kind != "zarr":
+        raise click.UsageError(f"INPUT is a {kind} folder: pass --out OUT.zarr to say where to write.")
     hs.pp.embed(
         sdata,
         model=model,
         weights=str(weights) if weights is not None else None,
-        key_added=key_added,
+        key_added=key,
         table_name=table_name,
         image_key=image_key,
         batch_size=batch_size,
@@ -223,32 +233,15 @@ def embed(
         overwrite=overwrite,
         progress=not _STATE["quiet"],
     )
-    from .io._elements import resolve_table_name
-
     tname = resolve_table_name(sdata, table_name)
-    key = key_added or f"X_{model}"
     emb = sdata.tables[tname].obsm[key]
-    if in_place:
-        _replace_table_on_disk(sdata, tname)
+    if in_place:  # atomic: on any failure the store is left exactly as it was
+        write_table_in_place(sdata, tname)
         dest = input_path
     else:
-        sdata.write(out, overwrite=overwrite)
+        write_sdata(sdata, out, overwrite=overwrite)
         dest = out
     click.echo(f"{tname}.obsm[{key!r}]: {emb.shape[0]} spots x {emb.shape[1]} dims ({model}) -> {dest}")
-
-
-def _replace_table_on_disk(sdata, name: str) -> None:
-    """Rewrite one table of a backed SpatialData in its own store.
-
-    spatialdata refuses to overwrite an element inside the store it was read from, so the table is first
-    written to a scratch store (to be sure it serialises), then the old one is deleted and the new one written.
-    """
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        sdata.tables[name].write_zarr(Path(tmp) / "check.zarr")
-    sdata.delete_element_from_disk(name)
-    sdata.write_element(name)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -384,9 +377,30 @@ def _human(v) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
+#: Python arguments named in the package's messages -> the CLI flags that set them
+_FLAGS = {
+    "overwrite": "--overwrite",
+    "image_mpp": "--image-mpp",
+    "weights": "--weights",
+    "key_added": "--key-added",
+    "image_key": "--image-key",
+    "table_name": "--table-name",
+    "batch_size": "--batch-size",
+    "device": "--device",
+    "sample_id": "--sample",
+}
+# not inside a Python call shown in the message (``create(name, weights=...)``)
+_ARG = re.compile(r"(?<![\w.'\"\[(-])(?<!, )(" + "|".join(_FLAGS) + r")\s*=\s*(True\b)?")
+
+
+def _as_flags(msg: str) -> str:
+    """``pass overwrite=True`` -> ``pass --overwrite``; ``image_mpp=0.5`` -> ``--image-mpp 0.5``."""
+    return _ARG.sub(lambda m: _FLAGS[m.group(1)] + ("" if m.group(2) else " "), msg)
+
+
 def _one_line(exc: BaseException) -> str:
     msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    msg = " ".join(str(msg).split())
+    msg = _as_flags(" ".join(str(msg).split()))
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 

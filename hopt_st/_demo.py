@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .io._store import sanitize_name, write_sdata
+
 logger = logging.getLogger(__name__)
 
 ZARR_NAME = "demo.zarr"
@@ -44,10 +46,16 @@ def _fit_and_score(sdata, test, model: str, key: str, n_top_genes: int, seed: in
     """Embed with ``model``, fit a ridge on the training spots, predict all spots; Pearson per gene on test."""
     import hopt_st as hs
 
+    from .pp._embed import default_key
+
     table = sdata["table"]
     hs.pp.embed(sdata, model=model, progress=progress)
     reg = hs.tl.fit_expression(
-        table[~test].copy(), use_rep=f"X_{model}", n_top_genes=n_top_genes, method="ridge", seed=seed
+        table[~test].copy(),
+        use_rep=default_key(hs.models.get_spec(model).name),
+        n_top_genes=n_top_genes,
+        method="ridge",
+        seed=seed,
     )
     hs.tl.predict_expression(sdata, reg, key_added=key, overwrite=True)
     genes = list(reg.genes_)
@@ -131,10 +139,11 @@ def run_demo(
         raise ValueError("models is empty: pass at least one encoder name, e.g. 'handcrafted'.")
     out = Path(out)
     zarr_path = out / ZARR_NAME
-    if zarr_path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{str(zarr_path)!r} already exists: pass --overwrite (overwrite=True) to replace it."
-        )
+    for path in (zarr_path, out / f"ridge_{sanitize_name(models[0])}"):
+        if path.exists() and not overwrite:
+            raise FileExistsError(
+                f"{str(path)!r} already exists: pass --overwrite (overwrite=True) to replace it."
+            )
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     n_steps = 3 + len(models)
@@ -143,7 +152,7 @@ def run_demo(
     scores, regs = {}, []
     for k, model in enumerate(models):
         say(f"[{2 + k}/{n_steps}] {model}: embed, fit ridge on the training half, predict")
-        key = "predicted" if k == 0 else f"predicted_{model}"
+        key = "predicted" if k == 0 else f"predicted_{sanitize_name(model)}"
         reg, scores[model] = _fit_and_score(sdata, test, model, key, n_top_genes, seed, progress)
         regs.append(reg)
     scores_df = pd.DataFrame(scores).rename_axis("gene").sort_values(models[0], ascending=False)
@@ -153,9 +162,9 @@ def run_demo(
     scores_df.to_csv(files["per_gene_pearson"])
     files.update(_figures(sdata, test, scores_df, models[0], out))
     say(f"[{n_steps}/{n_steps}] writing {zarr_path}")
-    regs[0].save(out / f"ridge_{models[0]}")
-    files["regressor"] = out / f"ridge_{models[0]}"
-    sdata.write(zarr_path, overwrite=overwrite)
+    files["regressor"] = out / f"ridge_{sanitize_name(models[0])}"
+    regs[0].save(files["regressor"], overwrite=overwrite)
+    write_sdata(sdata, zarr_path, overwrite=overwrite)
     files["zarr"] = zarr_path
     elapsed = time.perf_counter() - t0
     report = _report(scores_df, models, files, elapsed)

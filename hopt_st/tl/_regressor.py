@@ -15,10 +15,14 @@ from numpy.typing import ArrayLike
 from sklearn.base import BaseEstimator, RegressorMixin
 from spatialdata import SpatialData
 
+from .._atomic import atomic_write_bytes, check_overwrite
 from .._constants import UNS_KEY
 from .._docs import inject_docs
+from .._errors import CorruptFileError
 from ..io._elements import get_spot_table
 from ._metrics import pearson_per_gene
+from ._provenance import check_provenance as _check_provenance
+from ._provenance import embedding_provenance
 from ._targets import TARGETS, target_matrix, top_variable_genes
 from .linear import (
     HEST_N_COMPONENTS,
@@ -64,6 +68,9 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
     n_features_in_ : int
     alpha_ : numpy.ndarray
         Penalty per gene (``"ridge"``) or HEST's single alpha.
+    provenance_ : dict
+        Set by :func:`fit_expression`: model, weights sha256, µm/px and patch size of the embeddings it was fit
+        on (``{}`` when unknown); :func:`predict_expression` refuses embeddings of another kind.
     """
 
     def __init__(
@@ -94,6 +101,7 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
     target: str = "log1p"
     layer: str | None = None
     spatial_context: bool = False
+    provenance_: dict = {}  # replaced (never mutated) per instance by fit_expression / load
 
     def fit(self, X, y, groups=None):
         """Fit on embeddings ``X`` (n_spots, dim) and targets ``y`` (n_spots, n_genes)."""
@@ -187,10 +195,16 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
         return float(np.nanmean(r))
 
     # -- persistence: safetensors + JSON, no pickle --
-    def save(self, path) -> None:
-        """Write the fitted regressor to one ``.safetensors`` file (arrays) with JSON metadata inside."""
-        from safetensors.numpy import save_file
+    def save(self, path, *, overwrite: bool = False) -> None:
+        """Write the fitted regressor to one ``.safetensors`` file (arrays) with JSON metadata inside.
 
+        The file is written under a temporary name in the same folder, flushed and renamed, so a failed save
+        leaves no partial file and an existing file untouched. An existing ``path`` is only replaced with
+        ``overwrite=True`` (``FileExistsError`` otherwise).
+        """
+        from safetensors.numpy import save
+
+        path = check_overwrite(path, overwrite, "regressor file")
         self._check_fitted()
         tensors: dict[str, np.ndarray] = {}
         if self.linear_ is not None:
@@ -214,9 +228,11 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
             "target": self.target,
             "layer": self.layer,
             "spatial_context": bool(self.spatial_context),
+            "provenance": dict(self.provenance_),
         }
         tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-        save_file(tensors, str(path), metadata={"hopt_st": json.dumps(meta)})
+        data = save(tensors, metadata={"hopt_st": json.dumps(meta)})
+        atomic_write_bytes(path, data, overwrite=overwrite, what="regressor file")
 
     @classmethod
     def load(cls, path) -> ExpressionRegressor:
@@ -224,12 +240,21 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
         from safetensors import safe_open
 
         path = Path(path)
-        with safe_open(str(path), framework="numpy") as f:
-            raw = (f.metadata() or {}).get("hopt_st")
-            if raw is None:
-                raise ValueError(f"{path} was not written by ExpressionRegressor.save (no hopt_st metadata).")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(raw)
+        if not path.is_file():
+            raise FileNotFoundError(f"regressor file {str(path)!r} does not exist.")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                raw = (f.metadata() or {}).get("hopt_st")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = None if raw is None else json.loads(raw)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for truncated/garbled files
+            raise CorruptFileError(
+                path,
+                f"regressor file {str(path)!r} is truncated or corrupt ({type(e).__name__}: {e}): save the "
+                "regressor again (ExpressionRegressor.save) or copy the file again.",
+            ) from None
+        if meta is None:
+            raise ValueError(f"{path} was not written by ExpressionRegressor.save (no hopt_st metadata).")
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{path}: unsupported format {meta.get('format')!r} (expected {_FORMAT}).")
         reg = cls(**meta["params"], alphas=meta["alphas"])
@@ -238,6 +263,7 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
         reg.use_rep, reg.target = meta["use_rep"], meta["target"]
         reg.layer = meta.get("layer")
         reg.spatial_context = meta["spatial_context"]
+        reg.provenance_ = dict(meta.get("provenance") or {})
         reg.linear_, reg.mlp_, reg.sklearn_ = None, None, None
         if "alpha" in tensors:
             reg.alpha_ = tensors["alpha"]
@@ -333,6 +359,7 @@ def fit_expression(
     reg.use_rep, reg.target, reg.spatial_context = use_rep, target, spatial_context
     reg.layer = layer
     reg.fit(X, pd.DataFrame(Y, columns=genes), groups=groups)
+    reg.provenance_ = embedding_provenance(adata, use_rep)
     logger.info("fit_expression: %s on %d spots x %d features -> %d genes", method, *X.shape, len(genes))
     return reg
 
@@ -346,6 +373,7 @@ def predict_expression(
     key_added: str = "predicted",
     table_name: str | None = None,
     overwrite: bool = False,
+    check_provenance: bool = True,
 ) -> None:
     """Predict expression at every spot with a fitted regressor.
 
@@ -363,6 +391,9 @@ def predict_expression(
         {table_name}
     overwrite
         {overwrite}
+    check_provenance
+        Refuse embeddings whose recorded model, weights, µm/px or patch size differ from those the regressor
+        was fit on (``regressor.provenance_``); ``False`` skips the check.
 
     Returns
     -------
@@ -387,6 +418,12 @@ def predict_expression(
         raise ValueError("use_rep is unknown: pass use_rep= (the obsm key of the embeddings).")
     if key_added in adata.obsm and not overwrite:
         raise ValueError(f"obsm[{key_added!r}] already exists; pass overwrite=True or another key_added.")
+    if check_provenance:
+        _check_provenance(
+            getattr(regressor, "provenance_", None),
+            embedding_provenance(adata, use_rep),
+            what=f"obsm[{use_rep!r}]",
+        )
     X = _embeddings(adata, use_rep, regressor.spatial_context)
     pred = regressor.predict(X)
     adata.obsm[key_added] = pd.DataFrame(pred, index=adata.obs_names.copy(), columns=list(regressor.genes_))
