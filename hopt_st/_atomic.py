@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,14 +51,27 @@ def fsync_tree(path: str | os.PathLike) -> None:
         fsync_path(root)
 
 
-def remove(path: str | os.PathLike) -> None:
-    """Delete a file or folder if it exists (best effort: used on the way out of a failed write)."""
+def remove(path: str | os.PathLike, *, settle_s: float = 5.0) -> None:
+    """Delete a file or folder if it exists (used on the way out of a failed write).
+
+    After a failed write a third-party writer (zarr's asynchronous I/O) may still finish a few files in the
+    folder; it is deleted again until it stays gone, for up to ``settle_s`` seconds.
+    """
     p = Path(path)
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
+    if not (p.is_dir() and not p.is_symlink()):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
+        return
+    deadline = time.monotonic() + settle_s
+    while True:
+        shutil.rmtree(p, ignore_errors=True)
+        if not p.exists():
+            time.sleep(0.05)  # a straggling write would recreate it now
+            if not p.exists():
+                return
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def check_free_space(path: str | os.PathLike, nbytes: int, what: str = "file") -> None:

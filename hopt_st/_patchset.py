@@ -318,7 +318,14 @@ class ArrayPatches(Patches):
             or array.shape[-1] != 3
             or array.shape[1] != array.shape[2]
         ):
-            raise ValueError(f"patch array must be uint8 (n, P, P, 3); got {array.dtype} {array.shape}.")
+            hint = (
+                " It looks channels-first: transpose it to (n, P, P, 3), e.g. array.transpose(0, 2, 3, 1)."
+                if array.ndim == 4 and array.shape[1] in (3, 4) and array.shape[2] == array.shape[3]
+                else ""
+            )
+            raise ValueError(
+                f"patch array must be uint8 (n, P, P, 3); got {array.dtype} {array.shape}.{hint}"
+            )
         if barcodes is None:
             barcodes = np.arange(len(array)).astype(str)
         super().__init__(barcodes, centers, array.shape[1], mpp, patch_size_src)

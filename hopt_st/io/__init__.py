@@ -6,6 +6,7 @@ size following one convention, see :func:`get_image_mpp`.
 
 from __future__ import annotations
 
+from .._errors import CorruptFileError
 from .._patchset import read_patches
 from ._hest import read_hest
 from ._hest_bench import read_hest_bench
@@ -13,6 +14,7 @@ from ._mpp import get_image_mpp, set_image_mpp
 from ._visium import read_visium
 
 __all__ = [
+    "CorruptFileError",
     "get_image_mpp",
     "read_hest",
     "read_hest_bench",

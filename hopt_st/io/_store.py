@@ -41,7 +41,7 @@ def sanitize_name(name: str) -> str:
     """``name`` with every character that a SpatialData store does not allow replaced by ``_``."""
     out = "".join(c if c.isalnum() or c in "_-." else "_" for c in str(name))
     out = "_" + out.lstrip("_") if out.startswith("__") else out
-    return out if valid_name(out) else f"_{out}_"
+    return out if valid_name(out) else f"key{out}"  # "", "." and ".."
 
 
 def check_name(name, what: str, existing=()) -> str:
@@ -119,6 +119,19 @@ def _scratch_dir(store: Path) -> Path:
     return store / beside.name
 
 
+def _consolidate(path: Path) -> None:
+    """Consolidate the metadata of a store written with ``update_sdata_path=False`` (spatialdata consolidates
+    only the store at ``sdata.path``)."""
+    import zarr
+
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    with warnings.catch_warnings():
+        # parquet files (shapes, points) are no zarr nodes: zarr says so, harmlessly (as spatialdata does)
+        warnings.filterwarnings("ignore", category=getattr(zarr.errors, "ZarrUserWarning", UserWarning))
+        zarr.consolidate_metadata(group.store)
+    group.store.close()
+
+
 def _write_table_alone(name: str, table, path: Path, formats: list):
     """Write ``table`` as the only element of a new store at ``path``; return it as read back from there."""
     import spatialdata as sd
@@ -127,6 +140,7 @@ def _write_table_alone(name: str, table, path: Path, formats: list):
         # a table on its own "annotates an element not present" in the scratch store: expected, not a problem
         warnings.filterwarnings("ignore", message=".*which is not present in the SpatialData object.*")
         SpatialData(tables={name: table}).write(path, sdata_formats=formats or None, update_sdata_path=False)
+        _consolidate(path)
         return sd.read_zarr(path).tables[name]
 
 
@@ -222,6 +236,7 @@ def write_sdata(sdata: SpatialData, path: str | os.PathLike, *, overwrite: bool 
     scratch = temp_sibling(path)
     try:
         sdata.write(scratch, update_sdata_path=False)
+        _consolidate(scratch)
         fsync_tree(scratch)
         replace_dir(scratch, path)
     finally:

@@ -34,10 +34,16 @@ def _check_complete(tif: tifffile.TiffFile, path: Path) -> None:
     size = path.stat().st_size
     for i, level in enumerate(tif.series[0].levels):
         for page in level.pages:
+            if page is None:
+                continue
             offsets = getattr(page, "dataoffsets", None)
             counts = getattr(page, "databytecounts", None)
-            if page is None or not offsets or not counts:
-                continue
+            if not offsets or not counts or len(offsets) != len(counts) or not any(counts):
+                raise CorruptFileError(
+                    path,
+                    f"TIFF {str(path)!r} is corrupt or truncated: pyramid level {i} has no tile offsets / byte "
+                    "counts (its tags were cut off). Download or copy it again.",
+                )
             end = max(int(o) + int(c) for o, c in zip(offsets, counts))
             if end > size:
                 raise CorruptFileError(
@@ -51,7 +57,7 @@ def _level_arrays(path: Path) -> list[zarr.Array]:
     """One zarr array per pyramid level (full resolution first), all lazy."""
     try:
         tif = tifffile.TiffFile(path)
-    except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - TiffFileError, struct.error, ... on a cut or garbled header
         raise CorruptFileError(
             path,
             f"Cannot read the TIFF {str(path)!r} ({type(e).__name__}: {e}): the file is corrupt or not a TIFF. "
@@ -121,7 +127,14 @@ def _consistent_levels(arrays: list[da.Array], path: Path) -> list[da.Array]:
     for i, a in enumerate(arrays[1:], start=1):
         if not (a.shape[1] < keep[-1].shape[1] and a.shape[2] < keep[-1].shape[2] and min(a.shape[1:]) >= 16):
             continue  # not coarser, or degenerate
-        diff = _level_difference(keep[-1], a)
+        try:
+            diff = _level_difference(keep[-1], a)
+        except Exception as e:  # noqa: BLE001 - decoders raise their own types (Jpeg8Error, ...)
+            raise CorruptFileError(
+                path,
+                f"Cannot read the image data of TIFF {str(path)!r} ({type(e).__name__}: {e}): the file is corrupt "
+                "or truncated. Download it again.",
+            ) from e
         if diff > _CHECK_MAX_DIFF:
             logger.warning(
                 "TIFF %s: pyramid level %d (%d x %d px) is not a downsample of level 0 (mean difference %.0f of "

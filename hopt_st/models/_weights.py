@@ -285,7 +285,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CorruptFileError(
                 path,
                 f"weights file {str(path)!r} is not a readable safetensors file ({e}); it may be truncated "
-                "or corrupt: download it again, or pass another file as weights=.",
+                "or corrupt: download it again, or pass another file with weights=<path>.",
             ) from e
         raise ValueError(
             f"weights file {str(path)!r} cannot be read with torch.load(weights_only=True) ({e}). "

@@ -107,10 +107,10 @@ class LevelReader:
         n_c = 1 if dims == ("y", "x") else int(level.sizes["c"])
         if n_c not in (1, 3, 4):
             hint = ""
-            if dims == ("y", "x", "c") and int(level.sizes["y"]) in (1, 3, 4):
+            if int(level.sizes["y"]) in (1, 3, 4) and n_c > 4:
                 hint = (
-                    f" Its sizes {dict(level.sizes)} look like (c, y, x) data labelled (y, x, c): parse it with "
-                    "dims=('c', 'y', 'x')."
+                    f" Its sizes {dict(level.sizes)} look like (c, y, x) data labelled (y, x, c): parse the array "
+                    "with dims=('c', 'y', 'x')."
                 )
             raise ValueError(
                 f"image {name!r} has {n_c} channels; patches need 1 (grey, replicated), 3 (RGB) or 4 (RGBA, "

@@ -142,8 +142,8 @@ def _layout(sdata, table_name, image_key, patch_size, target_mpp, image_mpp) -> 
             f"image {image_key!r}: at image_mpp={mpp0:g} µm per full-resolution pixel a {patch_size} px patch at "
             f"{target_mpp:g} µm/px covers {patch_size * target_mpp:g} µm = {side:.0f} px of its finest usable level "
             f"(level {choice.level}, {choice.mpp:g} µm/px), more than {MAX_WINDOW_RATIO}x the patch side: that "
-            "pixel size is implausible (or the image lacks coarser pyramid levels). Check image_mpp (e.g. 0.25 "
-            "for 40x, 0.5 for 20x), or add pyramid levels to the image."
+            "pixel size is implausible (or the image lacks coarser pyramid levels). Pass the right "
+            "image_mpp=<µm per full-resolution pixel> (e.g. 0.25 for 40x, 0.5 for 20x), or add pyramid levels."
         )
     boxes, size = patch_boxes(apply_affine(m, xy), choice.downsample, side0)
     return _Layout(
@@ -255,6 +255,9 @@ def patches(
     if table.n_obs == 0:
         raise ValueError(f"table {table_name!r} has no spots (0 rows): there is nothing to cut patches for.")
     image_key = resolve_image_key(sdata, image_key, require_pixels=True)
+    LevelReader(
+        image_levels(sdata.images[image_key])[0], name=image_key
+    )  # dims, dtype, channels: checked first
     lay = _layout(sdata, table_name, image_key, patch_size, target_mpp, image_mpp)
     keep = _spots_to_keep(table, lay, outside, fill)
     reader = LevelReader(image_levels(sdata.images[image_key])[lay.level], name=image_key)
