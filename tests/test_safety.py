@@ -154,6 +154,9 @@ def test_case01_cli_embed_timm_model_in_place_keeps_table(tmp_path, capsys):
     assert table.obsm["X_timm_test_vit"].shape == (table.n_obs, 64)
     assert table.uns["hopt_st"]["embeddings"]["X_timm_test_vit"]["model"] == "timm:test_vit"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr", "w.safetensors"]  # no scratch left
+    # the key exists now: refused, naming the CLI's flags (not pp.embed's arguments)
+    rc, line = _cli(capsys, "-q", "embed", store, "--model", "timm:test_vit", "--weights", weights)
+    assert rc == 1 and "pass --overwrite to replace it, or --key-added another name" in line
 
 
 def _vit_weights_timm(path: Path) -> Path:
@@ -355,6 +358,12 @@ def test_case03_blank_image_skipped_or_refused_synthetic():
     )
     hs.io.set_image_mpp(sdata, {"placeholder": 0.25})
     assert resolve_image_key(sdata) == "he"
+    full = np.repeat(np.repeat(np.asarray(image_levels(sdata.images["he"])[0].data), 3, axis=1), 3, axis=2)
+    sdata.images["full"] = Image2DModel.parse(
+        full, dims=("c", "y", "x"), transformations={"global": Identity()}
+    )
+    assert resolve_image_key(sdata) == "full"  # the full-resolution image is preferred when there is one
+    del sdata.images["full"]
     with pytest.raises(ValueError, match=r"image 'placeholder' holds no H&E.*\['he'\]"):
         hs.pp.patches(sdata, image_key="placeholder")
     del sdata.images["he"]

@@ -208,6 +208,8 @@ def image_blank_value(image) -> tuple | None:
         if np.all(np.isfinite(lo)) and np.all(hi - lo <= tol):
             blank = tuple(np.asarray(lo).tolist())
     if name is not None:
+        if len(_BLANK_CACHE) > 4096:
+            _BLANK_CACHE.clear()
         _BLANK_CACHE[name] = blank
     return blank
 

@@ -20,6 +20,7 @@ from .._constants import UNS_KEY
 from .._docs import inject_docs
 from .._errors import CorruptFileError
 from ..io._elements import get_spot_table
+from ..io._store import check_name
 from ._metrics import pearson_per_gene
 from ._provenance import check_provenance as _check_provenance
 from ._provenance import embedding_provenance
@@ -416,6 +417,7 @@ def predict_expression(
     use_rep = use_rep or regressor.use_rep
     if use_rep is None:
         raise ValueError("use_rep is unknown: pass use_rep= (the obsm key of the embeddings).")
+    check_name(key_added, "key_added", existing=adata.obsm.keys())  # a key the .zarr store can hold
     if key_added in adata.obsm and not overwrite:
         raise ValueError(f"obsm[{key_added!r}] already exists; pass overwrite=True or another key_added.")
     if check_provenance:
