@@ -28,5 +28,21 @@ class CorruptFileError(ValueError):
             message = f"{self.path!r}: {message}"
         super().__init__(message)
 
+    @classmethod
+    def from_error(
+        cls,
+        path: str | os.PathLike,
+        error: BaseException,
+        *,
+        what: str = "file",
+        fix: str = "Download or copy it again.",
+    ) -> CorruptFileError:
+        """``"<what> '<path>' is truncated or corrupt (<error type>: <error>): <fix>"``, for a reader's own error."""
+        detail = " ".join(str(error).split())[:300]
+        return cls(
+            path,
+            f"{what} {os.fspath(path)!r} is truncated or corrupt ({type(error).__name__}: {detail}): {fix}",
+        )
+
     def __reduce__(self):  # picklable across processes despite the two-argument constructor
         return (type(self), (self.path, self.args[0]))

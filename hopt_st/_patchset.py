@@ -522,10 +522,11 @@ def read_patches(path: str | os.PathLike) -> Patches:
 
 
 def _corrupt_h5(path: Path, e: BaseException, doing: str) -> CorruptFileError:
-    return CorruptFileError(
+    return CorruptFileError.from_error(
         path,
-        f"patch file {str(path)!r} is truncated or corrupt ({doing} failed: {type(e).__name__}: {e}). Copy or "
-        "download it again, or write it again with Patches.to_h5.",
+        e,
+        what="patch file",
+        fix=f"{doing} failed. Copy or download it again, or write it again with Patches.to_h5.",
     )
 
 

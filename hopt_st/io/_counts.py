@@ -89,11 +89,7 @@ def read_h5ad(path: str | Path) -> AnnData:
     try:
         return ad.read_h5ad(path)
     except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise CorruptFileError(
-            path,
-            f"{str(path)!r} cannot be read as an AnnData .h5ad ({type(e).__name__}: {' '.join(str(e).split())[:300]}): "
-            "the file is truncated or corrupt. Download or copy it again.",
-        ) from None
+        raise CorruptFileError.from_error(path, e, what="AnnData file") from None
 
 
 def check_h5_readable(path: str | Path) -> None:
@@ -109,8 +105,4 @@ def check_h5_readable(path: str | Path) -> None:
         with h5py.File(path, "r") as f:
             f.visititems(visit)
     except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise CorruptFileError(
-            path,
-            f"{str(path)!r} is truncated or corrupt ({type(e).__name__}: {' '.join(str(e).split())[:300]}). "
-            "Copy or download it again.",
-        ) from None
+        raise CorruptFileError.from_error(path, e, what="HDF5 file") from None

@@ -155,10 +155,8 @@ def _read_patch_index(p_patch: Path) -> tuple[np.ndarray, list[str], int, float 
             psize = int(f["img"].shape[1]) if "img" in f else int(h5_attr(f, _SIZE_ATTRS) or 224)
             src = recorded_patch_size_src(f, psize)
     except (OSError, KeyError, RuntimeError, TypeError, IndexError) as e:  # h5py: truncated / garbled
-        raise CorruptFileError(
-            p_patch,
-            f"patch file {str(p_patch)!r} is truncated or corrupt ({type(e).__name__}: {e}): download the "
-            "task's patches/ folder again.",
+        raise CorruptFileError.from_error(
+            p_patch, e, what="patch file", fix="download the task's patches/ folder again."
         ) from None
     if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != len(barcodes):
         raise ValueError(

@@ -87,11 +87,7 @@ def _level_arrays(path: Path) -> list[zarr.Array]:
         raise
     except Exception as e:  # noqa: BLE001 - tifffile / imagecodecs raise their own types (Jpeg8Error, ...)
         tif.close()
-        raise CorruptFileError(
-            path,
-            f"Cannot read the image data of TIFF {str(path)!r} ({type(e).__name__}: {e}): the file is corrupt or "
-            "truncated. Download it again.",
-        ) from e
+        raise CorruptFileError.from_error(path, e, what="TIFF", fix="Download it again.") from e
     return levels
 
 
@@ -130,11 +126,7 @@ def _consistent_levels(arrays: list[da.Array], path: Path) -> list[da.Array]:
         try:
             diff = _level_difference(keep[-1], a)
         except Exception as e:  # noqa: BLE001 - decoders raise their own types (Jpeg8Error, ...)
-            raise CorruptFileError(
-                path,
-                f"Cannot read the image data of TIFF {str(path)!r} ({type(e).__name__}: {e}): the file is corrupt "
-                "or truncated. Download it again.",
-            ) from e
+            raise CorruptFileError.from_error(path, e, what="TIFF", fix="Download it again.") from e
         if diff > _CHECK_MAX_DIFF:
             logger.warning(
                 "TIFF %s: pyramid level %d (%d x %d px) is not a downsample of level 0 (mean difference %.0f of "

@@ -177,10 +177,11 @@ class CheckpointStore:
                 with np.load(f, allow_pickle=False) as z:
                     idx, emb = np.asarray(z["idx"]), np.asarray(z["emb"])
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-                raise CorruptFileError(
+                raise CorruptFileError.from_error(
                     f,
-                    f"checkpoint batch file {str(f)!r} is truncated or corrupt ({type(e).__name__}: {e}): delete "
-                    "it and run again (only that batch is recomputed).",
+                    e,
+                    what="checkpoint batch file",
+                    fix="delete it and run again (only that batch is recomputed).",
                 ) from None
             if (
                 idx.ndim != 1

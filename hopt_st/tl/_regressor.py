@@ -249,10 +249,11 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             meta = None if raw is None else json.loads(raw)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own types for truncated/garbled files
-            raise CorruptFileError(
+            raise CorruptFileError.from_error(
                 path,
-                f"regressor file {str(path)!r} is truncated or corrupt ({type(e).__name__}: {e}): save the "
-                "regressor again (ExpressionRegressor.save) or copy the file again.",
+                e,
+                what="regressor file",
+                fix="save the regressor again (ExpressionRegressor.save) or copy it again.",
             ) from None
         if meta is None:
             raise ValueError(f"{path} was not written by ExpressionRegressor.save (no hopt_st metadata).")
