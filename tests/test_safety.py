@@ -418,6 +418,11 @@ def test_case05_uint16_image_holding_8bit_values_is_not_blackened():
     mixed_patches = hs.pp.patches(_with_image(_sample(20), mixed), patch_size=32, target_mpp=2.0)
     with pytest.raises(ValueError, match="uint16 .* ambiguous"):
         mixed_patches.to_numpy()
+    twelve_bit = hs.pp.patches(
+        _with_image(_sample(20), rgb.astype(np.uint16) * 16), patch_size=32, target_mpp=2.0
+    )
+    with pytest.raises(ValueError, match="12-bit data.* ambiguous"):
+        twelve_bit.to_numpy()
 
 
 def test_case06_nan_embeddings_name_model_weights_and_batch(tmp_path):

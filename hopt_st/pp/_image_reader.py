@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 #: virtual chunk size used when the image is a plain numpy array
 _NUMPY_CHUNK = 512
+#: uint16 images whose first chunk reaches no higher than this are ambiguous (10/12-bit data?) and refused
+_MAX_12BIT = 4095
 #: decoded chunks are cached up to this many bytes by default (shared by all threads of one reader)
 DEFAULT_CACHE_BYTES = 512 * 2**20
 
@@ -193,10 +195,17 @@ class LevelReader:
 
     def _uint16_to_uint8(self, block: np.ndarray) -> np.ndarray:
         """uint16 -> uint8: 16-bit values are divided by 257; an image holding 8-bit values (max <= 255) is
-        taken as is. Decided on the first chunk with any non-zero pixel; a later chunk contradicting it raises
-        (never a silent division of 8-bit values by 257, which turns the image black)."""
+        taken as is. Decided on the first chunk with any non-zero pixel; a first chunk reaching only 256..4095
+        (10- or 12-bit data?) and a later chunk contradicting the decision raise: never a silent division of
+        8/12-bit values by 257, which turns the image black."""
         hi = int(block.max()) if block.size else 0
         with self._u16_lock:
+            if self._u16_scale is None and 255 < hi <= _MAX_12BIT:
+                raise ValueError(
+                    f"image {self.name!r} is uint16 with values up to {hi} where tissue is read first: 10- or "
+                    "12-bit data, or a very dark 16-bit image? The value range is ambiguous. Convert the image to "
+                    "uint8 RGB before cutting patches."
+                )
             if self._u16_scale is None and hi > 0:
                 self._u16_scale = 1 if hi <= 255 else 257
                 if self._u16_scale == 1:
