@@ -255,9 +255,8 @@ def patches(
     if table.n_obs == 0:
         raise ValueError(f"table {table_name!r} has no spots (0 rows): there is nothing to cut patches for.")
     image_key = resolve_image_key(sdata, image_key, require_pixels=True)
-    LevelReader(
-        image_levels(sdata.images[image_key])[0], name=image_key
-    )  # dims, dtype, channels: checked first
+    # dims, dtype and channels are checked first (before spots are placed on a mislabelled image)
+    LevelReader(image_levels(sdata.images[image_key])[0], name=image_key)
     lay = _layout(sdata, table_name, image_key, patch_size, target_mpp, image_mpp)
     keep = _spots_to_keep(table, lay, outside, fill)
     reader = LevelReader(image_levels(sdata.images[image_key])[lay.level], name=image_key)
