@@ -119,12 +119,18 @@ def _run_info(spec: ModelSpec, source: Patches, weights_id: str, cdtype: torch.d
 
 
 def _write_provenance(table, key: str, spec: ModelSpec, encoder: Encoder, info: dict, device) -> None:
+    hopt = table.uns.setdefault(UNS_KEY, {})
+    hopt.setdefault("embeddings", {})[key] = provenance(spec, encoder, info, device)
+
+
+def provenance(spec: ModelSpec, encoder: Encoder, info: dict, device) -> dict:
+    """What a set of embeddings was computed with (``info`` from :func:`_run_info`): model, weights, geometry,
+    precision, device, versions."""
     import timm
 
     from .. import __version__
 
-    hopt = table.uns.setdefault(UNS_KEY, {})
-    hopt.setdefault("embeddings", {})[key] = {
+    return {
         "model": spec.name,
         "dim": int(spec.dim),
         "weights_sha256": info["weights_sha256"],
