@@ -275,7 +275,8 @@ def _dask_client(stack, workers: int | None, scheduler: str | None):
         return None
     from distributed import Client, LocalCluster
 
-    silence = logging.DEBUG if _STATE["verbose"] else logging.ERROR
+    # a failing sample is reported in status.csv and the summary; Dask would also log each attempt's traceback
+    silence = logging.DEBUG if _STATE["verbose"] else logging.CRITICAL
     if workers is not None:
         cluster = stack.enter_context(
             LocalCluster(

@@ -201,6 +201,7 @@ def _normalise(df: pd.DataFrame, base: Path, what: str) -> pd.DataFrame:
         )
     df["kind"] = kinds
     df["image_mpp"] = [None if v is None else float(v) for v in df["image_mpp"]]
+    df["patient"] = [None if v is None else str(v) for v in df["patient"]]
     return df
 
 

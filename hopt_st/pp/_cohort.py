@@ -294,7 +294,7 @@ def _run_dask(client, jobs: list[_Job], retries: int, finish) -> None:
         for job in jobs
     }
     try:
-        for fut in as_completed(futures):
+        for fut in as_completed(futures, loop=client.loop):
             sid = futures[fut].row["sample_id"]
             try:
                 row = fut.result()
