@@ -283,7 +283,7 @@ def _dask_client(stack, workers: int | None, scheduler: str | None):
                 n_workers=workers,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=None,
+                dashboard_address="127.0.0.1:0",  # a free local port: 8787 may be taken (a UserWarning)
                 silence_logs=silence,
             )
         )

@@ -88,7 +88,7 @@ def client():
         n_workers=2,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address="127.0.0.1:0",  # a free local port: 8787 may be taken (a UserWarning)
         silence_logs=logging.CRITICAL,  # failures are in the status table; Dask logs each with a traceback
     )
     client = Client(cluster, set_as_default=False)  # dask computations of this process stay here

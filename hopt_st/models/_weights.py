@@ -101,11 +101,13 @@ def weights_sha256(path: str | os.PathLike) -> str:
     str
         Hex sha256.
     """
-    key = file_version(path)
+    real = Path(path).resolve()
+    st = real.stat()
+    key = (str(real), st.st_size, st.st_mtime_ns)
     with _DIGEST_LOCK:
         digest = _DIGESTS.get(key)
     if digest is None:
-        digest = hf_blob_sha256(path) or sha256_file(key[0])
+        digest = hf_blob_sha256(path) or sha256_file(real)
         with _DIGEST_LOCK:
             _DIGESTS[key] = digest
     return digest
