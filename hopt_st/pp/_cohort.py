@@ -36,7 +36,7 @@ from ..models import ModelSpec, get_encoder, get_spec
 from ..models._encoder import weights_file
 from ..models._weights import file_version, remember_sha256, weights_sha256
 from ._device import select_device, select_dtype
-from ._embed import _run_info, _weights_id, embed, provenance
+from ._embed import _run_info, _weights_id, embed, provenance, spec_identity
 from ._patches import patches
 
 logger = logging.getLogger(__name__)
@@ -89,16 +89,7 @@ def _fingerprint(row: dict, spec: ModelSpec, weights_id: str, dtype: str | None)
             "image_mpp": row.get("image_mpp"),
             "files": sample_files(row),
         },
-        "model": [
-            spec.name,
-            spec.arch,
-            spec.dim,
-            spec.timm_name,
-            repr(spec.timm_kwargs),
-            spec.pooling,
-            spec.mean,
-            spec.std,
-        ],
+        "model": [spec.name, spec.arch, *spec_identity(spec)],
         "weights": weights_id,
         "geometry": {"patch_size": spec.input_size, "mpp": spec.mpp, "outside": _OUTSIDE, "fill": 255},
         "dtype": dtype or "auto",
@@ -405,14 +396,19 @@ def embed_cohort(
         raise ValueError(f"batch_size={batch_size!r} must be >= 1.")
     if client is not None:
         _check_client(client)
+    if device is not None and device != "auto":
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device={device!r} is not a torch device ({e}).") from None
     spec = get_spec(model)
     dtype_name = (
         None if dtype is None else str(select_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
     )
     table = _select_shard(read_cohort(cohort), shard)
+    w_path, w_version, w_sha = _weights_identity(spec, weights)
     folder = Path(out_dir) / model_dirname(spec.name)
     folder.mkdir(parents=True, exist_ok=True)
-    w_path, w_version, w_sha = _weights_identity(spec, weights)
     status_name = "status.csv" if shard is None else f"status.shard{int(shard[0])}of{int(shard[1])}.csv"
     status = _Status(folder / status_name, list(table["sample_id"]))
 
