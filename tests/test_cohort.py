@@ -441,8 +441,7 @@ def test_killed_worker_is_retried(root, specs, serial, client, tmp_path, bad_err
     try:
         df = hs.pp.embed_cohort(root, spec, tmp_path / "out", client=client, progress=False)
     finally:
-        client.run(_remove_kill_hook)
-        client.wait_for_workers(2, timeout=120)
+        client.run(_remove_kill_hook)  # the worker that replaces the dead one (if up yet) never had it
     died = json.loads(marker.read_text())
     assert died["pid"] in pids_before and died["pid"] not in set(client.run(os.getpid).values())
     _check_status(df, bad_error)  # the sample whose worker died was run again, and the cohort completed
