@@ -16,6 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import anndata as ad
 import cloudpickle
 import h5py
 import numpy as np
@@ -254,6 +255,39 @@ def test_read_cohort_tables(root, tmp_path):
         hs.io.read_cohort(pd.DataFrame({"sample_id": ["a"], "source": [root / "st" / "SYN000.h5ad"]}))
     with pytest.raises(TypeError, match="DataFrame, a CSV"):
         hs.io.read_cohort(3)
+
+
+def test_h5ad_zarr_and_patch_file_sources(root, specs, serial, hest_bench_root, tmp_path, one_thread):
+    spec, _ = specs["handcrafted-fast"]
+    zarr = tmp_path / "SYN002.zarr"
+    with ad.settings.override(auto_shard_zarr_v3=False):  # anndata's zarr v3 notice (a UserWarning)
+        hs.io.read_hest(root, "SYN002").write(zarr)
+    cohort = pd.DataFrame(
+        {
+            "sample_id": ["SYN001", "SYN002"],  # the same samples as HEST-1k ones, read another way
+            "source": [root / "st" / "SYN001.h5ad", zarr],
+            "image": [root / "wsis" / "SYN001.tif", None],
+            "image_mpp": [1.0, None],
+        }
+    )
+    df = hs.pp.embed_cohort(cohort, spec, tmp_path / "out", progress=False)
+    assert hs.io.read_cohort(cohort)["kind"].tolist() == ["h5ad", "zarr"] and (df["status"] == "done").all()
+    for sid in ("SYN001", "SYN002"):
+        got = hs.io.read_embeddings(tmp_path / "out" / spec.name / f"{sid}.h5")
+        ref = hs.io.read_embeddings(serial["out"] / spec.name / f"{sid}.h5")
+        assert np.array_equal(got.embeddings, ref.embeddings) and np.array_equal(got.coords, ref.coords)
+        assert got.fingerprint != ref.fingerprint  # other files, so another identity
+    # a HEST-Benchmark task folder: its patch files, and its expression files for load_cohort
+    task = Path(hest_bench_root["task_dir"])
+    df = hs.pp.embed_cohort(task, spec, tmp_path / "bench", progress=False)
+    assert (df["status"] == "done").all() and len(df) == 3
+    sid = hest_bench_root["sample_ids"][0]
+    direct = hs.pp.embed(task / "patches" / f"{sid}.h5", spec, progress=False)
+    assert np.array_equal(
+        hs.io.read_embeddings(tmp_path / "bench" / spec.name / f"{sid}.h5").embeddings, direct
+    )
+    adata = hs.io.load_cohort(tmp_path / "bench", spec, task)
+    assert adata.n_obs == df["n_spots"].sum() and adata.n_vars == 60
 
 
 def test_select_shard_partitions_deterministically():

@@ -20,7 +20,8 @@ A cohort table has one row per sample and the columns
 ``counts`` (optional)
     An ``.h5ad`` of raw counts for :func:`load_cohort` when the source has none (patch files).
 
-Other columns are kept. Relative paths in a CSV are relative to the CSV's folder.
+Other columns are kept. Relative paths in a CSV are relative to the CSV's folder (in a DataFrame, to the
+current folder).
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ def _normalise(df: pd.DataFrame, base: Path, what: str) -> pd.DataFrame:
             f"(or set the column 'kind' to one of {list(KINDS)})."
         )
     df["kind"] = kinds
-    df["image_mpp"] = [None if v is None else float(v) for v in df["image_mpp"]]
+    # object columns: a float column would turn None into NaN
+    df["image_mpp"] = pd.Series([None if v is None else float(v) for v in df["image_mpp"]], dtype=object)
     df["patient"] = [None if v is None else str(v) for v in df["patient"]]
     return df
 

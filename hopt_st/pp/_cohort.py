@@ -326,8 +326,8 @@ def _select_shard(table: pd.DataFrame, shard) -> pd.DataFrame:
 @inject_docs()
 def embed_cohort(
     cohort: pd.DataFrame | str | os.PathLike,
-    model: str | ModelSpec = "h-optimus-1",
-    out_dir: str | os.PathLike = "embeddings",
+    model: str | ModelSpec,
+    out_dir: str | os.PathLike,
     *,
     client=None,
     weights: str | os.PathLike | None = None,
