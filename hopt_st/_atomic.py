@@ -3,7 +3,8 @@
 Everything hopt_st writes goes through here: the data are written under a temporary name in the same folder
 (so the final rename never crosses file systems), flushed to disk (``fsync``), then renamed over the final
 name with ``os.replace``. Any failure (disk full, interrupted, invalid content) removes the temporary and
-leaves what was there before exactly as it was.
+leaves what was there before exactly as it was. Temporary names start with a dot and end in ``.tmp``
+(``.<name>.<random>.tmp``), so globbing for ``*.h5`` or ``*.csv`` never picks them up.
 """
 
 from __future__ import annotations
@@ -18,13 +19,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 #: suffix of every temporary file or folder (a crash may leave one behind; they are safe to delete)
-TMP_SUFFIX = ".hopt_st-tmp"
+TMP_SUFFIX = ".tmp"
 
 
 def temp_sibling(path: str | os.PathLike, tag: str = "") -> Path:
     """A fresh hidden name in the folder of ``path`` (same file system, so it can be renamed onto it)."""
     path = Path(path)
     return path.with_name(f".{path.name}{tag}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+
+
+def tmp_pattern(path: Path) -> str:
+    """Glob pattern of the temporary files :func:`atomic_path` creates for ``path``."""
+    return f".{path.name}.*{TMP_SUFFIX}"
+
+
+def remove_stale_tmp(path: Path) -> int:
+    """Delete temporary files left for ``path`` by a writer that died; returns how many were removed."""
+    n = 0
+    for tmp in path.parent.glob(tmp_pattern(path)):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            n += 1
+    return n
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -111,7 +127,7 @@ def check_overwrite(path: str | os.PathLike, overwrite: bool, what: str = "file"
 
 @contextlib.contextmanager
 def atomic_path(
-    path: str | os.PathLike, *, overwrite: bool = False, what: str = "file", expected_bytes: int | None = None
+    path: str | os.PathLike, *, overwrite: bool = True, what: str = "file", expected_bytes: int | None = None
 ) -> Iterator[Path]:
     """Context manager: write to the yielded temporary path; on success it replaces ``path`` atomically.
 
@@ -120,7 +136,7 @@ def atomic_path(
     path
         Final file (or folder) name.
     overwrite
-        Replace an existing ``path``; otherwise ``FileExistsError`` before anything is written.
+        Replace an existing ``path``; ``False`` raises ``FileExistsError`` before anything is written.
     what
         What is written, for messages.
     expected_bytes
@@ -129,7 +145,8 @@ def atomic_path(
     Yields
     ------
     pathlib.Path
-        The temporary name (same folder, hidden). Whatever goes wrong inside the block, it is removed and
+        The temporary name (same folder, hidden). The caller writes (and closes) it inside the block; it is
+        then flushed to disk and renamed onto ``path``. Whatever goes wrong inside the block, it is removed and
         ``path`` is left as it was.
     """
     path = check_overwrite(path, overwrite, what)
