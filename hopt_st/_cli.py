@@ -35,12 +35,16 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("hopt_st").setLevel(
         logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
     )
-    if not verbose:  # third-party chatter that says nothing about the user's data
-        warnings.filterwarnings("ignore", message=".*zarr v3 autosharding.*")
-        warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
-        warnings.filterwarnings("ignore", message=".*Writing zarr v2 data.*")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _hide_third_party_warnings() -> None:
+    """Third-party chatter that says nothing about the user's data (called inside ``main``'s
+    ``warnings.catch_warnings()``, so the filters end with the command and never leak into the process)."""
+    warnings.filterwarnings("ignore", message=".*zarr v3 autosharding.*")
+    warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+    warnings.filterwarnings("ignore", message=".*Writing zarr v2 data.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _models_option(default: str, help: str):
@@ -394,6 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hopt-st`` console script; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = any(a in ("-v", "--verbose") for a in args[: _first_command(args)])
+    with warnings.catch_warnings():  # the filters below last for this command only
+        if not verbose:
+            _hide_third_party_warnings()
+        return _run(args, verbose)
+
+
+def _run(args: list[str], verbose: bool) -> int:
     try:
         rv = cli.main(args=args, prog_name="hopt-st", standalone_mode=False)
         return rv if isinstance(rv, int) else 0

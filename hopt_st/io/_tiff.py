@@ -8,6 +8,7 @@ synthetic slides) is :func:`hopt_st.datasets.write_pyramidal_tiff`.
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 
 import dask.array as da
@@ -53,7 +54,22 @@ def _level_arrays(path: Path) -> list[zarr.Array]:
             f"Cannot read the image data of TIFF {str(path)!r} ({e}): the file is corrupt or truncated. "
             "Download it again."
         ) from e
+    _close_when_unused(tif, levels)
     return levels
+
+
+def _close_when_unused(tif: tifffile.TiffFile, levels: list[zarr.Array]) -> None:
+    """Close the file once the last level array reading from it is garbage-collected (the lazy image keeps
+    it open until then; without this the handle is left to the garbage collector, a ResourceWarning)."""
+    remaining = [len(levels)]
+
+    def release() -> None:
+        remaining[0] -= 1
+        if remaining[0] == 0:
+            tif.close()
+
+    for arr in levels:
+        weakref.finalize(arr.store, release)
 
 
 def _to_cyx(arr: zarr.Array, path: Path, level: int) -> da.Array:

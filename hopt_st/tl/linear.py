@@ -109,12 +109,19 @@ def _standard_scale(var: np.ndarray) -> np.ndarray:
     return scale
 
 
+#: PCA sizes already reported as capped (the notice is said once per process, then logged at DEBUG)
+_CAPPED_REPORTED: set[int] = set()
+
+
 def hest_n_components(n_samples: int, n_features: int, n_components: int = HEST_N_COMPONENTS) -> int:
     """Number of PCA components used; HEST asks for 256 and scikit-learn errors when that exceeds
-    ``min(n_samples, n_features)``. We cap instead (and log it), so small data still runs."""
+    ``min(n_samples, n_features)``. We cap instead (and log it, once per process), so small data still runs."""
     k = min(n_components, n_samples, n_features)
     if k < n_components:
-        logger.warning(
+        level = logging.DEBUG if n_components in _CAPPED_REPORTED else logging.WARNING
+        _CAPPED_REPORTED.add(n_components)
+        logger.log(
+            level,
             "ridge-hest: PCA(%d) needs at least %d spots and features, got %d spots x %d features; "
             "using %d components (HEST's scikit-learn pipeline would raise here).",
             n_components,
