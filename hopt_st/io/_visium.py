@@ -76,7 +76,9 @@ def _spatialdata_io_visium(path: Path, **kwargs) -> SpatialData:
     import spatialdata_io
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Converting .region_key.* to categorical", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message="Converting .region_key.* to categorical", category=UserWarning
+        )
         return spatialdata_io.visium(path, **kwargs)
 
 
