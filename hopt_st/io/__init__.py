@@ -1,4 +1,4 @@
-"""Readers: Space Ranger, HEST-1k, HEST-Benchmark, HEST patch files.
+"""Readers: Space Ranger, HEST-1k, HEST-Benchmark, HEST patch files, Visium AnnData (scanpy's layout).
 
 Every reader returns a :class:`spatialdata.SpatialData` with lazy images and records the physical pixel
 size following one convention, see :func:`get_image_mpp`.
@@ -7,12 +7,14 @@ size following one convention, see :func:`get_image_mpp`.
 from __future__ import annotations
 
 from .._patchset import read_patches
+from ._anndata import from_anndata
 from ._hest import read_hest
 from ._hest_bench import read_hest_bench
 from ._mpp import get_image_mpp, set_image_mpp
 from ._visium import read_visium
 
 __all__ = [
+    "from_anndata",
     "get_image_mpp",
     "read_hest",
     "read_hest_bench",

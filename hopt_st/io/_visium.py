@@ -17,6 +17,7 @@ from .._constants import (
     VISIUM_SPOT_DIAMETER_UM,
     VISIUM_SPOT_DISTANCE_UM,
 )
+from ._coords import add_micrometers
 from ._counts import ensure_raw_counts
 from ._elements import get_spot_table, spot_centers
 from ._mpp import check_mpp
@@ -113,7 +114,8 @@ def read_visium(
     -------
     SpatialData
         As read by :func:`spatialdata_io.visium` (images ``"<id>_hires_image"``, ``"<id>_lowres_image"``,
-        optionally ``"<id>_full_image"``; circles ``"<id>"``; table ``"table"``), with RGB images,
+        optionally ``"<id>_full_image"``; circles ``"<id>"``; table ``"table"``; coordinate system ``"<id>"`` in
+        full-resolution pixels), every element also placed in ``"micrometers"``, with RGB images,
         ``table.obsm["spatial"]`` (x, y full-res px) and ``table.uns["hopt_st"]`` holding ``image_mpp`` per
         image, ``fullres_mpp``, ``sample_id`` and the scalefactors as ``metadata``.
     """
@@ -167,6 +169,7 @@ def read_visium(
             f"{str(path)!r}: {err} (Spot positions come from spatial/tissue_positions*.csv.)"
         ) from err
     table.obsm["spatial"] = xy
+    add_micrometers(sdata, shapes_key, fullres)
     sample_id = dataset_id or shapes_key
     table.uns[UNS_KEY] = {
         "image_mpp": mpp,
