@@ -90,14 +90,19 @@ def cli(quiet: bool, verbose: bool) -> None:
     help="Spots of the synthetic sample.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace an existing demo.zarr in --out.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a demo.zarr in --out that an earlier demo run did not write (a rerun replaces its own outputs).",
+)
 def demo(
     out: Path, models: tuple[str, ...], all_local: bool, n_spots: int, seed: int, overwrite: bool
 ) -> None:
     """Offline demo: synthetic Visium -> embed -> ridge on a spatial split -> per-gene Pearson + figures.
 
     Writes per_gene_pearson.csv, expression.png, gene_scores.png and demo.zarr (image, spots, counts,
-    embeddings, predictions) into --out. No weights or internet needed.
+    embeddings, predictions) into --out. No weights or internet needed. Running it again regenerates and
+    replaces those files.
 
     \b
     Examples:

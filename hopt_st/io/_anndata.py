@@ -189,16 +189,18 @@ def anndata_to_spatialdata(
     library_id: str | None = None,
     image_mpp: float | None = None,
     full_table: bool = True,
+    source_image: bool = True,
 ) -> SpatialData:
     """The SpatialData of :func:`from_anndata`; with ``full_table=False`` its table holds only the spot ids and
-    coordinates (for cutting patches without copying the counts), and only the finest image is kept."""
+    coordinates (for cutting patches without copying the counts), and only the finest image is kept;
+    ``source_image=False`` ignores ``metadata["source_image_path"]`` (plots want the small images)."""
     if not isinstance(adata, AnnData):
         raise TypeError(f"expected an AnnData, got {type(adata).__name__}.")
     library_id, lib = _library(adata, library_id)
     xy = _spot_xy(adata)
     fullres = _fullres_mpp(lib, library_id, image_mpp)
     images, mpp = {}, {}
-    full = _full_image(image, lib)
+    full = _full_image(image, lib if source_image else {})
     if full is not None:
         images[FULL_IMAGE_KEY], mpp[FULL_IMAGE_KEY] = full, fullres
     if full is None or full_table:

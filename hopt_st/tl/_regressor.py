@@ -19,6 +19,7 @@ from spatialdata import SpatialData
 from .._constants import UNS_KEY
 from .._docs import inject_docs
 from ..io._elements import get_spot_table
+from ._predictions import prediction_table
 from ._targets import TARGETS, target_matrix, top_variable_genes
 from .linear import (
     HEST_N_COMPONENTS,
@@ -365,8 +366,14 @@ def predict_expression(
     key_added: str = "predicted",
     table_name: str | None = None,
     overwrite: bool = False,
-) -> None:
+    copy: bool = False,
+) -> AnnData | None:
     """Predict expression at every spot with a fitted regressor.
+
+    The predictions go where spatial tools look: a table of their own (``X`` = predictions), which
+    spatialdata-plot draws with ``sdata.pl.render_shapes(spots, color=GENE, table_name=key_added)`` and
+    squidpy with ``sq.pl.spatial_scatter(predictions, color=GENE)``; and, for code working on the spot table
+    alone, a DataFrame in its ``obsm``.
 
     Parameters
     ----------
@@ -377,24 +384,34 @@ def predict_expression(
     use_rep
         {use_rep} Default: the one the regressor was fit on.
     key_added
-        ``obsm`` key of the predictions.
+        ``obsm`` key of the predictions, and name of the predictions table in a SpatialData.
     table_name
         {table_name}
     overwrite
         {overwrite}
+    copy
+        Write nothing and return the predictions table instead (the way AnnData users get it).
 
     Returns
     -------
-    ``None``, and sets:
+    With ``copy=True`` the predictions table: an AnnData with ``X`` = predictions (float32, in the
+    regressor's target space), ``var_names`` = genes, ``obs`` as the spot table's, ``layers["measured"]`` =
+    the measured values in the same target space (when the spots measure those genes; NaN for genes they do
+    not), ``obsm["spatial"]`` / ``uns["spatial"]`` as the spot table's, ``uns["hopt_st"]["prediction"]``
+    (the entry below); for a SpatialData it annotates the same spot shapes. Otherwise ``None``, and sets:
 
     ``obsm[key_added]``
-        DataFrame (obs_names x genes) of predictions in the regressor's target space.
+        DataFrame (obs_names x genes) of the predictions, on the spot table.
     ``uns["hopt_st"]["predictions"][key_added]``
         ``{{"genes", "target", "use_rep", "method"}}`` (plus ``"layer"`` when the regressor was fit on counts
-        in a layer).
+        in a layer), on the spot table.
+    ``sdata.tables[key_added]``
+        SpatialData only: the predictions table.
     """
+    sdata = None
     if isinstance(adata_or_sdata, SpatialData):
-        adata, _ = get_spot_table(adata_or_sdata, table_name)
+        sdata = adata_or_sdata
+        adata, _ = get_spot_table(sdata, table_name)
     elif isinstance(adata_or_sdata, AnnData):
         adata = adata_or_sdata
     else:
@@ -404,11 +421,25 @@ def predict_expression(
     use_rep = use_rep or regressor.use_rep
     if use_rep is None:
         raise ValueError("use_rep is unknown: pass use_rep= (the obsm key of the embeddings).")
-    if key_added in adata.obsm and not overwrite:
-        raise ValueError(f"obsm[{key_added!r}] already exists; pass overwrite=True or another key_added.")
+    if not copy:
+        if key_added in adata.obsm and not overwrite:
+            raise ValueError(f"obsm[{key_added!r}] already exists; pass overwrite=True or another key_added.")
+        if sdata is not None and key_added in sdata.tables:
+            if sdata.tables[key_added] is adata:
+                raise ValueError(f"key_added={key_added!r} names the spot table itself; choose another name.")
+            if not overwrite:
+                raise ValueError(
+                    f"table {key_added!r} already exists in the SpatialData; pass overwrite=True or another key_added."
+                )
     X = _embeddings(adata, use_rep, regressor.spatial_context)
-    pred = regressor.predict(X)
-    adata.obsm[key_added] = pd.DataFrame(pred, index=adata.obs_names.copy(), columns=list(regressor.genes_))
+    n_in = getattr(regressor, "n_features_in_", None)
+    if n_in is not None and X.shape[1] != n_in:
+        raise ValueError(
+            f"obsm[{use_rep!r}] has {X.shape[1]} features but the regressor was fitted on {n_in} "
+            f"(use_rep={regressor.use_rep!r}); use embeddings from the same model."
+        )
+    pred = np.asarray(regressor.predict(X), dtype=np.float32).reshape(X.shape[0], -1)
+    df = pd.DataFrame(pred, index=adata.obs_names.copy(), columns=list(regressor.genes_))
     meta = {
         "genes": list(regressor.genes_),
         "target": regressor.target,
@@ -417,4 +448,11 @@ def predict_expression(
     }
     if getattr(regressor, "layer", None) is not None:  # where the measured counts are (None is not storable)
         meta["layer"] = str(regressor.layer)
+    table = prediction_table(adata, df, meta)
+    if copy:
+        return table
+    adata.obsm[key_added] = df
     adata.uns.setdefault(UNS_KEY, {}).setdefault("predictions", {})[key_added] = meta
+    if sdata is not None:
+        sdata.tables[key_added] = table
+    return None
