@@ -122,12 +122,30 @@ def demo(
 
 
 # --------------------------------------------------------------------------------------------------------------
-def _read_input(path: Path, sample: str | None, image_mpp: float | None = None, image_key: str | None = None):
-    """SpatialData from a .zarr, a Space Ranger outs/ folder, or a HEST-1k root + sample id."""
+def _read_input(
+    path: Path,
+    sample: str | None,
+    image_mpp: float | None = None,
+    image_key: str | None = None,
+    image: Path | None = None,
+):
+    """SpatialData from a .zarr, a Space Ranger outs/ folder, or a HEST-1k root + sample id; AnnData from an .h5ad."""
     import hopt_st as hs
 
     if not path.exists():
         raise FileNotFoundError(f"INPUT {str(path)!r} does not exist.")
+    if image is not None and not image.is_file():
+        raise FileNotFoundError(f"--fullres-image {str(image)!r} does not exist.")
+    is_visium = path.is_dir() and (path / "spatial").is_dir() and not _is_zarr(path)
+    if image is not None and not (is_visium or path.suffix == ".h5ad") or (image is not None and sample):
+        raise click.UsageError(
+            "--fullres-image/--image applies to a Space Ranger outs/ folder or an .h5ad INPUT; a .zarr or HEST-1k "
+            "sample already holds its image (choose it with --image-key)."
+        )
+    if path.suffix == ".h5ad" and path.is_file():
+        import anndata as ad
+
+        return ad.read_h5ad(path), "h5ad"
     if sample is not None:
         return hs.io.read_hest(path, sample, image_mpp=image_mpp), "hest"
     if _is_zarr(path):
@@ -139,11 +157,11 @@ def _read_input(path: Path, sample: str | None, image_mpp: float | None = None, 
 
             hs.io.set_image_mpp(sdata, {resolve_image_key(sdata, image_key): image_mpp})
         return sdata, "zarr"
-    if path.is_dir() and (path / "spatial").is_dir():
-        return hs.io.read_visium(path, image_mpp=image_mpp), "visium"
+    if is_visium:
+        return hs.io.read_visium(path, image_mpp=image_mpp, fullres_image_file=image), "visium"
     raise click.UsageError(
-        f"INPUT {str(path)!r} is neither a SpatialData .zarr, a Space Ranger outs/ folder (with spatial/), "
-        "nor, with --sample ID, a HEST-1k root."
+        f"INPUT {str(path)!r} is neither a SpatialData .zarr, a Space Ranger outs/ folder (with spatial/), an "
+        ".h5ad (scanpy's Visium layout), nor, with --sample ID, a HEST-1k root."
     )
 
 
@@ -172,6 +190,15 @@ def _is_zarr(path: Path) -> bool:
     help="Output .zarr; default: INPUT itself when it is a .zarr.",
 )
 @click.option("--sample", default=None, help="Sample id when INPUT is a HEST-1k root.")
+@click.option(
+    "--fullres-image",
+    "--image",
+    "fullres_image",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The full-resolution H&E scan (the image given to Space Ranger) for a Space Ranger outs/ folder or an "
+    ".h5ad INPUT; without it patches are upsampled from the hires PNG.",
+)
 @click.option("--key-added", default=None, help="obsm key; default X_<model>.")
 @click.option("--table-name", default=None, help="Spot table; default: the only one.")
 @click.option("--image-key", default=None, help="H&E image element; default: the largest.")
@@ -191,6 +218,7 @@ def embed(
     weights,
     out,
     sample,
+    fullres_image,
     key_added,
     table_name,
     image_key,
@@ -199,22 +227,42 @@ def embed(
     device,
     overwrite,
 ):
-    """Embed every spot of INPUT with MODEL and write the embeddings to a SpatialData .zarr.
+    """Embed every spot of INPUT with MODEL and write the embeddings to a SpatialData .zarr (or an .h5ad).
 
-    INPUT is a SpatialData .zarr (updated in place unless --out), a Space Ranger outs/ folder, or a
-    HEST-1k root with --sample ID. An existing embedding key or --out is never replaced without --overwrite.
+    INPUT is a SpatialData .zarr (updated in place unless --out), a Space Ranger outs/ folder (with
+    --fullres-image for the original scan), an .h5ad in scanpy's Visium layout (obsm['spatial'],
+    uns['spatial']; with --image for the full-resolution scan), or a HEST-1k root with --sample ID. An
+    existing embedding key or --out is never replaced without --overwrite.
 
     \b
     Examples:
       hopt-st embed sample.zarr --model handcrafted
-      hopt-st embed outs/ --model h-optimus-1 --weights model.safetensors --out sample.zarr
+      hopt-st embed outs/ --fullres-image scan.tif --model h-optimus-1 --out sample.zarr
+      hopt-st embed sample.h5ad --image scan.jpg --model h-optimus-1 --out embedded.h5ad
       hopt-st embed hest_data/ --sample TENX95 --model h-optimus-1 --out TENX95.zarr
     """
     import hopt_st as hs
 
     if weights is not None and not weights.exists():
         raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
-    sdata, kind = _read_input(input_path, sample, image_mpp=image_mpp, image_key=image_key)
+    sdata, kind = _read_input(
+        input_path, sample, image_mpp=image_mpp, image_key=image_key, image=fullres_image
+    )
+    if kind == "h5ad":
+        return _embed_h5ad(
+            sdata,
+            input_path,
+            fullres_image,
+            model,
+            weights,
+            out,
+            key_added,
+            image_key,
+            image_mpp,
+            batch_size,
+            device,
+            overwrite,
+        )
     in_place = out is None or (kind == "zarr" and out.resolve() == input_path.resolve())
     if out is None and kind != "zarr":
         raise click.UsageError(f"INPUT is a {kind} folder: pass --out OUT.zarr to say where to write.")
@@ -244,6 +292,71 @@ def embed(
         sdata.write(out, overwrite=overwrite)
         dest = out
     click.echo(f"{tname}.obsm[{key!r}]: {emb.shape[0]} spots x {emb.shape[1]} dims ({model}) -> {dest}")
+
+
+def _embed_h5ad(
+    adata,
+    input_path,
+    image,
+    model,
+    weights,
+    out,
+    key_added,
+    image_key,
+    image_mpp,
+    batch_size,
+    device,
+    overwrite,
+) -> None:
+    """``embed`` for an .h5ad: to OUT.h5ad (the AnnData with the embeddings) or OUT.zarr (a SpatialData with the
+    image, the spots and that AnnData as its table)."""
+    import hopt_st as hs
+
+    if out is None or out.suffix not in (".h5ad", ".zarr"):
+        raise click.UsageError("INPUT is an .h5ad: pass --out OUT.h5ad (or OUT.zarr) to say where to write.")
+    if out.resolve() == input_path.resolve():
+        raise click.UsageError("--out must differ from INPUT (the .h5ad is never rewritten in place).")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
+    data = adata
+    if out.suffix == ".zarr":
+        data = hs.io.from_anndata(adata, image=image, image_mpp=image_mpp)
+        image, image_mpp = None, None  # recorded in the SpatialData
+    key = key_added or f"X_{model}"
+    hs.pp.embed(
+        data,
+        model=model,
+        weights=str(weights) if weights is not None else None,
+        key_added=key_added,
+        image=image,
+        image_mpp=image_mpp,
+        image_key=image_key,
+        batch_size=batch_size,
+        device=device,
+        overwrite=overwrite,
+        progress=not _STATE["quiet"],
+    )
+    table = data if out.suffix == ".h5ad" else data.tables["table"]
+    if out.suffix == ".zarr":
+        data.write(out, overwrite=overwrite)
+    else:
+        _write_h5ad_atomically(adata, out)
+    emb = table.obsm[key]
+    click.echo(f"obsm[{key!r}]: {emb.shape[0]} spots x {emb.shape[1]} dims ({model}) -> {out}")
+
+
+def _write_h5ad_atomically(adata, out: Path) -> None:
+    """Write next to ``out`` under a temporary name, then replace: a failed write leaves ``out`` as it was."""
+    import os
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        adata.write_h5ad(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _replace_table_on_disk(sdata, name: str) -> None:

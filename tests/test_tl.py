@@ -150,6 +150,21 @@ def test_handcrafted_embeddings_recover_expression(visium_handcrafted, method):
     assert max(reg.score(X_te[p], Y_te) for p in perms) < 0
 
 
+def test_neighbour_mean_is_the_mean_over_the_k_nearest_spots():
+    from sklearn.neighbors import NearestNeighbors
+
+    from hopt_st.tl._spatial import neighbour_mean
+
+    rng = np.random.default_rng(3)
+    a = ad.AnnData(obsm={"spatial": rng.uniform(0, 100, size=(40, 2))})
+    X = rng.normal(size=(40, 5))
+    nn = NearestNeighbors(n_neighbors=6).fit(a.obsm["spatial"]).kneighbors(return_distance=False)
+    np.testing.assert_allclose(neighbour_mean(a, X), X[nn].mean(axis=1), rtol=1e-5, atol=1e-6)
+    assert not a.obsp and not a.uns  # squidpy's graph is returned, not written
+    one = ad.AnnData(obsm={"spatial": np.zeros((1, 2))})
+    np.testing.assert_allclose(neighbour_mean(one, X[:1]), X[:1], rtol=1e-6)
+
+
 def test_spatial_context_variant(visium_handcrafted):
     a = visium_handcrafted[:200].copy()
     reg = tl.fit_expression(a, use_rep="X_handcrafted", n_top_genes=10, spatial_context=True)
