@@ -34,6 +34,8 @@ def _level_arrays(path: Path) -> list[zarr.Array]:
             "Download it again or re-export it as a pyramidal tiled TIFF (e.g. `vips tiffsave in out.tif "
             "--tile --pyramid --bigtiff --compression jpeg`)."
         ) from e
+    # the levels read lazily through this handle: close the file once the last of them is gone
+    weakref.finalize(tif, tif.filehandle.close)
     try:
         if not tif.series:
             raise ValueError("no image series")
@@ -54,22 +56,7 @@ def _level_arrays(path: Path) -> list[zarr.Array]:
             f"Cannot read the image data of TIFF {str(path)!r} ({e}): the file is corrupt or truncated. "
             "Download it again."
         ) from e
-    _close_when_unused(tif, levels)
     return levels
-
-
-def _close_when_unused(tif: tifffile.TiffFile, levels: list[zarr.Array]) -> None:
-    """Close the file once the last level array reading from it is garbage-collected (the lazy image keeps
-    it open until then; without this the handle is left to the garbage collector, a ResourceWarning)."""
-    remaining = [len(levels)]
-
-    def release() -> None:
-        remaining[0] -= 1
-        if remaining[0] == 0:
-            tif.close()
-
-    for arr in levels:
-        weakref.finalize(arr.store, release)
 
 
 def _to_cyx(arr: zarr.Array, path: Path, level: int) -> da.Array:
