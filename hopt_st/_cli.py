@@ -248,38 +248,24 @@ def embed(
     sdata, kind = _read_input(
         input_path, sample, image_mpp=image_mpp, image_key=image_key, image=fullres_image
     )
+    run = {
+        "model": model,
+        "weights": str(weights) if weights is not None else None,
+        "key_added": key_added,
+        "image_key": image_key,
+        "batch_size": batch_size,
+        "device": device,
+        "overwrite": overwrite,
+        "progress": not _STATE["quiet"],
+    }
     if kind == "h5ad":
-        return _embed_h5ad(
-            sdata,
-            input_path,
-            fullres_image,
-            model,
-            weights,
-            out,
-            key_added,
-            image_key,
-            image_mpp,
-            batch_size,
-            device,
-            overwrite,
-        )
+        return _embed_h5ad(sdata, input_path, out, fullres_image, image_mpp, run)
     in_place = out is None or (kind == "zarr" and out.resolve() == input_path.resolve())
     if out is None and kind != "zarr":
         raise click.UsageError(f"INPUT is a {kind} folder: pass --out OUT.zarr to say where to write.")
     if not in_place and out.exists() and not overwrite:
         raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
-    hs.pp.embed(
-        sdata,
-        model=model,
-        weights=str(weights) if weights is not None else None,
-        key_added=key_added,
-        table_name=table_name,
-        image_key=image_key,
-        batch_size=batch_size,
-        device=device,
-        overwrite=overwrite,
-        progress=not _STATE["quiet"],
-    )
+    hs.pp.embed(sdata, table_name=table_name, **run)
     from .io._elements import resolve_table_name
 
     tname = resolve_table_name(sdata, table_name)
@@ -294,55 +280,31 @@ def embed(
     click.echo(f"{tname}.obsm[{key!r}]: {emb.shape[0]} spots x {emb.shape[1]} dims ({model}) -> {dest}")
 
 
-def _embed_h5ad(
-    adata,
-    input_path,
-    image,
-    model,
-    weights,
-    out,
-    key_added,
-    image_key,
-    image_mpp,
-    batch_size,
-    device,
-    overwrite,
-) -> None:
+def _embed_h5ad(adata, input_path: Path, out: Path | None, image: Path | None, image_mpp, run: dict) -> None:
     """``embed`` for an .h5ad: to OUT.h5ad (the AnnData with the embeddings) or OUT.zarr (a SpatialData with the
-    image, the spots and that AnnData as its table)."""
+    image, the spots and that AnnData as its table). ``run``: the arguments of ``pp.embed`` shared with INPUTs
+    of other kinds."""
     import hopt_st as hs
 
     if out is None or out.suffix not in (".h5ad", ".zarr"):
         raise click.UsageError("INPUT is an .h5ad: pass --out OUT.h5ad (or OUT.zarr) to say where to write.")
     if out.resolve() == input_path.resolve():
         raise click.UsageError("--out must differ from INPUT (the .h5ad is never rewritten in place).")
-    if out.exists() and not overwrite:
+    if out.exists() and not run["overwrite"]:
         raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
     data = adata
     if out.suffix == ".zarr":
         data = hs.io.from_anndata(adata, image=image, image_mpp=image_mpp)
         image, image_mpp = None, None  # recorded in the SpatialData
-    key = key_added or f"X_{model}"
-    hs.pp.embed(
-        data,
-        model=model,
-        weights=str(weights) if weights is not None else None,
-        key_added=key_added,
-        image=image,
-        image_mpp=image_mpp,
-        image_key=image_key,
-        batch_size=batch_size,
-        device=device,
-        overwrite=overwrite,
-        progress=not _STATE["quiet"],
-    )
+    key = run["key_added"] or f"X_{run['model']}"
+    hs.pp.embed(data, image=image, image_mpp=image_mpp, **run)
     table = data if out.suffix == ".h5ad" else data.tables["table"]
     if out.suffix == ".zarr":
-        data.write(out, overwrite=overwrite)
+        data.write(out, overwrite=run["overwrite"])
     else:
         _write_h5ad_atomically(adata, out)
     emb = table.obsm[key]
-    click.echo(f"obsm[{key!r}]: {emb.shape[0]} spots x {emb.shape[1]} dims ({model}) -> {out}")
+    click.echo(f"obsm[{key!r}]: {emb.shape[0]} spots x {emb.shape[1]} dims ({run['model']}) -> {out}")
 
 
 def _write_h5ad_atomically(adata, out: Path) -> None:

@@ -44,6 +44,11 @@ DOC_IMAGE = (
     "upsampled, with a warning saying by how much)."
 )
 DOC_LIBRARY_ID = 'AnnData input only: the key of ``uns["spatial"]``, when it holds several libraries.'
+DOC_IMAGE_MPP_ANNDATA = (
+    DOC_IMAGE_MPP
+    + ' For an AnnData: µm per full-resolution pixel (the units of ``obsm["spatial"]``); default '
+    "``65 / spot_diameter_fullres``."
+)
 DOC_PROGRESS = "Show a tqdm progress bar."
 DOC_KEY_ADDED = "Key under which the result is stored."
 DOC_USE_REP = "Key of the embeddings in ``obsm``."
@@ -74,6 +79,9 @@ DOCS: dict[str, str] = {
     "save": DOC_SAVE,
     "dpi": DOC_DPI,
     "spot_params": _entries(sdata=DOC_SDATA, table_name=DOC_TABLE_NAME, image_key=DOC_IMAGE_KEY),
+    # the slide arguments of pp.patches / pp.embed that an AnnData input needs
+    "anndata_image_params": _entries(image=DOC_IMAGE, library_id=DOC_LIBRARY_ID),
+    "image_mpp_anndata": DOC_IMAGE_MPP_ANNDATA,
     "save_dpi": _entries(save=DOC_SAVE, dpi=DOC_DPI),
 }
 

@@ -244,3 +244,28 @@ def test_cli_space_ranger_folder_with_fullres_image(outs, weights, tiny_vit_spec
     assert emb["mpp"] == 2.0 and any(k.endswith("_full_image") for k in back.images)
     rc = main(["embed", str(path), "--image", str(scan), "--sample", "x", "--model", "tiny-vit"])
     assert rc != 0 and "--fullres-image/--image applies to" in capsys.readouterr().err
+
+
+MINI = CROP.parent / "visium_mini"
+
+
+@pytest.mark.skipif(not MINI.is_dir(), reason="../shared/data/visium_mini not present")
+def test_from_anndata_leaves_out_blank_placeholders_and_records_pixel_sizes():
+    import squidpy as sq
+
+    adata = sq.read.visium(MINI)  # its hires PNG is a fully transparent placeholder (README of shared/data)
+    sdata = hs.io.from_anndata(adata)
+    assert list(sdata.images) == ["lowres_image"]
+    sf = adata.uns["spatial"]["custom"]["scalefactors"]
+    mpp = sdata["table"].uns["hopt_st"]
+    assert mpp["fullres_mpp"] == pytest.approx(65 / sf["spot_diameter_fullres"])
+    assert mpp["image_mpp"]["lowres_image"] == pytest.approx(mpp["fullres_mpp"] / sf["tissue_lowres_scalef"])
+    # spots land on the lowres image through its scale factor; the table is a copy annotating them
+    np.testing.assert_allclose(hs.io.get_image_mpp(sdata), mpp["image_mpp"]["lowres_image"])
+    assert sdata["table"] is not adata and sdata["table"].n_vars == adata.n_vars
+    with pytest.raises(ValueError, match="image_mpp="):
+        bare = adata.copy()
+        del bare.uns["spatial"]["custom"]["scalefactors"]["spot_diameter_fullres"]
+        hs.io.from_anndata(bare)
+    with pytest.raises(KeyError, match="library_id='nope'"):
+        hs.io.from_anndata(adata, library_id="nope")

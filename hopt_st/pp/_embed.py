@@ -218,13 +218,9 @@ def embed(
         {table_name}
     image_key
         {image_key}
-    image
-        {image}
-    library_id
-        {library_id}
+    {anndata_image_params}
     image_mpp
-        {image_mpp} For an AnnData: µm per full-resolution pixel (the units of ``obsm["spatial"]``); default
-        ``65 / spot_diameter_fullres``.
+        {image_mpp_anndata}
     target_mpp
         µm per patch pixel; default the model's own (0.5 for H-optimus-1). A value the model was not trained
         at is logged as a warning.

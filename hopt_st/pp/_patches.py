@@ -207,17 +207,13 @@ def patches(
         {table_name}
     image_key
         {image_key}
-    image
-        {image}
-    library_id
-        {library_id}
+    {anndata_image_params}
     patch_size
         {patch_size}
     target_mpp
         {target_mpp}
     image_mpp
-        {image_mpp} For an AnnData: µm per full-resolution pixel (the units of ``obsm["spatial"]``);
-        default ``65 / spot_diameter_fullres``.
+        {image_mpp_anndata}
     fill
         uint8 value (or RGB triple) for pixels outside the image; 255 = white glass.
     outside
