@@ -95,7 +95,9 @@ def test_demo_reruns_in_its_own_folder_but_refuses_a_foreign_demo_zarr(demo_run,
     assert rc == 0, err
     assert (out / "demo.zarr").stat().st_mtime_ns != before  # regenerated and replaced
     assert sd.read_zarr(out / "demo.zarr")["predicted"].n_obs == N_SPOTS
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".hopt_st_demo"]  # no leftovers
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [
+        ".hopt_st_demo"
+    ]  # no leftovers
     foreign = tmp_path / "mine"
     (foreign / "demo.zarr").mkdir(parents=True)  # not written by the demo: never replaced silently
     rc, _, err = _run(capsys, "demo", "--out", foreign, "--n-spots", N_SPOTS)
