@@ -1,4 +1,5 @@
-"""Readers: Space Ranger, HEST-1k, HEST-Benchmark, HEST patch and embedding files, cohorts.
+"""Readers: Space Ranger, HEST-1k, HEST-Benchmark, HEST patch and embedding files, cohorts, Visium AnnData
+(scanpy's layout).
 
 Every reader returns a :class:`spatialdata.SpatialData` with lazy images and records the physical pixel
 size following one convention, see :func:`get_image_mpp`.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from .._errors import CorruptFileError
 from .._patchset import read_patches
+from ._anndata import from_anndata
 from ._cohort import load_cohort, read_cohort
 from ._embeddings import SampleEmbeddings, read_embeddings, write_embeddings
 from ._hest import read_hest
@@ -18,6 +20,7 @@ from ._visium import read_visium
 __all__ = [
     "CorruptFileError",
     "SampleEmbeddings",
+    "from_anndata",
     "get_image_mpp",
     "load_cohort",
     "read_cohort",
