@@ -636,6 +636,7 @@ def test_case12_second_process_on_a_checkpoint_dir_fails_clearly(tmp_path):
     finally:
         holder.kill()
         holder.wait(timeout=30)
+        holder.stdout.close()
     with CheckpointStore(ck, "fp", 10, 4, {}, lock_timeout=5):  # released when the holder died
         pass
     # a second user waits for the first to finish

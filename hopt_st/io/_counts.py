@@ -4,6 +4,7 @@ unique barcodes; and read AnnData files with errors that name the file."""
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,10 @@ def read_h5ad(path: str | Path) -> AnnData:
     import anndata as ad
 
     try:
-        return ad.read_h5ad(path)
+        with warnings.catch_warnings():
+            # duplicate obs/var names: check_spots refuses them with the file and the barcodes named
+            warnings.filterwarnings("ignore", message=".* names are not unique", category=UserWarning)
+            return ad.read_h5ad(path)
     except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
         raise CorruptFileError.from_error(path, e, what="AnnData file") from None
 
