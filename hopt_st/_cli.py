@@ -248,16 +248,14 @@ def embed(
     from .io._store import check_name, write_sdata, write_table_in_place
     from .pp._embed import default_key
 
-    key = (
-        default_key(hs.models.get_spec(model).name)
-        if key_added is None
-        else check_name(key_added, "--key-added")
-    )
+    if key_added is not None:  # a key the output cannot hold is refused before anything is read
+        check_name(key_added, "--key-added")
     if weights is not None and not weights.exists():
         raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
     sdata, kind = _read_input(
         input_path, sample, image_mpp=image_mpp, image_key=image_key, image=fullres_image
     )
+    key = default_key(hs.models.get_spec(model).name) if key_added is None else key_added
     run = {
         "model": model,
         "weights": str(weights) if weights is not None else None,

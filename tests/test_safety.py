@@ -61,8 +61,10 @@ pytestmark = pytest.mark.usefixtures("model_specs")
 # ----------------------------------------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
 def _restore_process_state():
-    """main() configures logging for the process; undo it between tests."""
+    """main() configures logging for the process; undo it between tests (and drop a handler another module's
+    main() call left on a stream pytest has since closed)."""
     root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "_hopt_st", False)]
     handlers, level = list(root.handlers), root.level
     yield
     root.handlers[:] = handlers
