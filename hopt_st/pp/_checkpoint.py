@@ -174,7 +174,10 @@ class CheckpointStore:
             if not _BATCH_FILE.match(f.name):
                 continue
             try:
-                with open(f, "rb") as fh, np.load(fh, allow_pickle=False) as z:  # closed even if np.load fails
+                with (
+                    open(f, "rb") as fh,
+                    np.load(fh, allow_pickle=False) as z,
+                ):  # closed even if np.load fails
                     idx, emb = np.asarray(z["idx"]), np.asarray(z["emb"])
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
                 raise CorruptFileError.from_error(
