@@ -1,4 +1,4 @@
-"""Readers: Space Ranger, HEST-1k, HEST-Benchmark, HEST patch files.
+"""Readers: Space Ranger, HEST-1k, HEST-Benchmark, HEST patch files, plain H&E slides.
 
 Every reader returns a :class:`spatialdata.SpatialData` with lazy images and records the physical pixel
 size following one convention, see :func:`get_image_mpp`.
@@ -10,6 +10,7 @@ from .._patchset import read_patches
 from ._hest import read_hest
 from ._hest_bench import read_hest_bench
 from ._mpp import get_image_mpp, set_image_mpp
+from ._slide import read_slide
 from ._visium import read_visium
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "read_hest",
     "read_hest_bench",
     "read_patches",
+    "read_slide",
     "read_visium",
     "set_image_mpp",
 ]
