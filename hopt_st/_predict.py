@@ -1,0 +1,233 @@
+"""``hopt-st predict``: a whole H&E slide -> predicted expression table (.zarr) and PNG maps, written atomically.
+
+The output ``.zarr`` holds what was computed -- tissue polygons, grid shapes, the grid table with embeddings and
+predictions -- and a thumbnail of the slide to draw them on, not a copy of the slide itself. It is written to a
+temporary name beside ``--out`` and renamed into place, so an interrupted run never leaves a half-written store
+and an existing one is replaced only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from spatialdata import SpatialData
+from spatialdata.transformations import Scale, get_transformation
+from spatialdata.transformations import Sequence as TransformSequence
+
+from ._constants import UNS_KEY
+from .io._elements import image_levels, level_shape, resolve_image_key
+
+logger = logging.getLogger(__name__)
+
+#: largest side of the thumbnail stored with the predictions, px
+THUMBNAIL_SIDE = 2000
+#: genes drawn when none are chosen: the regressor's first ones (its most variable genes)
+N_DEFAULT_GENES = 3
+
+
+def _thumbnail(sdata: SpatialData, image_key: str, table_name: str):
+    """The finest pyramid level with sides <= THUMBNAIL_SIDE (strided further if none is), as its own image
+    registered like the slide; its µm/px is recorded in the grid table."""
+    from spatialdata.models import Image2DModel
+
+    image = sdata.images[image_key]
+    levels = image_levels(image)
+    h0, w0 = level_shape(levels[0])
+    idx = next((i for i, lv in enumerate(levels) if max(level_shape(lv)) <= THUMBNAIL_SIDE), len(levels) - 1)
+    level = levels[idx]
+    step = max(1, int(np.ceil(max(level_shape(level)) / THUMBNAIL_SIDE)))
+    level = level.isel(y=slice(None, None, step), x=slice(None, None, step))
+    data = np.asarray(
+        level.transpose("c", "y", "x").data.compute() if hasattr(level.data, "compute") else level
+    )
+    h, w = data.shape[1:]
+    scale = Scale([h0 / h, w0 / w], axes=("y", "x"))
+    transformations = {
+        cs: TransformSequence([scale, t]) for cs, t in get_transformation(image, get_all=True).items()
+    }
+    thumb = Image2DModel.parse(
+        data[:3], dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations=transformations
+    )
+    store = sdata.tables[table_name].uns[UNS_KEY]
+    store["image_mpp"][f"{image_key}_thumbnail"] = (
+        float(store["image_mpp"][image_key]) * 0.5 * (h0 / h + w0 / w)
+    )
+    return thumb
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_zarr_atomic(sdata: SpatialData, out: Path) -> None:
+    """Write ``sdata`` to a temporary store beside ``out``, fsync it, then move it into place (an existing
+    ``out`` is moved aside first and deleted only after the new store is in place)."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    _remove(tmp)
+    try:
+        sdata.write(tmp)
+        _fsync_tree(tmp)
+        if out.exists() or out.is_symlink():
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            _remove(old)
+        else:
+            os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    finally:
+        _remove(tmp)
+
+
+def _save_png_atomic(fig, path: Path, dpi: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def map_paths(out: Path, genes: Sequence[str]) -> dict[str, Path]:
+    """``<out stem>_<gene>.png`` beside ``out``, one per gene."""
+    return {g: out.with_name(f"{out.stem}_{re.sub(r'[^A-Za-z0-9._-]', '_', g)}.png") for g in genes}
+
+
+def run_predict(
+    slide: Path,
+    regressor: Path,
+    *,
+    model: str,
+    out: Path,
+    weights: Path | None = None,
+    image_mpp: float | None = None,
+    genes: Sequence[str] | None = None,
+    preset: str = "tiles",
+    min_tissue_fraction: float = 0.75,
+    image_key: str | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Predict expression over ``slide`` and write ``out`` (.zarr) and one PNG map per gene beside it.
+
+    Errors name the command-line flags. Returns ``sdata``, ``files`` (``{"zarr": ..., gene: png}``) and
+    ``report`` (text).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import pl
+    from .io._mpp import UnknownPixelSizeError
+    from .tl import ExpressionRegressor, predict_slide
+
+    if not slide.exists():
+        raise FileNotFoundError(f"SLIDE {str(slide)!r} does not exist.")
+    if not regressor.is_file():
+        raise FileNotFoundError(f"--regressor {str(regressor)!r} does not exist.")
+    if weights is not None and not weights.exists():
+        raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
+    reg = ExpressionRegressor.load(regressor)
+    genes = list(genes) if genes else list(reg.genes_[:N_DEFAULT_GENES])
+    missing = [g for g in genes if g not in reg.genes_]
+    if missing:
+        raise ValueError(
+            f"--genes {missing} are not predicted by --regressor {regressor.name!r}; its genes are "
+            f"{list(reg.genes_[:10])}{'...' if len(reg.genes_) > 10 else ''}."
+        )
+    pngs = map_paths(out, genes)
+    existing = [str(p) for p in (out, *pngs.values()) if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{existing} already exist: pass --overwrite to replace them, or another --out."
+        )
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"the folder of --out {str(out.parent)!r} does not exist.")
+    try:
+        sdata = predict_slide(
+            slide,
+            reg,
+            model=model,
+            weights=None if weights is None else str(weights),
+            image_mpp=image_mpp,
+            image_key=image_key,
+            preset=preset,
+            min_tissue_fraction=min_tissue_fraction,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        )
+    except UnknownPixelSizeError as e:
+        raise ValueError(
+            f"the pixel size of SLIDE {str(slide)!r} is unknown (the file records none): pass --image-mpp "
+            "<µm per full-resolution pixel>, e.g. 0.25 for a 40x scan, 0.5 for 20x."
+        ) from e
+    table = sdata.tables["grid"]
+    table.uns[UNS_KEY]["predictions"]["predicted"]["regressor_file"] = regressor.name
+    key = resolve_image_key(sdata, image_key)
+    thumb_key = f"{key}_thumbnail"
+    result = SpatialData(
+        images={thumb_key: _thumbnail(sdata, key, "grid")},
+        shapes={k: sdata.shapes[k] for k in ("tissue", "grid_shapes")},
+        tables={"grid": table},
+        attrs={UNS_KEY: {k: v for k, v in sdata.attrs.get(UNS_KEY, {}).items() if k != "synthetic"}},
+    )
+    write_zarr_atomic(result, out)
+    files: dict[str, Path] = {"zarr": out}
+    for gene, path in pngs.items():
+        fig = pl.slide_expression(result, [gene], image_key=thumb_key, ncols=1, panel_size=6.0)
+        fig.suptitle(f"{slide.name}: {gene} predicted with {model}", fontsize=10)
+        _save_png_atomic(fig, path, dpi=130)
+        plt.close(fig)
+        files[gene] = path
+    grid = table.uns[UNS_KEY]["grid"]
+    area = float(sdata.shapes["tissue"]["area_um2"].sum()) / 1e6
+    report = "\n".join(
+        [
+            f"{table.n_obs} tiles ({grid['shape']}, {grid['size_um']:g} µm every {grid['spacing_um']:g} µm) on "
+            f"{area:.3g} mm² of tissue; {len(reg.genes_)} genes predicted with {model}",
+            f"Wrote {out}",
+            *(f"      {p}" for g, p in files.items() if g != "zarr"),
+        ]
+    )
+    return {"sdata": result, "files": files, "report": report}
