@@ -24,7 +24,7 @@ import shapely
 from geopandas import GeoDataFrame, GeoSeries
 from shapely import affinity
 from spatialdata import SpatialData
-from spatialdata.models import ShapesModel
+from spatialdata.models import Image2DModel, ShapesModel
 from spatialdata.transformations import Identity
 
 from .._constants import UNS_KEY
@@ -403,11 +403,17 @@ def synthetic_slide(
 
 
 def _pyramid(image: np.ndarray):
-    """(3, H, W) uint8 as a multiscale image: 2x2 means down to a side of 512 px (as the TIFF writer)."""
+    """(3, H, W) uint8 as an image element: multiscale (2x2 means down to a side of 512 px, as the TIFF writer
+    builds its levels) when a side allows it."""
     from ..io._tiff import multiscale_image
 
+    shapes = _level_shapes(image.shape[1], image.shape[2], None, 512)
+    if len(shapes) == 1:
+        return Image2DModel.parse(
+            image, dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations={"global": Identity()}
+        )
     levels = [np.ascontiguousarray(image.transpose(1, 2, 0))]
-    for _ in _level_shapes(image.shape[1], image.shape[2], None, 512)[1:]:
+    for _ in shapes[1:]:
         levels.append(_downsample2(levels[-1]))
     return multiscale_image([da.from_array(lv.transpose(2, 0, 1), chunks=(3, 1024, 1024)) for lv in levels])
 
