@@ -195,6 +195,7 @@ def run_predict(
             min_tissue_fraction=min_tissue_fraction,
             batch_size=batch_size,
             device=device,
+            overwrite=True,  # a grid already in a .zarr SLIDE is replaced in memory only; SLIDE is never written
             progress=progress,
         )
     except UnknownPixelSizeError as e:

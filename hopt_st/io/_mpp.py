@@ -51,16 +51,21 @@ def get_image_mpp(
     if image_mpp is not None:
         return check_mpp(image_mpp, "image_mpp")
     image_key = resolve_image_key(sdata, image_key)
+    slide = sdata.attrs.get(UNS_KEY, {}).get("image_mpp", {})
     where = "no table"
     if table_name is not None or sdata.tables:
-        table_name = resolve_table_name(sdata, table_name)
-        recorded = sdata.tables[table_name].uns.get(UNS_KEY, {}).get("image_mpp", {})
-        if image_key in recorded:
-            return check_mpp(
-                recorded[image_key], f"table {table_name!r} uns['{UNS_KEY}']['image_mpp'][{image_key!r}]"
-            )
-        where = f"in table {table_name!r}"
-    slide = sdata.attrs.get(UNS_KEY, {}).get("image_mpp", {})
+        try:
+            table_name = resolve_table_name(sdata, table_name)
+        except ValueError:  # several tables and none chosen: a slide's own record still answers
+            if image_key not in slide:
+                raise
+        else:
+            recorded = sdata.tables[table_name].uns.get(UNS_KEY, {}).get("image_mpp", {})
+            if image_key in recorded:
+                return check_mpp(
+                    recorded[image_key], f"table {table_name!r} uns['{UNS_KEY}']['image_mpp'][{image_key!r}]"
+                )
+            where = f"in table {table_name!r}"
     if image_key in slide:  # a slide without spots (io.read_slide): recorded in the SpatialData's attrs
         return check_mpp(slide[image_key], f"sdata.attrs['{UNS_KEY}']['image_mpp'][{image_key!r}]")
     raise UnknownPixelSizeError(

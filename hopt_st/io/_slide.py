@@ -126,11 +126,17 @@ def read_slide(path: str | PathLike, *, image_mpp: float | None = None, image_ke
         to pass it).
     """
     path = Path(path)
-    image = read_tiff_image(path)  # FileNotFoundError / ValueError with the file's name
+    if not path.is_file():
+        raise FileNotFoundError(f"slide {str(path)!r} does not exist.")
+    # the pixel size first: a slide refused for lack of one leaves no TIFF open
     if image_mpp is not None:
         mpp, source = check_mpp(image_mpp, "image_mpp"), "image_mpp argument"
     else:
-        found, where = tiff_mpp(path)
+        try:
+            found, where = tiff_mpp(path)
+        except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError):
+            read_tiff_image(path)  # raises the reader's error, which names the file and the fix
+            raise
         if found is None:
             raise UnknownPixelSizeError(
                 f"The pixel size of slide {str(path)!r} is unknown: the file records none (no SVS 'MPP =', no "
@@ -138,6 +144,7 @@ def read_slide(path: str | PathLike, *, image_mpp: float | None = None, image_ke
                 "full-resolution pixel> (e.g. 0.25 for a 40x scan, 0.5 for 20x)."
             )
         mpp, source = check_mpp(found, f"{path} ({where})"), where
+    image = read_tiff_image(path)  # lazy; ValueError naming the file when it is not an RGB TIFF
     sdata = SpatialData(images={image_key: image})
     set_image_mpp(sdata, {image_key: mpp})
     sdata.attrs[UNS_KEY].update(slide=str(path), mpp_source=source)

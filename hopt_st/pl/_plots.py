@@ -280,14 +280,7 @@ def expression(
         ``fig.axes[2 * i]`` / ``fig.axes[2 * i + 1]`` are gene ``i``'s measured / predicted panels, then
         one colour bar per gene.
     """
-    if isinstance(genes, str):
-        genes = [genes]
-    elif isinstance(genes, Iterable):
-        genes = list(genes)
-    else:
-        raise TypeError(f"genes must be a gene name or a sequence of names, got {type(genes).__name__}.")
-    if not genes:
-        raise ValueError("genes is empty: pass one or more gene names.")
+    genes = _gene_list(genes)
     table, tname, view = _resolve_data(sdata, table_name, image_key, show_image, max_image_size)
     measured, predicted, label = _gene_frames(table, tname, genes, predicted_key)
     scored, where = _scored_spots(table, tname, score_on)
@@ -306,6 +299,18 @@ def expression(
         cb.set_label(f"{gene} ({label})")
     _save(fig, save, dpi)
     return fig
+
+
+def _gene_list(genes: str | Sequence[str]) -> list[str]:
+    """One gene name or several, as a non-empty list."""
+    if isinstance(genes, str):
+        return [genes]
+    if not isinstance(genes, Iterable):
+        raise TypeError(f"genes must be a gene name or a sequence of names, got {type(genes).__name__}.")
+    genes = list(genes)
+    if not genes:
+        raise ValueError("genes is empty: pass one or more gene names.")
+    return genes
 
 
 def _radius_from_spacing(xy: np.ndarray) -> float:

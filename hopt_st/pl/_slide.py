@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +12,15 @@ from spatialdata import SpatialData
 
 from .._docs import inject_docs
 from ..io._elements import get_spot_table
-from ._plots import _DOC_CMAP, _color_limits, _draw_spots, _prediction_frame, _resolve_data, _save
+from ._plots import (
+    _DOC_CMAP,
+    _color_limits,
+    _draw_spots,
+    _gene_list,
+    _prediction_frame,
+    _resolve_data,
+    _save,
+)
 from ._tissue import TissueView
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -113,14 +121,7 @@ def slide_expression(
     """
     import matplotlib.pyplot as plt
 
-    if isinstance(genes, str):
-        genes = [genes]
-    elif isinstance(genes, Iterable):
-        genes = list(genes)
-    else:
-        raise TypeError(f"genes must be a gene name or a sequence of names, got {type(genes).__name__}.")
-    if not genes:
-        raise ValueError("genes is empty: pass one or more gene names.")
+    genes = _gene_list(genes)
     table, tname, view = _resolve_data(sdata, table_name, image_key, show_image, max_image_size)
     pred, target, _ = _prediction_frame(table, predicted_key, tname)
     missing = [g for g in genes if g not in pred.columns]
