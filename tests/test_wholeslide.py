@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -130,6 +132,15 @@ def test_synthetic_slide_tiff_has_the_same_pixels_as_in_memory(tmp_path):
     assert _truth(mem).equals(_truth(disk))
     glass = a[:, :20, :20]
     assert glass.min() > 225  # the corners are bare glass
+
+
+def test_slide_tissue_and_grid_do_not_import_torch():
+    code = (
+        "import sys, hopt_st as hs; s = hs.datasets.synthetic_slide(700, 500); hs.pp.detect_tissue(s); "
+        "hs.pp.tile_grid(s); hs.io.read_slide; hs.tl.predict_slide; assert 'torch' not in sys.modules, 'torch'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 # -- tissue ----------------------------------------------------------------------------------------------------
