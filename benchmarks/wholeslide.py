@@ -94,6 +94,7 @@ def pipeline(slide: Path, reg_path: Path, rounds: int) -> dict:
         t = time.perf_counter()
         count = sum(len(b) for b in patches.iter_batches(64))
         read_rates.append(count / (time.perf_counter() - t))
+        del patches  # its reader's cache of decoded tiles goes with it
         t = time.perf_counter()
         hs.pp.embed(sdata, "handcrafted", table_name="grid", progress=False, overwrite=r > 0)
         embed_rates.append(n / (time.perf_counter() - t))
@@ -159,7 +160,7 @@ def main() -> None:
             w = _child("write", str(slide), str(args.size), str(args.mpp))
             print(
                 f"  written in {w['write_s']:.0f} s, {w['file_mb']:.0f} MB (JPEG tiles), writer peak RSS "
-                f"{w['peak_mb']:.0f} MB"
+                f"{w['peak_mb']:.0f} MB (including the memory-mapped, file-backed pages of the next pyramid level)"
             )
         _child("fit", str(reg))
         print(

@@ -233,6 +233,27 @@ def test_tile_grid_spacing_in_um_on_tissue_only(slides, preset):
     assert abs(len(centres[0.5]) - len(centres[0.25])) <= 0.1 * len(centres[0.5])
 
 
+def test_tissue_mask_is_the_polygons_pixel_centres():
+    """The scanline fill behind tissue fractions agrees with shapely, holes and islands in holes included."""
+    from hopt_st.pp._grid import _rasterize
+
+    t = np.linspace(0, 2 * np.pi, 400, endpoint=False)
+    ring = np.column_stack([np.cos(t), np.sin(t)])
+    lobed = ring * (1 + 0.1 * np.cos(5 * t))[:, None]
+    region = shapely.MultiPolygon(
+        [
+            shapely.Polygon(200 + 150 * lobed, [200 + 60 * ring]),
+            shapely.Polygon(200 + 20 * ring),  # an island in the hole
+            shapely.box(380.3, 10.7, 395.2, 60.1),
+        ]
+    )
+    for px in (1.0, 3.3):
+        h, w = int(400 / px), int(420 / px)
+        yy, xx = np.mgrid[0:h, 0:w]
+        expected = shapely.contains_xy(region, (xx + 0.5) * px, (yy + 0.5) * px)
+        np.testing.assert_array_equal(_rasterize(region, h, w, px), expected)
+
+
 def test_tile_grid_refuses_bad_requests(slides):
     slide = slides[0.5]
     sdata = sd.SpatialData(images=dict(slide.images))

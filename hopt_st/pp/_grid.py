@@ -19,7 +19,6 @@ from anndata import AnnData
 from geopandas import GeoDataFrame, GeoSeries
 from scipy import sparse
 from shapely import affinity
-from skimage.draw import polygon as fill_polygon
 from spatialdata import SpatialData
 from spatialdata.models import ShapesModel, TableModel
 from spatialdata.transformations import get_transformation
@@ -110,19 +109,51 @@ def _tissue_region(sdata: SpatialData, tissue_key: str, image_key: str):
     return affinity.affine_transform(region, [m[0, 0], m[0, 1], m[1, 0], m[1, 1], m[0, 2], m[1, 2]])
 
 
-def _rasterize(region, height: int, width: int, px: float) -> np.ndarray:
-    """Boolean mask ``(height, width)`` of ``region`` (level-0 px) on pixels of ``px`` level-0 px: centre inside."""
-    mask = np.zeros((height, width), dtype=bool)
+def _rings(region) -> list[np.ndarray]:
+    """Every ring (exteriors and holes) of a polygon or multipolygon, as (k, 2) vertex arrays."""
+    rings = []
     for poly in getattr(region, "geoms", [region]):
-        if not isinstance(poly, shapely.Polygon) or poly.is_empty:
+        if isinstance(poly, shapely.Polygon) and not poly.is_empty:
+            rings.append(np.asarray(poly.exterior.coords))
+            rings.extend(np.asarray(hole.coords) for hole in poly.interiors)
+    return rings
+
+
+def _rasterize(region, height: int, width: int, px: float) -> np.ndarray:
+    """Boolean mask ``(height, width)`` of ``region`` (level-0 px) on pixels of ``px`` level-0 px: centre inside.
+
+    Scanline fill with the even-odd rule over all rings: the rings of a valid (multi)polygon do not cross,
+    so a pixel centre is inside exactly when a ray from it crosses an odd number of them (holes, and islands
+    in holes, included). One pass per row over the edges that span it.
+    """
+    mask = np.zeros((height, width), dtype=bool)
+    rings = _rings(region)
+    if not rings:
+        return mask
+    x0 = np.concatenate([r[:-1, 0] for r in rings]) / px
+    y0 = np.concatenate([r[:-1, 1] for r in rings]) / px
+    x1 = np.concatenate([r[1:, 0] for r in rings]) / px
+    y1 = np.concatenate([r[1:, 1] for r in rings]) / px
+    keep = y0 != y1  # horizontal edges never cross a row of pixel centres
+    x0, y0, x1, y1 = x0[keep], y0[keep], x1[keep], y1[keep]
+    lo, hi = np.minimum(y0, y1), np.maximum(y0, y1)
+    order = np.argsort(lo)
+    x0, y0, x1, y1, lo, hi = x0[order], y0[order], x1[order], y1[order], lo[order], hi[order]
+    first = max(0, int(np.floor(lo[0])))
+    last = min(height - 1, int(np.ceil(hi.max())))
+    for i in range(first, last + 1):
+        yc = i + 0.5
+        n = int(np.searchsorted(lo, yc, side="right"))  # edges starting at or above the row
+        span = np.flatnonzero(hi[:n] > yc)
+        if span.size < 2:
             continue
-        piece = np.zeros_like(mask)
-        ring = np.asarray(poly.exterior.coords) / px - 0.5
-        piece[fill_polygon(ring[:, 1], ring[:, 0], mask.shape)] = True
-        for hole in poly.interiors:
-            ring = np.asarray(hole.coords) / px - 0.5
-            piece[fill_polygon(ring[:, 1], ring[:, 0], mask.shape)] = False
-        mask |= piece
+        e = span
+        xs = np.sort(x0[e] + (yc - y0[e]) * (x1[e] - x0[e]) / (y1[e] - y0[e]))
+        # pixel j is inside when its centre j + 0.5 lies in [xs[2k], xs[2k + 1])
+        a = np.clip(np.ceil(xs[0::2] - 0.5), 0, width).astype(np.int64)
+        b = np.clip(np.ceil(xs[1::2] - 0.5), 0, width).astype(np.int64)
+        for aa, bb in zip(a, b):
+            mask[i, aa:bb] = True
     return mask
 
 
