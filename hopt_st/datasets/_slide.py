@@ -81,11 +81,13 @@ class _TissueShape:
         self.hole = self._piece(rng, cx + 0.06 * width_um, cy - 0.05 * height_um, side * 0.08, side * 0.07)
         # dust specks on the glass (µm): x, y, radius; kept clear of the tissue
         dust = []
-        while len(dust) < 8:
+        for _ in range(1000):  # up to 8 specks, rejection-sampled on the glass
             x, y = rng.uniform(0.02, 0.98) * width_um, rng.uniform(0.02, 0.98) * height_um
             if self.level(np.array([x]), np.array([y]))[0] < -0.3:
                 dust.append((x, y, rng.uniform(4.0, 12.0)))
-        self.dust = np.array(dust)
+                if len(dust) == 8:
+                    break
+        self.dust = np.array(dust).reshape(-1, 3)
 
     @staticmethod
     def _piece(rng, cx, cy, ax, ay):
