@@ -9,9 +9,7 @@ and an existing one is replaced only once the new one is complete.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from spatialdata import SpatialData
 from spatialdata.transformations import Scale, get_transformation
 from spatialdata.transformations import Sequence as TransformSequence
 
+from ._atomic import atomic_dir, atomic_path
 from ._constants import UNS_KEY
 from .io._elements import image_levels, level_shape, resolve_image_key
 
@@ -59,70 +58,6 @@ def _thumbnail(sdata: SpatialData, image_key: str, table_name: str):
         float(store["image_mpp"][image_key]) * 0.5 * (h0 / h + w0 / w)
     )
     return thumb
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync a directory
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def write_zarr_atomic(sdata: SpatialData, out: Path) -> None:
-    """Write ``sdata`` to a temporary store beside ``out``, fsync it, then move it into place (an existing
-    ``out`` is moved aside first and deleted only after the new store is in place)."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    _remove(tmp)
-    try:
-        sdata.write(tmp)
-        _fsync_tree(tmp)
-        if out.exists() or out.is_symlink():
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            _remove(old)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    finally:
-        _remove(tmp)
-
-
-def _save_png_atomic(fig, path: Path, dpi: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        _remove(tmp)
 
 
 def map_paths(out: Path, genes: Sequence[str]) -> dict[str, Path]:
@@ -213,12 +148,14 @@ def run_predict(
         tables={"grid": table},
         attrs={UNS_KEY: {k: v for k, v in sdata.attrs.get(UNS_KEY, {}).items() if k != "synthetic"}},
     )
-    write_zarr_atomic(result, out)
+    with atomic_dir(out) as tmp:
+        result.write(tmp)
     files: dict[str, Path] = {"zarr": out}
     for gene, path in pngs.items():
         fig = pl.slide_expression(result, [gene], image_key=thumb_key, ncols=1, panel_size=6.0)
         fig.suptitle(f"{slide.name}: {gene} predicted with {model}", fontsize=10)
-        _save_png_atomic(fig, path, dpi=130)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=130)
         plt.close(fig)
         files[gene] = path
     grid = table.uns[UNS_KEY]["grid"]
