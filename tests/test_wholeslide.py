@@ -412,3 +412,20 @@ def test_cli_predict_writes_predictions_and_maps(tmp_path, capsys, regressor):
     rc, _, err = _run(capsys, *args, "--genes", "NOPE", "--overwrite")
     assert rc == 1 and "--genes ['NOPE'] are not predicted" in _error(err)
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()
+
+
+def test_atomic_dir_replaces_a_folder_only_once_the_new_one_is_complete(tmp_path):
+    from hopt_st._atomic import atomic_dir
+
+    out = tmp_path / "a.zarr"
+    out.mkdir()
+    (out / "old").write_text("old")
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_dir(out) as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("half")
+        raise RuntimeError("interrupted")
+    assert [p.name for p in out.iterdir()] == ["old"] and list(tmp_path.iterdir()) == [out]
+    with atomic_dir(out) as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new"] and list(tmp_path.iterdir()) == [out]
