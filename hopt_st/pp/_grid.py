@@ -23,7 +23,13 @@ from spatialdata import SpatialData
 from spatialdata.models import ShapesModel, TableModel
 from spatialdata.transformations import get_transformation
 
-from .._constants import UNS_KEY, VISIUM_SPOT_DIAMETER_UM, VISIUM_SPOT_DISTANCE_UM
+from .._constants import (
+    PATCH_SIZE,
+    TARGET_MPP,
+    UNS_KEY,
+    VISIUM_SPOT_DIAMETER_UM,
+    VISIUM_SPOT_DISTANCE_UM,
+)
 from .._docs import inject_docs
 from ..io._elements import (
     check_new_element,
@@ -36,11 +42,12 @@ from ..io._mpp import get_image_mpp
 
 logger = logging.getLogger(__name__)
 
+_PATCH_UM = PATCH_SIZE * TARGET_MPP  # 112 µm: the tissue one model patch covers
 #: named grid geometries: Visium's 55 µm spots on a 100 µm hexagonal grid, and 112 µm squares tiling the
 #: tissue (one 224 px patch at 0.5 µm/px each)
 PRESETS: dict[str, dict] = {
     "visium": {"spacing_um": VISIUM_SPOT_DISTANCE_UM, "size_um": VISIUM_SPOT_DIAMETER_UM, "shape": "hex"},
-    "tiles": {"spacing_um": 112.0, "size_um": 112.0, "shape": "square"},
+    "tiles": {"spacing_um": _PATCH_UM, "size_um": _PATCH_UM, "shape": "square"},
 }
 SHAPES = ("square", "hex")
 #: tissue fractions are measured on a mask of at most this many µm per pixel (finer for small tiles)
