@@ -1,7 +1,7 @@
 """``hopt-st predict``: a whole H&E slide -> predicted expression table (.zarr) and PNG maps, written atomically.
 
 The output ``.zarr`` holds what was computed -- tissue polygons, grid shapes, the grid table with embeddings and
-predictions -- and a thumbnail of the slide to draw them on, not a copy of the slide itself. It is written to a
+predictions, the predictions table -- and a thumbnail of the slide to draw them on, not a copy of the slide itself. It is written to a
 temporary name beside ``--out`` and renamed into place, so an interrupted run never leaves a half-written store
 and an existing one is replaced only once the new one is complete.
 """
@@ -95,6 +95,7 @@ def run_predict(
     from . import pl
     from .io._mpp import UnknownPixelSizeError
     from .tl import ExpressionRegressor, predict_slide
+    from .tl._slide import record_regressor_file
 
     if not slide.exists():
         raise FileNotFoundError(f"SLIDE {str(slide)!r} does not exist.")
@@ -139,20 +140,20 @@ def run_predict(
             "<µm per full-resolution pixel>, e.g. 0.25 for a 40x scan, 0.5 for 20x."
         ) from e
     table = sdata.tables["grid"]
-    table.uns[UNS_KEY]["predictions"]["predicted"]["regressor_file"] = regressor.name
+    record_regressor_file(sdata, "grid", "predicted", regressor.name)
     key = resolve_image_key(sdata, image_key)
     thumb_key = f"{key}_thumbnail"
     result = SpatialData(
         images={thumb_key: _thumbnail(sdata, key, "grid")},
         shapes={k: sdata.shapes[k] for k in ("tissue", "grid_shapes")},
-        tables={"grid": table},
+        tables={"grid": table, "predicted": sdata.tables["predicted"]},
         attrs={UNS_KEY: {k: v for k, v in sdata.attrs.get(UNS_KEY, {}).items() if k != "synthetic"}},
     )
     with atomic_dir(out) as tmp:
         result.write(tmp)
     files: dict[str, Path] = {"zarr": out}
     for gene, path in pngs.items():
-        fig = pl.slide_expression(result, [gene], image_key=thumb_key, ncols=1, panel_size=6.0)
+        fig = pl.slide_expression(result, [gene], image_key=thumb_key, ncols=1, panel_size=6.0, return_fig=True)
         fig.suptitle(f"{slide.name}: {gene} predicted with {model}", fontsize=10)
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=130)

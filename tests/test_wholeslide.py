@@ -321,28 +321,45 @@ def test_predict_slide_from_a_tiff_without_pixel_size(tmp_path, regressor):
         hs.tl.predict_slide(tmp_path / "nompp.tif", regressor, model="handcrafted")
 
 
+def _tiles(ax):
+    """The tiles of a panel (spatialdata-plot: one PatchCollection, predictions-table row order)."""
+    from matplotlib.collections import PatchCollection
+
+    return next(c for c in ax.collections if isinstance(c, PatchCollection))
+
+
 def test_slide_expression_draws_tiles_as_squares_or_circles(predicted, regressor):
     import matplotlib.pyplot as plt
-    from matplotlib.collections import EllipseCollection, PolyCollection
+    from matplotlib.colors import Normalize
 
     genes = list(regressor.genes_[:3])
-    fig = hs.pl.slide_expression(predicted, genes)
+    assert hs.pl.slide_expression(predicted, genes) is None  # scanpy's convention, as pl.expression
+    plt.close("all")
+    fig = hs.pl.slide_expression(predicted, genes, return_fig=True)
     panels = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in panels] == [f"{g} (predicted)" for g in genes]
-    polys = [c for c in panels[0].collections if isinstance(c, PolyCollection)]
-    assert len(polys) == 1 and len(polys[0].get_paths()) == predicted["grid"].n_obs
-    np.testing.assert_allclose(
-        polys[0].get_array(), predicted["grid"].obsm["predicted"][genes[0]].to_numpy(), rtol=1e-6
-    )
+    tiles = _tiles(panels[0])
+    paths = tiles.get_paths()
+    assert len(paths) == predicted["grid"].n_obs
+    size = np.array([[e.width, e.height] for e in (p.get_extents() for p in paths)])
+    np.testing.assert_allclose(size, np.broadcast_to(size[0], size.shape), rtol=1e-6)  # equal squares ...
+    assert len(paths[0].vertices) <= 6  # ... drawn as squares, not circles
+    values = predicted["predicted"][:, genes[0]].X.ravel()  # the predictions table
+    np.testing.assert_allclose(values, predicted["grid"].obsm["predicted"][genes[0]].to_numpy(), rtol=1e-6)
+    expected = plt.get_cmap("viridis")(Normalize(*np.percentile(values, [1, 99]))(values))[:, :3]
+    np.testing.assert_allclose(np.asarray(tiles.get_facecolors())[:, :3], expected, atol=1e-6)
     plt.close(fig)
     hs.pp.tile_grid(predicted, preset="visium", key_added="spots_v", table_name="grid_v")
     grid_v = predicted["grid_v"]  # any embeddings will do to draw circles
     grid_v.obsm["X_handcrafted"] = np.random.default_rng(0).normal(
         size=(grid_v.n_obs, regressor.n_features_in_)
     )
-    hs.tl.predict_expression(predicted, regressor, table_name="grid_v")
-    fig = hs.pl.slide_expression(predicted, genes[0], table_name="grid_v")
-    assert any(isinstance(c, EllipseCollection) for c in fig.axes[0].collections)
+    hs.tl.predict_expression(predicted, regressor, table_name="grid_v", key_added="predicted_v")
+    fig = hs.pl.slide_expression(
+        predicted, genes[0], table_name="grid_v", predicted_key="predicted_v", return_fig=True
+    )
+    paths = _tiles(fig.axes[0]).get_paths()
+    assert len(paths) == grid_v.n_obs and len(paths[0].vertices) > 6  # circles
     plt.close(fig)
     with pytest.raises(KeyError, match=r"\['NOPE'\] were not predicted"):
         hs.pl.slide_expression(predicted, ["NOPE"])
@@ -376,6 +393,8 @@ def test_cli_predict_writes_predictions_and_maps(tmp_path, capsys, regressor):
     assert list(table.obsm["predicted"].columns) == list(regressor.genes_)
     assert table.uns["hopt_st"]["predictions"]["predicted"]["regressor_file"] == "ridge.safetensors"
     assert set(written.shapes) == {"tissue", "grid_shapes"} and list(written.images) == ["he_thumbnail"]
+    assert set(written.tables) == {"grid", "predicted"}
+    assert written["predicted"].uns["hopt_st"]["prediction"]["regressor_file"] == "ridge.safetensors"
     assert max(written["he_thumbnail"].shape[1:]) <= 2000
     for gene in regressor.genes_[:3]:
         assert (tmp_path / f"slide_pred_{gene}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -383,7 +402,7 @@ def test_cli_predict_writes_predictions_and_maps(tmp_path, capsys, regressor):
     # the maps draw on the stored thumbnail: the output is self-contained
     import matplotlib.pyplot as plt
 
-    plt.close(hs.pl.slide_expression(written, regressor.genes_[0]))
+    plt.close(hs.pl.slide_expression(written, regressor.genes_[0], return_fig=True))
 
     # an existing output is never replaced without --overwrite
     before = sorted(p.name for p in out.rglob("*"))

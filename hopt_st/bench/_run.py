@@ -25,8 +25,8 @@ from typing import Literal
 import h5py
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
+from .._progress import tqdm
 from ..io import read_hest_bench, read_patches
 from ..tl import pearson_per_gene, target_matrix, top_variable_genes
 from ..tl.linear import (

@@ -28,6 +28,7 @@ from spatialdata.models import Image2DModel, ShapesModel
 from spatialdata.transformations import Identity
 
 from .._constants import UNS_KEY
+from ..io._coords import add_micrometers
 from ._synthetic import (
     FIBRE_STEP_UM,
     STROMA_STEP_UM,
@@ -354,11 +355,11 @@ def synthetic_slide(
     Returns
     -------
     SpatialData
-        Image ``"he"`` (c, y, x) uint8 (multiscale when a side exceeds 4096 px, or the TIFF's pyramid);
+        Image ``"he"`` (c, y, x) uint8 (multiscale when both sides reach 1024 px, or the TIFF's pyramid);
         shapes ``"tissue_truth"`` (absent when ``tissue=False``): the true tissue outline as polygons in
         level-0 pixels, one per piece (dust specks on the glass are not tissue); ``attrs["hopt_st"]``: ``image_mpp`` (``{"he": image_mpp}``, as
         :func:`hopt_st.io.read_slide` records it) and ``synthetic`` (the generation parameters, used by
-        :func:`synthetic_slide_truth`).
+        :func:`synthetic_slide_truth`). Elements sit in ``"global"`` (level-0 pixels) and ``"micrometers"``.
 
     Examples
     --------
@@ -399,6 +400,7 @@ def synthetic_slide(
         sdata.attrs[UNS_KEY] = {"image_mpp": {"he": float(image_mpp)}}
     if renderer.shape is not None:
         sdata.shapes["tissue_truth"] = _truth_shapes(renderer)
+    add_micrometers(sdata, "he", float(image_mpp))
     sdata.attrs[UNS_KEY]["synthetic"] = params
     logger.info("synthetic_slide: %d x %d px at %.3g µm/px", shape[1], shape[0], image_mpp)
     return sdata

@@ -19,6 +19,7 @@ import tifffile
 from spatialdata import SpatialData
 
 from .._constants import UNS_KEY
+from ._coords import add_micrometers
 from ._mpp import UnknownPixelSizeError, check_mpp, set_image_mpp
 from ._tiff import read_tiff_image
 
@@ -112,7 +113,8 @@ def read_slide(path: str | PathLike, *, image_mpp: float | None = None, image_ke
     Returns
     -------
     SpatialData
-        Image ``image_key`` (multiscale when the file is pyramidal), and
+        Image ``image_key`` (multiscale when the file is pyramidal), its level 0 in ``"global"`` (pixels) and
+        ``"micrometers"``, and
         ``sdata.attrs["hopt_st"] = {"image_mpp": {image_key: mpp}, "slide": str(path), "mpp_source": ...}``
         where :func:`hopt_st.io.get_image_mpp` finds the pixel size until a table records it
         (:func:`hopt_st.pp.tile_grid` copies it into the grid table).
@@ -146,6 +148,7 @@ def read_slide(path: str | PathLike, *, image_mpp: float | None = None, image_ke
         mpp, source = check_mpp(found, f"{path} ({where})"), where
     image = read_tiff_image(path)  # lazy; ValueError naming the file when it is not an RGB TIFF
     sdata = SpatialData(images={image_key: image})
+    add_micrometers(sdata, image_key, mpp)
     set_image_mpp(sdata, {image_key: mpp})
     sdata.attrs[UNS_KEY].update(slide=str(path), mpp_source=source)
     logger.info("read_slide %s: %.4g µm/px (from %s)", path.name, mpp, source)

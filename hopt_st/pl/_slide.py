@@ -7,67 +7,57 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import shapely
 from anndata import AnnData
+from geopandas import GeoDataFrame, GeoSeries
 from spatialdata import SpatialData
 
 from .._docs import inject_docs
 from ..io._elements import get_spot_table
 from ._plots import (
     _DOC_CMAP,
+    _PLOT_CS,
     _color_limits,
-    _draw_spots,
+    _draw_panel,
     _gene_list,
-    _prediction_frame,
-    _resolve_data,
+    _panel_data,
+    _resolve_predictions,
     _save,
 )
 from ._tissue import TissueView
 
 if TYPE_CHECKING:  # pragma: no cover
-    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 
-def _is_square(sdata: SpatialData | AnnData, table_name: str) -> bool:
+def _is_square(data: SpatialData | AnnData, table_name: str | None) -> bool:
     """Square tiles (polygons) rather than circles (points with a radius)."""
-    if not isinstance(sdata, SpatialData):
+    if not isinstance(data, SpatialData):
         return False
-    _, shapes_key = get_spot_table(sdata, table_name)
-    return "radius" not in sdata.shapes[shapes_key].columns
+    _, shapes_key = get_spot_table(data, table_name)
+    return "radius" not in data.shapes[shapes_key].columns
 
 
-def _draw_squares(ax: Axes, view: TissueView, values: np.ndarray, *, cmap, vmin, vmax, alpha):
-    """Squares of the tiles' area centred on ``view.xy``, coloured by ``values``, over the H&E crop."""
-    from matplotlib.collections import PolyCollection
+def _as_squares(panel: SpatialData, view: TissueView) -> None:
+    """Replace the panel's circles by squares of the same area (the tiles as they are)."""
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Identity
 
-    if view.image is not None:
-        ax.imshow(view.image, origin="upper", interpolation="antialiased")
     half = view.radius * np.sqrt(np.pi) / 2  # TissueView's radius is that of a circle of the tile's area
-    corners = np.array([[-half, -half], [half, -half], [half, half], [-half, half]])
-    coll = PolyCollection(view.xy[:, None, :] + corners[None], cmap=cmap, alpha=alpha, linewidths=0)
-    coll.set_array(np.asarray(values, dtype=float))
-    coll.set_clim(vmin, vmax)
-    ax.add_collection(coll)
-    if view.image is not None:
-        h, w = view.image.shape[:2]
-        ax.set_xlim(-0.5, w - 0.5)
-        ax.set_ylim(h - 0.5, -0.5)
-    else:
-        lo, hi = view.xy.min(axis=0) - 2 * half, view.xy.max(axis=0) + 2 * half
-        ax.set_xlim(lo[0], hi[0])
-        ax.set_ylim(hi[1], lo[1])
-    ax.set_aspect("equal")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    return coll
+    xy = np.asarray(view.xy, dtype=float)
+    boxes = shapely.box(xy[:, 0] - half, xy[:, 1] - half, xy[:, 0] + half, xy[:, 1] + half)
+    index = panel.shapes["spots"].index
+    panel.shapes["spots"] = ShapesModel.parse(
+        GeoDataFrame(geometry=GeoSeries(boxes, index=index)), transformations={_PLOT_CS: Identity()}
+    )
 
 
 @inject_docs(cmap=_DOC_CMAP)
 def slide_expression(
-    sdata: SpatialData | AnnData,
+    data: SpatialData | AnnData,
     genes: str | Sequence[str],
     *,
-    table_name: str = "grid",
+    table_name: str | None = "grid",
     predicted_key: str = "predicted",
     image_key: str | None = None,
     show_image: bool = True,
@@ -79,23 +69,25 @@ def slide_expression(
     panel_size: float = 4.0,
     save: str | Path | None = None,
     dpi: int = 150,
-) -> Figure:
+    return_fig: bool = False,
+) -> Figure | None:
     """Predicted expression maps over a slide: one panel per gene, tiles coloured over the H&E thumbnail.
 
-    For slides without measured expression (e.g. after :func:`hopt_st.tl.predict_slide`); square tiles are
-    drawn as squares, circular pseudo-spots as circles, over a small pyramid level of the image.
+    For slides without measured expression (e.g. after :func:`hopt_st.tl.predict_slide`); drawn through
+    spatialdata-plot like :func:`hopt_st.pl.expression`, square tiles as squares and circular pseudo-spots as
+    circles, over a small pyramid level of the image.
 
     Parameters
     ----------
-    sdata
-        SpatialData with a grid table holding ``obsm[predicted_key]`` (an AnnData: drawn at
-        ``obsm["spatial"]`` without an image).
+    data
+        SpatialData with a grid table and its predictions (the predictions table ``predicted_key``, or
+        ``obsm[predicted_key]`` of the grid table); or an AnnData (drawn at ``obsm["spatial"]``).
     genes
-        Gene(s) to draw, columns of the predictions.
+        Gene(s) to draw, among the predicted genes.
     table_name
         The grid table.
     predicted_key
-        Key of the predictions in the table's ``obsm``.
+        Name of the predictions table (or ``obsm`` key of the grid table).
     image_key
         {image_key} A small pyramid level is drawn, never the full slide.
     show_image
@@ -113,25 +105,33 @@ def slide_expression(
     panel_size
         Width of one panel in inches.
     {save_dpi}
+    return_fig
+        Return the figure; otherwise ``None`` (the figure is matplotlib's current one).
 
     Returns
     -------
-    Figure
-        ``fig.axes[i]`` is gene ``i``'s panel (then the colour bars).
+    With ``return_fig=True`` the figure: ``fig.axes[i]`` is gene ``i``'s panel (the H&E as an image and the
+    tiles as one ``PatchCollection`` in predictions-table row order), then one colour bar per gene.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     genes = _gene_list(genes)
-    table, tname, view = _resolve_data(sdata, table_name, image_key, show_image, max_image_size)
-    pred, target, _ = _prediction_frame(table, predicted_key, tname)
-    missing = [g for g in genes if g not in pred.columns]
+    pred, _, view = _resolve_predictions(
+        data, predicted_key, table_name, image_key, show_image, max_image_size
+    )
+    missing = [g for g in genes if g not in pred.var_names]
     if missing:
         raise KeyError(
             f"genes {missing} were not predicted under {predicted_key!r}; predicted genes are "
-            f"{list(pred.columns[:10])}{'...' if pred.shape[1] > 10 else ''}."
+            f"{list(pred.var_names[:10])}{'...' if pred.n_vars > 10 else ''}."
         )
-    values = pred.loc[table.obs_names, genes].to_numpy(dtype=np.float32)
-    square = _is_square(sdata, tname)
+    values = np.asarray(pred[:, genes].X, dtype=np.float32)
+    panel = _panel_data(view, pred, genes, None, values, 1.0)
+    if _is_square(data, table_name):
+        _as_squares(panel, view)
+    target = str(pred.uns.get("hopt_st", {}).get("prediction", {}).get("target", "log1p"))
     label = {"log1p": "log1p counts"}.get(target, target)
     ncols = max(1, min(int(ncols), len(genes)))
     nrows = int(np.ceil(len(genes) / ncols))
@@ -152,14 +152,10 @@ def slide_expression(
         ax.remove()
     for i, gene in enumerate(genes):
         ax = axes.ravel()[i]
-        vmin, vmax = _color_limits(values[:, i], robust)
-        kw = {"cmap": cmap, "vmin": vmin, "vmax": vmax, "alpha": alpha}
-        coll = (
-            _draw_squares(ax, view, values[:, i], **kw)
-            if square
-            else _draw_spots(ax, view, values[:, i], **kw)
-        )
+        norm = Normalize(*_color_limits(values[:, i], robust))
+        _draw_panel(ax, panel, gene, None, cmap=cmap, norm=norm, alpha=alpha)
         ax.set_title(f"{gene} (predicted)", fontsize=10)
-        fig.colorbar(coll, ax=ax, shrink=0.8, pad=0.02).set_label(label)
+        cb = fig.colorbar(ScalarMappable(norm=norm, cmap=plt.get_cmap(cmap)), ax=ax, shrink=0.8, pad=0.02)
+        cb.set_label(label)
     _save(fig, save, dpi)
-    return fig
+    return fig if return_fig else None

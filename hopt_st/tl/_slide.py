@@ -85,6 +85,13 @@ def check_regressor_model(
         )
 
 
+def record_regressor_file(sdata: SpatialData, table_name: str, key_added: str, name: str) -> None:
+    """Note the regressor's file name with the predictions' metadata (spot table and predictions table)."""
+    sdata.tables[table_name].uns[UNS_KEY]["predictions"][key_added]["regressor_file"] = name
+    if key_added in sdata.tables:
+        sdata.tables[key_added].uns[UNS_KEY]["prediction"]["regressor_file"] = name
+
+
 def _open(slide, image_mpp: float | None) -> SpatialData:
     if isinstance(slide, SpatialData):
         return slide
@@ -176,7 +183,9 @@ def predict_slide(
         ``shapes[f"{{table_name}}_shapes"]`` and ``tables[table_name]``: the grid table of
         :func:`hopt_st.pp.tile_grid`, with the embeddings in ``obsm["X_<model>"]`` (provenance in
         ``uns["hopt_st"]["embeddings"]``) and the predictions in ``obsm[key_added]`` (a DataFrame, genes as
-        columns, in the regressor's target space; metadata in ``uns["hopt_st"]["predictions"][key_added]``).
+        columns, in the regressor's target space; metadata in ``uns["hopt_st"]["predictions"][key_added]``);
+        and ``tables[key_added]``, the predictions table of :func:`hopt_st.tl.predict_expression` (``X`` =
+        predictions, annotating the grid's shapes).
     """
     from ..models import Encoder, get_spec
     from ..pp import detect_tissue, embed, tile_grid
@@ -221,7 +230,7 @@ def predict_slide(
     )
     table = sdata.tables[table_name]
     if not isinstance(regressor, ExpressionRegressor):
-        table.uns[UNS_KEY]["predictions"][key_added]["regressor_file"] = Path(regressor).name
+        record_regressor_file(sdata, table_name, key_added, Path(regressor).name)
     logger.info(
         "predict_slide: %d genes at %d tiles (%s) -> tables[%r].obsm[%r]",
         len(reg.genes_),
