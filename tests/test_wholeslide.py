@@ -19,6 +19,7 @@ import shapely
 import spatialdata as sd
 import tifffile
 from scipy.spatial import cKDTree
+from spatialdata.transformations import get_transformation
 
 import hopt_st as hs
 from hopt_st._cli import main
@@ -224,6 +225,9 @@ def test_tile_grid_spacing_in_um_on_tissue_only(slides, preset):
             xy.min() >= side / 2 - 1e-6 and xy[:, 0].max() <= w - side / 2 and xy[:, 1].max() <= h - side / 2
         )
         assert table.obs["tissue_fraction"].min() >= 0.75
+        # placed in µm too, like the image (spatialdata-plot draws them in "micrometers")
+        to_um = get_transformation(shapes, "micrometers").to_affine_matrix(("x", "y"), ("x", "y"))
+        np.testing.assert_allclose(np.diag(to_um)[:2], [mpp, mpp])
         # the table annotates the shapes, tile by tile (spot_centers goes through the shapes)
         np.testing.assert_allclose(hs.io._elements.spot_centers(sdata, "grid"), xy)
         centres[mpp] = _tiles_um(sdata, mpp)
