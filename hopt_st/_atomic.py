@@ -194,3 +194,23 @@ def replace_dir(new: str | os.PathLike, dest: str | os.PathLike) -> None:
         os.rename(aside, dest)
         raise
     remove(aside)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder path next to ``path`` (not created); when the block ends without error, what
+    was written there is flushed to disk and replaces ``path``.
+
+    An existing ``path`` (folder or file) is first moved aside and deleted only once the new folder is in place
+    (:func:`replace_dir`), so a failure at any point leaves either the old ``path`` or the new one, never a mix.
+    On error the temporary folder is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    tmp = temp_sibling(path)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        replace_dir(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        remove(tmp)

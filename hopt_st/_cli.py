@@ -1,4 +1,4 @@
-"""The ``hopt-st`` command line: ``demo``, ``embed``, ``embed-cohort``, ``bench``, ``models``.
+"""The ``hopt-st`` command line: ``demo``, ``embed``, ``embed-cohort``, ``predict``, ``bench``, ``models``.
 
 Errors end the program with a non-zero exit code and a one-line reason on stderr; ``--verbose`` adds the
 traceback. ``--quiet`` hides progress bars and informational messages.
@@ -466,6 +466,102 @@ def embed_cohort(
     for sample, error in zip(failed["sample"], failed["error"]):
         click.echo(f"  failed {sample}: {error}", err=True)
     return 1 if len(failed) else 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option(
+    "--regressor",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A regressor saved with ExpressionRegressor.save (fitted on --model embeddings).",
+)
+@click.option("--model", required=True, help="The encoder the regressor was fitted on, e.g. h-optimus-1.")
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Local weights of --model.",
+)
+@click.option(
+    "--image-mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="µm per full-resolution pixel of SLIDE, when the file records none (or to override it).",
+)
+@click.option("--genes", default=None, help="Comma-separated genes to map; default: the regressor's first 3.")
+@click.option(
+    "--preset",
+    type=click.Choice(["tiles", "visium"]),
+    default="tiles",
+    show_default=True,
+    help="tiles: 112 µm squares tiling the tissue; visium: 55 µm spots on a 100 µm hexagonal grid.",
+)
+@click.option(
+    "--min-tissue-fraction",
+    type=click.FloatRange(0, 1),
+    default=0.75,
+    show_default=True,
+    help="Keep tiles with at least this fraction on tissue.",
+)
+@click.option("--image-key", default=None, help="H&E image element of a .zarr SLIDE; default: the largest.")
+@click.option("--batch-size", type=click.IntRange(1), default=None)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, mps; default: the best available.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output .zarr (tissue, grid, embeddings, predictions, thumbnail); PNG maps go beside it.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out and its PNG maps.")
+def predict(
+    slide,
+    regressor,
+    model,
+    weights,
+    image_mpp,
+    genes,
+    preset,
+    min_tissue_fraction,
+    image_key,
+    batch_size,
+    device,
+    out,
+    overwrite,
+):
+    """Predict expression maps over a whole H&E SLIDE that has no spatial data.
+
+    SLIDE is a pyramidal / SVS-like TIFF or a SpatialData .zarr. Tissue is detected, a grid of pseudo-spots
+    laid over it, embedded with --model and fed to --regressor. Writes --out (a .zarr with the tissue
+    polygons, the grid, its embeddings and predictions, and a slide thumbnail) and <out stem>_<gene>.png maps.
+
+    \b
+    Examples:
+      hopt-st predict slide.svs --regressor ridge.safetensors --model h-optimus-1 --out slide_pred.zarr
+      hopt-st predict slide.tif --regressor ridge_handcrafted --model handcrafted --image-mpp 0.25 \\
+          --genes GENE0003,GENE0010 --out slide_pred.zarr
+    """
+    from ._predict import run_predict
+
+    res = run_predict(
+        slide,
+        regressor,
+        model=model,
+        out=out,
+        weights=weights,
+        image_mpp=image_mpp,
+        genes=[g.strip() for g in genes.split(",") if g.strip()] if genes else None,
+        preset=preset,
+        min_tissue_fraction=min_tissue_fraction,
+        image_key=image_key,
+        batch_size=batch_size,
+        device=device,
+        overwrite=overwrite,
+        progress=not _STATE["quiet"],
+    )
+    click.echo(res["report"])
 
 
 # --------------------------------------------------------------------------------------------------------------

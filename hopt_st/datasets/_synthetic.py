@@ -177,10 +177,15 @@ def _counts(
 ) -> np.ndarray:
     """Poisson counts (n_spots, n_genes) float32 around the model's rates at each spot's state fractions."""
     lib = mean_library_size * rng.lognormal(0.0, 0.15, size=len(latent))
+    return rng.poisson(expected_counts(model, latent, lib)).astype(np.float32)
+
+
+def expected_counts(model: dict, latent: np.ndarray, library_size) -> np.ndarray:
+    """Poisson means (n_spots, n_genes) at state fractions ``latent`` for library size(s) ``library_size``."""
     # a constant normaliser (not per spot) keeps noise genes independent of the states
     norm = np.exp(model["log_base"] + model["loadings"].mean(axis=1)).sum()
-    rates = np.exp(model["log_base"][None, :] + latent @ model["loadings"].T) / norm * lib[:, None]
-    return rng.poisson(rates).astype(np.float32)
+    lib = np.broadcast_to(np.asarray(library_size, dtype=np.float64), (len(latent),))
+    return np.exp(model["log_base"][None, :] + latent @ model["loadings"].T) / norm * lib[:, None]
 
 
 def _spot_shapes(xy: np.ndarray, mpp: float, squares: bool) -> GeoDataFrame:
@@ -388,11 +393,17 @@ class _LatentField:
         return f.mean(axis=1)
 
 
-def _upsample(coarse: np.ndarray, height: int, width: int, step_px: float) -> np.ndarray:
-    """Bilinear upsampling of ``(C, h, w)`` samples taken every ``step_px`` pixels to ``(C, height, width)``."""
+def _upsample(
+    coarse: np.ndarray, height: int, width: int, step_px: float, y0: float = 0.0, x0: float = 0.0
+) -> np.ndarray:
+    """Bilinear upsampling of ``(C, h, w)`` samples taken every ``step_px`` pixels to ``(C, height, width)``.
+
+    Output pixel ``(i, j)`` sits at ``(y0 + i, x0 + j)`` pixels from the first sample: a window of a larger
+    upsampled image is the same whichever window it is cut from.
+    """
     out = []
-    yi = (np.arange(height) + 0.5) / step_px
-    xi = (np.arange(width) + 0.5) / step_px
+    yi = (y0 + np.arange(height) + 0.5) / step_px
+    xi = (x0 + np.arange(width) + 0.5) / step_px
     y0 = np.clip(np.floor(yi).astype(np.int64), 0, coarse.shape[1] - 2)
     x0 = np.clip(np.floor(xi).astype(np.int64), 0, coarse.shape[2] - 2)
     ty = np.clip(yi - y0, 0, 1).astype(np.float32)[:, None]
@@ -403,19 +414,34 @@ def _upsample(coarse: np.ndarray, height: int, width: int, step_px: float) -> np
     return np.stack(out)
 
 
+def look_arrays(model: dict) -> dict[str, np.ndarray]:
+    """The per-state looks as arrays: stroma / nucleus RGB (K, 3), nuclei per µm², radius µm, elongation, texture."""
+    looks = model["looks"]
+    return {
+        "stroma_rgb": np.array([lk[0] for lk in looks], dtype=np.float32),
+        "nucleus_rgb": np.array([lk[1] for lk in looks], dtype=np.float32),
+        "density": np.array([lk[2] for lk in looks]) / 1000.0,
+        "radius": np.array([lk[3] for lk in looks]),
+        "elong": np.array([lk[4] for lk in looks]),
+        "texture": np.array([lk[5] for lk in looks], dtype=np.float32),
+    }
+
+
+#: the stroma colour / texture amplitude maps are sampled every this many µm and upsampled
+STROMA_STEP_UM = 8.0
+#: correlation length of the fibrous texture, µm (stretched 3x along x)
+FIBRE_STEP_UM = 3.0
+
+
 def _render(field: _LatentField, model: dict, width: int, height: int, mpp: float, rng) -> np.ndarray:
     """Render the H&E-like image (3, height, width) uint8."""
-    looks = model["looks"]
     K = field.n_states
-    stroma_rgb = np.array([lk[0] for lk in looks], dtype=np.float32)  # (K, 3)
-    nucleus_rgb = np.array([lk[1] for lk in looks], dtype=np.float32)
-    density = np.array([lk[2] for lk in looks]) / 1000.0  # nuclei per µm²
-    radius = np.array([lk[3] for lk in looks])
-    elong = np.array([lk[4] for lk in looks])
-    texture = np.array([lk[5] for lk in looks], dtype=np.float32)
+    la = look_arrays(model)
+    stroma_rgb, nucleus_rgb, texture = la["stroma_rgb"], la["nucleus_rgb"], la["texture"]
+    density, radius, elong = la["density"], la["radius"], la["elong"]
 
     # coarse maps every 8 µm: stroma colour and texture amplitude
-    step_um = 8.0
+    step_um = STROMA_STEP_UM
     step_px = step_um / mpp
     gx = (np.arange(int(np.ceil(width / step_px)) + 2)) * step_um
     gy = (np.arange(int(np.ceil(height / step_px)) + 2)) * step_um
@@ -426,7 +452,7 @@ def _render(field: _LatentField, model: dict, width: int, height: int, mpp: floa
     tex_amp = maps[3]
 
     # fibrous texture: anisotropic noise at ~3 µm upsampled, plus fine grain
-    fib_step = 3.0 / mpp
+    fib_step = FIBRE_STEP_UM / mpp
     nh, nw = int(np.ceil(height / fib_step)) + 2, int(np.ceil(width / fib_step / 3)) + 2
     fib = rng.standard_normal((1, nh, nw)).astype(np.float32)
     fibres = _upsample(fib, height, int(np.ceil(width / 3)) + 1, fib_step)[0]
@@ -466,8 +492,11 @@ def _render(field: _LatentField, model: dict, width: int, height: int, mpp: floa
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _stamp_nuclei(x, y, r, elong, theta, rgb, height, width, rng, batch: int = 4000):
-    """Accumulate elliptical soft blobs: returns alpha sum (H, W) and alpha-weighted colour sum (3, H, W)."""
+def _stamp_nuclei(x, y, r, elong, theta, rgb, height, width, rng, batch: int = 4000, speckle=None):
+    """Accumulate elliptical soft blobs: returns alpha sum (H, W) and alpha-weighted colour sum (3, H, W).
+
+    ``speckle(py, px)`` gives the chromatin speckle in [0, 1) of the stamped pixels (default: drawn from ``rng``).
+    """
     n = len(x)
     size = height * width
     flats, weights, colors = [], [], []
@@ -488,7 +517,8 @@ def _stamp_nuclei(x, y, r, elong, theta, rgb, height, width, rng, batch: int = 4
         d2 = (u / a_ax) ** 2 + (v / b_ax) ** 2
         w = np.clip(1.25 - d2, 0, 1) * 0.9
         ok = (w > 0) & (px >= 0) & (px < width) & (py >= 0) & (py < height)
-        wv = w[ok] * (0.8 + 0.2 * rng.uniform(size=int(ok.sum())))  # chromatin speckle
+        grain = rng.uniform(size=int(ok.sum())) if speckle is None else speckle(py[ok], px[ok])
+        wv = w[ok] * (0.8 + 0.2 * grain)  # chromatin speckle
         flats.append((py * width + px)[ok])
         weights.append(wv)
         colors.append(np.broadcast_to(rgb[sl, None, :], w.shape + (3,))[ok])

@@ -1,5 +1,5 @@
 """Readers: Space Ranger, HEST-1k, HEST-Benchmark, HEST patch and embedding files, cohorts, Visium AnnData
-(scanpy's layout).
+(scanpy's layout), plain H&E slides.
 
 Every reader returns a :class:`spatialdata.SpatialData` with lazy images and records the physical pixel
 size following one convention, see :func:`get_image_mpp`.
@@ -15,6 +15,7 @@ from ._embeddings import SampleEmbeddings, read_embeddings, write_embeddings
 from ._hest import read_hest
 from ._hest_bench import read_hest_bench
 from ._mpp import get_image_mpp, set_image_mpp
+from ._slide import read_slide
 from ._visium import read_visium
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "read_hest",
     "read_hest_bench",
     "read_patches",
+    "read_slide",
     "read_visium",
     "set_image_mpp",
     "write_embeddings",

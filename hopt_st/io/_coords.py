@@ -35,11 +35,13 @@ def add_micrometers(sdata: SpatialData, shapes_key: str, fullres_mpp: float) -> 
     sdata
         The SpatialData (elements in memory; nothing is written to disk).
     shapes_key
-        The spots, whose own coordinates are full-resolution pixels.
+        The spots, whose own coordinates are full-resolution pixels (for a slide without spots: its image,
+        whose level 0 is).
     fullres_mpp
         µm per full-resolution pixel.
     """
-    via = fullres_coordinate_system(sdata.shapes[shapes_key])
+    reference = sdata.shapes[shapes_key] if shapes_key in sdata.shapes else sdata.images[shapes_key]
+    via = fullres_coordinate_system(reference)
     to_um = Scale([float(fullres_mpp), float(fullres_mpp)], axes=("x", "y"))
     for _, _, element in sdata.gen_spatial_elements():
         t = get_transformation(element, get_all=True).get(via)

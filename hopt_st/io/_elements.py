@@ -29,6 +29,29 @@ def _check_named(what: str, key: str | None, elements) -> None:
         )
 
 
+def check_new_element(
+    sdata: SpatialData, name: str, kind: str, overwrite: bool, what: str = "key_added"
+) -> None:
+    """A name for a new element of ``kind`` (``"shapes"``, ``"tables"``, ...) must be free in every element type
+    (spatialdata names are unique across images, labels, points, shapes and tables, ignoring case); an element
+    of the same kind and name is replaced only with ``overwrite``."""
+    for k in ("images", "labels", "points", "shapes", "tables"):
+        for existing in getattr(sdata, k):
+            if existing.lower() != name.lower():
+                continue
+            if k == kind and existing == name:
+                if not overwrite:
+                    raise ValueError(
+                        f"{kind} {name!r} already exist in the SpatialData: pass overwrite=True to replace them, "
+                        f"or {what}= another name."
+                    )
+            else:
+                raise ValueError(
+                    f"{what} = {name!r} is taken by the {k} element {existing!r} (spatialdata names are unique "
+                    "across images, shapes, tables, ..., ignoring case): choose another name."
+                )
+
+
 def resolve_table_name(sdata: SpatialData, table_name: str | None = None) -> str:
     """Return the name of the spot table: ``table_name`` if given, else the only table, else ``"table"``."""
     _check_named("table", table_name, sdata.tables)

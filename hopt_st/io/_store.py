@@ -16,7 +16,7 @@ from pathlib import Path
 
 from spatialdata import SpatialData
 
-from .._atomic import atomic_write_bytes, check_overwrite, fsync_tree, remove, replace_dir, temp_sibling
+from .._atomic import atomic_dir, atomic_write_bytes, check_overwrite, fsync_tree, remove, temp_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -233,12 +233,7 @@ def write_sdata(sdata: SpatialData, path: str | os.PathLike, *, overwrite: bool 
         raise ValueError(
             f"{str(path)!r} is the store this SpatialData was read from: update it in place instead."
         )
-    scratch = temp_sibling(path)
-    try:
+    with atomic_dir(path) as scratch:  # the old store is deleted only once the new one is in place
         sdata.write(scratch, update_sdata_path=False)
         _consolidate(scratch)
-        fsync_tree(scratch)
-        replace_dir(scratch, path)
-    finally:
-        remove(scratch)
     return path

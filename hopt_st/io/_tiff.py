@@ -210,9 +210,17 @@ def read_tiff_image(path: str | Path) -> xr.DataArray | xr.DataTree:
         return Image2DModel.parse(
             keep[0], dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations={"global": Identity()}
         )
-    h0, w0 = keep[0].shape[1:]
+    return multiscale_image(keep)
+
+
+def multiscale_image(levels: list[da.Array]) -> xr.DataTree:
+    """A multiscale ``Image2DModel`` element from (c, y, x) RGB levels, finest first.
+
+    Level 0 maps to ``"global"`` by ``Identity()``, each coarser level by the ``Scale`` of its size ratio.
+    """
+    h0, w0 = levels[0].shape[1:]
     tree = {}
-    for i, a in enumerate(keep):
+    for i, a in enumerate(levels):
         h, w = a.shape[1:]
         sy, sx = h0 / h, w0 / w
         t = Identity() if i == 0 else Scale([sy, sx], axes=("y", "x"))

@@ -175,7 +175,8 @@ def _panel_data(view: TissueView, pred: AnnData, genes: list[str], measured, pre
     )
     obs = pd.DataFrame({"region": pd.Categorical(["spots"] * n), "spot": np.arange(n)}, index=pred.obs_names)
     table = AnnData(X=predicted, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
-    table.layers[MEASURED_LAYER] = measured
+    if measured is not None:  # None: predictions only (a slide without expression)
+        table.layers[MEASURED_LAYER] = measured
     table = TableModel.parse(table, region="spots", region_key="region", instance_key="spot")
     images = {}
     if view.image is not None:
@@ -307,14 +308,7 @@ def expression(
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    if isinstance(genes, str):
-        genes = [genes]
-    elif isinstance(genes, Iterable):
-        genes = list(genes)
-    else:
-        raise TypeError(f"genes must be a gene name or a sequence of names, got {type(genes).__name__}.")
-    if not genes:
-        raise ValueError("genes is empty: pass one or more gene names.")
+    genes = _gene_list(genes)
     pred, spots, view = _resolve_predictions(
         data, predicted_key, table_name, image_key, show_image, max_image_size
     )
@@ -353,6 +347,18 @@ def _color_limits(values: np.ndarray, robust: bool) -> tuple[float, float]:
     if hi <= lo:
         hi = lo + 1e-6
     return float(lo), float(hi)
+
+
+def _gene_list(genes: str | Sequence[str]) -> list[str]:
+    """One gene name or several, as a non-empty list."""
+    if isinstance(genes, str):
+        return [genes]
+    if not isinstance(genes, Iterable):
+        raise TypeError(f"genes must be a gene name or a sequence of names, got {type(genes).__name__}.")
+    genes = list(genes)
+    if not genes:
+        raise ValueError("genes is empty: pass one or more gene names.")
+    return genes
 
 
 def _radius_from_spacing(xy: np.ndarray) -> float:

@@ -1,4 +1,5 @@
-"""Preprocessing: spot-centred patches at true physical size, and foundation-model embeddings.
+"""Preprocessing: tissue and pseudo-spot grids on whole slides, spot-centred patches at true physical size,
+and foundation-model embeddings.
 
 ``embed`` and ``embed_cohort`` load on first use (``lazy_loader``), so cutting patches does not import torch.
 """
@@ -10,9 +11,11 @@ from typing import TYPE_CHECKING
 import lazy_loader as lazy
 
 from .._patchset import Patches
+from ._grid import tile_grid
 from ._patches import patches
+from ._tissue import detect_tissue
 
-__all__ = ["Patches", "embed", "embed_cohort", "patches"]
+__all__ = ["Patches", "detect_tissue", "embed", "embed_cohort", "patches", "tile_grid"]
 __getattr__, _, _ = lazy.attach(__name__, submod_attrs={"_embed": ["embed"], "_cohort": ["embed_cohort"]})
 
 
