@@ -161,7 +161,7 @@ def write_task(root: Path, dim: int, n_samples: int, n_spots: int, model: str, s
         z = rng.normal(size=(n_spots, 64))
         X = (z @ basis + rng.normal(size=(n_spots, dim)) * 0.5 + 1.0).astype(np.float32)
         counts = rng.poisson(np.exp(np.clip(z @ B, -4, 4))).astype(np.float32)
-        bc = [f"{sid}_{j}" for j in range(n_spots)]
+        bc = [f"{sid}_{j:06d}" for j in range(n_spots)]  # one width: HEST's save_hdf5 asserts one dtype
         coords = np.stack([np.arange(n_spots) * 224, np.zeros(n_spots)], 1).astype(np.int64)
         with h5py.File(tdir / "patches" / f"{sid}.h5", "w") as f:
             f["img"] = np.zeros((n_spots, 8, 8, 3), np.uint8)
