@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 #: µm per pixel assumed for a patch file that records none (HEST-Benchmark patches are 0.5 µm/px)
 HEST_PATCH_MPP = 0.5
 #: attributes that, in HEST-style files, record the patch side in level-0 px
-PATCH_SIZE_SRC_ATTRS = ("hopt_st_patch_size_src", "patch_size_src", "patch_size_level0")
+PATCH_SIZE_SRC_ATTRS = ("patch_size_src", "patch_size_level0")
 
 
 def default_workers() -> int:

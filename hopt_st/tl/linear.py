@@ -455,6 +455,7 @@ def hest_probe(
     n_components: int = HEST_N_COMPONENTS,
     seed: int = HEST_SEED,
     solver: str = "exact",
+    n_jobs: int | None = None,
 ) -> tuple[np.ndarray, int]:
     """HEST's linear probe: fit on ``(X_train, Y_train)``, predict ``X_test``, as HEST's code does.
 
@@ -470,6 +471,8 @@ def hest_probe(
         ``PCA(random_state=seed)`` (HEST's ``seed``, 1).
     solver
         ``"exact"``, ``"sklearn"`` or ``"fast"``, see the module docstring.
+    n_jobs
+        ``"exact"``: threads solving genes in parallel (see :func:`hest_ridge_coef`).
 
     Returns
     -------
@@ -490,7 +493,7 @@ def hest_probe(
         pipe = fit_hest_ridge_sklearn(X_train, Y_train, n_components=n_components, seed=seed)
         return pipe.predict(np.asarray(X_test)), k
     Z_train, Z_test, _ = hest_pca(X_train, X_test, n_components=n_components, seed=seed)
-    coef = hest_ridge_coef(Z_train, Y_train)
+    coef = hest_ridge_coef(Z_train, Y_train, n_jobs=n_jobs)
     return _as_torch_tensor_values(Z_test) @ coef.T, k
 
 
