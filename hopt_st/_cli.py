@@ -1,4 +1,4 @@
-"""The ``hopt-st`` command line: ``demo``, ``embed``, ``bench``, ``models``.
+"""The ``hopt-st`` command line: ``demo``, ``embed``, ``embed-cohort``, ``bench``, ``models``.
 
 Errors end the program with a non-zero exit code and a one-line reason on stderr; ``--verbose`` adds the
 traceback. ``--quiet`` hides progress bars and informational messages.
@@ -249,6 +249,152 @@ def _replace_table_on_disk(sdata, name: str) -> None:
         sdata.tables[name].write_zarr(Path(tmp) / "check.zarr")
     sdata.delete_element_from_disk(name)
     sdata.write_element(name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+def _parse_shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        i, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not i/N (e.g. 0/4: the first of 4 shards).", param_hint="--shard"
+        ) from None
+    if n < 1 or not 0 <= i < n:
+        raise click.BadParameter(
+            f"{value!r}: need 0 <= i < N (shards count from 0, e.g. $SLURM_ARRAY_TASK_ID/4).",
+            param_hint="--shard",
+        )
+    return i, n
+
+
+def _dask_client(stack, workers: int | None, scheduler: str | None):
+    """A client of a new local cluster (``--workers``), of a running scheduler (``--scheduler``), or None."""
+    if workers is None and scheduler is None:
+        return None
+    from distributed import Client, LocalCluster
+
+    # a failing sample is reported in status.csv and the summary; Dask would also log each attempt's traceback
+    silence = logging.DEBUG if _STATE["verbose"] else logging.CRITICAL
+    if workers is not None:
+        cluster = stack.enter_context(
+            LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address="127.0.0.1:0",  # a free local port: 8787 may be taken (a UserWarning)
+                silence_logs=silence,
+            )
+        )
+        return stack.enter_context(Client(cluster))
+    try:
+        return stack.enter_context(Client(scheduler, timeout="30s"))
+    except OSError as e:
+        raise click.BadParameter(
+            f"cannot reach the scheduler {scheduler!r} ({e}).", param_hint="--scheduler"
+        ) from None
+
+
+@cli.command("embed-cohort")
+@click.argument("cohort", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--model", required=True, help="Registry name (see `hopt-st models`), e.g. h-optimus-1, handcrafted."
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Output folder: OUT/<model>/<sample_id>.h5 (HEST's embedding layout) and OUT/<model>/status.csv.",
+)
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Local weights file (.safetensors or .pt/.bin state dict).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    default=None,
+    help="Start a local Dask cluster of N worker processes (one thread each) and spread the samples over it.",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="Address of a running Dask scheduler (tcp://host:8786) whose workers embed the samples.",
+)
+@click.option(
+    "--shard",
+    default=None,
+    metavar="i/N",
+    help="Only shard i of N (from 0; positions i, i+N, ... of the sorted sample ids): one SLURM array task "
+    "each, no scheduler needed.",
+)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, mps; default: each worker's best device.")
+@click.option("--batch-size", type=click.IntRange(1), default=None)
+@click.option(
+    "--retries",
+    type=click.IntRange(0),
+    default=2,
+    show_default=True,
+    help="Extra attempts for a failing sample.",
+)
+@click.option("--overwrite", is_flag=True, help="Recompute samples whose output file exists.")
+def embed_cohort(
+    cohort, model, out, weights, workers, scheduler, shard, device, batch_size, retries, overwrite
+):
+    """Embed every sample of COHORT with MODEL, once, into one HEST-layout .h5 file per sample.
+
+    COHORT is a CSV (columns sample_id, source; optional kind, image, image_mpp, patient, counts), a HEST-1k
+    root or a HEST-Benchmark task folder. Samples whose output exists with the same fingerprint are skipped;
+    failures are recorded in OUT/<model>/status.csv and the others go on (exit code 1 if any failed).
+
+    \b
+    Examples:
+      hopt-st embed-cohort hest_data/ --model h-optimus-1 --out emb              # in this process
+      hopt-st embed-cohort cohort.csv --model h-optimus-1 --out emb --workers 4   # local Dask cluster
+      hopt-st embed-cohort cohort.csv --model uni --out emb --scheduler tcp://node1:8786
+      hopt-st embed-cohort cohort.csv --model uni --out emb --shard $SLURM_ARRAY_TASK_ID/8
+    """
+    import contextlib
+
+    import hopt_st as hs
+    from hopt_st.io._cohort import model_dirname
+
+    if workers is not None and scheduler is not None:
+        raise click.UsageError(
+            "--workers and --scheduler exclude each other: start a local cluster or join one."
+        )
+    if weights is not None and not weights.exists():
+        raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
+    shard_ = _parse_shard(shard)
+    with contextlib.ExitStack() as stack:
+        client = _dask_client(stack, workers, scheduler)
+        df = hs.pp.embed_cohort(
+            cohort,
+            model,
+            out,
+            client=client,
+            weights=str(weights) if weights is not None else None,
+            device=device,
+            batch_size=batch_size,
+            retries=retries,
+            shard=shard_,
+            overwrite=overwrite,
+            progress=not _STATE["quiet"],
+        )
+    n = df["status"].value_counts()
+    click.echo(
+        f"{model}: {n.get('done', 0)} done, {n.get('skipped', 0)} skipped, {n.get('failed', 0)} failed "
+        f"-> {out / model_dirname(model)} (status: {df.attrs['status_path']})"
+    )
+    failed = df[df["status"] == "failed"]
+    for sample, error in zip(failed["sample"], failed["error"]):
+        click.echo(f"  failed {sample}: {error}", err=True)
+    return 1 if len(failed) else 0
 
 
 # --------------------------------------------------------------------------------------------------------------

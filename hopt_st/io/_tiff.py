@@ -8,6 +8,7 @@ synthetic slides) is :func:`hopt_st.datasets.write_pyramidal_tiff`.
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 
 import dask.array as da
@@ -33,6 +34,8 @@ def _level_arrays(path: Path) -> list[zarr.Array]:
             "Download it again or re-export it as a pyramidal tiled TIFF (e.g. `vips tiffsave in out.tif "
             "--tile --pyramid --bigtiff --compression jpeg`)."
         ) from e
+    # the levels read lazily through this handle: close the file once the last of them is gone
+    weakref.finalize(tif, tif.filehandle.close)
     try:
         if not tif.series:
             raise ValueError("no image series")

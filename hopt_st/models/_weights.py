@@ -113,6 +113,26 @@ def weights_sha256(path: str | os.PathLike) -> str:
     return digest
 
 
+def file_version(path: str | os.PathLike) -> tuple[str, int, int]:
+    """``(resolved path, size, mtime_ns)``: the version of a file that a remembered digest belongs to."""
+    real = Path(path).resolve()
+    st = real.stat()
+    return (str(real), st.st_size, st.st_mtime_ns)
+
+
+def remember_sha256(version: tuple[str, int, int], digest: str) -> None:
+    """Tell :func:`weights_sha256` the digest of a file version computed by another process (e.g. the one
+    that sends work to this one), so this process does not read the file again. Ignored when the file here
+    is another version (other size or modification time)."""
+    try:
+        here = file_version(version[0])
+    except OSError:
+        return
+    if here == tuple(version) and _SHA256.fullmatch(str(digest)):
+        with _DIGEST_LOCK:
+            _DIGESTS[here] = str(digest)
+
+
 def _access_help(spec: ModelSpec, reason: str) -> str:
     repo = spec.hf_repo
     files = " or ".join(spec.hf_filenames)

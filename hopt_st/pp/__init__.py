@@ -1,6 +1,6 @@
 """Preprocessing: spot-centred patches at true physical size, and foundation-model embeddings.
 
-``embed`` loads on first use (``lazy_loader``), so cutting patches does not import torch.
+``embed`` and ``embed_cohort`` load on first use (``lazy_loader``), so cutting patches does not import torch.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import lazy_loader as lazy
 from .._patchset import Patches
 from ._patches import patches
 
-__all__ = ["Patches", "embed", "patches"]
-__getattr__, _, _ = lazy.attach(__name__, submod_attrs={"_embed": ["embed"]})
+__all__ = ["Patches", "embed", "embed_cohort", "patches"]
+__getattr__, _, _ = lazy.attach(__name__, submod_attrs={"_embed": ["embed"], "_cohort": ["embed_cohort"]})
 
 
 def __dir__() -> list[str]:
@@ -21,4 +21,5 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ._cohort import embed_cohort
     from ._embed import embed

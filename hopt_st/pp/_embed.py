@@ -95,6 +95,19 @@ def _check_geometry(source: Patches, spec: ModelSpec) -> None:
         )
 
 
+def spec_identity(spec: ModelSpec) -> list:
+    """The fields of a spec that embeddings depend on (architecture, pooling, normalisation, input size)."""
+    return [
+        spec.dim,
+        spec.timm_name,
+        repr(spec.timm_kwargs),
+        spec.pooling,
+        spec.mean,
+        spec.std,
+        spec.input_size,
+    ]
+
+
 def _run_info(spec: ModelSpec, source: Patches, weights_id: str, cdtype: torch.dtype) -> tuple[dict, str]:
     """What the run is (shown when a checkpoint is refused) and its fingerprint (what the embeddings depend on)."""
     info = {
@@ -105,26 +118,23 @@ def _run_info(spec: ModelSpec, source: Patches, weights_id: str, cdtype: torch.d
         "dtype": str(cdtype).removeprefix("torch."),
         "n": len(source),
     }
-    arch = [
-        spec.dim,
-        spec.timm_name,
-        repr(spec.timm_kwargs),
-        spec.pooling,
-        spec.mean,
-        spec.std,
-        spec.input_size,
-    ]
-    fp = dict(info, spec=arch, patches=source.fingerprint())
+    fp = dict(info, spec=spec_identity(spec), patches=source.fingerprint())
     return info, hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _write_provenance(table, key: str, spec: ModelSpec, encoder: Encoder, info: dict, device) -> None:
+    hopt = table.uns.setdefault(UNS_KEY, {})
+    hopt.setdefault("embeddings", {})[key] = provenance(spec, encoder, info, device)
+
+
+def provenance(spec: ModelSpec, encoder: Encoder, info: dict, device) -> dict:
+    """What a set of embeddings was computed with (``info`` from :func:`_run_info`): model, weights, geometry,
+    precision, device, versions."""
     import timm
 
     from .. import __version__
 
-    hopt = table.uns.setdefault(UNS_KEY, {})
-    hopt.setdefault("embeddings", {})[key] = {
+    return {
         "model": spec.name,
         "dim": int(spec.dim),
         "weights_sha256": info["weights_sha256"],
