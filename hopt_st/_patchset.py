@@ -52,7 +52,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ._files import atomic_path
+from ._atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 

@@ -249,7 +249,10 @@ def test_cache_in_hest_layout_reused_and_recomputed_when_stale_or_truncated(
         np.testing.assert_array_equal(assets["barcodes"], f["barcode"][:])
     np.testing.assert_array_equal(assets["embeddings"], _fake_embed(task["dir"] / "patches" / "S0.h5"))
     with h5py.File(f0) as f:
-        assert len(f.attrs["hopt_st_fingerprint"]) == 64 and f.attrs["model"] == "fake"
+        assert (
+            len(f.attrs["hopt_st_fingerprint"]) == 64
+            and json.loads(f.attrs["hopt_st_provenance"])["model"] == "fake"
+        )
 
     again = bench.run(task["root"], model="fake", embeddings_dir=emb)
     assert len(counting_encoder) == 4 and again.pearson_mean.iloc[0] == first.pearson_mean.iloc[0]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .._files import atomic_write_text
+from .._atomic import atomic_write_bytes
 from ..tl import pearson_per_gene
 
 NOT_COMPARABLE_KEY = "not_hest_comparable"
@@ -33,6 +33,12 @@ NOT_COMPARABLE_KEY = "not_hest_comparable"
 
 def _dumps(obj) -> str:
     return json.dumps(obj, sort_keys=True, indent=4)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (folders created) through a temporary file, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def probe_results(genes, preds_all: np.ndarray, y_test: np.ndarray) -> dict:

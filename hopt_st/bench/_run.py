@@ -29,10 +29,9 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from .._files import atomic_write_text
 from .._patchset import decode_barcodes
-from ..io import read_hest_bench
-from ..io._embfile import FINGERPRINT_ATTR, read_embeddings_h5, write_embeddings_h5, written_by_hopt_st
+from ..io import read_embeddings, read_hest_bench, write_embeddings
+from ..io._embeddings import written_by_hopt_st
 from ..tl import target_matrix, top_variable_genes
 from ..tl.linear import (
     HEST_N_COMPONENTS,
@@ -47,7 +46,7 @@ from ..tl.linear import (
     moments_replay_pca,
 )
 from ._download import KNOWN_N_FOLDS, match_task
-from ._results import probe_results, rebuild_aggregates, write_encoder_results
+from ._results import atomic_write_text, probe_results, rebuild_aggregates, write_encoder_results
 
 logger = logging.getLogger(__name__)
 
@@ -95,21 +94,23 @@ def _sample_embeddings(
     """One sample's embeddings and barcodes, and where they came from (``"file"``, ``"cache"``, ``"computed"``).
 
     A file at ``path`` that hopt_st did not write (e.g. HEST's own) is read as it is and never replaced; an error
-    names it when it cannot be read. A file hopt_st wrote is reused when its fingerprint matches, and recomputed
-    (with a warning) when it is stale or unreadable.
+    names it when it cannot be read. A file hopt_st wrote (:func:`hopt_st.io.write_embeddings`) is reused when its
+    fingerprint matches, and recomputed (with a warning) when it is stale or unreadable.
     """
     fingerprint = _cache_fingerprint(patches_path, model, weights)
     if path.exists():
-        if written_by_hopt_st(path) is None:
-            emb = read_embeddings_h5(path)
-            logger.info("Using embeddings %s as they are (not written by hopt_st, never replaced).", path)
-            return emb.embeddings, emb.barcodes, "file"
+        ours = written_by_hopt_st(path)
         try:
-            emb = read_embeddings_h5(path)
+            emb = read_embeddings(path, dtype=None)  # HEST feeds its pipeline the stored dtype
         except ValueError as err:
+            if not ours:
+                raise
             logger.warning("Cached embeddings %s are unreadable; recomputing them. (%s)", path, err)
         else:
-            if emb.attrs.get(FINGERPRINT_ATTR) == fingerprint:
+            if not ours and emb.fingerprint is None:
+                logger.info("Using embeddings %s as they are (not written by hopt_st, never replaced).", path)
+                return emb.embeddings, emb.barcodes, "file"
+            if emb.fingerprint == fingerprint:
                 logger.info("Using cached embeddings %s", path)
                 return emb.embeddings, emb.barcodes, "cache"
             logger.warning(
@@ -123,18 +124,19 @@ def _sample_embeddings(
         raise ValueError(
             f"Encoder {model!r} returned {X.shape[0]} embeddings for {len(barcodes)} patches in {patches_path}."
         )
-    write_embeddings_h5(
+    write_embeddings(
         path,
         X,
         barcodes,
-        coords,
+        coords=coords,
         fingerprint=fingerprint,
-        attrs={
+        provenance={
             "model": model,
-            "weights": "" if weights is None else str(weights),
+            "weights": None if weights is None else str(weights),
             "patches_path": str(patches_path),
             "hopt_st_version": __version__,
         },
+        overwrite=True,  # only ever a file of ours: missing, stale or unreadable
     )
     return X, barcodes, "computed"
 
