@@ -497,3 +497,27 @@ def test_visium_crop_patches_at_half_micron(caplog):
     around = rgb[int(cy) - 5 : int(cy) + 5, int(cx) - 5 : int(cx) + 5].mean(axis=(0, 1))
     centre = got[k, 104:120, 104:120].mean(axis=(0, 1))
     assert np.abs(around - centre).max() < 12
+
+
+def test_patch_file_write_is_atomic(tmp_path, monkeypatch):
+    """A write that fails half-way (disk full) leaves the old file byte for byte and no temporary file."""
+    from hopt_st._patchset import ArrayPatches
+
+    imgs = np.zeros((3, 8, 8, 3), np.uint8)
+    p = ArrayPatches(imgs, 0.5, ["a", "b", "c"], centers=np.full((3, 2), 100.0), patch_size_src=8)
+    path = tmp_path / "p.h5"
+    p.to_h5(path)
+    before = path.read_bytes()
+    real = h5py.Group.create_dataset
+
+    def full_disk(self, name, *a, **k):
+        if name == "barcode":
+            raise OSError(28, "No space left on device")
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ArrayPatches(imgs + 1, 0.5, ["a", "b", "c"], centers=np.full((3, 2), 100.0), patch_size_src=8).to_h5(
+            path, overwrite=True
+        )
+    assert path.read_bytes() == before and [f.name for f in tmp_path.iterdir()] == ["p.h5"]
