@@ -35,12 +35,16 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("hopt_st").setLevel(
         logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
     )
-    if not verbose:  # third-party chatter that says nothing about the user's data
-        warnings.filterwarnings("ignore", message=".*zarr v3 autosharding.*")
-        warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
-        warnings.filterwarnings("ignore", message=".*Writing zarr v2 data.*")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _hide_third_party_warnings() -> None:
+    """Third-party chatter that says nothing about the user's data (called inside ``main``'s
+    ``warnings.catch_warnings()``, so the filters end with the command and never leak into the process)."""
+    warnings.filterwarnings("ignore", message=".*zarr v3 autosharding.*")
+    warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+    warnings.filterwarnings("ignore", message=".*Writing zarr v2 data.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _models_option(default: str, help: str):
@@ -86,14 +90,19 @@ def cli(quiet: bool, verbose: bool) -> None:
     help="Spots of the synthetic sample.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace an existing demo.zarr in --out.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a demo.zarr in --out that an earlier demo run did not write (a rerun replaces its own outputs).",
+)
 def demo(
     out: Path, models: tuple[str, ...], all_local: bool, n_spots: int, seed: int, overwrite: bool
 ) -> None:
     """Offline demo: synthetic Visium -> embed -> ridge on a spatial split -> per-gene Pearson + figures.
 
     Writes per_gene_pearson.csv, expression.png, gene_scores.png and demo.zarr (image, spots, counts,
-    embeddings, predictions) into --out. No weights or internet needed.
+    embeddings, predictions) into --out. No weights or internet needed. Running it again regenerates and
+    replaces those files.
 
     \b
     Examples:
@@ -113,12 +122,30 @@ def demo(
 
 
 # --------------------------------------------------------------------------------------------------------------
-def _read_input(path: Path, sample: str | None, image_mpp: float | None = None, image_key: str | None = None):
-    """SpatialData from a .zarr, a Space Ranger outs/ folder, or a HEST-1k root + sample id."""
+def _read_input(
+    path: Path,
+    sample: str | None,
+    image_mpp: float | None = None,
+    image_key: str | None = None,
+    image: Path | None = None,
+):
+    """SpatialData from a .zarr, a Space Ranger outs/ folder, or a HEST-1k root + sample id; AnnData from an .h5ad."""
     import hopt_st as hs
 
     if not path.exists():
         raise FileNotFoundError(f"INPUT {str(path)!r} does not exist.")
+    if image is not None and not image.is_file():
+        raise FileNotFoundError(f"--fullres-image {str(image)!r} does not exist.")
+    is_visium = path.is_dir() and (path / "spatial").is_dir() and not _is_zarr(path)
+    if image is not None and not (is_visium or path.suffix == ".h5ad") or (image is not None and sample):
+        raise click.UsageError(
+            "--fullres-image/--image applies to a Space Ranger outs/ folder or an .h5ad INPUT; a .zarr or HEST-1k "
+            "sample already holds its image (choose it with --image-key)."
+        )
+    if path.suffix == ".h5ad" and path.is_file():
+        import anndata as ad
+
+        return ad.read_h5ad(path), "h5ad"
     if sample is not None:
         return hs.io.read_hest(path, sample, image_mpp=image_mpp), "hest"
     if _is_zarr(path):
@@ -130,11 +157,11 @@ def _read_input(path: Path, sample: str | None, image_mpp: float | None = None, 
 
             hs.io.set_image_mpp(sdata, {resolve_image_key(sdata, image_key): image_mpp})
         return sdata, "zarr"
-    if path.is_dir() and (path / "spatial").is_dir():
-        return hs.io.read_visium(path, image_mpp=image_mpp), "visium"
+    if is_visium:
+        return hs.io.read_visium(path, image_mpp=image_mpp, fullres_image_file=image), "visium"
     raise click.UsageError(
-        f"INPUT {str(path)!r} is neither a SpatialData .zarr, a Space Ranger outs/ folder (with spatial/), "
-        "nor, with --sample ID, a HEST-1k root."
+        f"INPUT {str(path)!r} is neither a SpatialData .zarr, a Space Ranger outs/ folder (with spatial/), an "
+        ".h5ad (scanpy's Visium layout), nor, with --sample ID, a HEST-1k root."
     )
 
 
@@ -163,6 +190,15 @@ def _is_zarr(path: Path) -> bool:
     help="Output .zarr; default: INPUT itself when it is a .zarr.",
 )
 @click.option("--sample", default=None, help="Sample id when INPUT is a HEST-1k root.")
+@click.option(
+    "--fullres-image",
+    "--image",
+    "fullres_image",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The full-resolution H&E scan (the image given to Space Ranger) for a Space Ranger outs/ folder or an "
+    ".h5ad INPUT; without it patches are upsampled from the hires PNG.",
+)
 @click.option("--key-added", default=None, help="obsm key; default X_<model>.")
 @click.option("--table-name", default=None, help="Spot table; default: the only one.")
 @click.option("--image-key", default=None, help="H&E image element; default: the largest.")
@@ -182,6 +218,7 @@ def embed(
     weights,
     out,
     sample,
+    fullres_image,
     key_added,
     table_name,
     image_key,
@@ -190,39 +227,45 @@ def embed(
     device,
     overwrite,
 ):
-    """Embed every spot of INPUT with MODEL and write the embeddings to a SpatialData .zarr.
+    """Embed every spot of INPUT with MODEL and write the embeddings to a SpatialData .zarr (or an .h5ad).
 
-    INPUT is a SpatialData .zarr (updated in place unless --out), a Space Ranger outs/ folder, or a
-    HEST-1k root with --sample ID. An existing embedding key or --out is never replaced without --overwrite.
+    INPUT is a SpatialData .zarr (updated in place unless --out), a Space Ranger outs/ folder (with
+    --fullres-image for the original scan), an .h5ad in scanpy's Visium layout (obsm['spatial'],
+    uns['spatial']; with --image for the full-resolution scan), or a HEST-1k root with --sample ID. An
+    existing embedding key or --out is never replaced without --overwrite.
 
     \b
     Examples:
       hopt-st embed sample.zarr --model handcrafted
-      hopt-st embed outs/ --model h-optimus-1 --weights model.safetensors --out sample.zarr
+      hopt-st embed outs/ --fullres-image scan.tif --model h-optimus-1 --out sample.zarr
+      hopt-st embed sample.h5ad --image scan.jpg --model h-optimus-1 --out embedded.h5ad
       hopt-st embed hest_data/ --sample TENX95 --model h-optimus-1 --out TENX95.zarr
     """
     import hopt_st as hs
 
     if weights is not None and not weights.exists():
         raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
-    sdata, kind = _read_input(input_path, sample, image_mpp=image_mpp, image_key=image_key)
+    sdata, kind = _read_input(
+        input_path, sample, image_mpp=image_mpp, image_key=image_key, image=fullres_image
+    )
+    run = {
+        "model": model,
+        "weights": str(weights) if weights is not None else None,
+        "key_added": key_added,
+        "image_key": image_key,
+        "batch_size": batch_size,
+        "device": device,
+        "overwrite": overwrite,
+        "progress": not _STATE["quiet"],
+    }
+    if kind == "h5ad":
+        return _embed_h5ad(sdata, input_path, out, fullres_image, image_mpp, run)
     in_place = out is None or (kind == "zarr" and out.resolve() == input_path.resolve())
     if out is None and kind != "zarr":
         raise click.UsageError(f"INPUT is a {kind} folder: pass --out OUT.zarr to say where to write.")
     if not in_place and out.exists() and not overwrite:
         raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
-    hs.pp.embed(
-        sdata,
-        model=model,
-        weights=str(weights) if weights is not None else None,
-        key_added=key_added,
-        table_name=table_name,
-        image_key=image_key,
-        batch_size=batch_size,
-        device=device,
-        overwrite=overwrite,
-        progress=not _STATE["quiet"],
-    )
+    hs.pp.embed(sdata, table_name=table_name, **run)
     from .io._elements import resolve_table_name
 
     tname = resolve_table_name(sdata, table_name)
@@ -235,6 +278,47 @@ def embed(
         sdata.write(out, overwrite=overwrite)
         dest = out
     click.echo(f"{tname}.obsm[{key!r}]: {emb.shape[0]} spots x {emb.shape[1]} dims ({model}) -> {dest}")
+
+
+def _embed_h5ad(adata, input_path: Path, out: Path | None, image: Path | None, image_mpp, run: dict) -> None:
+    """``embed`` for an .h5ad: to OUT.h5ad (the AnnData with the embeddings) or OUT.zarr (a SpatialData with the
+    image, the spots and that AnnData as its table). ``run``: the arguments of ``pp.embed`` shared with INPUTs
+    of other kinds."""
+    import hopt_st as hs
+
+    if out is None or out.suffix not in (".h5ad", ".zarr"):
+        raise click.UsageError("INPUT is an .h5ad: pass --out OUT.h5ad (or OUT.zarr) to say where to write.")
+    if out.resolve() == input_path.resolve():
+        raise click.UsageError("--out must differ from INPUT (the .h5ad is never rewritten in place).")
+    if out.exists() and not run["overwrite"]:
+        raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
+    data = adata
+    if out.suffix == ".zarr":
+        data = hs.io.from_anndata(adata, image=image, image_mpp=image_mpp)
+        image, image_mpp = None, None  # recorded in the SpatialData
+    key = run["key_added"] or f"X_{run['model']}"
+    hs.pp.embed(data, image=image, image_mpp=image_mpp, **run)
+    table = data if out.suffix == ".h5ad" else data.tables["table"]
+    if out.suffix == ".zarr":
+        data.write(out, overwrite=run["overwrite"])
+    else:
+        _write_h5ad_atomically(adata, out)
+    emb = table.obsm[key]
+    click.echo(f"obsm[{key!r}]: {emb.shape[0]} spots x {emb.shape[1]} dims ({run['model']}) -> {out}")
+
+
+def _write_h5ad_atomically(adata, out: Path) -> None:
+    """Write next to ``out`` under a temporary name, then replace: a failed write leaves ``out`` as it was."""
+    import os
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        adata.write_h5ad(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _replace_table_on_disk(sdata, name: str) -> None:
@@ -558,6 +642,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hopt-st`` console script; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = any(a in ("-v", "--verbose") for a in args[: _first_command(args)])
+    with warnings.catch_warnings():  # the filters below last for this command only
+        if not verbose:
+            _hide_third_party_warnings()
+        return _run(args, verbose)
+
+
+def _run(args: list[str], verbose: bool) -> int:
     try:
         rv = cli.main(args=args, prog_name="hopt-st", standalone_mode=False)
         return rv if isinstance(rv, int) else 0

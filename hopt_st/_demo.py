@@ -8,6 +8,7 @@ neighbouring spots cannot leak between training and test.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,8 @@ import pandas as pd
 logger = logging.getLogger(__name__)
 
 ZARR_NAME = "demo.zarr"
+#: written last into the output folder: an earlier demo run whose outputs a rerun may replace
+MARKER_NAME = ".hopt_st_demo"
 
 
 def spatial_split(xy: np.ndarray) -> np.ndarray:
@@ -64,7 +67,7 @@ def _figures(sdata, test, scores: pd.DataFrame, first_model: str, out: Path) -> 
 
     first = scores[first_model].dropna()
     picks = list(dict.fromkeys([first.index[0], first.index[len(first) // 2], first.index[-1]]))
-    fig = hs.pl.expression(sdata, picks, predicted_key="predicted", score_on="test")
+    fig = hs.pl.expression(sdata, picks, predicted_key="predicted", score_on="test", return_fig=True)
     fig.suptitle(
         f"{first_model} + ridge: best, median and worst of {len(first)} genes\n"
         "fitted on the left half of the slide, Pearson on the right (held-out) half",
@@ -108,7 +111,9 @@ def run_demo(
     n_top_genes
         Genes to predict (most variable on the training spots).
     overwrite
-        Replace an existing ``demo.zarr``.
+        Replace a ``demo.zarr`` that an earlier demo run did not write. The outputs of an earlier demo run
+        (recognised by the ``.hopt_st_demo`` file it leaves in ``out``) are regenerated and replaced anyway,
+        so running the demo twice just works.
     progress
         Print the steps (embedding shows its own progress bar).
     say
@@ -131,9 +136,11 @@ def run_demo(
         raise ValueError("models is empty: pass at least one encoder name, e.g. 'handcrafted'.")
     out = Path(out)
     zarr_path = out / ZARR_NAME
-    if zarr_path.exists() and not overwrite:
+    rerun = (out / MARKER_NAME).is_file()  # our own outputs: regenerated from the seed, safe to replace
+    if zarr_path.exists() and not (overwrite or rerun):
         raise FileExistsError(
-            f"{str(zarr_path)!r} already exists: pass --overwrite (overwrite=True) to replace it."
+            f"{str(zarr_path)!r} already exists and was not written by the demo: pass --overwrite "
+            "(overwrite=True) to replace it, or choose another --out."
         )
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -153,24 +160,51 @@ def run_demo(
     scores_df.to_csv(files["per_gene_pearson"])
     files.update(_figures(sdata, test, scores_df, models[0], out))
     say(f"[{n_steps}/{n_steps}] writing {zarr_path}")
-    regs[0].save(out / f"ridge_{models[0]}")
     files["regressor"] = out / f"ridge_{models[0]}"
-    sdata.write(zarr_path, overwrite=overwrite)
+    files["regressor"].unlink(missing_ok=True)  # the previous run's (regenerated just above)
+    regs[0].save(files["regressor"])
+    _write_zarr_replacing(sdata, zarr_path)
     files["zarr"] = zarr_path
+    (out / MARKER_NAME).write_text(
+        "Written by `hopt-st demo`; running the demo again regenerates and replaces:\n"
+        + "".join(f"{Path(f).name}\n" for f in files.values())
+    )
     elapsed = time.perf_counter() - t0
     report = _report(scores_df, models, files, elapsed)
     return {"sdata": sdata, "scores": scores_df, "files": files, "report": report, "seconds": elapsed}
 
 
+def _write_zarr_replacing(sdata, path: Path) -> None:
+    """Write ``sdata`` to ``path`` through a temporary store next to it, then swap it in: a failed write leaves
+    the previous store as it was."""
+    import shutil
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    sdata.write(tmp)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    sdata.path = path
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def _mark_split(fig, test: np.ndarray) -> None:
     """Dashed line between the training (left) and test (right) spots on every spot panel."""
-    from matplotlib.collections import EllipseCollection
+    from matplotlib.collections import PatchCollection
 
     for ax in fig.axes:
-        colls = [c for c in ax.collections if isinstance(c, EllipseCollection)]
+        colls = [c for c in ax.collections if isinstance(c, PatchCollection)]
         if not colls:
             continue
-        offs = np.asarray(colls[0].get_offsets())
+        # spot centres in data coordinates (one circle per spot, in table row order)
+        offs = np.array(
+            [[(e.x0 + e.x1) / 2, (e.y0 + e.y1) / 2] for e in (p.get_extents() for p in colls[0].get_paths())]
+        )
         if len(offs) != len(test) or test.all() or not test.any():
             continue
         xb = (offs[~test, 0].max() + offs[test, 0].min()) / 2

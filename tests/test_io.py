@@ -375,7 +375,8 @@ def test_visium_crop_metadata_and_not_raw_counts():
     from PIL import Image
 
     a = ad.read_h5ad(SHARED / "visium_crop" / "test_data.h5ad")
-    w, h = Image.open(SHARED / "visium_crop" / "test_img.jpg").size
+    with Image.open(SHARED / "visium_crop" / "test_img.jpg") as im:
+        w, h = im.size
     assert (w, h) == (950, 1717)
     sf = a.uns["spatial"]["V1_Adult_Mouse_Brain"]["scalefactors"]
     assert 65.0 / sf["spot_diameter_fullres"] == pytest.approx(0.727, abs=1e-3)

@@ -27,9 +27,9 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from .._patchset import decode_barcodes
+from .._progress import tqdm
 from ..io import read_embeddings, read_hest_bench, write_embeddings
 from ..io._embeddings import written_by_hopt_st
 from ..tl import target_matrix, top_variable_genes

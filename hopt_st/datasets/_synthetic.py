@@ -37,6 +37,7 @@ from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Identity
 
 from .._constants import SQUARE_SPOT_SIDE_UM, UNS_KEY, VISIUM_SPOT_DIAMETER_UM, VISIUM_SPOT_DISTANCE_UM
+from ..io._coords import add_micrometers
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def synthetic_visium(
     SpatialData
         Image ``"he"`` (c, y, x) uint8, dask-backed, multiscale when a side exceeds 4096 px; shapes
         ``"spots"``; table ``"table"`` of raw counts (integer-valued float32 CSR, like Space Ranger).
+        Elements sit in ``"global"`` (full-resolution pixels) and ``"micrometers"``.
 
     Notes
     -----
@@ -143,11 +145,13 @@ def synthetic_visium(
     table.uns[UNS_KEY] = _uns(mpp, sample_id, squares, seed, model_seed, n_states)
     table = TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")
     logger.info("synthetic_visium: %d spots, image %d x %d px at %.3g µm/px", n_spots, width, height, mpp)
-    return SpatialData(
+    sdata = SpatialData(
         images={"he": _image_element(image)},
         shapes={"spots": _spot_shapes(xy, mpp, squares)},
         tables={"table": table},
     )
+    add_micrometers(sdata, "spots", mpp)
+    return sdata
 
 
 def _check_arguments(n_spots: int, n_states: int, n_genes: int, image_mpp: float) -> None:

@@ -11,10 +11,9 @@ import logging
 import numpy as np
 import xarray as xr
 from anndata import AnnData
-from spatialdata import SpatialData, get_centroids, get_pyramid_levels, match_element_to_table
+from spatialdata import SpatialData, get_pyramid_levels, match_element_to_table
 from spatialdata.models import TableModel, get_table_keys
 from spatialdata.transformations import (
-    Identity,
     get_transformation,
     get_transformation_between_coordinate_systems,
 )
@@ -83,8 +82,8 @@ def get_spot_table(sdata: SpatialData, table_name: str | None = None) -> tuple[A
 def spot_centers(sdata: SpatialData, table_name: str | None = None) -> np.ndarray:
     """Spot centres ``(n_spots, 2)`` as (x, y) in the shapes element's own coordinates, in table row order.
 
-    For circles this is the circle centre; for polygons (square pseudo-spots) the centroid
-    (spatialdata's ``get_centroids``, after ``match_element_to_table`` puts the shapes in table order).
+    For circles this is the circle centre; for polygons (square pseudo-spots) the centroid, as spatialdata's
+    ``get_centroids`` computes them (after ``match_element_to_table`` puts the shapes in table order).
     Raises when a table row has no matching shape or a centre is NaN.
     """
     name = resolve_table_name(sdata, table_name)
@@ -100,16 +99,14 @@ def spot_centers(sdata: SpatialData, table_name: str | None = None) -> np.ndarra
     shapes = elements[shapes_key]
     if not len(shapes):
         return np.empty((0, 2), dtype=np.float64)
-    transformations = get_transformation(shapes, get_all=True)
-    # centroids in a coordinate system where the shapes sit by Identity: their own coordinates
-    cs = next((c for c, t in transformations.items() if isinstance(t, Identity)), None)
-    if cs is None:
-        cs = next(iter(transformations))
-    xy = get_centroids(shapes, coordinate_system=cs).compute()[["x", "y"]].to_numpy(dtype=np.float64)
-    if not isinstance(transformations[cs], Identity):
-        m = transformations[cs].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
-        inv = np.linalg.inv(np.asarray(m, dtype=np.float64))
-        xy = xy @ inv[:2, :2].T + inv[:2, 2]
+    # centres in the shapes' own coordinates (what spatialdata's get_centroids computes in a coordinate system
+    # where the shapes sit by Identity; done here directly, since get_centroids warns on a non-sorted index)
+    geom = shapes.geometry
+    if (geom.geom_type == "Point").all():
+        xy = np.column_stack([geom.x.to_numpy(), geom.y.to_numpy()]).astype(np.float64)
+    else:
+        c = geom.centroid
+        xy = np.column_stack([c.x.to_numpy(), c.y.to_numpy()]).astype(np.float64)
     bad = ~np.isfinite(xy).all(axis=1)
     if bad.any():
         raise ValueError(

@@ -16,6 +16,7 @@ from spatialdata.models import ShapesModel, TableModel
 from spatialdata.transformations import Identity
 
 from .._constants import SQUARE_SPOT_SIDE_UM, UNS_KEY, VISIUM_SPOT_DIAMETER_UM
+from ._coords import add_micrometers
 from ._counts import ensure_raw_counts
 from ._mpp import check_mpp
 from ._tiff import read_tiff_image
@@ -169,7 +170,8 @@ def read_hest(root: str | Path, sample_id: str, image_mpp: float | None = None) 
         Image ``"he"`` (multiscale DataTree when the TIFF is pyramidal; pixels are never read here),
         shapes ``"spots"`` (55 µm circles for Visium/ST, 100 µm squares for Xenium / Visium HD
         pseudo-spots), table ``"table"`` of raw counts with ``obsm["spatial"]`` and
-        ``uns["hopt_st"] = {"image_mpp": {"he": mpp}, "fullres_mpp": mpp, "sample_id", "metadata"}``.
+        ``uns["hopt_st"] = {"image_mpp": {"he": mpp}, "fullres_mpp": mpp, "sample_id", "metadata"}``; elements in
+        ``"global"`` (full-resolution pixels) and ``"micrometers"``.
     """
     root = Path(root)
     sample_id = str(sample_id)
@@ -200,4 +202,6 @@ def read_hest(root: str | Path, sample_id: str, image_mpp: float | None = None) 
     logger.info(
         "read_hest %s: %d spots, %s, %.4g µm/px", sample_id, n, meta.get("st_technology", "Visium"), mpp
     )
-    return SpatialData(images={"he": image}, shapes={"spots": shapes}, tables={"table": table})
+    sdata = SpatialData(images={"he": image}, shapes={"spots": shapes}, tables={"table": table})
+    add_micrometers(sdata, "spots", mpp)
+    return sdata

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 from spatialdata.models import ShapesModel, TableModel
-from spatialdata.transformations import Identity
+from spatialdata.transformations import Identity, Scale
 
-from .._constants import UNS_KEY, VISIUM_SPOT_DIAMETER_UM
+from .._constants import MICROMETERS_CS, UNS_KEY, VISIUM_SPOT_DIAMETER_UM
 from .._patchset import (
     HEST_PATCH_MPP,
     decode_barcodes,
@@ -207,7 +207,10 @@ def _read_sample(task: str, sid: str, p_patch: Path, p_expr: Path, patient: str)
         geometry=0,
         radius=np.full(n, VISIUM_SPOT_DIAMETER_UM / 2 / fullres_mpp),
         index=np.arange(n),
-        transformations={"global": Identity()},
+        transformations={
+            "global": Identity(),
+            MICROMETERS_CS: Scale([fullres_mpp, fullres_mpp], axes=("x", "y")),
+        },
     )
     return table, shapes
 

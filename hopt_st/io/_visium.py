@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 from spatialdata import SpatialData
@@ -16,6 +17,7 @@ from .._constants import (
     VISIUM_SPOT_DIAMETER_UM,
     VISIUM_SPOT_DISTANCE_UM,
 )
+from ._coords import add_micrometers
 from ._counts import ensure_raw_counts
 from ._elements import get_spot_table, spot_centers
 from ._mpp import check_mpp
@@ -68,6 +70,19 @@ def _rgb(image, key: str):
     )
 
 
+def _spatialdata_io_visium(path: Path, **kwargs) -> SpatialData:
+    """``spatialdata_io.visium`` without its notice about its own table: it builds ``obs["region"]`` as strings
+    and spatialdata converts them (``UserWarning: Converting region_key: region to categorical dtype``) on
+    every read -- nothing about the user's data."""
+    import spatialdata_io
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Converting .region_key.* to categorical", category=UserWarning
+        )
+        return spatialdata_io.visium(path, **kwargs)
+
+
 def read_visium(
     path: str | Path,
     dataset_id: str | None = None,
@@ -99,12 +114,11 @@ def read_visium(
     -------
     SpatialData
         As read by :func:`spatialdata_io.visium` (images ``"<id>_hires_image"``, ``"<id>_lowres_image"``,
-        optionally ``"<id>_full_image"``; circles ``"<id>"``; table ``"table"``), with RGB images,
+        optionally ``"<id>_full_image"``; circles ``"<id>"``; table ``"table"``; coordinate system ``"<id>"`` in
+        full-resolution pixels), every element also placed in ``"micrometers"``, with RGB images,
         ``table.obsm["spatial"]`` (x, y full-res px) and ``table.uns["hopt_st"]`` holding ``image_mpp`` per
         image, ``fullres_mpp``, ``sample_id`` and the scalefactors as ``metadata``.
     """
-    import spatialdata_io
-
     path = Path(path)
     sf_path, sf = _check_folder(path, counts_file)
     kwargs = {}
@@ -113,7 +127,7 @@ def read_visium(
             raise FileNotFoundError(f"fullres_image_file {str(fullres_image_file)!r} does not exist.")
         kwargs["fullres_image_file"] = fullres_image_file
     try:
-        sdata = spatialdata_io.visium(path, dataset_id=dataset_id, counts_file=counts_file, **kwargs)
+        sdata = _spatialdata_io_visium(path, dataset_id=dataset_id, counts_file=counts_file, **kwargs)
     except ValueError as e:
         if dataset_id is not None or "library_id" not in str(e):
             raise
@@ -121,7 +135,7 @@ def read_visium(
         name = path.resolve().parent.name if path.resolve().name == "outs" else path.resolve().name
         dataset_id = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name) or "visium"
         logger.info("No library id in %s; using dataset_id=%r.", path, dataset_id)
-        sdata = spatialdata_io.visium(path, dataset_id=dataset_id, counts_file=counts_file, **kwargs)
+        sdata = _spatialdata_io_visium(path, dataset_id=dataset_id, counts_file=counts_file, **kwargs)
 
     if image_mpp is not None:
         fullres = check_mpp(image_mpp, "image_mpp")
@@ -155,6 +169,7 @@ def read_visium(
             f"{str(path)!r}: {err} (Spot positions come from spatial/tissue_positions*.csv.)"
         ) from err
     table.obsm["spatial"] = xy
+    add_micrometers(sdata, shapes_key, fullres)
     sample_id = dataset_id or shapes_key
     table.uns[UNS_KEY] = {
         "image_mpp": mpp,

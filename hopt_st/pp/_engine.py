@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from .._progress import tqdm
 from ._checkpoint import CheckpointStore
 
 logger = logging.getLogger(__name__)

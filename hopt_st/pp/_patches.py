@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+from anndata import AnnData
 from spatialdata import SpatialData
 
-from .._constants import OBS_FRACTION_KEY, PATCH_SIZE, TARGET_MPP
+from .._constants import OBS_FRACTION_KEY, PATCH_SIZE, TARGET_MPP, UNS_KEY
 from .._docs import (
     inject_docs,
 )
 from .._patchset import Patches
+from ..io._anndata import anndata_to_spatialdata
 from ..io._elements import (
     get_spot_table,
     image_levels,
@@ -67,6 +71,14 @@ class _SlidePatches(Patches):
         return out
 
 
+def _anndata_patches(adata: AnnData, *, image, library_id, image_mpp, **kwargs) -> Patches:
+    """Patches of an AnnData's spots, through a SpatialData holding only their ids, centres and the image."""
+    sdata = anndata_to_spatialdata(adata, image, library_id=library_id, image_mpp=image_mpp, full_table=False)
+    out = patches(sdata, **kwargs)
+    adata.obs[OBS_FRACTION_KEY] = sdata.tables["table"].obs[OBS_FRACTION_KEY].to_numpy()
+    return out
+
+
 def _check_fill(fill) -> np.ndarray:
     f = np.asarray(fill)
     if f.shape not in ((), (3,)) or f.dtype.kind not in "iu" or (f < 0).any() or (f > 255).any():
@@ -99,13 +111,21 @@ def _layout(sdata, table_name, image_key, patch_size, target_mpp, image_mpp) -> 
     shapes = [level_shape(lv) for lv in levels]
     choice = choose_level(shapes, mpp0, target_mpp)
     if choice.upsampling:
+        table = sdata.tables[table_name]
+        fullres = table.uns.get(UNS_KEY, {}).get("fullres_mpp")
+        downscaled = fullres is not None and mpp0 > 1.05 * float(fullres)  # e.g. a Visium hires PNG
         logger.warning(
             "Image %r has %.3g µm/px at full resolution, coarser than the target %.3g µm/px: patches are "
-            "upsampled %.2fx and carry less detail than the model expects.",
+            "upsampled %.2fx and carry less detail than the model expects.%s",
             image_key,
             mpp0,
             target_mpp,
             mpp0 / target_mpp,
+            f" It is a downscaled copy of the {float(fullres):.3g} µm/px scan: pass the full-resolution scan "
+            "(read_visium(..., fullres_image_file=), pp.embed(adata, image=) for an AnnData, or `hopt-st embed "
+            "--fullres-image`)."
+            if downscaled
+            else "",
         )
     side0 = patch_size * target_mpp / mpp0  # patch side in level-0 pixels
     boxes, size = patch_boxes(apply_affine(m, xy), choice.downsample, side0)
@@ -156,15 +176,17 @@ def _spots_to_keep(table, lay: _Layout, outside: str, fill) -> np.ndarray:
 
 @inject_docs()
 def patches(
-    sdata: SpatialData,
+    sdata: SpatialData | AnnData,
     *,
     table_name: str | None = None,
     image_key: str | None = None,
+    image: str | os.PathLike | np.ndarray | None = None,
+    library_id: str | None = None,
     patch_size: int = PATCH_SIZE,
     target_mpp: float = TARGET_MPP,
     image_mpp: float | None = None,
     fill: int | tuple[int, int, int] = 255,
-    outside: str = "raise",
+    outside: Literal["raise", "drop", "keep"] = "raise",
 ) -> Patches:
     """Spot-centred patches of ``patch_size`` pixels at ``target_mpp`` µm per pixel.
 
@@ -177,13 +199,21 @@ def patches(
 
     Parameters
     ----------
-    {spot_params}
+    sdata
+        {sdata} Or Visium data as an AnnData in scanpy's layout (``sc.read_visium``, ``sq.read.visium``, an
+        ``.h5ad`` with ``obsm["spatial"]`` and ``uns["spatial"][library_id]``), read with
+        :func:`hopt_st.io.from_anndata`.
+    table_name
+        {table_name}
+    image_key
+        {image_key}
+    {anndata_image_params}
     patch_size
         {patch_size}
     target_mpp
         {target_mpp}
     image_mpp
-        {image_mpp}
+        {image_mpp_anndata}
     fill
         uint8 value (or RGB triple) for pixels outside the image; 255 = white glass.
     outside
@@ -195,7 +225,7 @@ def patches(
     Lazy sequence of uint8 ``(patch_size, patch_size, 3)`` patches in table row order, and sets (rewritten on
     each call):
 
-    ``table.obs["patch_fraction_inside"]``
+    ``table.obs["patch_fraction_inside"]`` (``adata.obs`` for an AnnData)
         Fraction of each spot's patch area inside the image.
 
     Raises
@@ -205,6 +235,26 @@ def patches(
     TypeError
         Unsupported image dtype.
     """
+    if isinstance(sdata, AnnData):
+        if table_name is not None:
+            raise ValueError("table_name= applies to a SpatialData; an AnnData is its own table.")
+        return _anndata_patches(
+            sdata,
+            image=image,
+            library_id=library_id,
+            image_mpp=image_mpp,
+            image_key=image_key,
+            patch_size=patch_size,
+            target_mpp=target_mpp,
+            fill=fill,
+            outside=outside,
+        )
+    if not isinstance(sdata, SpatialData):
+        raise TypeError(f"pp.patches takes a SpatialData or an AnnData, got {type(sdata).__name__}.")
+    if image is not None or library_id is not None:
+        raise ValueError(
+            "image= and library_id= apply to an AnnData; in a SpatialData choose the image element with image_key=."
+        )
     if isinstance(patch_size, bool) or not isinstance(patch_size, (int, np.integer)) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}.")
     target_mpp = check_mpp(target_mpp, "target_mpp")

@@ -5,7 +5,7 @@ penalty) are public in :mod:`hopt_st.tl.linear`.
 """
 
 from . import linear
-from ._metrics import pearson_per_gene
+from ._metrics import mean_pearson, pearson_per_gene
 from ._regressor import ExpressionRegressor, fit_expression, predict_expression
 from ._targets import target_matrix, top_variable_genes
 
@@ -13,6 +13,7 @@ __all__ = [
     "ExpressionRegressor",
     "fit_expression",
     "linear",
+    "mean_pearson",
     "pearson_per_gene",
     "predict_expression",
     "target_matrix",

@@ -13,12 +13,13 @@ import pandas as pd
 from anndata import AnnData
 from numpy.typing import ArrayLike
 from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils.validation import check_is_fitted, validate_data
 from spatialdata import SpatialData
 
 from .._constants import UNS_KEY
 from .._docs import inject_docs
 from ..io._elements import get_spot_table
-from ._metrics import pearson_per_gene
+from ._predictions import prediction_table
 from ._targets import TARGETS, target_matrix, top_variable_genes
 from .linear import (
     HEST_N_COMPONENTS,
@@ -34,16 +35,24 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("ridge", "ridge-hest", "mlp")
 _FORMAT = "hopt_st.ExpressionRegressor/1"
+#: constructor arguments saved elsewhere in the file's metadata (not under "params")
+_NOT_IN_PARAMS = ("alphas", "device", "use_rep", "target", "layer", "spatial_context")
 
 
-class ExpressionRegressor(BaseEstimator, RegressorMixin):
-    """Predict expression of several genes from spot embeddings.
+class ExpressionRegressor(RegressorMixin, BaseEstimator):
+    """Predict expression of several genes from spot embeddings (a scikit-learn regressor).
+
+    It passes scikit-learn's estimator checks, so it works in pipelines, ``clone``, ``cross_val_score`` and
+    ``GridSearchCV``. :meth:`score` is scikit-learn's R² (averaged uniformly over genes); the mean Pearson
+    correlation over genes, the usual figure in spatial transcriptomics, is the scorer
+    :func:`hopt_st.tl.mean_pearson` (``GridSearchCV(..., scoring=hs.tl.mean_pearson)``).
 
     Parameters
     ----------
     method
         ``"ridge"``: ridge with intercept on standardised embeddings, alpha per gene by exact leave-one-out
-        error, or by group-wise inner cross-validation when ``groups`` is passed to :meth:`fit`.
+        error (scikit-learn's ``StandardScaler`` + ``RidgeCV(alpha_per_target=True)``), or by group-wise inner
+        cross-validation when ``groups`` is passed to :meth:`fit`.
         ``"ridge-hest"``: HEST-Benchmark's probe (StandardScaler -> PCA(256) -> Ridge lsqr,
         alpha = 100 / (n_components * n_genes), no intercept).
         ``"mlp"``: one-hidden-layer torch MLP, early stopping on an inner split.
@@ -57,6 +66,11 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
         ``"ridge-hest"`` only: closed-form/reduced-LSQR implementation or the scikit-learn pipeline itself.
     hidden, max_epochs, patience, device
         MLP settings.
+    use_rep, target, layer, spatial_context
+        What the embeddings and targets are (set by :func:`fit_expression`, used by
+        :func:`predict_expression`; :meth:`fit` on arrays ignores them): the ``obsm`` key of the embeddings,
+        the target space (see :func:`hopt_st.tl.target_matrix`), the layer of raw counts, and whether each
+        spot's embedding was concatenated with its neighbours' mean.
 
     Attributes
     ----------
@@ -78,6 +92,10 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
         max_epochs: int = 200,
         patience: int = 10,
         device: str | None = None,
+        use_rep: str | None = None,
+        target: Literal["log1p", "normalize_log1p", "none"] = "log1p",
+        layer: str | None = None,
+        spatial_context: bool = False,
     ):
         self.method = method
         self.seed = seed
@@ -88,31 +106,34 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
         self.max_epochs = max_epochs
         self.patience = patience
         self.device = device
+        self.use_rep = use_rep
+        self.target = target
+        self.layer = layer
+        self.spatial_context = spatial_context
 
-    # -- metadata set by fit_expression (kept outside get_params) --
-    use_rep: str | None = None
-    target: str = "log1p"
-    layer: str | None = None
-    spatial_context: bool = False
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True  # one output per gene
+        tags.target_tags.single_output = True  # a 1-D y (one gene) works too
+        tags.input_tags.sparse = False  # embeddings are dense
+        return tags
 
     def fit(self, X, y, groups=None):
-        """Fit on embeddings ``X`` (n_spots, dim) and targets ``y`` (n_spots, n_genes)."""
+        """Fit on embeddings ``X`` (n_spots, dim) and targets ``y`` (n_spots, n_genes) or (n_spots,).
+
+        ``y`` as a DataFrame names the genes (``genes_``); ``groups`` (one sample/patient id per spot) makes the
+        ``"ridge"`` penalty and the ``"mlp"`` validation split group-aware.
+        """
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {METHODS}.")
         if self.solver not in ("fast", "sklearn"):
             raise ValueError(f"solver={self.solver!r} must be 'fast' or 'sklearn'.")
-        if isinstance(y, pd.DataFrame):
-            genes = [str(c) for c in y.columns]
-        else:
-            genes = None
-        X = check_embeddings(X)
-        Y = np.asarray(y, dtype=np.float64)
-        if Y.ndim == 1:
-            Y = Y[:, None]
-        if Y.shape[0] != X.shape[0]:
-            raise ValueError(f"X has {X.shape[0]} spots but y has {Y.shape[0]}; they must match row by row.")
-        if not np.all(np.isfinite(Y)):
-            raise ValueError("y has NaN or infinite values; check the target expression.")
+        genes = [str(c) for c in y.columns] if isinstance(y, pd.DataFrame) else None
+        X, y = validate_data(
+            self, X, y, accept_sparse=False, multi_output=True, y_numeric=True, dtype=np.float64
+        )
+        self._y_1d = y.ndim == 1
+        Y = y[:, None] if y.ndim == 1 else y
         if X.shape[0] < Y.shape[1]:
             raise ValueError(
                 f"Only {X.shape[0]} training spots for {Y.shape[1]} genes: need at least as many spots as "
@@ -122,10 +143,7 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
             groups = np.asarray(groups)
             if groups.shape[0] != X.shape[0]:
                 raise ValueError(f"groups has {groups.shape[0]} entries for {X.shape[0]} spots.")
-        self.genes_ = genes if genes is not None else list(getattr(self, "genes_", None) or [])
-        if len(self.genes_) != Y.shape[1]:
-            self.genes_ = [f"gene_{i}" for i in range(Y.shape[1])]
-        self.n_features_in_ = X.shape[1]
+        self.genes_ = genes if genes is not None else [f"gene_{i}" for i in range(Y.shape[1])]
         self.linear_ = None
         self.mlp_ = None
         self.sklearn_ = None
@@ -158,33 +176,27 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
         return self
 
     def _check_fitted(self):
-        if not hasattr(self, "n_features_in_"):
-            raise RuntimeError("This ExpressionRegressor is not fitted yet; call fit() or fit_expression().")
+        check_is_fitted(
+            self, "genes_", msg="This ExpressionRegressor is not fitted yet; call fit() or fit_expression()."
+        )
 
     def predict(self, X) -> np.ndarray:
-        """Predicted expression (n_spots, n_genes), float32, in the target space."""
+        """Predicted expression (n_spots, n_genes) in the target space, float64; (n_spots,) when fit on a 1-D y."""
         self._check_fitted()
-        X = check_embeddings(X)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(
-                f"X has {X.shape[1]} features but the regressor was fitted on {self.n_features_in_} "
-                f"(use_rep={self.use_rep!r}); use embeddings from the same model."
-            )
+        X = validate_data(self, X, reset=False, accept_sparse=False, dtype=np.float64)
         if self.sklearn_ is not None:
-            return self.sklearn_.predict(X).astype(np.float32)
-        if self.linear_ is not None:
-            return self.linear_.predict(X).astype(np.float32)
-        import torch
+            out = self.sklearn_.predict(X)
+        elif self.linear_ is not None:
+            out = self.linear_.predict(X)
+        else:
+            import torch
 
-        nm = self.mlp_norm_
-        with torch.no_grad():
-            out = self.mlp_(torch.as_tensor((X - nm["x_mean"]) / nm["x_std"], dtype=torch.float32)).numpy()
-        return (out * nm["y_std"] + nm["y_mean"]).astype(np.float32)
-
-    def score(self, X, y, sample_weight=None) -> float:
-        """Mean Pearson correlation over genes (genes with constant values are ignored)."""
-        r = pearson_per_gene(np.asarray(y, dtype=np.float64), self.predict(X))
-        return float(np.nanmean(r))
+            nm = self.mlp_norm_
+            with torch.no_grad():
+                z = torch.as_tensor((X - nm["x_mean"]) / nm["x_std"], dtype=torch.float32)
+                out = self.mlp_(z).numpy().astype(np.float64) * nm["y_std"] + nm["y_mean"]
+        out = np.asarray(out, dtype=np.float64)
+        return out[:, 0] if getattr(self, "_y_1d", False) else out
 
     # -- persistence: safetensors + JSON, no pickle --
     def save(self, path) -> None:
@@ -206,7 +218,7 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
             tensors["alpha"] = np.asarray(self.alpha_, dtype=np.float64)
         meta = {
             "format": _FORMAT,
-            "params": {k: v for k, v in self.get_params().items() if k not in ("alphas", "device")},
+            "params": {k: v for k, v in self.get_params().items() if k not in _NOT_IN_PARAMS},
             "alphas": None if self.alphas is None else [float(a) for a in self.alphas],
             "genes": list(self.genes_),
             "n_features_in": int(self.n_features_in_),
@@ -214,6 +226,7 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
             "target": self.target,
             "layer": self.layer,
             "spatial_context": bool(self.spatial_context),
+            "y_1d": bool(getattr(self, "_y_1d", False)),
         }
         tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
         save_file(tensors, str(path), metadata={"hopt_st": json.dumps(meta)})
@@ -238,6 +251,7 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
         reg.use_rep, reg.target = meta["use_rep"], meta["target"]
         reg.layer = meta.get("layer")
         reg.spatial_context = meta["spatial_context"]
+        reg._y_1d = bool(meta.get("y_1d", False))
         reg.linear_, reg.mlp_, reg.sklearn_ = None, None, None
         if "alpha" in tensors:
             reg.alpha_ = tensors["alpha"]
@@ -329,9 +343,15 @@ def fit_expression(
         if groups not in adata.obs:
             raise KeyError(f"groups={groups!r} is not a column of adata.obs ({list(adata.obs.columns)}).")
         groups = adata.obs[groups].to_numpy()
-    reg = ExpressionRegressor(method, seed=seed, **kwargs)
-    reg.use_rep, reg.target, reg.spatial_context = use_rep, target, spatial_context
-    reg.layer = layer
+    reg = ExpressionRegressor(
+        method,
+        seed=seed,
+        use_rep=use_rep,
+        target=target,
+        layer=layer,
+        spatial_context=spatial_context,
+        **kwargs,
+    )
     reg.fit(X, pd.DataFrame(Y, columns=genes), groups=groups)
     logger.info("fit_expression: %s on %d spots x %d features -> %d genes", method, *X.shape, len(genes))
     return reg
@@ -346,8 +366,14 @@ def predict_expression(
     key_added: str = "predicted",
     table_name: str | None = None,
     overwrite: bool = False,
-) -> None:
+    copy: bool = False,
+) -> AnnData | None:
     """Predict expression at every spot with a fitted regressor.
+
+    The predictions go where spatial tools look: a table of their own (``X`` = predictions), which
+    spatialdata-plot draws with ``sdata.pl.render_shapes(spots, color=GENE, table_name=key_added)`` and
+    squidpy with ``sq.pl.spatial_scatter(predictions, color=GENE)``; and, for code working on the spot table
+    alone, a DataFrame in its ``obsm``.
 
     Parameters
     ----------
@@ -358,24 +384,34 @@ def predict_expression(
     use_rep
         {use_rep} Default: the one the regressor was fit on.
     key_added
-        ``obsm`` key of the predictions.
+        ``obsm`` key of the predictions, and name of the predictions table in a SpatialData.
     table_name
         {table_name}
     overwrite
         {overwrite}
+    copy
+        Write nothing and return the predictions table instead (the way AnnData users get it).
 
     Returns
     -------
-    ``None``, and sets:
+    With ``copy=True`` the predictions table: an AnnData with ``X`` = predictions (float32, in the
+    regressor's target space), ``var_names`` = genes, ``obs`` as the spot table's, ``layers["measured"]`` =
+    the measured values in the same target space (when the spots measure those genes; NaN for genes they do
+    not), ``obsm["spatial"]`` / ``uns["spatial"]`` as the spot table's, ``uns["hopt_st"]["prediction"]``
+    (the entry below); for a SpatialData it annotates the same spot shapes. Otherwise ``None``, and sets:
 
     ``obsm[key_added]``
-        DataFrame (obs_names x genes) of predictions in the regressor's target space.
+        DataFrame (obs_names x genes) of the predictions, on the spot table.
     ``uns["hopt_st"]["predictions"][key_added]``
         ``{{"genes", "target", "use_rep", "method"}}`` (plus ``"layer"`` when the regressor was fit on counts
-        in a layer).
+        in a layer), on the spot table.
+    ``sdata.tables[key_added]``
+        SpatialData only: the predictions table.
     """
+    sdata = None
     if isinstance(adata_or_sdata, SpatialData):
-        adata, _ = get_spot_table(adata_or_sdata, table_name)
+        sdata = adata_or_sdata
+        adata, _ = get_spot_table(sdata, table_name)
     elif isinstance(adata_or_sdata, AnnData):
         adata = adata_or_sdata
     else:
@@ -385,11 +421,25 @@ def predict_expression(
     use_rep = use_rep or regressor.use_rep
     if use_rep is None:
         raise ValueError("use_rep is unknown: pass use_rep= (the obsm key of the embeddings).")
-    if key_added in adata.obsm and not overwrite:
-        raise ValueError(f"obsm[{key_added!r}] already exists; pass overwrite=True or another key_added.")
+    if not copy:
+        if key_added in adata.obsm and not overwrite:
+            raise ValueError(f"obsm[{key_added!r}] already exists; pass overwrite=True or another key_added.")
+        if sdata is not None and key_added in sdata.tables:
+            if sdata.tables[key_added] is adata:
+                raise ValueError(f"key_added={key_added!r} names the spot table itself; choose another name.")
+            if not overwrite:
+                raise ValueError(
+                    f"table {key_added!r} already exists in the SpatialData; pass overwrite=True or another key_added."
+                )
     X = _embeddings(adata, use_rep, regressor.spatial_context)
-    pred = regressor.predict(X)
-    adata.obsm[key_added] = pd.DataFrame(pred, index=adata.obs_names.copy(), columns=list(regressor.genes_))
+    n_in = getattr(regressor, "n_features_in_", None)
+    if n_in is not None and X.shape[1] != n_in:
+        raise ValueError(
+            f"obsm[{use_rep!r}] has {X.shape[1]} features but the regressor was fitted on {n_in} "
+            f"(use_rep={regressor.use_rep!r}); use embeddings from the same model."
+        )
+    pred = np.asarray(regressor.predict(X), dtype=np.float32).reshape(X.shape[0], -1)
+    df = pd.DataFrame(pred, index=adata.obs_names.copy(), columns=list(regressor.genes_))
     meta = {
         "genes": list(regressor.genes_),
         "target": regressor.target,
@@ -398,4 +448,11 @@ def predict_expression(
     }
     if getattr(regressor, "layer", None) is not None:  # where the measured counts are (None is not storable)
         meta["layer"] = str(regressor.layer)
+    table = prediction_table(adata, df, meta)
+    if copy:
+        return table
+    adata.obsm[key_added] = df
     adata.uns.setdefault(UNS_KEY, {}).setdefault("predictions", {})[key_added] = meta
+    if sdata is not None:
+        sdata.tables[key_added] = table
+    return None

@@ -11,19 +11,21 @@ Two estimators live here:
   max_iter=1000)`` (tol 1e-4): one ``scipy.sparse.linalg.lsqr`` per gene, stopped by its tolerance tests well
   before the minimiser. HEST's seed is 1. :func:`hest_probe` computes it three ways:
 
-  - ``"exact"`` (default): scikit-learn's own scaler and PCA objects, then scipy's LSQR replayed for all genes at
-    once (:func:`lsqr_columns`: the same recurrences and stopping tests, matrix-matrix products instead of one
-    matrix-vector product per gene). Equal to HEST's code to rounding (~1e-12).
-  - ``"sklearn"``: scikit-learn's ``Ridge`` too (:func:`fit_hest_ridge_sklearn`); slow, the reference.
+  - ``"exact"`` (default): scikit-learn's own scaler and PCA objects, then scipy's LSQR per gene with the very
+    arguments scikit-learn passes (:func:`hest_ridge_coef`). LSQR stopped early amplifies any rounding
+    difference (a one-ulp change in one matrix product moves a gene's Pearson by ~1e-4), so only HEST's own
+    operations give HEST's numbers; these agree with HEST's code to ~1e-15.
+  - ``"sklearn"``: scikit-learn's ``Ridge`` too (:func:`fit_hest_ridge_sklearn`); the reference.
   - ``"fast"``: from per-sample moments (:func:`moment_stats`, :func:`combine_stats`), so a fold costs
     ``O(d^2)`` whatever its number of spots: the randomized PCA's power iterations run on the ``d x d``
-    covariance (same random test matrix, same number of iterations, same span in exact arithmetic), the exact
-    solvers become one eigen-decomposition, and LSQR runs in the ``k + 1`` coordinates of the PCA basis
-    (:func:`hest_ridge_solve`). It differs from HEST's code by HEST's own float32 rounding, not by method
-    (``benchmarks/regression.py`` prints the deviation).
+    covariance (same random test matrix, same number of iterations, same span in exact arithmetic) and LSQR runs
+    in the ``k + 1`` coordinates of the PCA basis (:func:`hest_ridge_solve`). Its PCA differs from HEST's by
+    HEST's float32 rounding, which LSQR's early stop then amplifies (``benchmarks/regression.py`` prints the
+    deviation); where scikit-learn would use an exact PCA solver, or the randomized one on transposed data, it
+    runs the exact path (:func:`moments_replay_pca`).
 
-* ``"ridge"``: ridge with an intercept and one alpha per gene chosen by exact leave-one-out error (closed form
-  from one SVD) or, when groups are given, by group-aware inner cross-validation.
+* ``"ridge"``: ridge with an intercept and one alpha per gene chosen by exact leave-one-out error
+  (scikit-learn's ``RidgeCV``) or, when groups are given, by group-aware inner cross-validation (ours).
 
 Every fit returns a :class:`LinearMap` ``y = (x - x_mean) @ coef + intercept`` (except :func:`hest_probe`, which
 returns HEST's predictions themselves).
@@ -131,12 +133,19 @@ def _standard_scale(var: np.ndarray) -> np.ndarray:
     return scale
 
 
+#: PCA sizes already reported as capped (the notice is said once per process, then logged at DEBUG)
+_CAPPED_REPORTED: set[int] = set()
+
+
 def hest_n_components(n_samples: int, n_features: int, n_components: int = HEST_N_COMPONENTS) -> int:
     """Number of PCA components used; HEST asks for 256 and scikit-learn errors when that exceeds
-    ``min(n_samples, n_features)``. We cap instead (and log it), so small data still runs."""
+    ``min(n_samples, n_features)``. We cap instead (and log it, once per process), so small data still runs."""
     k = min(n_components, n_samples, n_features)
     if k < n_components:
-        logger.warning(
+        level = logging.DEBUG if n_components in _CAPPED_REPORTED else logging.WARNING
+        _CAPPED_REPORTED.add(n_components)
+        logger.log(
+            level,
             "ridge-hest: PCA(%d) needs at least %d spots and features, got %d spots x %d features; "
             "using %d components (HEST's scikit-learn pipeline would raise here).",
             n_components,
@@ -674,13 +683,33 @@ def _map_for_alphas(sp: _Spectral, alpha_per_gene: np.ndarray) -> LinearMap:
     return LinearMap(x_mean=sp.mean, coef=coef, intercept=sp.y_mean.copy())
 
 
+def _loo_ridge_sklearn(X: np.ndarray, Y: np.ndarray, alphas: np.ndarray) -> tuple[LinearMap, np.ndarray]:
+    """scikit-learn's ``StandardScaler`` + ``RidgeCV(alpha_per_target=True)`` (efficient leave-one-out),
+    returned as a :class:`LinearMap` on the raw embeddings."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(X)
+    ridge = RidgeCV(alphas=alphas, alpha_per_target=True).fit(scaler.transform(X), Y)
+    coef = (
+        np.asarray(ridge.coef_, dtype=np.float64).reshape(Y.shape[1], X.shape[1]).T / scaler.scale_[:, None]
+    )
+    lin = LinearMap(
+        x_mean=np.asarray(scaler.mean_, dtype=np.float64),
+        coef=coef,
+        intercept=np.atleast_1d(np.asarray(ridge.intercept_, dtype=np.float64)),
+    )
+    return lin, np.atleast_1d(np.asarray(ridge.alpha_, dtype=np.float64))
+
+
 def fit_ridge_cv(X, Y, *, alphas=None, groups=None, n_splits: int = 5) -> tuple[LinearMap, np.ndarray]:
     """Ridge with intercept on standardised embeddings, alpha chosen per gene.
 
-    Without groups, alpha minimises the exact leave-one-out squared error (closed form from one SVD:
-    ``e_i = r_i / (1 - h_ii)``). With groups (e.g. sample or patient ids), alpha minimises the squared error
-    of a group-wise inner cross-validation (:class:`sklearn.model_selection.GroupKFold`), so neighbouring,
-    correlated spots never sit on both sides of the choice.
+    Without groups, alpha minimises the exact leave-one-out squared error: this is scikit-learn's
+    ``StandardScaler`` followed by ``RidgeCV(alphas, alpha_per_target=True)`` (its closed-form leave-one-out).
+    With groups (e.g. sample or patient ids), alpha minimises the squared error of a group-wise inner
+    cross-validation (:class:`sklearn.model_selection.GroupKFold`), so neighbouring, correlated spots never sit
+    on both sides of the choice; the final ridge is refit on all spots from one SVD.
 
     Returns
     -------
@@ -690,33 +719,24 @@ def fit_ridge_cv(X, Y, *, alphas=None, groups=None, n_splits: int = 5) -> tuple[
     X = np.asarray(X, dtype=np.float64)
     Y = np.asarray(Y, dtype=np.float64)
     alphas = np.asarray(DEFAULT_ALPHAS if alphas is None else alphas, dtype=np.float64)
-    n = X.shape[0]
-    sp = _spectral(X, Y)
-    err = np.zeros((len(alphas), Y.shape[1]))
     if groups is None:
-        U2 = sp.U**2
-        Yc = Y - sp.y_mean
-        for i, a in enumerate(alphas):
-            f = sp.s**2 / (sp.s**2 + a)
-            h = 1.0 / n + U2 @ f
-            resid = (Yc - sp.U @ (f[:, None] * sp.UtY)) / np.clip(1.0 - h, 1e-12, None)[:, None]
-            err[i] = np.mean(resid**2, axis=0)
-    else:
-        from sklearn.model_selection import GroupKFold
+        return _loo_ridge_sklearn(X, Y, alphas)
+    from sklearn.model_selection import GroupKFold
 
-        groups = np.asarray(groups)
-        n_groups = len(np.unique(groups))
-        if n_groups < 2:
-            raise ValueError(
-                f"groups has {n_groups} distinct value; group-aware alpha selection needs at least 2 "
-                "(pass groups=None to use leave-one-out instead)."
-            )
-        for tr, va in GroupKFold(n_splits=min(n_splits, n_groups)).split(X, Y, groups):
-            spi = _spectral(X[tr], Y[tr])
-            Sva = ((X[va] - spi.mean) / spi.scale) @ spi.V  # (n_va, r)
-            for i, a in enumerate(alphas):
-                filt = spi.s / (spi.s**2 + a)
-                pred = spi.y_mean + Sva @ (filt[:, None] * spi.UtY)
-                err[i] += np.sum((Y[va] - pred) ** 2, axis=0)
+    groups = np.asarray(groups)
+    n_groups = len(np.unique(groups))
+    if n_groups < 2:
+        raise ValueError(
+            f"groups has {n_groups} distinct value; group-aware alpha selection needs at least 2 "
+            "(pass groups=None to use leave-one-out instead)."
+        )
+    err = np.zeros((len(alphas), Y.shape[1]))
+    for tr, va in GroupKFold(n_splits=min(n_splits, n_groups)).split(X, Y, groups):
+        spi = _spectral(X[tr], Y[tr])
+        Sva = ((X[va] - spi.mean) / spi.scale) @ spi.V  # (n_va, r)
+        for i, a in enumerate(alphas):
+            filt = spi.s / (spi.s**2 + a)
+            pred = spi.y_mean + Sva @ (filt[:, None] * spi.UtY)
+            err[i] += np.sum((Y[va] - pred) ** 2, axis=0)
     best = alphas[np.argmin(err, axis=0)]
-    return _map_for_alphas(sp, best), best
+    return _map_for_alphas(_spectral(X, Y), best), best
