@@ -597,8 +597,16 @@ def predict(
     help="Folder for results.csv/json, per_gene.csv, figures.",
 )
 @click.option("--device", default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
-def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, seed):
+@click.option("--seed", type=int, default=1, show_default=True, help="PCA random_state (HEST's default: 1).")
+@click.option(
+    "--solver",
+    type=click.Choice(["exact", "sklearn", "fast"]),
+    default="exact",
+    show_default=True,
+    help="hest protocol: exact (HEST's arithmetic), sklearn (its Ridge itself, slow), fast (from moments, ~1e-4).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace results of these models/tasks already in --out.")
+def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, seed, solver, overwrite):
     """Run the HEST-Benchmark on ROOT (a hest-bench download) and print the Markdown table.
 
     Writes results.csv, results.json (with provenance), per_gene.csv and benchmark.png into --out, and
@@ -614,7 +622,15 @@ def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, s
 
     import hopt_st as hs
 
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    task_list = None
+    if tasks is not None:
+        task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+        if not task_list:
+            raise click.BadParameter(
+                f"{tasks!r} names no task; give comma-separated task names, e.g. --tasks IDC,PRAD, or leave "
+                "--tasks out to run every task found.",
+                param_hint="--tasks",
+            )
     if weights is not None and len(models) > 1:
         raise click.UsageError("--weights applies to one --model; run one model at a time with --weights.")
     frames = []
@@ -629,6 +645,8 @@ def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, s
                 weights=str(weights) if weights is not None else None,
                 device=device,
                 seed=seed,
+                solver=solver,
+                overwrite=overwrite,
                 out_dir=out / model,  # HEST-shaped per-fold JSONs (and, by default, the embeddings cache)
             )
         )

@@ -18,10 +18,24 @@ writes ``coords = int(c - patch_size_src // 2)`` (``HESTData.dump_patches`` in g
 rescaling)"). The centre is therefore ``coords + floor(patch_size_src / 2)`` (exact for integer centres,
 otherwise up to 1 px below the true centre because of the truncation).
 
-hopt_st also writes ``centers`` ((n, 2) float64, exact spot centres) and the attributes ``patch_size``,
-``patch_size_src`` (patch side in level-0 pixels), ``pixel_size`` (µm per patch pixel), ``downsample``
-(``patch_size_src / patch_size``) and ``level0_pixel_size`` on ``coords``, ``img`` and the file root; HEST
-readers ignore what they do not know.
+HEST's pinned patcher (``hestcore`` 1.0.4, ``WSIPatcher.to_h5``; 1.0.3 is identical) records on ``img``:
+
+``patch_size_src``
+    ``round(P * downsample)``: the side, in level-0 pixels, of the window read and resized to ``P``.
+``patch_size_target``
+    ``P``.
+``downsample``
+    target µm/px over the **slide's** µm/px (unrounded).
+``pixel_size``
+    the **slide's** level-0 µm/px (``src_pixel_size``), not the patches'.
+
+so the patches' own µm/px is ``pixel_size * patch_size_src / patch_size_target`` (what the resized pixels hold)
+and the unrounded level-0 side HEST offset the corners by is ``patch_size_target * downsample``. Older HEST files
+(2024) carry no such attributes; :func:`read_patches` then assumes full-resolution 0.5 µm/px patches.
+
+hopt_st writes the same ``img`` attributes with the same meaning; with ``hopt_st_fields`` it adds a ``centers``
+dataset ((n, 2) float64, exact spot centres) and, on the file root, ``hopt_st_patch_mpp`` and
+``hopt_st_patch_size_src`` (the unrounded values). HEST readers ignore what they do not know.
 """
 
 from __future__ import annotations
@@ -95,15 +109,47 @@ def h5_attr(f: h5py.File, names: tuple[str, ...]):
     return None
 
 
+def _scalar(value) -> float:
+    return float(np.ravel(value)[0])
+
+
 def recorded_patch_size_src(f: h5py.File, patch_size: int) -> float | None:
-    """The patch side in level-0 px that a patch file records (directly or as a downsample); else ``None``."""
+    """The unrounded patch side in level-0 px that a patch file records, the one HEST offsets its corners by:
+    hopt_st's exact value, else ``patch_size * downsample`` (hestcore's ``patch_size_src`` attribute is rounded),
+    else a recorded ``patch_size_src``; ``None`` when the file records none."""
+    exact = h5_attr(f, ("hopt_st_patch_size_src",))
+    if exact is not None:
+        return _scalar(exact)
+    down = h5_attr(f, ("downsample",))
+    if down is not None:
+        return patch_size * _scalar(down)
     src = h5_attr(f, PATCH_SIZE_SRC_ATTRS)
+    return None if src is None else _scalar(src)
+
+
+def recorded_mpp(f: h5py.File, patch_size: int) -> tuple[float | None, float | None]:
+    """``(patch µm/px, slide µm/px)`` a patch file records, each ``None`` when unknown.
+
+    hestcore's ``pixel_size`` is the slide's µm/px; the patches hold ``pixel_size * patch_size_src /
+    patch_size_target`` µm/px. hopt_st's files record the patches' exact value too; hopt_st files written before
+    hestcore's meaning was adopted (with ``level0_pixel_size``) stored the patches' µm/px as ``pixel_size``."""
+    exact = h5_attr(f, ("hopt_st_patch_mpp",))
+    slide = h5_attr(f, ("pixel_size",))
+    legacy = h5_attr(f, ("level0_pixel_size",))
+    if legacy is not None:  # older hopt_st file: pixel_size was the patches' µm/px
+        return (None if slide is None else _scalar(slide)), _scalar(legacy)
+    slide = None if slide is None else _scalar(slide)
+    if exact is not None:
+        return _scalar(exact), slide
+    if slide is None:
+        return None, None
+    src = h5_attr(f, ("patch_size_src",))
+    target = h5_attr(f, ("patch_size_target",))
+    src = _scalar(src) if src is not None else recorded_patch_size_src(f, patch_size)
+    target = _scalar(target) if target is not None else float(patch_size)
     if src is None:
-        down = h5_attr(f, ("downsample",))
-        if down is None:
-            return None
-        return patch_size * float(np.ravel(down)[0])
-    return float(np.ravel(src)[0])
+        return None, slide
+    return slide * src / target, slide
 
 
 def decode_barcodes(raw) -> np.ndarray:
@@ -364,13 +410,15 @@ def write_patches_h5(
     num_workers
         Reading threads (see :meth:`Patches.iter_batches`).
     hopt_st_fields
-        Also write hopt_st's ``centers`` dataset and size attributes; ``False`` writes only what HEST's own
-        patcher writes (``img``, ``coords``, ``barcode`` and ``img.attrs["patch_size_target"]``).
+        Also write hopt_st's ``centers`` dataset and exact values (``hopt_st_patch_mpp``,
+        ``hopt_st_patch_size_src`` on the file root); ``False`` writes what hestcore 1.0.4's patcher writes.
 
     Returns
     -------
     pathlib.Path
-        ``path``, holding datasets ``img``, ``coords``, ``barcode`` (and ``centers``).
+        ``path``, holding datasets ``img`` (with hestcore's attributes ``patch_size_src``, ``patch_size_target``,
+        ``downsample`` and, when the patches' µm/px is known, ``pixel_size``: the slide's µm/px), ``coords``,
+        ``barcode`` (and ``centers``).
     """
     n, p = len(patches), patches.patch_size
     coords = patches.coords
@@ -389,28 +437,29 @@ def _write_h5(tmp: Path, patches: Patches, coords, barcodes, hopt_st_fields: boo
     """The HDF5 writing of :func:`write_patches_h5`, into ``tmp``.
 
     A write error (a full disk) leaves HDF5 in a state where freeing a dataset object after its file was
-    closed crashes the process (segfault): on any error, every h5py object is released *before* the file is
-    closed, and the error is re-raised as a plain ``OSError`` that holds no reference to them.
+    closed crashes the process (segfault): ``img`` is contiguous (no chunk cache holding unwritten data), and on
+    any error every h5py object is released *before* the file is closed and the error is re-raised as a plain
+    ``OSError`` that holds no reference to them.
     """
     n, p = len(patches), patches.patch_size
+    src = float(patches.patch_size_src)
+    # hestcore 1.0.4 WSIPatcher: downsample = dst / src µm/px, patch_size_src = round(P * downsample),
+    # pixel_size = the slide's (src) µm/px
+    img_attrs = {"patch_size_src": int(round(src)), "patch_size_target": p, "downsample": src / p}
+    if patches.mpp is not None:
+        img_attrs["pixel_size"] = float(patches.mpp) * p / src
     f = h5py.File(tmp, "w")
     failure = None
     try:
         img = f.create_dataset("img", shape=(n, p, p, 3), dtype=np.uint8)  # contiguous: no chunk cache
-        img.attrs["patch_size_target"] = p
-        ds_coords = f.create_dataset("coords", data=coords)
+        img.attrs.update(img_attrs)
+        f.create_dataset("coords", data=coords)
         f.create_dataset("barcode", data=barcodes.reshape(-1, 1))
         if hopt_st_fields:
             f.create_dataset("centers", data=patches.centers)
-            attrs = {
-                "patch_size": p,
-                "patch_size_src": float(patches.patch_size_src),
-                "pixel_size": float(patches.mpp),
-                "downsample": float(patches.patch_size_src / p),
-                "level0_pixel_size": float(patches.mpp * p / patches.patch_size_src),
-            }
-            for obj in (f, img, ds_coords):
-                obj.attrs.update(attrs)
+            f.attrs["hopt_st_patch_size_src"] = src
+            if patches.mpp is not None:
+                f.attrs["hopt_st_patch_mpp"] = float(patches.mpp)
         for idx, batch in patches.iter_batches(256, num_workers=num_workers):
             img[int(idx[0]) : int(idx[-1]) + 1] = batch
     except Exception as e:  # noqa: BLE001 - re-raised below as an OSError naming the file
@@ -418,7 +467,7 @@ def _write_h5(tmp: Path, patches: Patches, coords, barcodes, hopt_st_fields: boo
     if failure is not None:  # give HDF5 room to flush and close cleanly: the file is deleted anyway
         with contextlib.suppress(Exception):
             os.ftruncate(f.id.get_vfd_handle(), 0)
-    img = ds_coords = obj = None  # noqa: F841 - release the datasets while the file is open
+    img = None  # noqa: F841 - release the dataset while the file is open
     try:
         f.close()
     except Exception as e:  # noqa: BLE001 - flushing on close fails on a full disk too
@@ -506,9 +555,10 @@ def read_patches(path: str | os.PathLike) -> Patches:
     -------
     Patches
         Same interface as :func:`hopt_st.pp.patches`' result; ``centers`` are HEST's
-        ``coords + patch_size_src // 2`` unless the file stores exact ``centers``. A file recording no
-        ``patch_size_src`` / ``downsample`` is taken to be cut at full resolution, and one recording no pixel
-        size to be at 0.5 µm/px (HEST-Benchmark's).
+        ``coords + patch_size_src // 2`` (with the unrounded ``patch_size_target * downsample``) unless the file
+        stores exact ``centers``; ``mpp`` is hestcore's ``pixel_size * patch_size_src / patch_size_target``
+        (``pixel_size`` being the slide's µm/px, see the module docstring). A file recording no size attributes
+        (HEST's 2024 files) is taken to be cut at full resolution at 0.5 µm/px (HEST-Benchmark's).
     """
     path = Path(path)
     if not path.is_file():
@@ -545,7 +595,7 @@ def _read_raw_fields(f: h5py.File) -> dict:
     bkey = next((k for k in ("barcode", "barcodes") if k in f), None)
     raw["barcodes"] = None if bkey is None else decode_barcodes(f[bkey][:])
     raw["src"] = recorded_patch_size_src(f, ds.shape[1])
-    raw["mpp"] = h5_attr(f, ("pixel_size", "dst_pixel_size", "target_pixel_size"))
+    raw["mpp"] = recorded_mpp(f, ds.shape[1])[0]
     raw["centers"] = np.asarray(f["centers"][:], dtype=np.float64) if "centers" in f else None
     return raw
 
@@ -585,7 +635,10 @@ def _check_patch_fields(raw: dict, path: Path) -> Patches:
     if src is None:
         src = float(p)
         logger.info("%s records no patch_size_src/downsample; assuming patches at full resolution.", path)
-    mpp = HEST_PATCH_MPP if raw["mpp"] is None else float(np.ravel(raw["mpp"])[0])
+    mpp = raw["mpp"]
+    if mpp is None:
+        mpp = HEST_PATCH_MPP
+        logger.info("%s records no pixel size; assuming %g µm/px patches.", path, HEST_PATCH_MPP)
     if not (np.isfinite(src) and src > 0 and np.isfinite(mpp) and mpp > 0):
         raise ValueError(
             f"patch file {str(path)!r} records a patch side of {src!r} full-resolution px and {mpp!r} µm/px; "

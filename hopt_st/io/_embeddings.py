@@ -11,7 +11,9 @@ and reads it back with ``read_assets_from_h5`` (every dataset) and
 ``assets['barcodes'].flatten().astype(str)``. hopt_st writes exactly these datasets, so HEST reads its files,
 plus ``centers`` ((n, 2) float64 exact spot centres) and two root attributes: ``hopt_st_fingerprint`` (what
 the embeddings were computed from: sample, model, weights, patch geometry, precision) and
-``hopt_st_provenance`` (JSON). Files are written atomically (:mod:`hopt_st._atomic`).
+``hopt_st_provenance`` (JSON), and a 512-byte HDF5 user block (invisible to HDF5 readers, HEST's included) that
+names the file as hopt_st's even when it has been truncated (:func:`written_by_hopt_st`). Files are written
+atomically (:mod:`hopt_st._atomic`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ logger = logging.getLogger(__name__)
 FINGERPRINT_ATTR = "hopt_st_fingerprint"
 #: root attribute holding the provenance as JSON
 PROVENANCE_ATTR = "hopt_st_provenance"
+_USERBLOCK = 512
+_MAGIC = b"hopt_st embeddings file\n"
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class SampleEmbeddings:
     Attributes
     ----------
     embeddings
-        float32 ``(n, dim)``.
+        ``(n, dim)``, float32 unless read with another ``dtype``.
     barcodes
         ``(n,)`` str.
     coords
@@ -131,14 +135,27 @@ def write_embeddings(
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(path)  # left by a writer that was killed
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", userblock_size=_USERBLOCK) as f:
             for name, data in datasets.items():
                 f.create_dataset(name, data=data)
             if fingerprint is not None:
                 f.attrs[FINGERPRINT_ATTR] = str(fingerprint)
             f.attrs[PROVENANCE_ATTR] = prov
+        with open(tmp, "r+b") as raw:  # the mark that survives truncation
+            raw.write(_MAGIC.ljust(_USERBLOCK, b"\0"))
     logger.debug("wrote %d x %d embeddings to %s", n, emb.shape[1], path)
     return path
+
+
+def written_by_hopt_st(path: str | os.PathLike) -> bool:
+    """Whether hopt_st wrote this embedding file: its user block carries hopt_st's mark. Reads the first bytes
+    only, so a truncated or damaged file of hopt_st's is still recognised (and may be recomputed), while a file
+    without the mark (HEST's own, or anyone's) must be left as it is."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_MAGIC)) == _MAGIC
+    except OSError:
+        return False
 
 
 def _open(path: Path) -> h5py.File:
@@ -165,18 +182,20 @@ def read_fingerprint(path: str | os.PathLike) -> str | None:
     return None if fp is None else str(fp)
 
 
-def read_embeddings(path: str | os.PathLike) -> SampleEmbeddings:
+def read_embeddings(path: str | os.PathLike, *, dtype=np.float32) -> SampleEmbeddings:
     """Read an embedding file written by :func:`write_embeddings` or by HEST-Benchmark.
 
     Parameters
     ----------
     path
         The ``.h5`` file (datasets ``embeddings``, ``barcodes``; optionally ``coords``, ``centers``).
+    dtype
+        dtype of the returned embeddings; ``None`` keeps the stored floating dtype (as HEST's benchmark does).
 
     Returns
     -------
     SampleEmbeddings
-        Embeddings as float32, barcodes as str, and the fingerprint and provenance when hopt_st wrote it.
+        Embeddings as ``dtype``, barcodes as str, and the fingerprint and provenance when hopt_st wrote it.
     """
     path = Path(path)
     with _open(path) as f:
@@ -185,12 +204,19 @@ def read_embeddings(path: str | os.PathLike) -> SampleEmbeddings:
                 f"{str(path)!r} is not an embedding file: it needs datasets 'embeddings' and 'barcodes' "
                 f"(it has {list(f.keys())})."
             )
-        emb = np.asarray(f["embeddings"][:], dtype=np.float32)
-        barcodes = decode_barcodes(f["barcodes"][:])
-        coords = np.asarray(f["coords"][:], dtype=np.int64) if "coords" in f else None
-        centers = np.asarray(f["centers"][:], dtype=np.float64) if "centers" in f else None
+        try:
+            emb = np.asarray(f["embeddings"][:], dtype=dtype)
+            barcodes = decode_barcodes(f["barcodes"][:])
+            coords = np.asarray(f["coords"][:], dtype=np.int64) if "coords" in f else None
+            centers = np.asarray(f["centers"][:], dtype=np.float64) if "centers" in f else None
+        except (OSError, KeyError, RuntimeError) as e:  # truncated datasets fail only when read
+            raise ValueError(
+                f"embedding file {str(path)!r} cannot be read ({e}); delete it to recompute."
+            ) from e
         fp = f.attrs.get(FINGERPRINT_ATTR)
         prov = f.attrs.get(PROVENANCE_ATTR)
+    if emb.dtype.kind != "f":
+        raise ValueError(f"{str(path)!r}: 'embeddings' holds {emb.dtype} values; embeddings are floats.")
     if emb.ndim != 2 or len(emb) != len(barcodes):
         raise ValueError(
             f"{str(path)!r}: 'embeddings' has shape {emb.shape} for {len(barcodes)} barcodes; the file is damaged."

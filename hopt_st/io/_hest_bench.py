@@ -22,6 +22,7 @@ from .._patchset import (
     h5_attr,
     hest_centers,
     hest_half,
+    recorded_mpp,
     recorded_patch_size_src,
 )
 from ._counts import check_spots, ensure_raw_counts, read_h5ad
@@ -67,9 +68,10 @@ _SIZE_ATTRS = ("patch_size", "patch_size_target")
 def _patch_centers(coords, src, adata, psize: int, path) -> tuple[np.ndarray, float]:
     """Spot centres (full-res px) and the patch side in full-res px for one HEST patch file.
 
-    HEST's ``coords`` are ``int(centre - patch_size_src // 2)`` (see :mod:`hopt_st._patchset`). HEST's files
-    record no ``patch_size_src``; the expression file's ``obsm["spatial"]`` (HEST's spot centres, the ones the
-    patches were cut around) then gives both the exact centres and the offset ``patch_size_src // 2``.
+    HEST's ``coords`` are ``int(centre - patch_size_src // 2)`` (see :mod:`hopt_st._patchset`). The expression
+    file's ``obsm["spatial"]`` (HEST's spot centres, the ones the patches were cut around) gives the exact centres
+    when it sits at that offset from ``coords``; files from hestcore >= 1.0.3 also record ``patch_size_src`` (via
+    ``downsample``), while HEST's 2024 files record none, and the offset then gives it too.
     """
     spatial = adata.obsm.get("spatial") if "spatial" in adata.obsm else None
     if spatial is not None:
@@ -141,8 +143,9 @@ def _sample_files(raw_splits: list[dict]) -> tuple[dict, dict, list]:
     return files, patient, splits
 
 
-def _read_patch_index(p_patch: Path) -> tuple[np.ndarray, list[str], int, float | None]:
-    """coords, barcodes, patch size and recorded patch_size_src of a patch file (pixels are not read)."""
+def _read_patch_index(p_patch: Path) -> tuple[np.ndarray, list[str], int, float | None, float | None]:
+    """coords, barcodes, patch size, recorded patch_size_src and slide µm/px of a patch file (pixels are not
+    read)."""
     try:
         with h5py.File(p_patch, "r") as f:
             missing = [key for key in ("coords", "barcode") if key not in f]
@@ -154,6 +157,7 @@ def _read_patch_index(p_patch: Path) -> tuple[np.ndarray, list[str], int, float 
             barcodes = list(decode_barcodes(f["barcode"][:]))
             psize = int(f["img"].shape[1]) if "img" in f else int(h5_attr(f, _SIZE_ATTRS) or 224)
             src = recorded_patch_size_src(f, psize)
+            _, slide_mpp = recorded_mpp(f, psize)
     except (OSError, KeyError, RuntimeError, TypeError, IndexError) as e:  # h5py: truncated / garbled
         raise CorruptFileError.from_error(
             p_patch, e, what="patch file", fix="download the task's patches/ folder again."
@@ -166,7 +170,7 @@ def _read_patch_index(p_patch: Path) -> tuple[np.ndarray, list[str], int, float 
     if not np.isfinite(coords).all():
         raise ValueError(f"{str(p_patch)!r} has NaN/inf coords; drop those patches first.")
     check_unique_barcodes(barcodes, f"patch file {str(p_patch)!r}")
-    return coords, barcodes, psize, src
+    return coords, barcodes, psize, src, slide_mpp
 
 
 def _read_sample(task: str, sid: str, p_patch: Path, p_expr: Path, patient: str):
@@ -177,7 +181,7 @@ def _read_sample(task: str, sid: str, p_patch: Path, p_expr: Path, patient: str)
                 f"sample {sid!r} of task {task!r}: {str(p)!r} (listed in the split files) is missing. "
                 "Download the task's patches/ and adata/ folders again."
             )
-    coords, barcodes, psize, src = _read_patch_index(p_patch)
+    coords, barcodes, psize, src, slide_mpp = _read_patch_index(p_patch)
     adata = read_h5ad(p_expr)
     check_spots(adata, p_expr)
     ensure_raw_counts(adata, p_expr)
@@ -189,7 +193,8 @@ def _read_sample(task: str, sid: str, p_patch: Path, p_expr: Path, patient: str)
         )
     adata = adata[barcodes].copy()
     centers, src = _patch_centers(coords, src, adata, psize, p_patch)
-    fullres_mpp = HEST_PATCH_MPP * psize / src
+    # hestcore records the slide's µm/px (pixel_size); otherwise patches are HEST-Benchmark's 0.5 µm/px
+    fullres_mpp = slide_mpp if slide_mpp is not None else HEST_PATCH_MPP * psize / src
     n, region = adata.n_obs, f"{sid}_spots"
     if "patient" not in adata.obs:
         adata.obs["patient"] = patient
