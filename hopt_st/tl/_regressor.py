@@ -28,6 +28,7 @@ from ._provenance import embedding_provenance
 from ._targets import TARGETS, target_matrix, top_variable_genes
 from .linear import (
     HEST_N_COMPONENTS,
+    HEST_SEED,
     LinearMap,
     check_embeddings,
     fit_hest_ridge,
@@ -62,7 +63,8 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
         alpha = 100 / (n_components * n_genes), no intercept).
         ``"mlp"``: one-hidden-layer torch MLP, early stopping on an inner split.
     seed
-        Seed for PCA (sklearn solver), the MLP initialisation and its validation split.
+        Seed of the PCA of ``"ridge-hest"``, the MLP initialisation and its validation split. ``None``: HEST's
+        seed (1) for ``"ridge-hest"``, so its numbers are HEST-Benchmark's; 0 for the MLP.
     alphas
         Candidate penalties for ``"ridge"``.
     n_components
@@ -92,7 +94,7 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
         self,
         method: Literal["ridge", "ridge-hest", "mlp"] = "ridge",
         *,
-        seed: int = 0,
+        seed: int | None = None,
         alphas: Sequence[float] | None = None,
         n_components: int = HEST_N_COMPONENTS,
         solver: Literal["fast", "sklearn"] = "fast",
@@ -155,19 +157,20 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
         self.linear_ = None
         self.mlp_ = None
         self.sklearn_ = None
+        seed = self.seed if self.seed is not None else (HEST_SEED if self.method == "ridge-hest" else 0)
         if self.method == "ridge":
             self.linear_, self.alpha_ = fit_ridge_cv(X, Y, alphas=self.alphas, groups=groups)
         elif self.method == "ridge-hest":
             k = min(self.n_components, *X.shape)
             self.alpha_ = np.full(Y.shape[1], hest_alpha(k, Y.shape[1]))
             if self.solver == "sklearn":
-                self.sklearn_ = fit_hest_ridge_sklearn(X, Y, n_components=self.n_components, seed=self.seed)
+                self.sklearn_ = fit_hest_ridge_sklearn(X, Y, n_components=self.n_components, seed=seed)
                 # the pipeline is linear: store it as a LinearMap so save/load needs no pickle
                 lin = np.vstack([np.zeros(X.shape[1]), np.eye(X.shape[1])])
                 out = self.sklearn_.predict(lin)
                 self.linear_ = LinearMap(x_mean=np.zeros(X.shape[1]), coef=out[1:] - out[0], intercept=out[0])
             else:
-                self.linear_ = fit_hest_ridge(X, Y, n_components=self.n_components)
+                self.linear_ = fit_hest_ridge(X, Y, n_components=self.n_components, seed=seed)
         else:
             from ._mlp import fit_mlp
 
@@ -175,7 +178,7 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
                 X,
                 Y,
                 groups=groups,
-                seed=self.seed,
+                seed=seed,
                 hidden=self.hidden,
                 max_epochs=self.max_epochs,
                 patience=self.patience,
@@ -324,7 +327,7 @@ def fit_expression(
     layer: str | None = None,
     target: Literal["log1p", "normalize_log1p", "none"] = "log1p",
     groups: str | ArrayLike | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     spatial_context: bool = False,
     **kwargs,
 ) -> ExpressionRegressor:
@@ -349,7 +352,7 @@ def fit_expression(
     groups
         Column of ``obs`` (or one value per spot) with sample/patient ids, for group-aware tuning.
     seed
-        Random seed.
+        Random seed (``None``: HEST's for ``"ridge-hest"``, 0 otherwise; see :class:`ExpressionRegressor`).
     spatial_context
         Concatenate each spot's embedding with the mean embedding of its spatial neighbours.
     **kwargs

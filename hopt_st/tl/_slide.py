@@ -42,11 +42,15 @@ def _load_regressor(regressor) -> tuple[ExpressionRegressor, str]:
 
 
 def regressor_model(regressor: ExpressionRegressor) -> str | None:
-    """The encoder a regressor was fitted on, when its ``use_rep`` is a default embedding key ``X_<model>``
-    (``X_timm_<arch>`` for ``timm:<arch>``, see :func:`hopt_st.pp._embed.default_key`)."""
+    """The encoder a regressor was fitted on: the model of its recorded provenance (``provenance_``, see
+    :mod:`hopt_st.tl._provenance`), else the one its ``use_rep`` names when that is a default embedding key
+    ``X_<model>`` (``X_timm_<arch>`` for ``timm:<arch>``, see :func:`hopt_st.pp._embed.default_key`)."""
     from ..io._store import sanitize_name
     from ..models._registry import registered_names
 
+    recorded = (getattr(regressor, "provenance_", None) or {}).get("model")
+    if recorded:
+        return str(recorded)
     use_rep = regressor.use_rep or ""
     for name in registered_names():
         if use_rep in (f"X_{name}", f"X_{sanitize_name(name)}"):
@@ -59,7 +63,9 @@ def regressor_model(regressor: ExpressionRegressor) -> str | None:
 def check_regressor_model(
     regressor: ExpressionRegressor, model: str, dim: int, what: str = "the regressor"
 ) -> None:
-    """Refuse a regressor fitted on another encoder's embeddings (by its ``use_rep`` name and input size).
+    """Refuse a regressor fitted on another encoder's embeddings, before any tile is embedded (by its recorded
+    model, else its ``use_rep`` name, and its input size). Weights, µm/px and patch size are checked against the
+    embeddings' provenance by :func:`hopt_st.tl.predict_expression` once they exist.
 
     Parameters
     ----------
