@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import traceback
 import warnings
@@ -243,15 +244,22 @@ def embed(
     """
     import hopt_st as hs
 
+    from .io._elements import resolve_table_name
+    from .io._store import check_name, write_sdata, write_table_in_place
+    from .pp._embed import default_key
+
+    if key_added is not None:  # a key the output cannot hold is refused before anything is read
+        check_name(key_added, "--key-added")
     if weights is not None and not weights.exists():
         raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
     sdata, kind = _read_input(
         input_path, sample, image_mpp=image_mpp, image_key=image_key, image=fullres_image
     )
+    key = default_key(hs.models.get_spec(model).name) if key_added is None else key_added
     run = {
         "model": model,
         "weights": str(weights) if weights is not None else None,
-        "key_added": key_added,
+        "key_added": key,
         "image_key": image_key,
         "batch_size": batch_size,
         "device": device,
@@ -260,22 +268,19 @@ def embed(
     }
     if kind == "h5ad":
         return _embed_h5ad(sdata, input_path, out, fullres_image, image_mpp, run)
-    in_place = out is None or (kind == "zarr" and out.resolve() == input_path.resolve())
-    if out is None and kind != "zarr":
+    in_place = out is None or (out.resolve() == input_path.resolve())
+    if in_place and kind != "zarr":
         raise click.UsageError(f"INPUT is a {kind} folder: pass --out OUT.zarr to say where to write.")
     if not in_place and out.exists() and not overwrite:
         raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
     hs.pp.embed(sdata, table_name=table_name, **run)
-    from .io._elements import resolve_table_name
-
     tname = resolve_table_name(sdata, table_name)
-    key = key_added or f"X_{model}"
     emb = sdata.tables[tname].obsm[key]
-    if in_place:
-        _replace_table_on_disk(sdata, tname)
+    if in_place:  # atomic: on any failure the store is left exactly as it was
+        write_table_in_place(sdata, tname)
         dest = input_path
     else:
-        sdata.write(out, overwrite=overwrite)
+        write_sdata(sdata, out, overwrite=overwrite)
         dest = out
     click.echo(f"{tname}.obsm[{key!r}]: {emb.shape[0]} spots x {emb.shape[1]} dims ({model}) -> {dest}")
 
@@ -285,6 +290,8 @@ def _embed_h5ad(adata, input_path: Path, out: Path | None, image: Path | None, i
     image, the spots and that AnnData as its table). ``run``: the arguments of ``pp.embed`` shared with INPUTs
     of other kinds."""
     import hopt_st as hs
+
+    from .io._store import write_sdata
 
     if out is None or out.suffix not in (".h5ad", ".zarr"):
         raise click.UsageError("INPUT is an .h5ad: pass --out OUT.h5ad (or OUT.zarr) to say where to write.")
@@ -296,11 +303,11 @@ def _embed_h5ad(adata, input_path: Path, out: Path | None, image: Path | None, i
     if out.suffix == ".zarr":
         data = hs.io.from_anndata(adata, image=image, image_mpp=image_mpp)
         image, image_mpp = None, None  # recorded in the SpatialData
-    key = run["key_added"] or f"X_{run['model']}"
+    key = run["key_added"]  # validated (or the default) before anything was read
     hs.pp.embed(data, image=image, image_mpp=image_mpp, **run)
     table = data if out.suffix == ".h5ad" else data.tables["table"]
     if out.suffix == ".zarr":
-        data.write(out, overwrite=run["overwrite"])
+        write_sdata(data, out, overwrite=run["overwrite"])
     else:
         _write_h5ad_atomically(adata, out)
     emb = table.obsm[key]
@@ -309,30 +316,10 @@ def _embed_h5ad(adata, input_path: Path, out: Path | None, image: Path | None, i
 
 def _write_h5ad_atomically(adata, out: Path) -> None:
     """Write next to ``out`` under a temporary name, then replace: a failed write leaves ``out`` as it was."""
-    import os
+    from ._atomic import atomic_path
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out, what="--out file") as tmp:
         adata.write_h5ad(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _replace_table_on_disk(sdata, name: str) -> None:
-    """Rewrite one table of a backed SpatialData in its own store.
-
-    spatialdata refuses to overwrite an element inside the store it was read from, so the table is first
-    written to a scratch store (to be sure it serialises), then the old one is deleted and the new one written.
-    """
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        sdata.tables[name].write_zarr(Path(tmp) / "check.zarr")
-    sdata.delete_element_from_disk(name)
-    sdata.write_element(name)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -728,9 +715,30 @@ def _human(v) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
+#: Python arguments named in the package's messages -> the CLI flags that set them
+_FLAGS = {
+    "overwrite": "--overwrite",
+    "image_mpp": "--image-mpp",
+    "weights": "--weights",
+    "key_added": "--key-added",
+    "image_key": "--image-key",
+    "table_name": "--table-name",
+    "batch_size": "--batch-size",
+    "device": "--device",
+    "sample_id": "--sample",
+}
+# not inside a Python call shown in the message (``create(name, weights=...)``)
+_ARG = re.compile(r"(?<![\w.'\"\[(-])(?<!, )(" + "|".join(_FLAGS) + r")\s*=\s*(True\b)?")
+
+
+def _as_flags(msg: str) -> str:
+    """``pass overwrite=True`` -> ``pass --overwrite``; ``image_mpp=0.5`` -> ``--image-mpp 0.5``."""
+    return _ARG.sub(lambda m: _FLAGS[m.group(1)] + ("" if m.group(2) else " "), msg)
+
+
 def _one_line(exc: BaseException) -> str:
     msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    msg = " ".join(str(msg).split())
+    msg = _as_flags(" ".join(str(msg).split()))
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 

@@ -8,13 +8,14 @@ neighbouring spots cannot leak between training and test.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .io._store import sanitize_name, write_sdata
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,16 @@ def _fit_and_score(sdata, test, model: str, key: str, n_top_genes: int, seed: in
     """Embed with ``model``, fit a ridge on the training spots, predict all spots; Pearson per gene on test."""
     import hopt_st as hs
 
+    from .pp._embed import default_key
+
     table = sdata["table"]
     hs.pp.embed(sdata, model=model, progress=progress)
     reg = hs.tl.fit_expression(
-        table[~test].copy(), use_rep=f"X_{model}", n_top_genes=n_top_genes, method="ridge", seed=seed
+        table[~test].copy(),
+        use_rep=default_key(hs.models.get_spec(model).name),
+        n_top_genes=n_top_genes,
+        method="ridge",
+        seed=seed,
     )
     hs.tl.predict_expression(sdata, reg, key_added=key, overwrite=True)
     genes = list(reg.genes_)
@@ -150,7 +157,7 @@ def run_demo(
     scores, regs = {}, []
     for k, model in enumerate(models):
         say(f"[{2 + k}/{n_steps}] {model}: embed, fit ridge on the training half, predict")
-        key = "predicted" if k == 0 else f"predicted_{model}"
+        key = "predicted" if k == 0 else f"predicted_{sanitize_name(model)}"
         reg, scores[model] = _fit_and_score(sdata, test, model, key, n_top_genes, seed, progress)
         regs.append(reg)
     scores_df = pd.DataFrame(scores).rename_axis("gene").sort_values(models[0], ascending=False)
@@ -160,10 +167,10 @@ def run_demo(
     scores_df.to_csv(files["per_gene_pearson"])
     files.update(_figures(sdata, test, scores_df, models[0], out))
     say(f"[{n_steps}/{n_steps}] writing {zarr_path}")
-    files["regressor"] = out / f"ridge_{models[0]}"
-    files["regressor"].unlink(missing_ok=True)  # the previous run's (regenerated just above)
-    regs[0].save(files["regressor"])
-    _write_zarr_replacing(sdata, zarr_path)
+    files["regressor"] = out / f"ridge_{sanitize_name(models[0])}"
+    regs[0].save(files["regressor"], overwrite=True)  # the previous run's (regenerated just above)
+    write_sdata(sdata, zarr_path, overwrite=True)  # swapped in atomically: a failure keeps the previous store
+    sdata.path = zarr_path
     files["zarr"] = zarr_path
     (out / MARKER_NAME).write_text(
         "Written by `hopt-st demo`; running the demo again regenerates and replaces:\n"
@@ -172,25 +179,6 @@ def run_demo(
     elapsed = time.perf_counter() - t0
     report = _report(scores_df, models, files, elapsed)
     return {"sdata": sdata, "scores": scores_df, "files": files, "report": report, "seconds": elapsed}
-
-
-def _write_zarr_replacing(sdata, path: Path) -> None:
-    """Write ``sdata`` to ``path`` through a temporary store next to it, then swap it in: a failed write leaves
-    the previous store as it was."""
-    import shutil
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    for p in (tmp, old):
-        if p.exists():
-            shutil.rmtree(p)
-    sdata.write(tmp)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    sdata.path = path
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def _mark_split(fig, test: np.ndarray) -> None:

@@ -153,7 +153,9 @@ def run_predict(
         result.write(tmp)
     files: dict[str, Path] = {"zarr": out}
     for gene, path in pngs.items():
-        fig = pl.slide_expression(result, [gene], image_key=thumb_key, ncols=1, panel_size=6.0, return_fig=True)
+        fig = pl.slide_expression(
+            result, [gene], image_key=thumb_key, ncols=1, panel_size=6.0, return_fig=True
+        )
         fig.suptitle(f"{slide.name}: {gene} predicted with {model}", fontsize=10)
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=130)

@@ -262,14 +262,33 @@ def test_spatial_context_variant(visium_handcrafted):
 # --------------------------------------------------------------------------------------------------------------
 # scikit-learn conformance
 # --------------------------------------------------------------------------------------------------------------
-from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+from sklearn.utils.estimator_checks import estimator_checks_generator  # noqa: E402
+
+# every check scikit-learn runs on its own estimators, except the array-API one: it needs SCIPY_ARRAY_API set
+# before scipy is imported and would only report itself skipped (the estimators take numpy input only)
+_SKLEARN_CHECKS = [
+    pytest.param(est, check, id=f"{est.method}-{getattr(check, 'func', check).__name__}")
+    for base in (tl.ExpressionRegressor("ridge"), tl.ExpressionRegressor("ridge-hest", n_components=8))
+    for est, check in estimator_checks_generator(base)
+    if getattr(check, "func", check).__name__ != "check_array_api_input"
+]
 
 
-@parametrize_with_checks(
-    [tl.ExpressionRegressor("ridge"), tl.ExpressionRegressor("ridge-hest", n_components=8)]
-)
+@pytest.mark.parametrize(("estimator", "check"), _SKLEARN_CHECKS)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
+
+
+def test_ridge_hest_regressor_uses_hests_seed_by_default():
+    # HEST's PCA is randomized (256 of 600 features) and seeded with 1: the default regressor gives HEST's fit
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(700, 600)).astype(np.float32)
+    Y = X[:, :5] @ rng.normal(size=(5, 4)) + rng.normal(size=(700, 4))
+    ref = fit_hest_ridge(X, Y, seed=1)
+    got = tl.ExpressionRegressor("ridge-hest").fit(X, Y).predict(X)
+    np.testing.assert_allclose(got, ref.predict(X), rtol=0, atol=1e-5)  # float32 rounding (|y| up to ~10)
+    other = tl.ExpressionRegressor("ridge-hest", seed=0).fit(X, Y).predict(X)
+    assert np.abs(other - got).max() > 0.1  # the seed reaches the PCA (another seed: other components)
 
 
 def test_clone_keeps_what_the_embeddings_and_targets_are():

@@ -309,12 +309,17 @@ def test_predict_slide_refuses_a_regressor_for_another_model(regressor, register
     ):
         hs.tl.predict_slide(slide, regressor, model="h-optimus-1")
     assert "tissue" not in slide.shapes  # refused before anything was computed
-    # a custom embedding key does not name the model: the embedding size still tells
+    # a custom embedding key does not name the model: the provenance recorded at fit time does
     custom = copy.deepcopy(regressor)
     custom.use_rep = "X_my_run"
     register_spec(tiny_vit_spec("tiny-64"))
+    with pytest.raises(ValueError, match=r"fitted on 'handcrafted' embeddings \(use_rep 'X_my_run'\)"):
+        hs.tl.predict_slide(slide, custom, model="tiny-64")
+    # neither names it (a regressor fit on bare arrays): the embedding size still tells
+    custom.provenance_ = {}
     with pytest.raises(ValueError, match="takes 32-dimensional embeddings .* but 'tiny-64' gives 64"):
         hs.tl.predict_slide(slide, custom, model="tiny-64")
+    assert "tissue" not in slide.shapes
 
 
 def test_predict_slide_from_a_tiff_without_pixel_size(tmp_path, regressor):

@@ -7,6 +7,7 @@ size following one convention, see :func:`get_image_mpp`.
 
 from __future__ import annotations
 
+from .._errors import CorruptFileError
 from .._patchset import read_patches
 from ._anndata import from_anndata
 from ._cohort import load_cohort, read_cohort
@@ -18,6 +19,7 @@ from ._slide import read_slide
 from ._visium import read_visium
 
 __all__ = [
+    "CorruptFileError",
     "SampleEmbeddings",
     "from_anndata",
     "get_image_mpp",

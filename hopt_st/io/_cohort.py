@@ -40,6 +40,7 @@ from .._constants import UNS_KEY
 from .._patchset import Patches, read_patches
 from ._counts import ensure_raw_counts
 from ._embeddings import read_embeddings
+from ._store import check_name, sanitize_name
 
 logger = logging.getLogger(__name__)
 
@@ -427,7 +428,7 @@ def load_cohort(
         table["patient"] = None
     else:
         table = read_cohort(cohort)
-    key = key_added or f"X_{name}"
+    key = f"X_{sanitize_name(name)}" if key_added is None else check_name(key_added, "key_added")
     parts, missing, fingerprints, first_prov = [], [], {}, None
     for row in table.to_dict("records"):
         sid = row["sample_id"]

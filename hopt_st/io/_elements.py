@@ -184,17 +184,115 @@ def level_shape(level: xr.DataArray) -> tuple[int, int]:
     return int(level.sizes["y"]), int(level.sizes["x"])
 
 
-def resolve_image_key(sdata: SpatialData, image_key: str | None = None) -> str:
-    """Return ``image_key`` if given, else the image with the most pixels at full resolution."""
+#: a level up to this many pixels is read whole for the blank check; larger ones on a grid of windows
+_BLANK_FULL_PX = 4 * 2**20
+_BLANK_GRID, _BLANK_WINDOW = 8, 256
+_BLANK_CACHE: dict[str, tuple | None] = {}
+
+
+def _sample_pixels(level: xr.DataArray) -> np.ndarray:
+    """``(n, channels)`` pixel values of a level: all of them when small, else an 8 x 8 grid of windows."""
+    data = level.transpose(*[d for d in ("y", "x", "c") if d in level.dims]).data
+    h, w = level_shape(level)
+    if h * w <= _BLANK_FULL_PX:
+        blocks = [data]
+    else:
+        ys = np.linspace(0, max(h - _BLANK_WINDOW, 0), _BLANK_GRID).astype(int)
+        xs = np.linspace(0, max(w - _BLANK_WINDOW, 0), _BLANK_GRID).astype(int)
+        blocks = [data[y : y + _BLANK_WINDOW, x : x + _BLANK_WINDOW] for y in ys for x in xs]
+    if hasattr(data, "dask"):
+        import dask
+
+        blocks = dask.compute(*blocks)
+    n_c = level.sizes.get("c", 1)
+    return np.concatenate([np.asarray(b).reshape(-1, n_c) for b in blocks])
+
+
+def image_blank_value(image) -> tuple | None:
+    """The one colour every pixel of an image element has (a placeholder without H&E), else ``None``.
+
+    A cheap look: the coarsest pyramid level, read whole when small, else on an 8 x 8 grid of 256 px windows;
+    an alpha channel (4th) is ignored and values within 1 (uint8) or 1/255 (float) count as one.
+    """
+    level = image_levels(image)[-1]
+    name = getattr(level.data, "name", None)  # dask names identify the source: cache on them
+    if name is not None and name in _BLANK_CACHE:
+        return _BLANK_CACHE[name]
+    px = _sample_pixels(level)
+    if px.ndim == 2 and px.shape[1] == 4:
+        px = px[:, :3]
+    tol = 1.0 / 255 if px.dtype.kind == "f" else 1
+    blank = None
+    if px.size:
+        lo, hi = px.min(axis=0), px.max(axis=0)
+        if np.all(np.isfinite(lo)) and np.all(hi - lo <= tol):
+            blank = tuple(np.asarray(lo).tolist())
+    if name is not None:
+        if len(_BLANK_CACHE) > 4096:
+            _BLANK_CACHE.clear()
+        _BLANK_CACHE[name] = blank
+    return blank
+
+
+def _blank_error(key: str, value: tuple, others: list[str]) -> str:
+    alts = f"the other images: {others}" if others else "there is no other image in it"
+    return (
+        f"image {key!r} holds no H&E: every pixel is {value} (a placeholder, e.g. Space Ranger's transparent "
+        f"hires PNG). Patches cut from it would all be identical. Use another image (image_key=; {alts}), or "
+        "give the full-resolution H&E (read_visium(..., fullres_image_file=...))."
+    )
+
+
+def resolve_image_key(
+    sdata: SpatialData, image_key: str | None = None, *, require_pixels: bool = False
+) -> str:
+    """Return ``image_key`` if given, else the largest image (most pixels at full resolution) that holds pixels.
+
+    Images whose pixels are all one colour (placeholders) are skipped with a warning naming the alternatives.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object.
+    image_key
+        An explicit choice (must exist).
+    require_pixels
+        Raise ``ValueError`` rather than return an image without H&E pixels: when the explicit ``image_key`` is
+        one, or every image is (used by :func:`hopt_st.pp.patches`, where such an image gives identical patches).
+    """
     _check_named("image", image_key, sdata.images)
-    if image_key is not None:
-        return image_key
     keys = list(sdata.images.keys())
+    if image_key is not None:
+        if require_pixels:
+            value = image_blank_value(sdata.images[image_key])
+            if value is not None:
+                others = [k for k in keys if k != image_key and image_blank_value(sdata.images[k]) is None]
+                raise ValueError(_blank_error(image_key, value, others))
+        return image_key
     if not keys:
         raise ValueError("The SpatialData has no image: an H&E image element is needed to cut patches.")
-    if len(keys) == 1:
-        return keys[0]
     sizes = {k: np.prod(level_shape(image_levels(sdata.images[k])[0])) for k in keys}
-    best = max(sizes, key=sizes.get)
-    logger.info("Several images %s; using the largest, %r (pass image_key= to choose).", keys, best)
-    return best
+    ranked = sorted(keys, key=lambda k: -sizes[k])
+    blank = {}
+    for k in ranked:
+        value = image_blank_value(sdata.images[k])
+        if value is None:
+            if blank:
+                logger.warning(
+                    "image(s) %s hold no H&E (every pixel one colour, e.g. %s); using %r (pass image_key= to "
+                    "choose).",
+                    list(blank),
+                    next(iter(blank.values())),
+                    k,
+                )
+            elif len(keys) > 1:
+                logger.info("Several images %s; using the largest, %r (pass image_key= to choose).", keys, k)
+            return k
+        blank[k] = value
+    if require_pixels:
+        first = ranked[0]
+        raise ValueError(_blank_error(first, blank[first], [k for k in ranked if k != first]))
+    logger.warning(
+        "no image holds H&E pixels (every pixel one colour in %s); using %r.", list(blank), ranked[0]
+    )
+    return ranked[0]

@@ -6,7 +6,6 @@ import json
 import logging
 from pathlib import Path
 
-import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
@@ -15,8 +14,10 @@ from spatialdata.models import ShapesModel, TableModel
 from spatialdata.transformations import Identity, Scale
 
 from .._constants import MICROMETERS_CS, UNS_KEY, VISIUM_SPOT_DIAMETER_UM
+from .._errors import CorruptFileError
 from .._patchset import (
     HEST_PATCH_MPP,
+    check_unique_barcodes,
     decode_barcodes,
     h5_attr,
     hest_centers,
@@ -24,7 +25,7 @@ from .._patchset import (
     recorded_mpp,
     recorded_patch_size_src,
 )
-from ._counts import ensure_raw_counts
+from ._counts import check_spots, ensure_raw_counts, read_h5ad
 
 logger = logging.getLogger(__name__)
 
@@ -145,19 +146,30 @@ def _sample_files(raw_splits: list[dict]) -> tuple[dict, dict, list]:
 def _read_patch_index(p_patch: Path) -> tuple[np.ndarray, list[str], int, float | None, float | None]:
     """coords, barcodes, patch size, recorded patch_size_src and slide µm/px of a patch file (pixels are not
     read)."""
-    with h5py.File(p_patch, "r") as f:
-        for key in ("coords", "barcode"):
-            if key not in f:
+    try:
+        with h5py.File(p_patch, "r") as f:
+            missing = [key for key in ("coords", "barcode") if key not in f]
+            if missing:
                 raise ValueError(
-                    f"patch file {str(p_patch)!r} has no {key!r} dataset (keys: {list(f.keys())})."
+                    f"patch file {str(p_patch)!r} has no {missing[0]!r} dataset (keys: {list(f.keys())})."
                 )
-        coords = np.asarray(f["coords"][:], dtype=np.float64).reshape(-1, 2)
-        barcodes = list(decode_barcodes(f["barcode"][:]))
-        psize = int(f["img"].shape[1]) if "img" in f else int(h5_attr(f, _SIZE_ATTRS) or 224)
-        src = recorded_patch_size_src(f, psize)
-        _, slide_mpp = recorded_mpp(f, psize)
+            coords = np.asarray(f["coords"][:], dtype=np.float64)
+            barcodes = list(decode_barcodes(f["barcode"][:]))
+            psize = int(f["img"].shape[1]) if "img" in f else int(h5_attr(f, _SIZE_ATTRS) or 224)
+            src = recorded_patch_size_src(f, psize)
+            _, slide_mpp = recorded_mpp(f, psize)
+    except (OSError, KeyError, RuntimeError, TypeError, IndexError) as e:  # h5py: truncated / garbled
+        raise CorruptFileError.from_error(
+            p_patch, e, what="patch file", fix="download the task's patches/ folder again."
+        ) from None
+    if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != len(barcodes):
+        raise ValueError(
+            f"patch file {str(p_patch)!r} has coords of shape {coords.shape} for {len(barcodes)} barcodes; "
+            "expected one (x, y) row per barcode. Download it again."
+        )
     if not np.isfinite(coords).all():
         raise ValueError(f"{str(p_patch)!r} has NaN/inf coords; drop those patches first.")
+    check_unique_barcodes(barcodes, f"patch file {str(p_patch)!r}")
     return coords, barcodes, psize, src, slide_mpp
 
 
@@ -170,7 +182,8 @@ def _read_sample(task: str, sid: str, p_patch: Path, p_expr: Path, patient: str)
                 "Download the task's patches/ and adata/ folders again."
             )
     coords, barcodes, psize, src, slide_mpp = _read_patch_index(p_patch)
-    adata = ad.read_h5ad(p_expr)
+    adata = read_h5ad(p_expr)
+    check_spots(adata, p_expr)
     ensure_raw_counts(adata, p_expr)
     missing = [b for b in barcodes if b not in adata.obs_names]
     if missing:

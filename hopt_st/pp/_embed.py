@@ -18,6 +18,7 @@ from .._constants import UNS_KEY
 from .._docs import inject_docs
 from .._patchset import ArrayPatches, Patches, read_patches
 from ..io._elements import get_spot_table
+from ..io._store import check_name, sanitize_name
 from ..models import Encoder, ModelSpec, get_encoder, get_spec
 from ._checkpoint import CheckpointStore
 from ._device import select_device, select_dtype
@@ -27,6 +28,16 @@ from ._patches import patches
 logger = logging.getLogger(__name__)
 
 _MPP_TOL = 0.05
+#: patches smaller than the model's input by more than this factor are refused (an enlargement without detail)
+_MAX_UPSAMPLING = 4.0
+#: the handcrafted encoder's smallest patch (its texture filters span 16 px)
+_HANDCRAFTED_MIN_PX = 16
+
+
+def default_key(model_name: str) -> str:
+    """The default ``obsm`` key of a model's embeddings: ``"X_<model>"``, made a valid SpatialData key
+    (``"timm:vit_base"`` -> ``"X_timm_vit_base"``)."""
+    return "X_" + sanitize_name(model_name)
 
 
 def _default_batch_size(spec: ModelSpec, device: torch.device) -> int:
@@ -86,6 +97,11 @@ def _resolve_input(data, spec: ModelSpec, slide: dict) -> Patches:
     )
 
 
+def _describe_source(source: Patches) -> str:
+    path = getattr(source, "path", None)
+    return f"the patches of {str(path)!r}" if path is not None else "the patches"
+
+
 def _copy(data):
     """A copy to write into (``copy=True``): an AnnData's ``.copy()``; for a SpatialData a new object that shares
     its (read-only) images, shapes, points and labels and holds copies of its tables."""
@@ -104,9 +120,23 @@ def _copy(data):
 
 
 def _check_geometry(source: Patches, spec: ModelSpec) -> None:
-    """Warn when the patches are not what the model was trained on (size, µm/px)."""
+    """Refuse patches too small for the model; warn when they are not what it was trained on (size, µm/px)."""
+    if len(source) == 0:
+        raise ValueError(f"{_describe_source(source)}: there are no patches (0 spots) to embed.")
     if spec.arch == "handcrafted":
+        if source.patch_size < _HANDCRAFTED_MIN_PX:
+            raise ValueError(
+                f"{_describe_source(source)} are {source.patch_size} px: the handcrafted encoder needs at least "
+                f"{_HANDCRAFTED_MIN_PX} px. Cut larger patches (hopt_st.pp.patches(patch_size=...))."
+            )
         return
+    if source.patch_size * _MAX_UPSAMPLING < spec.input_size:
+        raise ValueError(
+            f"{_describe_source(source)} are {source.patch_size} px but {spec.name} takes {spec.input_size} px: "
+            f"enlarging them {spec.input_size / source.patch_size:.0f}x gives the model no detail to see. Cut "
+            f"{spec.input_size} px patches (hopt_st.pp.patches(patch_size={spec.input_size}), which pp.embed does "
+            "for a SpatialData)."
+        )
     if source.patch_size != spec.input_size:
         logger.warning(
             "patches are %d px but %s expects %d px: they are resized",
@@ -228,7 +258,8 @@ def embed(
         Spots whose patch lies entirely outside the image: ``"raise"``, ``"drop"`` (their embedding rows are
         NaN) or ``"keep"`` (embedded patches of white glass), see :func:`hopt_st.pp.patches`.
     key_added
-        ``obsm`` key; default ``"X_<model>"``.
+        ``obsm`` key; default ``"X_<model>"`` (characters a SpatialData store does not allow, such as the
+        ``:`` of ``"timm:<arch>"``, become ``_``). An invalid key is refused before any work starts.
     weights
         Local weight file; default: the spec's Hugging Face repository (token from ``HF_TOKEN``).
     batch_size
@@ -269,7 +300,7 @@ def embed(
     dev = select_device(device)
     cdtype = select_dtype(dtype, dev)
     spec, encoder = _resolve_model(model, weights)
-    key = key_added or f"X_{spec.name}"
+    key = default_key(spec.name) if key_added is None else check_name(key_added, "key_added")
     if copy:
         data = _copy(data)
     table = None
@@ -277,10 +308,12 @@ def embed(
         table, _ = get_spot_table(data, table_name)
     elif isinstance(data, AnnData):
         table = data
-    if table is not None and key in table.obsm and not overwrite:
-        raise ValueError(
-            f"obsm[{key!r}] already exists: pass overwrite=True to replace it, or key_added= another name."
-        )
+    if table is not None:
+        check_name(key, "key_added", existing=table.obsm.keys())
+        if key in table.obsm and not overwrite:
+            raise ValueError(
+                f"obsm[{key!r}] already exists: pass overwrite=True to replace it, or key_added= another name."
+            )
     if isinstance(data, AnnData) and table_name is not None:
         raise ValueError("pp.embed: table_name= applies to a SpatialData; an AnnData is its own table.")
     slide = {"image_mpp": image_mpp, "target_mpp": target_mpp, "outside": outside, "image_key": image_key}
@@ -301,19 +334,23 @@ def embed(
         if checkpoint_dir is None
         else CheckpointStore(checkpoint_dir, fingerprint, len(source), spec.dim, info)
     )
-    emb = run_encoder(
-        encoder,
-        source,
-        dim=spec.dim,
-        batch_size=bs,
-        device=dev,
-        dtype=cdtype,
-        num_workers=num_workers,
-        checkpoint=ckpt,
-        compile=compile,
-        progress=progress,
-        desc=f"embed {spec.name}",
-    )
+    try:
+        emb = run_encoder(
+            encoder,
+            source,
+            dim=spec.dim,
+            batch_size=bs,
+            device=dev,
+            dtype=cdtype,
+            num_workers=num_workers,
+            checkpoint=ckpt,
+            compile=compile,
+            progress=progress,
+            desc=f"embed {spec.name}",
+        )
+    finally:
+        if ckpt is not None:
+            ckpt.close()  # the directory's lock
     if table is None:
         return emb
     rows = table.obs_names.get_indexer(np.asarray(source.barcodes).astype(str))

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -35,12 +36,31 @@ from ._geometry import (
     patch_boxes,
     units_per_image_px,
 )
-from ._image_reader import LevelReader
+from ._image_reader import LevelReader, _source_file
 from ._resample import resize
 
 logger = logging.getLogger(__name__)
 
 _OUTSIDE = ("raise", "drop", "keep")
+#: patch windows hashed into a slide's fingerprint (evenly spaced over the spots)
+_DIGEST_WINDOWS = 32
+#: a source window larger than this many times the patch side is refused (it means a wrong pixel size)
+MAX_WINDOW_RATIO = 16
+
+
+def _file_stamp(array) -> str:
+    """``path|size|mtime`` of the file behind a level's array (a TIFF, or a .zarr array's metadata), if known."""
+    source = _source_file(array)
+    if source is None:
+        return ""
+    path = Path(source)
+    if path.is_dir():  # a .zarr store: the array's own metadata file
+        root = path / str(getattr(array, "path", ""))
+        path = next((root / m for m in ("zarr.json", ".zarray") if (root / m).is_file()), root)
+    if not path.is_file():
+        return ""
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
 class _SlidePatches(Patches):
@@ -55,9 +75,17 @@ class _SlidePatches(Patches):
         self.level_mpp = float(level_mpp)
 
     def _source_id(self) -> str:
+        """Element name, level size, windows, and the content: a digest of the raw pixels of a few evenly spaced
+        windows plus the backing file's size and mtime, so another image of the same size is told apart."""
         h = hashlib.sha256(f"{self._reader.name}|{self._reader.height}x{self._reader.width}".encode())
         h.update(np.ascontiguousarray(self._boxes).tobytes())
         h.update(repr((self._size, self._fill.tolist())).encode())
+        if len(self._boxes):
+            n = min(len(self._boxes), _DIGEST_WINDOWS)
+            sample = np.unique(np.linspace(0, len(self._boxes) - 1, n).astype(np.int64))
+            for w in self._reader.read_windows(self._boxes[sample], self._size, self._fill):
+                h.update(np.ascontiguousarray(w).data)
+        h.update(_file_stamp(getattr(self._reader, "_direct", None)).encode())
         return "slide:" + h.hexdigest()
 
     def _read(self, idx: np.ndarray) -> np.ndarray:
@@ -128,6 +156,15 @@ def _layout(sdata, table_name, image_key, patch_size, target_mpp, image_mpp) -> 
             else "",
         )
     side0 = patch_size * target_mpp / mpp0  # patch side in level-0 pixels
+    side = side0 / min(choice.downsample)
+    if side > MAX_WINDOW_RATIO * patch_size:
+        raise ValueError(
+            f"image {image_key!r}: at image_mpp={mpp0:g} µm per full-resolution pixel a {patch_size} px patch at "
+            f"{target_mpp:g} µm/px covers {patch_size * target_mpp:g} µm = {side:.0f} px of its finest usable level "
+            f"(level {choice.level}, {choice.mpp:g} µm/px), more than {MAX_WINDOW_RATIO}x the patch side: that "
+            "pixel size is implausible (or the image lacks coarser pyramid levels). Pass the right "
+            "image_mpp=<µm per full-resolution pixel> (e.g. 0.25 for 40x, 0.5 for 20x), or add pyramid levels."
+        )
     boxes, size = patch_boxes(apply_affine(m, xy), choice.downsample, side0)
     return _Layout(
         table_name,
@@ -231,7 +268,9 @@ def patches(
     Raises
     ------
     ValueError
-        Bad arguments, unsupported images (dims, channels), spots entirely outside with ``outside="raise"``.
+        Bad arguments, unsupported images (dims, channels), an image without H&E pixels (all one colour), no
+        spots, spots entirely outside with ``outside="raise"``, a window over 16x the patch side (an implausible
+        pixel size).
     TypeError
         Unsupported image dtype.
     """
@@ -263,7 +302,11 @@ def patches(
         raise ValueError(f"outside must be one of {_OUTSIDE}, got {outside!r}.")
     table_name = resolve_table_name(sdata, table_name)
     table, _ = get_spot_table(sdata, table_name)
-    image_key = resolve_image_key(sdata, image_key)
+    if table.n_obs == 0:
+        raise ValueError(f"table {table_name!r} has no spots (0 rows): there is nothing to cut patches for.")
+    image_key = resolve_image_key(sdata, image_key, require_pixels=True)
+    # dims, dtype and channels are checked first (before spots are placed on a mislabelled image)
+    LevelReader(image_levels(sdata.images[image_key])[0], name=image_key)
     lay = _layout(sdata, table_name, image_key, patch_size, target_mpp, image_mpp)
     keep = _spots_to_keep(table, lay, outside, fill)
     reader = LevelReader(image_levels(sdata.images[image_key])[lay.level], name=image_key)

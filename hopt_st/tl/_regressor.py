@@ -16,13 +16,19 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 from spatialdata import SpatialData
 
+from .._atomic import atomic_write_bytes, check_overwrite
 from .._constants import UNS_KEY
 from .._docs import inject_docs
+from .._errors import CorruptFileError
 from ..io._elements import get_spot_table
+from ..io._store import check_name
 from ._predictions import prediction_table
+from ._provenance import check_provenance as _check_provenance
+from ._provenance import embedding_provenance
 from ._targets import TARGETS, target_matrix, top_variable_genes
 from .linear import (
     HEST_N_COMPONENTS,
+    HEST_SEED,
     LinearMap,
     check_embeddings,
     fit_hest_ridge,
@@ -57,7 +63,8 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
         alpha = 100 / (n_components * n_genes), no intercept).
         ``"mlp"``: one-hidden-layer torch MLP, early stopping on an inner split.
     seed
-        Seed for PCA (sklearn solver), the MLP initialisation and its validation split.
+        Seed of the PCA of ``"ridge-hest"``, the MLP initialisation and its validation split. ``None``: HEST's
+        seed (1) for ``"ridge-hest"``, so its numbers are HEST-Benchmark's; 0 for the MLP.
     alphas
         Candidate penalties for ``"ridge"``.
     n_components
@@ -78,13 +85,16 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
     n_features_in_ : int
     alpha_ : numpy.ndarray
         Penalty per gene (``"ridge"``) or HEST's single alpha.
+    provenance_ : dict
+        Set by :func:`fit_expression`: model, weights sha256, µm/px and patch size of the embeddings it was fit
+        on (``{}`` when unknown); :func:`predict_expression` refuses embeddings of another kind.
     """
 
     def __init__(
         self,
         method: Literal["ridge", "ridge-hest", "mlp"] = "ridge",
         *,
-        seed: int = 0,
+        seed: int | None = None,
         alphas: Sequence[float] | None = None,
         n_components: int = HEST_N_COMPONENTS,
         solver: Literal["fast", "sklearn"] = "fast",
@@ -147,19 +157,20 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
         self.linear_ = None
         self.mlp_ = None
         self.sklearn_ = None
+        seed = self.seed if self.seed is not None else (HEST_SEED if self.method == "ridge-hest" else 0)
         if self.method == "ridge":
             self.linear_, self.alpha_ = fit_ridge_cv(X, Y, alphas=self.alphas, groups=groups)
         elif self.method == "ridge-hest":
             k = min(self.n_components, *X.shape)
             self.alpha_ = np.full(Y.shape[1], hest_alpha(k, Y.shape[1]))
             if self.solver == "sklearn":
-                self.sklearn_ = fit_hest_ridge_sklearn(X, Y, n_components=self.n_components, seed=self.seed)
+                self.sklearn_ = fit_hest_ridge_sklearn(X, Y, n_components=self.n_components, seed=seed)
                 # the pipeline is linear: store it as a LinearMap so save/load needs no pickle
                 lin = np.vstack([np.zeros(X.shape[1]), np.eye(X.shape[1])])
                 out = self.sklearn_.predict(lin)
                 self.linear_ = LinearMap(x_mean=np.zeros(X.shape[1]), coef=out[1:] - out[0], intercept=out[0])
             else:
-                self.linear_ = fit_hest_ridge(X, Y, n_components=self.n_components)
+                self.linear_ = fit_hest_ridge(X, Y, n_components=self.n_components, seed=seed)
         else:
             from ._mlp import fit_mlp
 
@@ -167,7 +178,7 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
                 X,
                 Y,
                 groups=groups,
-                seed=self.seed,
+                seed=seed,
                 hidden=self.hidden,
                 max_epochs=self.max_epochs,
                 patience=self.patience,
@@ -199,10 +210,16 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
         return out[:, 0] if getattr(self, "_y_1d", False) else out
 
     # -- persistence: safetensors + JSON, no pickle --
-    def save(self, path) -> None:
-        """Write the fitted regressor to one ``.safetensors`` file (arrays) with JSON metadata inside."""
-        from safetensors.numpy import save_file
+    def save(self, path, *, overwrite: bool = False) -> None:
+        """Write the fitted regressor to one ``.safetensors`` file (arrays) with JSON metadata inside.
 
+        The file is written under a temporary name in the same folder, flushed and renamed, so a failed save
+        leaves no partial file and an existing file untouched. An existing ``path`` is only replaced with
+        ``overwrite=True`` (``FileExistsError`` otherwise).
+        """
+        from safetensors.numpy import save
+
+        path = check_overwrite(path, overwrite, "regressor file")
         self._check_fitted()
         tensors: dict[str, np.ndarray] = {}
         if self.linear_ is not None:
@@ -226,10 +243,12 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
             "target": self.target,
             "layer": self.layer,
             "spatial_context": bool(self.spatial_context),
+            "provenance": dict(getattr(self, "provenance_", {})),
             "y_1d": bool(getattr(self, "_y_1d", False)),
         }
         tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-        save_file(tensors, str(path), metadata={"hopt_st": json.dumps(meta)})
+        data = save(tensors, metadata={"hopt_st": json.dumps(meta)})
+        atomic_write_bytes(path, data, overwrite=overwrite, what="regressor file")
 
     @classmethod
     def load(cls, path) -> ExpressionRegressor:
@@ -237,12 +256,22 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
         from safetensors import safe_open
 
         path = Path(path)
-        with safe_open(str(path), framework="numpy") as f:
-            raw = (f.metadata() or {}).get("hopt_st")
-            if raw is None:
-                raise ValueError(f"{path} was not written by ExpressionRegressor.save (no hopt_st metadata).")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(raw)
+        if not path.is_file():
+            raise FileNotFoundError(f"regressor file {str(path)!r} does not exist.")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                raw = (f.metadata() or {}).get("hopt_st")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = None if raw is None else json.loads(raw)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for truncated/garbled files
+            raise CorruptFileError.from_error(
+                path,
+                e,
+                what="regressor file",
+                fix="save the regressor again (ExpressionRegressor.save) or copy it again.",
+            ) from None
+        if meta is None:
+            raise ValueError(f"{path} was not written by ExpressionRegressor.save (no hopt_st metadata).")
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{path}: unsupported format {meta.get('format')!r} (expected {_FORMAT}).")
         reg = cls(**meta["params"], alphas=meta["alphas"])
@@ -251,6 +280,7 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
         reg.use_rep, reg.target = meta["use_rep"], meta["target"]
         reg.layer = meta.get("layer")
         reg.spatial_context = meta["spatial_context"]
+        reg.provenance_ = dict(meta.get("provenance") or {})
         reg._y_1d = bool(meta.get("y_1d", False))
         reg.linear_, reg.mlp_, reg.sklearn_ = None, None, None
         if "alpha" in tensors:
@@ -297,7 +327,7 @@ def fit_expression(
     layer: str | None = None,
     target: Literal["log1p", "normalize_log1p", "none"] = "log1p",
     groups: str | ArrayLike | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     spatial_context: bool = False,
     **kwargs,
 ) -> ExpressionRegressor:
@@ -322,7 +352,7 @@ def fit_expression(
     groups
         Column of ``obs`` (or one value per spot) with sample/patient ids, for group-aware tuning.
     seed
-        Random seed.
+        Random seed (``None``: HEST's for ``"ridge-hest"``, 0 otherwise; see :class:`ExpressionRegressor`).
     spatial_context
         Concatenate each spot's embedding with the mean embedding of its spatial neighbours.
     **kwargs
@@ -353,6 +383,7 @@ def fit_expression(
         **kwargs,
     )
     reg.fit(X, pd.DataFrame(Y, columns=genes), groups=groups)
+    reg.provenance_ = embedding_provenance(adata, use_rep)
     logger.info("fit_expression: %s on %d spots x %d features -> %d genes", method, *X.shape, len(genes))
     return reg
 
@@ -367,6 +398,7 @@ def predict_expression(
     table_name: str | None = None,
     overwrite: bool = False,
     copy: bool = False,
+    check_provenance: bool = True,
 ) -> AnnData | None:
     """Predict expression at every spot with a fitted regressor.
 
@@ -391,6 +423,9 @@ def predict_expression(
         {overwrite}
     copy
         Write nothing and return the predictions table instead (the way AnnData users get it).
+    check_provenance
+        Refuse embeddings whose recorded model, weights, µm/px or patch size differ from those the regressor
+        was fit on (``regressor.provenance_``); ``False`` skips the check.
 
     Returns
     -------
@@ -422,6 +457,7 @@ def predict_expression(
     if use_rep is None:
         raise ValueError("use_rep is unknown: pass use_rep= (the obsm key of the embeddings).")
     if not copy:
+        check_name(key_added, "key_added", existing=adata.obsm.keys())  # a key the .zarr store can hold
         if key_added in adata.obsm and not overwrite:
             raise ValueError(f"obsm[{key_added!r}] already exists; pass overwrite=True or another key_added.")
         if sdata is not None and key_added in sdata.tables:
@@ -431,6 +467,12 @@ def predict_expression(
                 raise ValueError(
                     f"table {key_added!r} already exists in the SpatialData; pass overwrite=True or another key_added."
                 )
+    if check_provenance:
+        _check_provenance(
+            getattr(regressor, "provenance_", None),
+            embedding_provenance(adata, use_rep),
+            what=f"obsm[{use_rep!r}]",
+        )
     X = _embeddings(adata, use_rep, regressor.spatial_context)
     n_in = getattr(regressor, "n_features_in_", None)
     if n_in is not None and X.shape[1] != n_in:

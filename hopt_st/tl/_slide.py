@@ -42,20 +42,30 @@ def _load_regressor(regressor) -> tuple[ExpressionRegressor, str]:
 
 
 def regressor_model(regressor: ExpressionRegressor) -> str | None:
-    """The encoder a regressor was fitted on, when its ``use_rep`` is a default embedding key ``X_<model>``."""
+    """The encoder a regressor was fitted on: the model of its recorded provenance (``provenance_``, see
+    :mod:`hopt_st.tl._provenance`), else the one its ``use_rep`` names when that is a default embedding key
+    ``X_<model>`` (``X_timm_<arch>`` for ``timm:<arch>``, see :func:`hopt_st.pp._embed.default_key`)."""
+    from ..io._store import sanitize_name
     from ..models._registry import registered_names
 
+    recorded = (getattr(regressor, "provenance_", None) or {}).get("model")
+    if recorded:
+        return str(recorded)
     use_rep = regressor.use_rep or ""
-    if not use_rep.startswith("X_"):
-        return None
-    name = use_rep[2:]
-    return name if name in registered_names() or name.startswith("timm:") else None
+    for name in registered_names():
+        if use_rep in (f"X_{name}", f"X_{sanitize_name(name)}"):
+            return name
+    if use_rep.startswith(("X_timm:", "X_timm_")):  # timm architecture names hold no other changed character
+        return "timm:" + use_rep[len("X_timm_") :]
+    return None
 
 
 def check_regressor_model(
     regressor: ExpressionRegressor, model: str, dim: int, what: str = "the regressor"
 ) -> None:
-    """Refuse a regressor fitted on another encoder's embeddings (by its ``use_rep`` name and input size).
+    """Refuse a regressor fitted on another encoder's embeddings, before any tile is embedded (by its recorded
+    model, else its ``use_rep`` name, and its input size). Weights, µm/px and patch size are checked against the
+    embeddings' provenance by :func:`hopt_st.tl.predict_expression` once they exist.
 
     Parameters
     ----------
@@ -189,6 +199,7 @@ def predict_slide(
     """
     from ..models import Encoder, get_spec
     from ..pp import detect_tissue, embed, tile_grid
+    from ..pp._embed import default_key
 
     reg, what = _load_regressor(regressor)
     spec = model.spec if isinstance(model, Encoder) else get_spec(model)
@@ -212,7 +223,7 @@ def predict_slide(
         image_mpp=image_mpp,
         overwrite=overwrite,
     )
-    emb_key = f"X_{spec.name}"
+    emb_key = default_key(spec.name)  # X_<model>, as a key a .zarr store can hold
     embed(
         sdata,
         model,
