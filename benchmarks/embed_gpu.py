@@ -5,8 +5,8 @@ as JSON to ``$OUT/embed_gpu.json`` (or ``--json``):
 
 * **set-up**: device, torch/CUDA versions, cores, whether timm's attention uses
   ``F.scaled_dot_product_attention`` and whether the flash-attention kernel runs (a profiled bf16 forward), and
-  whether the patch-embedding convolution receives channels-last input (uint8 NHWC batches are permuted, not
-  copied);
+  whether the patch-embedding convolution receives channels-last input (on CUDA uint8 NHWC batches are permuted,
+  not copied; on the CPU the encoder copies them to NCHW in one pass by design, so it reports False there);
 * **(a) compute only**, on device-resident uint8 batches (normalisation included): tiles/s for bf16 and fp16
   autocast at batch sizes 64-512, and with ``torch.compile`` (bf16 and fp16 at one batch size), with the peak
   GPU memory of each and the % of 1,300 tiles/s; plus **(c1) a plain timm fp16 model** (``model.half()``,

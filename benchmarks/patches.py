@@ -206,14 +206,15 @@ def child(args) -> dict:
     elif args.mode == "pil":
         s0 = 224 * 0.5 / args.mpp
         boxes, (sy, sx) = patch_boxes(xy, (1.0, 1.0), s0)
-        z = zarr.open(tifffile.TiffFile(args.tiff).aszarr(level=0), mode="r")
         count, out = 0, []
-        for y0, x0 in boxes:
-            win = np.asarray(z[y0 : y0 + sy, x0 : x0 + sx])
-            patch = np.asarray(Image.fromarray(win).resize((224, 224), Image.Resampling.BILINEAR))
-            count += 1
-            if len(out) < 4:
-                out.append(patch)
+        with tifffile.TiffFile(args.tiff) as tif:
+            z = zarr.open(tif.aszarr(level=0), mode="r")
+            for y0, x0 in boxes:
+                win = np.asarray(z[y0 : y0 + sy, x0 : x0 + sx])
+                patch = np.asarray(Image.fromarray(win).resize((224, 224), Image.Resampling.BILINEAR))
+                count += 1
+                if len(out) < 4:
+                    out.append(patch)
         sample = np.stack(out)
     else:  # ImageTilesDataset
         kw = (

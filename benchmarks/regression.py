@@ -1,28 +1,54 @@
-"""HEST protocol fit+evaluate: hopt_st's fast solver vs HEST's scikit-learn pipeline, same data, same run.
+"""HEST-Benchmark probe: hopt_st vs HEST's own pipeline (the transcription of its statements in
+tests/hest_transcription.py, github.com/mahmoodlab/HEST afd42c3), same data, same process, same BLAS threads.
 
-Inputs the size of a large task: ~12,000 spots x 1,536 dims x 50 genes, 4 samples = 4 leave-one-out folds.
-Embeddings have a decaying spectrum (low-rank signal + noise) like foundation-model features.
-Prints both timings, the ratio, and the mean Pearson of each.
+Two cases, both with 4 samples and leave-one-sample-out folds (as HEST's patient-level splits):
 
-    python benchmarks/regression.py [--spots 12000] [--dim 1536]
+* ``d=1536``: scikit-learn's PCA(256) picks its randomized solver (every 1536-d encoder on HEST's tasks);
+* ``d=300``: fewer training spots than 10 x 300, so it picks the exact "full" solver.
+
+For each case, rounds interleave HEST's pipeline, ``solver="exact"`` (the default) and ``solver="fast"``;
+timings are compute only (data in memory: HEST's re-reading of its files per fold is not counted). Prints
+min / median seconds per method, the speed ratio against HEST's pipeline, and the largest deviation from HEST's
+numbers: task mean, fold means and per-gene Pearson. A last case runs end to end on files: HEST's
+``benchmark_grid`` (reading its embedding and count files in every fold) against ``bench.run`` on the same
+folder and embedding files.
+
+    python benchmarks/regression.py [--rounds 3] [--spots-1536 8000] [--spots-300 2800]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
-from scipy.stats import pearsonr
 
-from hopt_st.tl._metrics import pearson_per_gene
-from hopt_st.tl.linear import combine_stats, fit_hest_ridge_from_stats, fit_hest_ridge_sklearn, moment_stats
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from hest_transcription import hest_args, pca_ridge  # noqa: E402
+
+from hopt_st.tl import pearson_per_gene  # noqa: E402
+from hopt_st.tl.linear import (  # noqa: E402
+    combine_stats,
+    fit_hest_ridge_from_stats,
+    hest_probe,
+    moment_stats,
+    moments_replay_pca,
+    sklearn_pca_solver,
+)
+
+GENES = [f"g{i}" for i in range(50)]
 
 
-def make_data(n_spots, dim, n_genes, n_samples, seed=0):
+def make_data(n_spots, dim, n_samples=4, n_genes=50, seed=0):
+    """Embeddings with a decaying spectrum (low-rank signal + noise + per-sample shift) and log1p counts."""
     rng = np.random.default_rng(seed)
     rank = 64
-    basis = rng.normal(size=(rank, dim)) * (np.linspace(3, 0.3, rank)[:, None])
+    basis = rng.normal(size=(rank, dim)) * np.linspace(3, 0.3, rank)[:, None]
     B = rng.normal(size=(rank, n_genes)) * 0.15
     per = n_spots // n_samples
     data = []
@@ -36,52 +62,197 @@ def make_data(n_spots, dim, n_genes, n_samples, seed=0):
     return data
 
 
+def _folds(data):
+    for i in range(len(data)):
+        train = [d for j, d in enumerate(data) if j != i]
+        yield np.concatenate([d[0] for d in train]), np.concatenate([d[1] for d in train]), data[i]
+
+
+def run_hest(data):
+    """HEST's statements: Pipeline(StandardScaler, PCA(256, random_state=1)) -> torch.Tensor -> train_test_reg."""
+    return [
+        np.array(
+            [g["pearson_corr"] for g in pca_ridge(Xtr, Xte, Ytr, Yte, hest_args(), GENES)[0]["pearson_corrs"]]
+        )
+        for Xtr, Ytr, (Xte, Yte) in _folds(data)
+    ]
+
+
+def run_exact(data):
+    return [pearson_per_gene(Yte, hest_probe(Xtr, Ytr, Xte)[0]) for Xtr, Ytr, (Xte, Yte) in _folds(data)]
+
+
 def run_fast(data):
+    """As bench.run(solver="fast"): moments once per sample, pooled per fold."""
     stats = [moment_stats(X, Y) for X, Y in data]
-    means = []
-    for i in range(len(data)):
-        lin = fit_hest_ridge_from_stats(combine_stats([s for j, s in enumerate(stats) if j != i]))
-        means.append(np.mean(pearson_per_gene(data[i][1], lin.predict(data[i][0]))))
-    return float(np.mean(means))
+    out = []
+    for i, (Xte, Yte) in enumerate(data):
+        n = sum(len(d[1]) for j, d in enumerate(data) if j != i)
+        if moments_replay_pca(n, Xte.shape[1]):
+            lin = fit_hest_ridge_from_stats(combine_stats([s for j, s in enumerate(stats) if j != i]))
+            out.append(pearson_per_gene(Yte, lin.predict(Xte)))
+        else:  # scikit-learn's exact PCA solvers: "fast" runs the exact path
+            Xtr = np.concatenate([d[0] for j, d in enumerate(data) if j != i])
+            Ytr = np.concatenate([d[1] for j, d in enumerate(data) if j != i])
+            out.append(pearson_per_gene(Yte, hest_probe(Xtr, Ytr, Xte)[0]))
+    return out
 
 
-def run_sklearn(data, seed=0):
-    means = []
-    for i in range(len(data)):
-        X = np.vstack([d[0] for j, d in enumerate(data) if j != i])
-        Y = np.vstack([d[1] for j, d in enumerate(data) if j != i])
-        pred = fit_hest_ridge_sklearn(X, Y, seed=seed).predict(data[i][0])
-        Yt = data[i][1]
-        means.append(np.mean([pearsonr(Yt[:, g], pred[:, g])[0] for g in range(Yt.shape[1])]))
-    return float(np.mean(means))
+def deviation(ref, got):
+    """max |delta| of the task mean, of the fold means and of the per-gene Pearson (every fold)."""
+    fm_r, fm_g = np.array([r.mean() for r in ref]), np.array([g.mean() for g in got])
+    return (
+        abs(fm_r.mean() - fm_g.mean()),
+        np.abs(fm_r - fm_g).max(),
+        max(np.abs(r - g).max() for r, g in zip(ref, got)),
+    )
+
+
+def bench_case(dim, n_spots, rounds):
+    data = make_data(n_spots, dim)
+    n_train = sum(len(d[1]) for d in data[1:])
+    solver = sklearn_pca_solver(n_train, dim, 256)
+    print(
+        f"\nd={dim}: {n_spots} spots, 4 samples, 4 folds (n_train={n_train}); scikit-learn PCA solver: {solver}"
+    )
+    methods = {"HEST pipeline": run_hest, "hopt_st exact": run_exact, "hopt_st fast": run_fast}
+    times = {m: [] for m in methods}
+    results = {}
+    for _ in range(rounds):  # interleaved rounds
+        for name, fn in methods.items():
+            t = time.perf_counter()
+            results[name] = fn(data)
+            times[name].append(time.perf_counter() - t)
+    ref = results["HEST pipeline"]
+    print(
+        f"  {'method':<14} {'min s':>8} {'median s':>9} {'x HEST (min/median)':>20}   max |delta| vs HEST: task mean, fold mean, per gene"
+    )
+    t_min, t_med = min(times["HEST pipeline"]), statistics.median(times["HEST pipeline"])
+    for name in methods:
+        tm, td = min(times[name]), statistics.median(times[name])
+        dev = (
+            ""
+            if name == "HEST pipeline"
+            else "   {:.1e}, {:.1e}, {:.1e}".format(*deviation(ref, results[name]))
+        )
+        print(f"  {name:<14} {tm:8.2f} {td:9.2f} {t_min / tm:9.1f} / {t_med / td:<8.1f}{dev}")
+    print(f"  task mean Pearson (HEST): {np.mean([r.mean() for r in ref]):.6f}")
+
+
+def write_task(root: Path, dim: int, n_samples: int, n_spots: int, model: str, seed=0) -> Path:
+    """A task folder HEST's benchmark_grid and bench.run both read (split CSVs, var_50genes.json, count files,
+    patch files with the patch index, HEST's embedding files), leave-one-sample-out folds."""
+    import json
+
+    import anndata as ad
+    import h5py
+    import pandas as pd
+    import scipy.sparse as sp
+    from hest_transcription import embedding_file_as_hest_writes_it
+
+    tdir = root / "bench" / "TASK"
+    for sub in ("splits", "patches", "adata"):
+        (tdir / sub).mkdir(parents=True, exist_ok=True)
+    ids = [f"S{i}" for i in range(n_samples)]
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(64, dim)) * np.linspace(3, 0.3, 64)[:, None]
+    B = rng.normal(size=(64, 100)) * 0.15
+    for sid in ids:
+        z = rng.normal(size=(n_spots, 64))
+        X = (z @ basis + rng.normal(size=(n_spots, dim)) * 0.5 + 1.0).astype(np.float32)
+        counts = rng.poisson(np.exp(np.clip(z @ B, -4, 4))).astype(np.float32)
+        bc = [f"{sid}_{j:06d}" for j in range(n_spots)]  # one width: HEST's save_hdf5 asserts one dtype
+        coords = np.stack([np.arange(n_spots) * 224, np.zeros(n_spots)], 1).astype(np.int64)
+        with h5py.File(tdir / "patches" / f"{sid}.h5", "w") as f:
+            f["img"] = np.zeros((n_spots, 8, 8, 3), np.uint8)
+            f["coords"] = coords
+            f["barcode"] = np.array([b.encode() for b in bc])[:, None]
+        a = ad.AnnData(X=sp.csr_matrix(counts))
+        a.obs_names, a.var_names = bc, [f"G{g}" for g in range(100)]
+        a.write_h5ad(tdir / "adata" / f"{sid}.h5ad")
+        emb = root / "emb" / "TASK" / model / f"{sid}.h5"
+        emb.parent.mkdir(parents=True, exist_ok=True)
+        embedding_file_as_hest_writes_it(emb, X, bc, coords)
+    for i, test in enumerate(ids):
+        for name, members in (("train", [s for s in ids if s != test]), ("test", [test])):
+            pd.DataFrame(
+                {
+                    "sample_id": members,
+                    "patches_path": [f"patches/{s}.h5" for s in members],
+                    "expr_path": [f"adata/{s}.h5ad" for s in members],
+                }
+            ).to_csv(tdir / "splits" / f"{name}_{i}.csv", index=False)
+    (tdir / "var_50genes.json").write_text(json.dumps({"genes": [f"G{g}" for g in range(0, 100, 2)][:50]}))
+    return root
+
+
+def bench_files(dim, n_samples, n_spots, rounds):
+    """End to end on files: HEST's benchmark_grid (which re-reads every sample's files in every fold) vs bench.run."""
+    import json
+    import logging
+    import tempfile
+
+    from hest_transcription import benchmark_grid
+
+    from hopt_st import bench
+
+    logging.getLogger("hopt_st").setLevel(logging.ERROR)
+    model = "enc"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_task(Path(tmp), dim, n_samples, n_spots, model)
+        n_train = (n_samples - 1) * n_spots
+        print(
+            f"\nend to end on files, d={dim}: {n_samples} samples x {n_spots} spots, {n_samples} leave-one-out folds "
+            f"(n_train={n_train}); PCA solver: {sklearn_pca_solver(n_train, dim, 256)}"
+        )
+        args = hest_args(bench_data_root=str(root / "bench"), embed_dataroot=str(root / "emb"))
+        times = {"HEST benchmark_grid": [], "bench.run exact": [], "bench.run fast": []}
+        res = {}
+        for r in range(rounds):
+            t = time.perf_counter()
+            benchmark_grid(args, [model], ["TASK"], str(root / f"hest{r}"))
+            times["HEST benchmark_grid"].append(time.perf_counter() - t)
+            res["HEST benchmark_grid"] = json.loads(
+                (root / f"hest{r}" / "TASK" / model / "results_kfold.json").read_text()
+            )
+            for solver in ("exact", "fast"):
+                t = time.perf_counter()
+                df = bench.run(root / "bench", model=model, embeddings_dir=root / "emb", solver=solver)
+                times[f"bench.run {solver}"].append(time.perf_counter() - t)
+                res[f"bench.run {solver}"] = df
+        ref = res["HEST benchmark_grid"]
+        ref_gene = {g["name"]: np.array(g["pearson_corrs"]) for g in ref["pearson_corrs"]}
+        t_min, t_med = min(times["HEST benchmark_grid"]), statistics.median(times["HEST benchmark_grid"])
+        print(
+            f"  {'method':<19} {'min s':>8} {'median s':>9} {'x HEST (min/median)':>20}   max |delta| vs HEST: task mean, fold mean"
+        )
+        for name, ts in times.items():
+            tm, td = min(ts), statistics.median(ts)
+            dev = ""
+            if name != "HEST benchmark_grid":
+                df = res[name]
+                folds = [f["pearson_mean"] for f in df.attrs["folds"]]
+                dev = f"   {abs(df.pearson_mean.iloc[0] - ref['pearson_mean']):.1e}, "
+                dev += f"{np.abs(np.array(folds) - ref['mean_per_split']).max():.1e}"
+            print(f"  {name:<19} {tm:8.2f} {td:9.2f} {t_min / tm:9.1f} / {t_med / td:<8.1f}{dev}")
+        assert len(ref_gene) == 50
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--spots", type=int, default=12000)
-    ap.add_argument("--dim", type=int, default=1536)
-    ap.add_argument("--genes", type=int, default=50)
-    ap.add_argument("--folds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--spots-1536", type=int, default=8000)
+    ap.add_argument("--spots-300", type=int, default=2800)
+    ap.add_argument("--files-samples", type=int, default=6, help="end-to-end case: samples (= folds)")
+    ap.add_argument("--files-spots", type=int, default=1500, help="end-to-end case: spots per sample")
     a = ap.parse_args()
-    data = make_data(a.spots, a.dim, a.genes, a.folds)
-    # warm-up both paths on a small problem (BLAS/LAPACK thread pools, first-touch allocations)
-    small = make_data(2000, a.dim, a.genes, a.folds, seed=1)
-    run_fast(small)
-    run_sklearn(small)
-    t = time.perf_counter()
-    r_fast = run_fast(data)
-    t_fast = time.perf_counter() - t
-    t = time.perf_counter()
-    r_ref = run_sklearn(data)
-    t_ref = time.perf_counter() - t
-    print(f"data: {a.spots} spots x {a.dim} dims x {a.genes} genes, {a.folds} folds")
-    print(
-        f"sklearn pipeline (StandardScaler->PCA(256)->Ridge lsqr): {t_ref:8.2f} s  mean Pearson {r_ref:.6f}"
-    )
-    print(
-        f"hopt_st fast (moments + eigh + reduced LSQR):           {t_fast:8.2f} s  mean Pearson {r_fast:.6f}"
-    )
-    print(f"speed-up: {t_ref / t_fast:.1f}x   |delta mean Pearson|: {abs(r_fast - r_ref):.2e}")
+    from threadpoolctl import threadpool_info
+
+    blas = [(i["internal_api"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
+    print(f"BLAS: {blas}; {a.rounds} interleaved rounds per case")
+    bench_case(1536, a.spots_1536, a.rounds)
+    bench_case(300, a.spots_300, a.rounds)
+    bench_files(1536, a.files_samples, a.files_spots, a.rounds)
 
 
 if __name__ == "__main__":

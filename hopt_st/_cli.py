@@ -1,4 +1,4 @@
-"""The ``hopt-st`` command line: ``demo``, ``embed``, ``bench``, ``models``.
+"""The ``hopt-st`` command line: ``demo``, ``embed``, ``embed-cohort``, ``predict``, ``bench``, ``models``.
 
 Errors end the program with a non-zero exit code and a one-line reason on stderr; ``--verbose`` adds the
 traceback. ``--quiet`` hides progress bars and informational messages.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import traceback
 import warnings
@@ -35,12 +36,16 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("hopt_st").setLevel(
         logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
     )
-    if not verbose:  # third-party chatter that says nothing about the user's data
-        warnings.filterwarnings("ignore", message=".*zarr v3 autosharding.*")
-        warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
-        warnings.filterwarnings("ignore", message=".*Writing zarr v2 data.*")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _hide_third_party_warnings() -> None:
+    """Third-party chatter that says nothing about the user's data (called inside ``main``'s
+    ``warnings.catch_warnings()``, so the filters end with the command and never leak into the process)."""
+    warnings.filterwarnings("ignore", message=".*zarr v3 autosharding.*")
+    warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+    warnings.filterwarnings("ignore", message=".*Writing zarr v2 data.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _models_option(default: str, help: str):
@@ -86,14 +91,19 @@ def cli(quiet: bool, verbose: bool) -> None:
     help="Spots of the synthetic sample.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace an existing demo.zarr in --out.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a demo.zarr in --out that an earlier demo run did not write (a rerun replaces its own outputs).",
+)
 def demo(
     out: Path, models: tuple[str, ...], all_local: bool, n_spots: int, seed: int, overwrite: bool
 ) -> None:
     """Offline demo: synthetic Visium -> embed -> ridge on a spatial split -> per-gene Pearson + figures.
 
     Writes per_gene_pearson.csv, expression.png, gene_scores.png and demo.zarr (image, spots, counts,
-    embeddings, predictions) into --out. No weights or internet needed.
+    embeddings, predictions) into --out. No weights or internet needed. Running it again regenerates and
+    replaces those files.
 
     \b
     Examples:
@@ -113,12 +123,30 @@ def demo(
 
 
 # --------------------------------------------------------------------------------------------------------------
-def _read_input(path: Path, sample: str | None, image_mpp: float | None = None, image_key: str | None = None):
-    """SpatialData from a .zarr, a Space Ranger outs/ folder, or a HEST-1k root + sample id."""
+def _read_input(
+    path: Path,
+    sample: str | None,
+    image_mpp: float | None = None,
+    image_key: str | None = None,
+    image: Path | None = None,
+):
+    """SpatialData from a .zarr, a Space Ranger outs/ folder, or a HEST-1k root + sample id; AnnData from an .h5ad."""
     import hopt_st as hs
 
     if not path.exists():
         raise FileNotFoundError(f"INPUT {str(path)!r} does not exist.")
+    if image is not None and not image.is_file():
+        raise FileNotFoundError(f"--fullres-image {str(image)!r} does not exist.")
+    is_visium = path.is_dir() and (path / "spatial").is_dir() and not _is_zarr(path)
+    if image is not None and not (is_visium or path.suffix == ".h5ad") or (image is not None and sample):
+        raise click.UsageError(
+            "--fullres-image/--image applies to a Space Ranger outs/ folder or an .h5ad INPUT; a .zarr or HEST-1k "
+            "sample already holds its image (choose it with --image-key)."
+        )
+    if path.suffix == ".h5ad" and path.is_file():
+        import anndata as ad
+
+        return ad.read_h5ad(path), "h5ad"
     if sample is not None:
         return hs.io.read_hest(path, sample, image_mpp=image_mpp), "hest"
     if _is_zarr(path):
@@ -130,11 +158,11 @@ def _read_input(path: Path, sample: str | None, image_mpp: float | None = None, 
 
             hs.io.set_image_mpp(sdata, {resolve_image_key(sdata, image_key): image_mpp})
         return sdata, "zarr"
-    if path.is_dir() and (path / "spatial").is_dir():
-        return hs.io.read_visium(path, image_mpp=image_mpp), "visium"
+    if is_visium:
+        return hs.io.read_visium(path, image_mpp=image_mpp, fullres_image_file=image), "visium"
     raise click.UsageError(
-        f"INPUT {str(path)!r} is neither a SpatialData .zarr, a Space Ranger outs/ folder (with spatial/), "
-        "nor, with --sample ID, a HEST-1k root."
+        f"INPUT {str(path)!r} is neither a SpatialData .zarr, a Space Ranger outs/ folder (with spatial/), an "
+        ".h5ad (scanpy's Visium layout), nor, with --sample ID, a HEST-1k root."
     )
 
 
@@ -163,6 +191,15 @@ def _is_zarr(path: Path) -> bool:
     help="Output .zarr; default: INPUT itself when it is a .zarr.",
 )
 @click.option("--sample", default=None, help="Sample id when INPUT is a HEST-1k root.")
+@click.option(
+    "--fullres-image",
+    "--image",
+    "fullres_image",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The full-resolution H&E scan (the image given to Space Ranger) for a Space Ranger outs/ folder or an "
+    ".h5ad INPUT; without it patches are upsampled from the hires PNG.",
+)
 @click.option("--key-added", default=None, help="obsm key; default X_<model>.")
 @click.option("--table-name", default=None, help="Spot table; default: the only one.")
 @click.option("--image-key", default=None, help="H&E image element; default: the largest.")
@@ -182,6 +219,7 @@ def embed(
     weights,
     out,
     sample,
+    fullres_image,
     key_added,
     table_name,
     image_key,
@@ -190,65 +228,340 @@ def embed(
     device,
     overwrite,
 ):
-    """Embed every spot of INPUT with MODEL and write the embeddings to a SpatialData .zarr.
+    """Embed every spot of INPUT with MODEL and write the embeddings to a SpatialData .zarr (or an .h5ad).
 
-    INPUT is a SpatialData .zarr (updated in place unless --out), a Space Ranger outs/ folder, or a
-    HEST-1k root with --sample ID. An existing embedding key or --out is never replaced without --overwrite.
+    INPUT is a SpatialData .zarr (updated in place unless --out), a Space Ranger outs/ folder (with
+    --fullres-image for the original scan), an .h5ad in scanpy's Visium layout (obsm['spatial'],
+    uns['spatial']; with --image for the full-resolution scan), or a HEST-1k root with --sample ID. An
+    existing embedding key or --out is never replaced without --overwrite.
 
     \b
     Examples:
       hopt-st embed sample.zarr --model handcrafted
-      hopt-st embed outs/ --model h-optimus-1 --weights model.safetensors --out sample.zarr
+      hopt-st embed outs/ --fullres-image scan.tif --model h-optimus-1 --out sample.zarr
+      hopt-st embed sample.h5ad --image scan.jpg --model h-optimus-1 --out embedded.h5ad
       hopt-st embed hest_data/ --sample TENX95 --model h-optimus-1 --out TENX95.zarr
     """
     import hopt_st as hs
 
+    from .io._elements import resolve_table_name
+    from .io._store import check_name, write_sdata, write_table_in_place
+    from .pp._embed import default_key
+
+    if key_added is not None:  # a key the output cannot hold is refused before anything is read
+        check_name(key_added, "--key-added")
     if weights is not None and not weights.exists():
         raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
-    sdata, kind = _read_input(input_path, sample, image_mpp=image_mpp, image_key=image_key)
-    in_place = out is None or (kind == "zarr" and out.resolve() == input_path.resolve())
-    if out is None and kind != "zarr":
+    sdata, kind = _read_input(
+        input_path, sample, image_mpp=image_mpp, image_key=image_key, image=fullres_image
+    )
+    key = default_key(hs.models.get_spec(model).name) if key_added is None else key_added
+    run = {
+        "model": model,
+        "weights": str(weights) if weights is not None else None,
+        "key_added": key,
+        "image_key": image_key,
+        "batch_size": batch_size,
+        "device": device,
+        "overwrite": overwrite,
+        "progress": not _STATE["quiet"],
+    }
+    if kind == "h5ad":
+        return _embed_h5ad(sdata, input_path, out, fullres_image, image_mpp, run)
+    in_place = out is None or (out.resolve() == input_path.resolve())
+    if in_place and kind != "zarr":
         raise click.UsageError(f"INPUT is a {kind} folder: pass --out OUT.zarr to say where to write.")
     if not in_place and out.exists() and not overwrite:
         raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
-    hs.pp.embed(
-        sdata,
+    hs.pp.embed(sdata, table_name=table_name, **run)
+    tname = resolve_table_name(sdata, table_name)
+    emb = sdata.tables[tname].obsm[key]
+    if in_place:  # atomic: on any failure the store is left exactly as it was
+        write_table_in_place(sdata, tname)
+        dest = input_path
+    else:
+        write_sdata(sdata, out, overwrite=overwrite)
+        dest = out
+    click.echo(f"{tname}.obsm[{key!r}]: {emb.shape[0]} spots x {emb.shape[1]} dims ({model}) -> {dest}")
+
+
+def _embed_h5ad(adata, input_path: Path, out: Path | None, image: Path | None, image_mpp, run: dict) -> None:
+    """``embed`` for an .h5ad: to OUT.h5ad (the AnnData with the embeddings) or OUT.zarr (a SpatialData with the
+    image, the spots and that AnnData as its table). ``run``: the arguments of ``pp.embed`` shared with INPUTs
+    of other kinds."""
+    import hopt_st as hs
+
+    from .io._store import write_sdata
+
+    if out is None or out.suffix not in (".h5ad", ".zarr"):
+        raise click.UsageError("INPUT is an .h5ad: pass --out OUT.h5ad (or OUT.zarr) to say where to write.")
+    if out.resolve() == input_path.resolve():
+        raise click.UsageError("--out must differ from INPUT (the .h5ad is never rewritten in place).")
+    if out.exists() and not run["overwrite"]:
+        raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
+    data = adata
+    if out.suffix == ".zarr":
+        data = hs.io.from_anndata(adata, image=image, image_mpp=image_mpp)
+        image, image_mpp = None, None  # recorded in the SpatialData
+    key = run["key_added"]  # validated (or the default) before anything was read
+    hs.pp.embed(data, image=image, image_mpp=image_mpp, **run)
+    table = data if out.suffix == ".h5ad" else data.tables["table"]
+    if out.suffix == ".zarr":
+        write_sdata(data, out, overwrite=run["overwrite"])
+    else:
+        _write_h5ad_atomically(adata, out)
+    emb = table.obsm[key]
+    click.echo(f"obsm[{key!r}]: {emb.shape[0]} spots x {emb.shape[1]} dims ({run['model']}) -> {out}")
+
+
+def _write_h5ad_atomically(adata, out: Path) -> None:
+    """Write next to ``out`` under a temporary name, then replace: a failed write leaves ``out`` as it was."""
+    from ._atomic import atomic_path
+
+    with atomic_path(out, what="--out file") as tmp:
+        adata.write_h5ad(tmp)
+
+
+# --------------------------------------------------------------------------------------------------------------
+def _parse_shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        i, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not i/N (e.g. 0/4: the first of 4 shards).", param_hint="--shard"
+        ) from None
+    if n < 1 or not 0 <= i < n:
+        raise click.BadParameter(
+            f"{value!r}: need 0 <= i < N (shards count from 0, e.g. $SLURM_ARRAY_TASK_ID/4).",
+            param_hint="--shard",
+        )
+    return i, n
+
+
+def _dask_client(stack, workers: int | None, scheduler: str | None):
+    """A client of a new local cluster (``--workers``), of a running scheduler (``--scheduler``), or None."""
+    if workers is None and scheduler is None:
+        return None
+    from distributed import Client, LocalCluster
+
+    # a failing sample is reported in status.csv and the summary; Dask would also log each attempt's traceback
+    silence = logging.DEBUG if _STATE["verbose"] else logging.CRITICAL
+    if workers is not None:
+        cluster = stack.enter_context(
+            LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address="127.0.0.1:0",  # a free local port: 8787 may be taken (a UserWarning)
+                silence_logs=silence,
+            )
+        )
+        return stack.enter_context(Client(cluster))
+    try:
+        return stack.enter_context(Client(scheduler, timeout="30s"))
+    except OSError as e:
+        raise click.BadParameter(
+            f"cannot reach the scheduler {scheduler!r} ({e}).", param_hint="--scheduler"
+        ) from None
+
+
+@cli.command("embed-cohort")
+@click.argument("cohort", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--model", required=True, help="Registry name (see `hopt-st models`), e.g. h-optimus-1, handcrafted."
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Output folder: OUT/<model>/<sample_id>.h5 (HEST's embedding layout) and OUT/<model>/status.csv.",
+)
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Local weights file (.safetensors or .pt/.bin state dict).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    default=None,
+    help="Start a local Dask cluster of N worker processes (one thread each) and spread the samples over it.",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="Address of a running Dask scheduler (tcp://host:8786) whose workers embed the samples.",
+)
+@click.option(
+    "--shard",
+    default=None,
+    metavar="i/N",
+    help="Only shard i of N (from 0; positions i, i+N, ... of the sorted sample ids): one SLURM array task "
+    "each, no scheduler needed.",
+)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, mps; default: each worker's best device.")
+@click.option("--batch-size", type=click.IntRange(1), default=None)
+@click.option(
+    "--retries",
+    type=click.IntRange(0),
+    default=2,
+    show_default=True,
+    help="Extra attempts for a failing sample.",
+)
+@click.option("--overwrite", is_flag=True, help="Recompute samples whose output file exists.")
+def embed_cohort(
+    cohort, model, out, weights, workers, scheduler, shard, device, batch_size, retries, overwrite
+):
+    """Embed every sample of COHORT with MODEL, once, into one HEST-layout .h5 file per sample.
+
+    COHORT is a CSV (columns sample_id, source; optional kind, image, image_mpp, patient, counts), a HEST-1k
+    root or a HEST-Benchmark task folder. Samples whose output exists with the same fingerprint are skipped;
+    failures are recorded in OUT/<model>/status.csv and the others go on (exit code 1 if any failed).
+
+    \b
+    Examples:
+      hopt-st embed-cohort hest_data/ --model h-optimus-1 --out emb              # in this process
+      hopt-st embed-cohort cohort.csv --model h-optimus-1 --out emb --workers 4   # local Dask cluster
+      hopt-st embed-cohort cohort.csv --model uni --out emb --scheduler tcp://node1:8786
+      hopt-st embed-cohort cohort.csv --model uni --out emb --shard $SLURM_ARRAY_TASK_ID/8
+    """
+    import contextlib
+
+    import hopt_st as hs
+    from hopt_st.io._cohort import model_dirname
+
+    if workers is not None and scheduler is not None:
+        raise click.UsageError(
+            "--workers and --scheduler exclude each other: start a local cluster or join one."
+        )
+    if weights is not None and not weights.exists():
+        raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
+    shard_ = _parse_shard(shard)
+    with contextlib.ExitStack() as stack:
+        client = _dask_client(stack, workers, scheduler)
+        df = hs.pp.embed_cohort(
+            cohort,
+            model,
+            out,
+            client=client,
+            weights=str(weights) if weights is not None else None,
+            device=device,
+            batch_size=batch_size,
+            retries=retries,
+            shard=shard_,
+            overwrite=overwrite,
+            progress=not _STATE["quiet"],
+        )
+    n = df["status"].value_counts()
+    click.echo(
+        f"{model}: {n.get('done', 0)} done, {n.get('skipped', 0)} skipped, {n.get('failed', 0)} failed "
+        f"-> {out / model_dirname(model)} (status: {df.attrs['status_path']})"
+    )
+    failed = df[df["status"] == "failed"]
+    for sample, error in zip(failed["sample"], failed["error"]):
+        click.echo(f"  failed {sample}: {error}", err=True)
+    return 1 if len(failed) else 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option(
+    "--regressor",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A regressor saved with ExpressionRegressor.save (fitted on --model embeddings).",
+)
+@click.option("--model", required=True, help="The encoder the regressor was fitted on, e.g. h-optimus-1.")
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Local weights of --model.",
+)
+@click.option(
+    "--image-mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="µm per full-resolution pixel of SLIDE, when the file records none (or to override it).",
+)
+@click.option("--genes", default=None, help="Comma-separated genes to map; default: the regressor's first 3.")
+@click.option(
+    "--preset",
+    type=click.Choice(["tiles", "visium"]),
+    default="tiles",
+    show_default=True,
+    help="tiles: 112 µm squares tiling the tissue; visium: 55 µm spots on a 100 µm hexagonal grid.",
+)
+@click.option(
+    "--min-tissue-fraction",
+    type=click.FloatRange(0, 1),
+    default=0.75,
+    show_default=True,
+    help="Keep tiles with at least this fraction on tissue.",
+)
+@click.option("--image-key", default=None, help="H&E image element of a .zarr SLIDE; default: the largest.")
+@click.option("--batch-size", type=click.IntRange(1), default=None)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, mps; default: the best available.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output .zarr (tissue, grid, embeddings, predictions, thumbnail); PNG maps go beside it.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out and its PNG maps.")
+def predict(
+    slide,
+    regressor,
+    model,
+    weights,
+    image_mpp,
+    genes,
+    preset,
+    min_tissue_fraction,
+    image_key,
+    batch_size,
+    device,
+    out,
+    overwrite,
+):
+    """Predict expression maps over a whole H&E SLIDE that has no spatial data.
+
+    SLIDE is a pyramidal / SVS-like TIFF or a SpatialData .zarr. Tissue is detected, a grid of pseudo-spots
+    laid over it, embedded with --model and fed to --regressor. Writes --out (a .zarr with the tissue
+    polygons, the grid, its embeddings and predictions, and a slide thumbnail) and <out stem>_<gene>.png maps.
+
+    \b
+    Examples:
+      hopt-st predict slide.svs --regressor ridge.safetensors --model h-optimus-1 --out slide_pred.zarr
+      hopt-st predict slide.tif --regressor ridge_handcrafted --model handcrafted --image-mpp 0.25 \\
+          --genes GENE0003,GENE0010 --out slide_pred.zarr
+    """
+    from ._predict import run_predict
+
+    res = run_predict(
+        slide,
+        regressor,
         model=model,
-        weights=str(weights) if weights is not None else None,
-        key_added=key_added,
-        table_name=table_name,
+        out=out,
+        weights=weights,
+        image_mpp=image_mpp,
+        genes=[g.strip() for g in genes.split(",") if g.strip()] if genes else None,
+        preset=preset,
+        min_tissue_fraction=min_tissue_fraction,
         image_key=image_key,
         batch_size=batch_size,
         device=device,
         overwrite=overwrite,
         progress=not _STATE["quiet"],
     )
-    from .io._elements import resolve_table_name
-
-    tname = resolve_table_name(sdata, table_name)
-    key = key_added or f"X_{model}"
-    emb = sdata.tables[tname].obsm[key]
-    if in_place:
-        _replace_table_on_disk(sdata, tname)
-        dest = input_path
-    else:
-        sdata.write(out, overwrite=overwrite)
-        dest = out
-    click.echo(f"{tname}.obsm[{key!r}]: {emb.shape[0]} spots x {emb.shape[1]} dims ({model}) -> {dest}")
-
-
-def _replace_table_on_disk(sdata, name: str) -> None:
-    """Rewrite one table of a backed SpatialData in its own store.
-
-    spatialdata refuses to overwrite an element inside the store it was read from, so the table is first
-    written to a scratch store (to be sure it serialises), then the old one is deleted and the new one written.
-    """
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        sdata.tables[name].write_zarr(Path(tmp) / "check.zarr")
-    sdata.delete_element_from_disk(name)
-    sdata.write_element(name)
+    click.echo(res["report"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -284,8 +597,16 @@ def _replace_table_on_disk(sdata, name: str) -> None:
     help="Folder for results.csv/json, per_gene.csv, figures.",
 )
 @click.option("--device", default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
-def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, seed):
+@click.option("--seed", type=int, default=1, show_default=True, help="PCA random_state (HEST's default: 1).")
+@click.option(
+    "--solver",
+    type=click.Choice(["exact", "sklearn", "fast"]),
+    default="exact",
+    show_default=True,
+    help="hest protocol: exact (HEST's arithmetic), sklearn (its Ridge itself, slow), fast (from moments, ~1e-4).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace results of these models/tasks already in --out.")
+def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, seed, solver, overwrite):
     """Run the HEST-Benchmark on ROOT (a hest-bench download) and print the Markdown table.
 
     Writes results.csv, results.json (with provenance), per_gene.csv and benchmark.png into --out, and
@@ -301,7 +622,15 @@ def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, s
 
     import hopt_st as hs
 
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    task_list = None
+    if tasks is not None:
+        task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+        if not task_list:
+            raise click.BadParameter(
+                f"{tasks!r} names no task; give comma-separated task names, e.g. --tasks IDC,PRAD, or leave "
+                "--tasks out to run every task found.",
+                param_hint="--tasks",
+            )
     if weights is not None and len(models) > 1:
         raise click.UsageError("--weights applies to one --model; run one model at a time with --weights.")
     frames = []
@@ -316,6 +645,8 @@ def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, s
                 weights=str(weights) if weights is not None else None,
                 device=device,
                 seed=seed,
+                solver=solver,
+                overwrite=overwrite,
                 out_dir=out / model,  # HEST-shaped per-fold JSONs (and, by default, the embeddings cache)
             )
         )
@@ -384,9 +715,30 @@ def _human(v) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
+#: Python arguments named in the package's messages -> the CLI flags that set them
+_FLAGS = {
+    "overwrite": "--overwrite",
+    "image_mpp": "--image-mpp",
+    "weights": "--weights",
+    "key_added": "--key-added",
+    "image_key": "--image-key",
+    "table_name": "--table-name",
+    "batch_size": "--batch-size",
+    "device": "--device",
+    "sample_id": "--sample",
+}
+# not inside a Python call shown in the message (``create(name, weights=...)``)
+_ARG = re.compile(r"(?<![\w.'\"\[(-])(?<!, )(" + "|".join(_FLAGS) + r")\s*=\s*(True\b)?")
+
+
+def _as_flags(msg: str) -> str:
+    """``pass overwrite=True`` -> ``pass --overwrite``; ``image_mpp=0.5`` -> ``--image-mpp 0.5``."""
+    return _ARG.sub(lambda m: _FLAGS[m.group(1)] + ("" if m.group(2) else " "), msg)
+
+
 def _one_line(exc: BaseException) -> str:
     msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    msg = " ".join(str(msg).split())
+    msg = _as_flags(" ".join(str(msg).split()))
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
@@ -394,6 +746,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hopt-st`` console script; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = any(a in ("-v", "--verbose") for a in args[: _first_command(args)])
+    with warnings.catch_warnings():  # the filters below last for this command only
+        if not verbose:
+            _hide_third_party_warnings()
+        return _run(args, verbose)
+
+
+def _run(args: list[str], verbose: bool) -> int:
     try:
         rv = cli.main(args=args, prog_name="hopt-st", standalone_mode=False)
         return rv if isinstance(rv, int) else 0

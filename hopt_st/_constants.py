@@ -23,3 +23,6 @@ PATCH_SIZE = 224
 
 #: ``obs`` column recording the fraction of each spot's patch that lies inside the image.
 OBS_FRACTION_KEY = "patch_fraction_inside"
+
+#: Coordinate system in which readers also place every element in micrometres (``Scale`` from full-res px).
+MICROMETERS_CS = "micrometers"

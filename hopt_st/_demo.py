@@ -15,9 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .io._store import sanitize_name, write_sdata
+
 logger = logging.getLogger(__name__)
 
 ZARR_NAME = "demo.zarr"
+#: written last into the output folder: an earlier demo run whose outputs a rerun may replace
+MARKER_NAME = ".hopt_st_demo"
 
 
 def spatial_split(xy: np.ndarray) -> np.ndarray:
@@ -44,10 +48,16 @@ def _fit_and_score(sdata, test, model: str, key: str, n_top_genes: int, seed: in
     """Embed with ``model``, fit a ridge on the training spots, predict all spots; Pearson per gene on test."""
     import hopt_st as hs
 
+    from .pp._embed import default_key
+
     table = sdata["table"]
     hs.pp.embed(sdata, model=model, progress=progress)
     reg = hs.tl.fit_expression(
-        table[~test].copy(), use_rep=f"X_{model}", n_top_genes=n_top_genes, method="ridge", seed=seed
+        table[~test].copy(),
+        use_rep=default_key(hs.models.get_spec(model).name),
+        n_top_genes=n_top_genes,
+        method="ridge",
+        seed=seed,
     )
     hs.tl.predict_expression(sdata, reg, key_added=key, overwrite=True)
     genes = list(reg.genes_)
@@ -64,7 +74,7 @@ def _figures(sdata, test, scores: pd.DataFrame, first_model: str, out: Path) -> 
 
     first = scores[first_model].dropna()
     picks = list(dict.fromkeys([first.index[0], first.index[len(first) // 2], first.index[-1]]))
-    fig = hs.pl.expression(sdata, picks, predicted_key="predicted", score_on="test")
+    fig = hs.pl.expression(sdata, picks, predicted_key="predicted", score_on="test", return_fig=True)
     fig.suptitle(
         f"{first_model} + ridge: best, median and worst of {len(first)} genes\n"
         "fitted on the left half of the slide, Pearson on the right (held-out) half",
@@ -108,7 +118,9 @@ def run_demo(
     n_top_genes
         Genes to predict (most variable on the training spots).
     overwrite
-        Replace an existing ``demo.zarr``.
+        Replace a ``demo.zarr`` that an earlier demo run did not write. The outputs of an earlier demo run
+        (recognised by the ``.hopt_st_demo`` file it leaves in ``out``) are regenerated and replaced anyway,
+        so running the demo twice just works.
     progress
         Print the steps (embedding shows its own progress bar).
     say
@@ -131,9 +143,11 @@ def run_demo(
         raise ValueError("models is empty: pass at least one encoder name, e.g. 'handcrafted'.")
     out = Path(out)
     zarr_path = out / ZARR_NAME
-    if zarr_path.exists() and not overwrite:
+    rerun = (out / MARKER_NAME).is_file()  # our own outputs: regenerated from the seed, safe to replace
+    if zarr_path.exists() and not (overwrite or rerun):
         raise FileExistsError(
-            f"{str(zarr_path)!r} already exists: pass --overwrite (overwrite=True) to replace it."
+            f"{str(zarr_path)!r} already exists and was not written by the demo: pass --overwrite "
+            "(overwrite=True) to replace it, or choose another --out."
         )
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -143,7 +157,7 @@ def run_demo(
     scores, regs = {}, []
     for k, model in enumerate(models):
         say(f"[{2 + k}/{n_steps}] {model}: embed, fit ridge on the training half, predict")
-        key = "predicted" if k == 0 else f"predicted_{model}"
+        key = "predicted" if k == 0 else f"predicted_{sanitize_name(model)}"
         reg, scores[model] = _fit_and_score(sdata, test, model, key, n_top_genes, seed, progress)
         regs.append(reg)
     scores_df = pd.DataFrame(scores).rename_axis("gene").sort_values(models[0], ascending=False)
@@ -153,10 +167,15 @@ def run_demo(
     scores_df.to_csv(files["per_gene_pearson"])
     files.update(_figures(sdata, test, scores_df, models[0], out))
     say(f"[{n_steps}/{n_steps}] writing {zarr_path}")
-    regs[0].save(out / f"ridge_{models[0]}")
-    files["regressor"] = out / f"ridge_{models[0]}"
-    sdata.write(zarr_path, overwrite=overwrite)
+    files["regressor"] = out / f"ridge_{sanitize_name(models[0])}"
+    regs[0].save(files["regressor"], overwrite=True)  # the previous run's (regenerated just above)
+    write_sdata(sdata, zarr_path, overwrite=True)  # swapped in atomically: a failure keeps the previous store
+    sdata.path = zarr_path
     files["zarr"] = zarr_path
+    (out / MARKER_NAME).write_text(
+        "Written by `hopt-st demo`; running the demo again regenerates and replaces:\n"
+        + "".join(f"{Path(f).name}\n" for f in files.values())
+    )
     elapsed = time.perf_counter() - t0
     report = _report(scores_df, models, files, elapsed)
     return {"sdata": sdata, "scores": scores_df, "files": files, "report": report, "seconds": elapsed}
@@ -164,13 +183,16 @@ def run_demo(
 
 def _mark_split(fig, test: np.ndarray) -> None:
     """Dashed line between the training (left) and test (right) spots on every spot panel."""
-    from matplotlib.collections import EllipseCollection
+    from matplotlib.collections import PatchCollection
 
     for ax in fig.axes:
-        colls = [c for c in ax.collections if isinstance(c, EllipseCollection)]
+        colls = [c for c in ax.collections if isinstance(c, PatchCollection)]
         if not colls:
             continue
-        offs = np.asarray(colls[0].get_offsets())
+        # spot centres in data coordinates (one circle per spot, in table row order)
+        offs = np.array(
+            [[(e.x0 + e.x1) / 2, (e.y0 + e.y1) / 2] for e in (p.get_extents() for p in colls[0].get_paths())]
+        )
         if len(offs) != len(test) or test.all() or not test.any():
             continue
         xb = (offs[~test, 0].max() + offs[test, 0].min()) / 2

@@ -37,6 +37,18 @@ DOC_TARGET_MPP = "µm per patch pixel (0.5 for H-optimus-1 and the HEST-Benchmar
 DOC_PATCH_SIZE = "Side of the patches in pixels."
 DOC_OVERWRITE = "Replace an existing entry (key, element or file) of the same name; otherwise refuse."
 DOC_COPY = "Return a modified copy instead of writing in place."
+DOC_IMAGE = (
+    'AnnData input only: the full-resolution H&E scan whose pixels are the units of ``obsm["spatial"]`` (a '
+    "path, TIFFs read lazily, or an ``(height, width, 3)`` array). Default "
+    '``uns["spatial"][library_id]["metadata"]["source_image_path"]``, else the hires image (patches '
+    "upsampled, with a warning saying by how much)."
+)
+DOC_LIBRARY_ID = 'AnnData input only: the key of ``uns["spatial"]``, when it holds several libraries.'
+DOC_IMAGE_MPP_ANNDATA = (
+    DOC_IMAGE_MPP
+    + ' For an AnnData: µm per full-resolution pixel (the units of ``obsm["spatial"]``); default '
+    "``65 / spot_diameter_fullres``."
+)
 DOC_PROGRESS = "Show a tqdm progress bar."
 DOC_KEY_ADDED = "Key under which the result is stored."
 DOC_USE_REP = "Key of the embeddings in ``obsm``."
@@ -59,12 +71,17 @@ DOCS: dict[str, str] = {
     "patch_size": DOC_PATCH_SIZE,
     "overwrite": DOC_OVERWRITE,
     "copy": DOC_COPY,
+    "image": DOC_IMAGE,
+    "library_id": DOC_LIBRARY_ID,
     "progress": DOC_PROGRESS,
     "key_added": DOC_KEY_ADDED,
     "use_rep": DOC_USE_REP,
     "save": DOC_SAVE,
     "dpi": DOC_DPI,
     "spot_params": _entries(sdata=DOC_SDATA, table_name=DOC_TABLE_NAME, image_key=DOC_IMAGE_KEY),
+    # the slide arguments of pp.patches / pp.embed that an AnnData input needs
+    "anndata_image_params": _entries(image=DOC_IMAGE, library_id=DOC_LIBRARY_ID),
+    "image_mpp_anndata": DOC_IMAGE_MPP_ANNDATA,
     "save_dpi": _entries(save=DOC_SAVE, dpi=DOC_DPI),
 }
 

@@ -18,14 +18,29 @@ writes ``coords = int(c - patch_size_src // 2)`` (``HESTData.dump_patches`` in g
 rescaling)"). The centre is therefore ``coords + floor(patch_size_src / 2)`` (exact for integer centres,
 otherwise up to 1 px below the true centre because of the truncation).
 
-hopt_st also writes ``centers`` ((n, 2) float64, exact spot centres) and the attributes ``patch_size``,
-``patch_size_src`` (patch side in level-0 pixels), ``pixel_size`` (µm per patch pixel), ``downsample``
-(``patch_size_src / patch_size``) and ``level0_pixel_size`` on ``coords``, ``img`` and the file root; HEST
-readers ignore what they do not know.
+HEST's pinned patcher (``hestcore`` 1.0.4, ``WSIPatcher.to_h5``; 1.0.3 is identical) records on ``img``:
+
+``patch_size_src``
+    ``round(P * downsample)``: the side, in level-0 pixels, of the window read and resized to ``P``.
+``patch_size_target``
+    ``P``.
+``downsample``
+    target µm/px over the **slide's** µm/px (unrounded).
+``pixel_size``
+    the **slide's** level-0 µm/px (``src_pixel_size``), not the patches'.
+
+so the patches' own µm/px is ``pixel_size * patch_size_src / patch_size_target`` (what the resized pixels hold)
+and the unrounded level-0 side HEST offset the corners by is ``patch_size_target * downsample``. Older HEST files
+(2024) carry no such attributes; :func:`read_patches` then assumes full-resolution 0.5 µm/px patches.
+
+hopt_st writes the same ``img`` attributes with the same meaning; with ``hopt_st_fields`` it adds a ``centers``
+dataset ((n, 2) float64, exact spot centres) and, on the file root, ``hopt_st_patch_mpp`` and
+``hopt_st_patch_size_src`` (the unrounded values). HEST readers ignore what they do not know.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -38,12 +53,21 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ._atomic import atomic_path
+from ._errors import CorruptFileError
+
 logger = logging.getLogger(__name__)
 
 #: µm per pixel assumed for a patch file that records none (HEST-Benchmark patches are 0.5 µm/px)
 HEST_PATCH_MPP = 0.5
 #: attributes that, in HEST-style files, record the patch side in level-0 px
 PATCH_SIZE_SRC_ATTRS = ("patch_size_src", "patch_size_level0")
+#: bytes of a patch file besides its arrays (HDF5 headers, chunk index), for the free-space check
+_H5_OVERHEAD = 1 << 16
+#: patches hashed into the fingerprint of a patch file (evenly spaced), besides its size and mtime
+_DIGEST_PATCHES = 8
+#: exceptions h5py raises on a truncated or garbled file
+_H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
 
 
 def default_workers() -> int:
@@ -85,15 +109,47 @@ def h5_attr(f: h5py.File, names: tuple[str, ...]):
     return None
 
 
+def _scalar(value) -> float:
+    return float(np.ravel(value)[0])
+
+
 def recorded_patch_size_src(f: h5py.File, patch_size: int) -> float | None:
-    """The patch side in level-0 px that a patch file records (directly or as a downsample); else ``None``."""
+    """The unrounded patch side in level-0 px that a patch file records, the one HEST offsets its corners by:
+    hopt_st's exact value, else ``patch_size * downsample`` (hestcore's ``patch_size_src`` attribute is rounded),
+    else a recorded ``patch_size_src``; ``None`` when the file records none."""
+    exact = h5_attr(f, ("hopt_st_patch_size_src",))
+    if exact is not None:
+        return _scalar(exact)
+    down = h5_attr(f, ("downsample",))
+    if down is not None:
+        return patch_size * _scalar(down)
     src = h5_attr(f, PATCH_SIZE_SRC_ATTRS)
+    return None if src is None else _scalar(src)
+
+
+def recorded_mpp(f: h5py.File, patch_size: int) -> tuple[float | None, float | None]:
+    """``(patch µm/px, slide µm/px)`` a patch file records, each ``None`` when unknown.
+
+    hestcore's ``pixel_size`` is the slide's µm/px; the patches hold ``pixel_size * patch_size_src /
+    patch_size_target`` µm/px. hopt_st's files record the patches' exact value too; hopt_st files written before
+    hestcore's meaning was adopted (with ``level0_pixel_size``) stored the patches' µm/px as ``pixel_size``."""
+    exact = h5_attr(f, ("hopt_st_patch_mpp",))
+    slide = h5_attr(f, ("pixel_size",))
+    legacy = h5_attr(f, ("level0_pixel_size",))
+    if legacy is not None:  # older hopt_st file: pixel_size was the patches' µm/px
+        return (None if slide is None else _scalar(slide)), _scalar(legacy)
+    slide = None if slide is None else _scalar(slide)
+    if exact is not None:
+        return _scalar(exact), slide
+    if slide is None:
+        return None, None
+    src = h5_attr(f, ("patch_size_src",))
+    target = h5_attr(f, ("patch_size_target",))
+    src = _scalar(src) if src is not None else recorded_patch_size_src(f, patch_size)
+    target = _scalar(target) if target is not None else float(patch_size)
     if src is None:
-        down = h5_attr(f, ("downsample",))
-        if down is None:
-            return None
-        return patch_size * float(np.ravel(down)[0])
-    return float(np.ravel(src)[0])
+        return None, slide
+    return slide * src / target, slide
 
 
 def decode_barcodes(raw) -> np.ndarray:
@@ -416,7 +472,14 @@ class ArrayPatches(Patches):
             or array.shape[-1] != 3
             or array.shape[1] != array.shape[2]
         ):
-            raise ValueError(f"patch array must be uint8 (n, P, P, 3); got {array.dtype} {array.shape}.")
+            hint = (
+                " It looks channels-first: transpose it to (n, P, P, 3), e.g. array.transpose(0, 2, 3, 1)."
+                if array.ndim == 4 and array.shape[1] in (3, 4) and array.shape[2] == array.shape[3]
+                else ""
+            )
+            raise ValueError(
+                f"patch array must be uint8 (n, P, P, 3); got {array.dtype} {array.shape}.{hint}"
+            )
         if barcodes is None:
             barcodes = np.arange(len(array)).astype(str)
         super().__init__(barcodes, centers, array.shape[1], mpp, patch_size_src)
@@ -455,44 +518,79 @@ def write_patches_h5(
     num_workers
         Reading threads (see :meth:`Patches.iter_batches`).
     hopt_st_fields
-        Also write hopt_st's ``centers`` dataset and size attributes; ``False`` writes only what HEST's own
-        patcher writes (``img``, ``coords``, ``barcode`` and ``img.attrs["patch_size_target"]``).
+        Also write hopt_st's ``centers`` dataset and exact values (``hopt_st_patch_mpp``,
+        ``hopt_st_patch_size_src`` on the file root); ``False`` writes what hestcore 1.0.4's patcher writes.
 
     Returns
     -------
     pathlib.Path
-        ``path``, holding datasets ``img``, ``coords``, ``barcode`` (and ``centers``).
+        ``path``, holding datasets ``img`` (with hestcore's attributes ``patch_size_src``, ``patch_size_target``,
+        ``downsample`` and, when the patches' µm/px is known, ``pixel_size``: the slide's µm/px), ``coords``,
+        ``barcode`` (and ``centers``).
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
     n, p = len(patches), patches.patch_size
     coords = patches.coords
     encoded = [b.encode() for b in patches.barcodes]
     barcodes = np.array(encoded, dtype=f"S{max([1] + [len(b) for b in encoded])}")
-    tmp = path.with_name(path.name + ".part")
-    with h5py.File(tmp, "w") as f:
-        img = f.create_dataset("img", shape=(n, p, p, 3), dtype=np.uint8, chunks=(1, p, p, 3) if n else None)
-        img.attrs["patch_size_target"] = p
-        ds_coords = f.create_dataset("coords", data=coords)
+    expected = n * p * p * 3 + n * (16 + 16 + barcodes.itemsize) + _H5_OVERHEAD
+    # checked against the free space first (HDF5 handles a full disk badly), written under a temporary name,
+    # fsynced and renamed: a failure leaves no partial file and an existing file untouched
+    with atomic_path(path, overwrite=overwrite, what="patch file", expected_bytes=expected) as tmp:
+        _write_h5(tmp, patches, coords, barcodes, hopt_st_fields, num_workers, final=Path(path))
+    logger.info("Wrote %d patches to %s.", n, path)
+    return Path(path)
+
+
+def _write_h5(tmp: Path, patches: Patches, coords, barcodes, hopt_st_fields: bool, num_workers, final: Path):
+    """The HDF5 writing of :func:`write_patches_h5`, into ``tmp``.
+
+    A write error (a full disk) leaves HDF5 in a state where freeing a dataset object after its file was
+    closed crashes the process (segfault): ``img`` is contiguous (no chunk cache holding unwritten data), and on
+    any error every h5py object is released *before* the file is closed and the error is re-raised as a plain
+    ``OSError`` that holds no reference to them.
+    """
+    n, p = len(patches), patches.patch_size
+    src = float(patches.patch_size_src)
+    # hestcore 1.0.4 WSIPatcher: downsample = dst / src µm/px, patch_size_src = round(P * downsample),
+    # pixel_size = the slide's (src) µm/px
+    img_attrs = {"patch_size_src": int(round(src)), "patch_size_target": p, "downsample": src / p}
+    if patches.mpp is not None:
+        img_attrs["pixel_size"] = float(patches.mpp) * p / src
+    f = h5py.File(tmp, "w")
+    failure = None
+    try:
+        img = f.create_dataset("img", shape=(n, p, p, 3), dtype=np.uint8)  # contiguous: no chunk cache
+        img.attrs.update(img_attrs)
+        f.create_dataset("coords", data=coords)
         f.create_dataset("barcode", data=barcodes.reshape(-1, 1))
         if hopt_st_fields:
             f.create_dataset("centers", data=patches.centers)
-            attrs = {
-                "patch_size": p,
-                "patch_size_src": float(patches.patch_size_src),
-                "pixel_size": float(patches.mpp),
-                "downsample": float(patches.patch_size_src / p),
-                "level0_pixel_size": float(patches.mpp * p / patches.patch_size_src),
-            }
-            for obj in (f, img, ds_coords):
-                obj.attrs.update(attrs)
+            f.attrs["hopt_st_patch_size_src"] = src
+            if patches.mpp is not None:
+                f.attrs["hopt_st_patch_mpp"] = float(patches.mpp)
         for idx, batch in patches.iter_batches(256, indices=patches.read_order(), num_workers=num_workers):
             o = np.argsort(idx)  # read in spatial order, written by index (h5py wants increasing indices)
             img[idx[o]] = batch[o]
-    os.replace(tmp, path)
-    logger.info("Wrote %d patches to %s.", n, path)
-    return path
+    except Exception as e:  # noqa: BLE001 - re-raised below as an OSError naming the file
+        failure = (type(e), str(e), getattr(e, "errno", None))
+    if failure is not None:  # give HDF5 room to flush and close cleanly: the file is deleted anyway
+        with contextlib.suppress(Exception):
+            os.ftruncate(f.id.get_vfd_handle(), 0)
+    img = None  # noqa: F841 - release the dataset while the file is open
+    try:
+        f.close()
+    except Exception as e:  # noqa: BLE001 - flushing on close fails on a full disk too
+        failure = failure or (type(e), str(e), getattr(e, "errno", None))
+    f = None
+    if failure is not None:
+        kind, msg, code = failure
+        if not issubclass(kind, OSError) and kind.__module__.split(".")[0] == "hopt_st":
+            raise kind(msg)
+        raise OSError(
+            code,
+            f"writing patch file {str(final)!r} failed ({kind.__name__}: {' '.join(msg.split())[:300]}); nothing "
+            "was written there. Free some disk space or write it elsewhere",
+        )
 
 
 class _H5Patches(Patches):
@@ -507,8 +605,16 @@ class _H5Patches(Patches):
         self._pid = None
 
     def _source_id(self) -> str:
+        """The file (path, size, mtime) and a digest of a few evenly spaced patches: a file replaced by
+        another of the same size (or with its mtime preserved) is still told apart."""
         st = self.path.stat()
-        return f"h5:{self.path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        h = hashlib.sha256()
+        if len(self):
+            sample = np.unique(
+                np.linspace(0, len(self) - 1, min(len(self), _DIGEST_PATCHES)).astype(np.int64)
+            )
+            h.update(np.ascontiguousarray(self._read(sample)).data)
+        return f"h5:{self.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{h.hexdigest()}"
 
     def _handle(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
@@ -522,11 +628,14 @@ class _H5Patches(Patches):
         order = np.argsort(idx, kind="stable")
         uniq, inverse = np.unique(idx[order], return_inverse=True)
         with self._lock:
-            ds = self._handle()[self._img_key]
-            if len(uniq) == uniq[-1] - uniq[0] + 1:
-                data = ds[int(uniq[0]) : int(uniq[-1]) + 1]
-            else:
-                data = ds[uniq]
+            try:
+                ds = self._handle()[self._img_key]
+                if len(uniq) == uniq[-1] - uniq[0] + 1:
+                    data = ds[int(uniq[0]) : int(uniq[-1]) + 1]
+                else:
+                    data = ds[uniq]
+            except _H5_ERRORS as e:
+                raise _corrupt_h5(self.path, e, f"reading patches {int(uniq[0])}..{int(uniq[-1])}") from None
         out = np.empty((len(idx), self.patch_size, self.patch_size, 3), dtype=np.uint8)
         out[order] = data[inverse]
         return out
@@ -555,41 +664,118 @@ def read_patches(path: str | os.PathLike) -> Patches:
     -------
     Patches
         Same interface as :func:`hopt_st.pp.patches`' result; ``centers`` are HEST's
-        ``coords + patch_size_src // 2`` unless the file stores exact ``centers``. A file recording no
-        ``patch_size_src`` / ``downsample`` is taken to be cut at full resolution, and one recording no pixel
-        size to be at 0.5 µm/px (HEST-Benchmark's).
+        ``coords + patch_size_src // 2`` (with the unrounded ``patch_size_target * downsample``) unless the file
+        stores exact ``centers``; ``mpp`` is hestcore's ``pixel_size * patch_size_src / patch_size_target``
+        (``pixel_size`` being the slide's µm/px, see the module docstring). A file recording no size attributes
+        (HEST's 2024 files) is taken to be cut at full resolution at 0.5 µm/px (HEST-Benchmark's).
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"patch file {path} not found.")
-    with h5py.File(path, "r") as f:
-        img_key = next((k for k in ("img", "imgs", "images") if k in f), None)
-        if img_key is None or "coords" not in f:
-            raise ValueError(
-                f"{path} is not a HEST patch file: it needs datasets 'img' and 'coords' (it has {list(f.keys())})."
-            )
-        ds = f[img_key]
-        if ds.ndim != 4 or ds.shape[1] != ds.shape[2] or ds.shape[3] != 3 or ds.dtype != np.uint8:
-            raise ValueError(
-                f"{path}: dataset {img_key!r} has shape {ds.shape} and dtype {ds.dtype}; expected (n, P, P, 3) uint8."
-            )
-        n, p = ds.shape[0], ds.shape[1]
-        coords = np.asarray(f["coords"][:], dtype=np.float64).reshape(n, -1)[:, :2]
-        bkey = next((k for k in ("barcode", "barcodes") if k in f), None)
-        if bkey is None:
-            barcodes = np.array([str(i) for i in range(n)])
-            logger.info("%s has no 'barcode' dataset; patches are named by row number.", path)
-        else:
-            barcodes = decode_barcodes(f[bkey][:])
-        src = recorded_patch_size_src(f, p)
-        if src is None:
-            src = float(p)
-            logger.info("%s records no patch_size_src/downsample; assuming patches at full resolution.", path)
-        mpp = h5_attr(f, ("pixel_size", "dst_pixel_size", "target_pixel_size"))
-        mpp = HEST_PATCH_MPP if mpp is None else float(np.ravel(mpp)[0])
-        centers = (
-            np.asarray(f["centers"][:], dtype=np.float64) if "centers" in f else hest_centers(coords, src)
+    if not path.is_file():
+        raise FileNotFoundError(f"patch file {str(path)!r} not found.")
+    try:
+        with h5py.File(path, "r") as f:
+            raw = _read_raw_fields(f)
+    except _H5_ERRORS as e:  # h5py's own errors name neither the file nor the fix
+        raise _corrupt_h5(path, e, "reading it") from None
+    return _check_patch_fields(raw, path)
+
+
+def _corrupt_h5(path: Path, e: BaseException, doing: str) -> CorruptFileError:
+    return CorruptFileError.from_error(
+        path,
+        e,
+        what="patch file",
+        fix=f"{doing} failed. Copy or download it again, or write it again with Patches.to_h5.",
+    )
+
+
+def _read_raw_fields(f: h5py.File) -> dict:
+    """Everything :func:`read_patches` needs from an open file, unchecked (reads only, raises h5py's errors)."""
+    raw: dict = {"keys": list(f.keys())}
+    img_key = next((k for k in ("img", "imgs", "images") if k in f), None)
+    if img_key is None or "coords" not in f:
+        return raw
+    ds = f[img_key]
+    raw.update(img_key=img_key, shape=ds.shape, dtype=ds.dtype, coords=np.asarray(f["coords"][:]))
+    if ds.ndim != 4:
+        return raw
+    if ds.shape[0]:
+        ds[ds.shape[0] - 1]  # the last patch: a truncated file fails here, not at embedding time
+    bkey = next((k for k in ("barcode", "barcodes") if k in f), None)
+    raw["barcodes"] = None if bkey is None else decode_barcodes(f[bkey][:])
+    raw["src"] = recorded_patch_size_src(f, ds.shape[1])
+    raw["mpp"] = recorded_mpp(f, ds.shape[1])[0]
+    raw["centers"] = np.asarray(f["centers"][:], dtype=np.float64) if "centers" in f else None
+    return raw
+
+
+def _check_patch_fields(raw: dict, path: Path) -> Patches:
+    """The lazy patches of a file read by :func:`_read_raw_fields`, after checking what it holds."""
+    if "img_key" not in raw:
+        raise ValueError(
+            f"{path} is not a HEST patch file: it needs datasets 'img' and 'coords' (it has {raw['keys']})."
         )
+    img_key, shape, dtype = raw["img_key"], raw["shape"], raw["dtype"]
+    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or dtype != np.uint8:
+        raise ValueError(
+            f"{path}: dataset {img_key!r} has shape {shape} and dtype {dtype}; expected (n, P, P, 3) uint8."
+        )
+    n, p = shape[0], shape[1]
+    coords = np.asarray(raw["coords"], dtype=np.float64)
+    if (
+        coords.ndim != 2
+        or coords.shape[0] != n
+        or coords.shape[1] < 2
+        or not np.isfinite(coords[:, :2]).all()
+    ):
+        raise ValueError(
+            f"patch file {str(path)!r}: 'coords' must hold {n} finite (x, y) rows, one per patch (it has shape "
+            f"{coords.shape}). Write the file again."
+        )
+    coords = coords[:, :2]
+    barcodes = raw["barcodes"]
+    if barcodes is None:
+        barcodes = np.array([str(i) for i in range(n)])
+        logger.info("%s has no 'barcode' dataset; patches are named by row number.", path)
+    if len(barcodes) != n:
+        raise ValueError(f"patch file {str(path)!r} has {len(barcodes)} barcodes for {n} patches.")
+    check_unique_barcodes(barcodes, f"patch file {str(path)!r}")
+    src = raw["src"]
+    if src is None:
+        src = float(p)
+        logger.info("%s records no patch_size_src/downsample; assuming patches at full resolution.", path)
+    mpp = raw["mpp"]
+    if mpp is None:
+        mpp = HEST_PATCH_MPP
+        logger.info("%s records no pixel size; assuming %g µm/px patches.", path, HEST_PATCH_MPP)
+    if not (np.isfinite(src) and src > 0 and np.isfinite(mpp) and mpp > 0):
+        raise ValueError(
+            f"patch file {str(path)!r} records a patch side of {src!r} full-resolution px and {mpp!r} µm/px; "
+            "both must be positive numbers. Write the file again."
+        )
+    centers = raw["centers"] if raw["centers"] is not None else hest_centers(coords, src)
+    if centers.shape != (n, 2) or not np.isfinite(centers).all():
+        raise ValueError(f"patch file {str(path)!r}: 'centers' must hold {n} finite (x, y) rows.")
     return _H5Patches(
         path, img_key, barcodes=barcodes, centers=centers, patch_size=p, mpp=mpp, patch_size_src=src
     )
+
+
+def check_unique_barcodes(barcodes, where: str) -> None:
+    """Refuse duplicate spot barcodes (a patch would be paired with another spot's counts).
+
+    Parameters
+    ----------
+    barcodes
+        The barcodes, in file order.
+    where
+        The file (or table) they come from, for the message.
+    """
+    values, counts = np.unique(np.asarray(barcodes).astype(str), return_counts=True)
+    dup = values[counts > 1]
+    if dup.size:
+        raise ValueError(
+            f"{where} has {dup.size} duplicate barcode(s) (e.g. {dup[:3].tolist()}): each spot must appear "
+            "once, or patches and counts get paired with the wrong spot. Remove the duplicates, or make the "
+            "barcodes unique (e.g. AnnData.obs_names_make_unique()) where both files agree on it."
+        )

@@ -88,13 +88,21 @@ def test_demo_prints_the_per_gene_table(demo_run):
     assert "[1/" not in printed  # -q: no step messages, only the result
 
 
-def test_demo_refuses_to_overwrite(demo_run, capsys):
+def test_demo_reruns_in_its_own_folder_but_refuses_a_foreign_demo_zarr(demo_run, capsys, tmp_path):
     _, out, _ = demo_run
-    before = (out / "demo.zarr").stat().st_mtime
-    rc, _, err = _run(capsys, "demo", "--out", out, "--n-spots", N_SPOTS)
+    before = (out / "demo.zarr").stat().st_mtime_ns
+    rc, _, err = _run(capsys, "-q", "demo", "--out", out, "--n-spots", N_SPOTS)  # the README's command, twice
+    assert rc == 0, err
+    assert (out / "demo.zarr").stat().st_mtime_ns != before  # regenerated and replaced
+    assert sd.read_zarr(out / "demo.zarr")["predicted"].n_obs == N_SPOTS
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [
+        ".hopt_st_demo"
+    ]  # no leftovers
+    foreign = tmp_path / "mine"
+    (foreign / "demo.zarr").mkdir(parents=True)  # not written by the demo: never replaced silently
+    rc, _, err = _run(capsys, "demo", "--out", foreign, "--n-spots", N_SPOTS)
     assert rc == 1
-    assert "already exists" in _one_line_error(err) and "--overwrite" in err
-    assert (out / "demo.zarr").stat().st_mtime == before
+    assert "not written by the demo" in _one_line_error(err) and "--overwrite" in err
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -216,7 +217,7 @@ def test_write_bench_layout_files(hest_bench_root):
         assert set(train["sample_id"]) == set(ids) - {ids[i]}
         assert test["patches_path"].tolist() == [f"patches/{ids[i]}.h5"]
         assert test["expr_path"].tolist() == [f"adata/{ids[i]}.h5ad"]
-    genes = json.loads(open(f"{tdir}/var_50genes.json").read())["genes"]
+    genes = json.loads(Path(f"{tdir}/var_50genes.json").read_text())["genes"]
     assert len(genes) == 50 and genes == info["genes"]
     with h5py.File(f"{tdir}/patches/{ids[0]}.h5") as f:
         assert f["img"].shape[1:] == (224, 224, 3) and f["img"].dtype == np.uint8

@@ -176,18 +176,18 @@ def test_sigkill_then_resume_recomputes_only_unfinished_batches(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
+    with subprocess.Popen(  # the context closes the pipes
         [sys.executable, str(script), str(ck)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 120
-    try:
-        while len(list(ck.glob("emb_*.npz"))) < 3:
-            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
-            assert time.monotonic() < deadline, "child never wrote 3 batches"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
+    ) as proc:
+        deadline = time.monotonic() + 120
+        try:
+            while len(list(ck.glob("emb_*.npz"))) < 3:
+                assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+                assert time.monotonic() < deadline, "child never wrote 3 batches"
+                time.sleep(0.05)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     n_batches = 96 // 8
     finished = len(list(ck.glob("emb_*.npz")))

@@ -228,8 +228,8 @@ def test_read_hest_bench_round_trip(hest_bench_root):
         np.testing.assert_array_equal(spot_centers(sd, sid), ref.obsm["spatial"])
         assert (table.obs["patient"] == info["patients"][sid]).all()
         assert table.uns["hopt_st"]["sample_id"] == sid
-        # no size attribute in the file (as in HEST's): the side comes from the 112 px offset, within 1 px
-        assert table.uns["hopt_st"]["fullres_mpp"] == pytest.approx(0.5, rel=0.005)
+        # hestcore's pixel_size attribute (the slide's µm/px) gives the full-resolution pixel size exactly
+        assert table.uns["hopt_st"]["fullres_mpp"] == 0.5
     # also accepts the task folder itself
     assert set(read_hest_bench(info["task_dir"], "SYNTH").tables) == set(info["sample_ids"])
 
@@ -246,8 +246,16 @@ def _hest_like_copy(info, tmp_path, spatial_mpp=0.2125, keep_spatial=True, src_a
         centers = np.rint(a[bc].obsm["spatial"] * 2.5) + 300.0  # whole-pixel spot centres on a bigger slide
         del f["coords"]
         f["coords"] = np.trunc(centers - src // 2).astype(np.int64)  # HEST: int(centre - patch_size_src // 2)
-        if src_attr:
-            f["coords"].attrs["patch_size_src"] = src
+        f["img"].attrs.clear()  # HEST's 2024 files record no size
+        if src_attr:  # hestcore 1.0.4's attributes (pixel_size: the slide's µm/px)
+            f["img"].attrs.update(
+                {
+                    "patch_size_src": round(src),
+                    "patch_size_target": 224,
+                    "downsample": src / 224,
+                    "pixel_size": spatial_mpp,
+                }
+            )
     order = {b: i for i, b in enumerate(bc)}
     a.obsm["spatial"] = centers[[order[b] for b in a.obs_names]]
     if not keep_spatial:
@@ -367,7 +375,8 @@ def test_visium_crop_metadata_and_not_raw_counts():
     from PIL import Image
 
     a = ad.read_h5ad(SHARED / "visium_crop" / "test_data.h5ad")
-    w, h = Image.open(SHARED / "visium_crop" / "test_img.jpg").size
+    with Image.open(SHARED / "visium_crop" / "test_img.jpg") as im:
+        w, h = im.size
     assert (w, h) == (950, 1717)
     sf = a.uns["spatial"]["V1_Adult_Mouse_Brain"]["scalefactors"]
     assert 65.0 / sf["spot_diameter_fullres"] == pytest.approx(0.727, abs=1e-3)

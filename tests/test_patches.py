@@ -385,7 +385,15 @@ def test_indexing_batches_and_h5_round_trip(tmp_path):
         # HEST's corner: int(centre - patch_size_src // 2), here patch_size_src = 24
         np.testing.assert_array_equal(f["coords"][:], np.trunc(xy - 12).astype(int))
         assert f["barcode"].shape == (25, 1) and f["barcode"][0, 0] == b"bc0"
-        assert f["coords"].attrs["patch_size_src"] == pytest.approx(24.0)
+        # hestcore 1.0.4's attributes, with its meaning: pixel_size is the slide's µm/px (16 px at 0.75 µm/px
+        # cut from 24 level-0 px: 0.5 µm/px), patch_size_src the rounded level-0 window
+        assert dict(f["img"].attrs) == {
+            "patch_size_src": 24,
+            "patch_size_target": 16,
+            "downsample": pytest.approx(1.5),
+            "pixel_size": pytest.approx(0.5),
+        }
+        assert f.attrs["hopt_st_patch_mpp"] == pytest.approx(0.75)
     q = hopt_st.io.read_patches(path)
     assert isinstance(q, Patches) and len(q) == 25 and q.patch_size == 16 and q.mpp == pytest.approx(0.75)
     np.testing.assert_array_equal(q.to_numpy(), full)
@@ -444,6 +452,58 @@ def test_read_hest_style_file_without_attributes(tmp_path):
         hopt_st.io.read_patches(tmp_path / "bad.h5")
 
 
+def test_read_hestcore_attributes_with_hests_meaning(tmp_path):
+    """hestcore 1.0.4 (WSIPatcher.to_h5) on a 0.2125 µm/px slide: patch_size_src = round(224 * 0.5 / 0.2125) = 527,
+    downsample = 0.5 / 0.2125, pixel_size = 0.2125 (the slide's). The patches hold 0.2125 * 527 / 224 µm/px and
+    HEST's corners sit floor(224 * downsample / 2) = 263 px from the centres."""
+    from hopt_st._patchset import ArrayPatches, write_patches_h5
+
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 255, (4, 224, 224, 3), dtype=np.uint8)
+    coords = np.array([[1000, 2000], [1300, 2000], [1600, 2000], [1900, 2000]])
+    path = tmp_path / "hestcore.h5"
+    with h5py.File(path, "w") as f:
+        f["img"] = imgs
+        f["img"].attrs.update(
+            {
+                "patch_size_src": 527,
+                "patch_size_target": 224,
+                "downsample": 0.5 / 0.2125,
+                "pixel_size": 0.2125,
+            }
+        )
+        f["coords"] = coords
+        f["barcode"] = np.array([[b"a"], [b"b"], [b"c"], [b"d"]])
+    q = hopt_st.io.read_patches(path)
+    assert q.mpp == pytest.approx(0.2125 * 527 / 224) and q.patch_size_src == pytest.approx(
+        224 * 0.5 / 0.2125
+    )
+    np.testing.assert_array_equal(q.centers, coords + 263)
+    # our writer without hopt_st fields writes that same file (what write_hest_layout(layout="bench") writes)
+    out = tmp_path / "ours.h5"
+    write_patches_h5(
+        ArrayPatches(imgs, 0.5, list("abcd"), centers=coords + 263, patch_size_src=224 * 0.5 / 0.2125),
+        out,
+        hopt_st_fields=False,
+    )
+    with h5py.File(out) as a, h5py.File(path) as b:
+        assert set(a) == set(b) == {"img", "coords", "barcode"} and not dict(a.attrs)
+        assert set(a["img"].attrs) == set(b["img"].attrs)
+        for key in b["img"].attrs:
+            assert a["img"].attrs[key] == pytest.approx(b["img"].attrs[key])
+        np.testing.assert_array_equal(a["coords"][:], b["coords"][:])
+    # an hopt_st file written before hestcore's meaning was adopted: pixel_size was the patches' µm/px
+    old = tmp_path / "old.h5"
+    with h5py.File(old, "w") as f:
+        f["img"] = imgs
+        f["coords"] = coords
+        f["barcode"] = np.array([[b"a"], [b"b"], [b"c"], [b"d"]])
+        for obj in (f, f["img"], f["coords"]):
+            obj.attrs.update({"pixel_size": 0.5, "patch_size_src": 527.06, "level0_pixel_size": 0.2125})
+    q = hopt_st.io.read_patches(old)
+    assert q.mpp == 0.5 and q.patch_size_src == pytest.approx(527.06)
+
+
 # ------------------------------------------------------------------------------- real Visium crop
 def test_visium_crop_patches_at_half_micron(caplog):
     folder = DATA / "visium_crop"
@@ -470,3 +530,27 @@ def test_visium_crop_patches_at_half_micron(caplog):
     around = rgb[int(cy) - 5 : int(cy) + 5, int(cx) - 5 : int(cx) + 5].mean(axis=(0, 1))
     centre = got[k, 104:120, 104:120].mean(axis=(0, 1))
     assert np.abs(around - centre).max() < 12
+
+
+def test_patch_file_write_is_atomic(tmp_path, monkeypatch):
+    """A write that fails half-way (disk full) leaves the old file byte for byte and no temporary file."""
+    from hopt_st._patchset import ArrayPatches
+
+    imgs = np.zeros((3, 8, 8, 3), np.uint8)
+    p = ArrayPatches(imgs, 0.5, ["a", "b", "c"], centers=np.full((3, 2), 100.0), patch_size_src=8)
+    path = tmp_path / "p.h5"
+    p.to_h5(path)
+    before = path.read_bytes()
+    real = h5py.Group.create_dataset
+
+    def full_disk(self, name, *a, **k):
+        if name == "barcode":
+            raise OSError(28, "No space left on device")
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ArrayPatches(imgs + 1, 0.5, ["a", "b", "c"], centers=np.full((3, 2), 100.0), patch_size_src=8).to_h5(
+            path, overwrite=True
+        )
+    assert path.read_bytes() == before and [f.name for f in tmp_path.iterdir()] == ["p.h5"]

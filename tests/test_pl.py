@@ -14,7 +14,8 @@ import pytest
 import scipy.sparse as sp
 from anndata import AnnData
 from geopandas import GeoDataFrame
-from matplotlib.collections import EllipseCollection
+from matplotlib.collections import PatchCollection
+from matplotlib.colors import Normalize
 from shapely.geometry import Point
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, ShapesModel, TableModel
@@ -82,13 +83,29 @@ def _sdata(n_side=6, image_scale=1.0, img_side=400, pyramid=None, with_pred=True
 
 
 def _spot_collections(ax):
-    return [c for c in ax.collections if isinstance(c, EllipseCollection)]
+    return [c for c in ax.collections if isinstance(c, PatchCollection)]
+
+
+def _colours(ax) -> np.ndarray:
+    """RGB face colours of a panel's spots (spatialdata-plot: one PatchCollection, table row order)."""
+    return np.asarray(_spot_collections(ax)[0].get_facecolors())[:, :3]
+
+
+def _centres(ax) -> np.ndarray:
+    """Spot centres and diameters in data coordinates (the circles' path extents)."""
+    ext = [p.get_extents() for p in _spot_collections(ax)[0].get_paths()]
+    return np.array([[(e.x0 + e.x1) / 2, (e.y0 + e.y1) / 2, e.x1 - e.x0] for e in ext])
+
+
+def _viridis(values, lo, hi):
+    return plt.get_cmap("viridis")(Normalize(lo, hi)(values))[:, :3]
 
 
 def test_expression_panels_titles_and_shared_limits():
     sdata = _sdata()
     table = sdata["table"]
-    fig = hs.pl.expression(sdata, ["GA", "GB"], robust=False)
+    assert hs.pl.expression(sdata, ["GA", "GB"]) is None  # scanpy's convention: no figure returned
+    fig = hs.pl.expression(sdata, ["GA", "GB"], robust=False, return_fig=True)
     panels = [ax for ax in fig.axes if _spot_collections(ax)]
     assert len(panels) == 4  # 2 genes x (measured, predicted)
     meas = np.log1p(table[:, ["GA", "GB"]].X.toarray())
@@ -98,24 +115,23 @@ def test_expression_panels_titles_and_shared_limits():
         r = np.corrcoef(meas[:, i], pred[:, i])[0, 1]
         assert ax_m.get_title() == f"{gene}\nmeasured"
         assert ax_p.get_title() == f"{gene}\npredicted, Pearson r = {r:.2f}"
-        cm, cp = _spot_collections(ax_m)[0], _spot_collections(ax_p)[0]
-        # same colour scale for measured and predicted of a gene, covering both
-        assert cm.get_clim() == cp.get_clim()
+        # one colour scale for measured and predicted of a gene, covering both; the drawn colours are the
+        # measured log1p counts and the predictions, in table order
         both = np.concatenate([meas[:, i], pred[:, i]])
-        np.testing.assert_allclose(cm.get_clim(), (both.min(), both.max()), rtol=1e-5)
-        # the drawn values are the measured log1p counts and the predictions, in table order
-        np.testing.assert_allclose(cm.get_array(), meas[:, i], rtol=1e-5)
-        np.testing.assert_allclose(cp.get_array(), pred[:, i], rtol=1e-5)
-        assert len(cm.get_offsets()) == table.n_obs
+        np.testing.assert_allclose(_colours(ax_m), _viridis(meas[:, i], both.min(), both.max()), atol=1e-6)
+        np.testing.assert_allclose(_colours(ax_p), _viridis(pred[:, i], both.min(), both.max()), atol=1e-6)
+        assert len(_colours(ax_m)) == table.n_obs
     assert "r = 1.00" in panels[1].get_title()  # GA: prediction is an affine map of the measurement
     # Pearson restricted to a subset of spots (e.g. held-out test spots)
     table.obs["test"] = np.arange(table.n_obs) < 12
-    fig2 = hs.pl.expression(sdata, "GB", score_on="test")
+    fig2 = hs.pl.expression(sdata, "GB", score_on="test", return_fig=True)
     r_test = np.corrcoef(meas[:12, 1], pred[:12, 1])[0, 1]
     assert fig2.axes[1].get_title() == f"GB\npredicted, Pearson r = {r_test:.2f} (test spots)"
-    # each row has its own colour bar, labelled with gene and space
-    labels = [ax.get_ylabel() for ax in fig.axes if not _spot_collections(ax)]
-    assert labels == ["GA (log1p counts)", "GB (log1p counts)"]
+    # each row has its own colour bar, labelled with gene and space, spanning both panels' limits
+    bars = [ax for ax in fig.axes if not _spot_collections(ax)]
+    assert [ax.get_ylabel() for ax in bars] == ["GA (log1p counts)", "GB (log1p counts)"]
+    both = np.concatenate([meas[:, 0], pred[:, 0]])
+    np.testing.assert_allclose(bars[0].get_ylim(), (both.min(), both.max()), rtol=1e-5)
 
 
 def test_expression_image_and_spots_align_through_scale_transform():
@@ -126,14 +142,15 @@ def test_expression_image_and_spots_align_through_scale_transform():
     px = view.image[int(round(y)), int(round(x))]
     assert tuple(px) == (255, 0, 0)
     assert view.radius == pytest.approx(10.0)
-    fig = hs.pl.expression(sdata, "GA")
+    fig = hs.pl.expression(sdata, "GA", return_fig=True)
     ax = fig.axes[0]
     assert len(ax.images) == 1  # tissue under the spots
-    np.testing.assert_allclose(_spot_collections(ax)[0].get_offsets()[0], view.xy[0])
+    drawn = _centres(ax)
+    np.testing.assert_allclose(drawn[:, :2], view.xy, atol=1e-6)
     # spots drawn at their true diameter (in image pixels), or scaled on request
-    np.testing.assert_allclose(_spot_collections(ax)[0].get_widths(), 2 * view.radius)
-    big = hs.pl.expression(sdata, "GA", spot_scale=2.5).axes[0]
-    np.testing.assert_allclose(_spot_collections(big)[0].get_widths(), 2.5 * 2 * view.radius)
+    np.testing.assert_allclose(drawn[:, 2], 2 * view.radius, rtol=1e-6)
+    big = hs.pl.expression(sdata, "GA", spot_scale=2.5, return_fig=True).axes[0]
+    np.testing.assert_allclose(_centres(big)[:, 2], 2.5 * 2 * view.radius, rtol=1e-6)
 
 
 def test_expression_picks_small_pyramid_level():
@@ -148,7 +165,7 @@ def test_expression_picks_small_pyramid_level():
 def test_expression_anndata_without_image_and_save(tmp_path):
     sdata = _sdata()
     out = tmp_path / "expr.png"
-    fig = hs.pl.expression(sdata["table"], ["GC"], save=out)
+    fig = hs.pl.expression(sdata["table"], ["GC"], save=out, return_fig=True)
     assert out.stat().st_size > 1000
     assert len([ax for ax in fig.axes if _spot_collections(ax)]) == 2
     assert all(len(ax.images) == 0 for ax in fig.axes)
@@ -165,9 +182,11 @@ def test_expression_measured_from_the_counts_layer_the_regressor_was_fit_on():
     adata.obsm["X_emb"] = np.log1p(counts)  # an embedding that carries the expression
     reg = hs.tl.fit_expression(adata, use_rep="X_emb", genes=["GA", "GB"], layer="counts")
     hs.tl.predict_expression(adata, reg)
-    fig = hs.pl.expression(adata, "GA", robust=False)
-    ax_m = [ax for ax in fig.axes if _spot_collections(ax)][0]
-    np.testing.assert_allclose(_spot_collections(ax_m)[0].get_array(), np.log1p(counts[:, 0]), rtol=1e-5)
+    fig = hs.pl.expression(adata, "GA", robust=False, return_fig=True)
+    ax_m, ax_p = [ax for ax in fig.axes if _spot_collections(ax)]
+    meas, pred = np.log1p(counts[:, 0]), adata.obsm["predicted"]["GA"].to_numpy()
+    both = np.concatenate([meas, pred])
+    np.testing.assert_allclose(_colours(ax_m), _viridis(meas, both.min(), both.max()), atol=1e-6)
 
 
 def test_expression_errors_name_the_problem():

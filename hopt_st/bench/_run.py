@@ -1,10 +1,11 @@
-"""Run the HEST-Benchmark: embed every sample once (cached), then probe every fold.
+"""Run the HEST-Benchmark: embed every sample once (cached in HEST's embedding-file layout), then probe every fold.
 
-``protocol="hest"`` follows ``hest/bench/benchmark.py`` to the letter: folds as the split CSVs give them, the
-test samples of a fold pooled into one set of spots, the 50 genes of ``var_50genes.json``, ``log1p`` of raw
-counts, StandardScaler -> PCA(256) -> Ridge(lsqr, alpha = 100 / (256 * 50), no intercept) fitted on the
-training spots only, Pearson per gene on the pooled test spots; per task the mean and (population) std over
-folds of the per-fold mean Pearson, per gene the mean over folds.
+``protocol="hest"`` is HEST's own benchmark, to its arithmetic (github.com/mahmoodlab/HEST at ``afd42c3``,
+``src/hest/bench/benchmark.py`` + ``trainer.py`` + ``st_dataset.py``; see :mod:`hopt_st.tl.linear`): folds as
+the split files give them, the samples of each side pooled in split-file order (spots in embedding-file
+order), the genes of ``var_50genes.json``, float64 ``log1p`` of the stored counts, ``StandardScaler -> PCA(256,
+random_state=seed) -> Ridge(lsqr, alpha = 100 / (256 * 50), no intercept)`` fitted on the training spots,
+Pearson per gene on the pooled test spots; per task the mean and (population) std over folds of the fold means.
 
 ``protocol="strict"`` keeps the folds but re-selects the 50 genes on each training fold only (largest variance
 of log1p counts over the training spots, among genes measured in every sample of the task) and uses
@@ -25,25 +26,44 @@ from typing import Literal
 import h5py
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+import scipy.sparse as sp
 
-from ..io import read_hest_bench, read_patches
-from ..tl import pearson_per_gene, target_matrix, top_variable_genes
+from .._patchset import decode_barcodes
+from .._progress import tqdm
+from ..io import read_embeddings, read_hest_bench, write_embeddings
+from ..io._embeddings import written_by_hopt_st
+from ..tl import target_matrix, top_variable_genes
 from ..tl.linear import (
     HEST_N_COMPONENTS,
+    HEST_SEED,
+    HEST_SOLVERS,
     check_embeddings,
     combine_stats,
     fit_hest_ridge_from_stats,
-    fit_hest_ridge_sklearn,
     fit_ridge_cv,
+    hest_probe,
     moment_stats,
+    moments_replay_pca,
 )
+from ._download import KNOWN_N_FOLDS, match_task
+from ._results import atomic_write_text, probe_results, rebuild_aggregates, write_encoder_results
 
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("hest", "strict")
+RESULT_COLUMNS = [
+    "task",
+    "model",
+    "protocol",
+    "pearson_mean",
+    "pearson_std",
+    "n_folds",
+    "hest_comparable",
+    "note",
+]
 
 
+# ------------------------------------------------------------------------------------------------- embeddings
 def _embed_patches(patches_path: str, model: str, *, weights=None, device=None) -> np.ndarray:
     """Encoder call for one patch file (the only place the benchmark touches the encoder)."""
     from ..pp import embed
@@ -51,40 +71,74 @@ def _embed_patches(patches_path: str, model: str, *, weights=None, device=None) 
     return np.asarray(embed(str(patches_path), model=model, weights=weights, device=device), dtype=np.float32)
 
 
+def _file_id(path) -> str:
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
 def _cache_fingerprint(patches_path, model, weights) -> str:
-    """What the cached embeddings were computed from: the patch file (path, size, mtime), model and weights."""
-    st = Path(patches_path).stat()
-    return f"{Path(patches_path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{model}|{weights}"
+    """What cached embeddings are computed from: the patch file (path, size, mtime), model and weights file."""
+    wid = _file_id(weights) if weights is not None and Path(weights).is_file() else str(weights)
+    return hashlib.sha256(f"{_file_id(patches_path)}|{model}|{wid}".encode()).hexdigest()
 
 
-def _cached_embeddings(cache: Path, patches_path, model, weights, device) -> tuple[np.ndarray, np.ndarray]:
+def _patch_index(patches_path) -> tuple[np.ndarray, np.ndarray]:
+    """Barcodes and stored ``coords`` of a patch file, in patch order (what HEST's embedding files repeat)."""
+    with h5py.File(patches_path, "r") as f:
+        return decode_barcodes(f["barcode"][:]), np.asarray(f["coords"][:])
+
+
+def _sample_embeddings(
+    path: Path, patches_path, model, weights, device
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """One sample's embeddings and barcodes, and where they came from (``"file"``, ``"cache"``, ``"computed"``).
+
+    A file at ``path`` that hopt_st did not write (e.g. HEST's own) is read as it is and never replaced; an error
+    names it when it cannot be read. A file hopt_st wrote (:func:`hopt_st.io.write_embeddings`) is reused when its
+    fingerprint matches, and recomputed (with a warning) when it is stale or unreadable.
+    """
     fingerprint = _cache_fingerprint(patches_path, model, weights)
-    if cache.is_file():
-        with h5py.File(cache, "r") as f:
-            stale = f.attrs.get("fingerprint") != fingerprint
-            if not stale:
-                X = f["embeddings"][:]
-                bc = np.array([b.decode() for b in f["barcodes"][:]])
-        if not stale:
-            logger.info("Using cached embeddings %s", cache)
-            return X, bc
-        logger.warning(
-            "Cached embeddings %s were computed from other patches or weights: recomputing.", cache
-        )
+    if path.exists():
+        ours = written_by_hopt_st(path)
+        try:
+            emb = read_embeddings(path, dtype=None)  # HEST feeds its pipeline the stored dtype
+        except ValueError as err:
+            if not ours:
+                raise
+            logger.warning("Cached embeddings %s are unreadable; recomputing them. (%s)", path, err)
+        else:
+            if not ours and emb.fingerprint is None:
+                logger.info("Using embeddings %s as they are (not written by hopt_st, never replaced).", path)
+                return emb.embeddings, emb.barcodes, "file"
+            if emb.fingerprint == fingerprint:
+                logger.info("Using cached embeddings %s", path)
+                return emb.embeddings, emb.barcodes, "cache"
+            logger.warning(
+                "Cached embeddings %s were computed from other patches, model or weights: recomputing.", path
+            )
+    from .. import __version__
+
     X = _embed_patches(patches_path, model, weights=weights, device=device)
-    bc = read_patches(patches_path).barcodes
-    if X.shape[0] != len(bc):
-        raise ValueError(f"Encoder returned {X.shape[0]} embeddings for {len(bc)} patches in {patches_path}.")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.h5")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("embeddings", data=X)
-        f.create_dataset("barcodes", data=np.array([b.encode() for b in bc]))
-        f.attrs["model"] = model
-        f.attrs["patches_path"] = str(patches_path)
-        f.attrs["fingerprint"] = fingerprint
-    os.replace(tmp, cache)
-    return X, bc
+    barcodes, coords = _patch_index(patches_path)
+    if X.shape[0] != len(barcodes):
+        raise ValueError(
+            f"Encoder {model!r} returned {X.shape[0]} embeddings for {len(barcodes)} patches in {patches_path}."
+        )
+    write_embeddings(
+        path,
+        X,
+        barcodes,
+        coords=coords,
+        fingerprint=fingerprint,
+        provenance={
+            "model": model,
+            "weights": None if weights is None else str(weights),
+            "patches_path": str(patches_path),
+            "hopt_st_version": __version__,
+        },
+        overwrite=True,  # only ever a file of ours: missing, stale or unreadable
+    )
+    return X, barcodes, "computed"
 
 
 def _sha256(path) -> str:
@@ -95,41 +149,100 @@ def _sha256(path) -> str:
     return h.hexdigest()
 
 
-def _list_tasks(root: Path) -> list[str]:
+# ------------------------------------------------------------------------------------------------- tasks
+def _task_folders(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "splits").is_dir())
 
 
+def _resolve_tasks(root: Path, tasks) -> list[str]:
+    """Task folder names under ``root`` for the requested tasks (any case, README aliases; default: all)."""
+    if (root / "splits").is_dir():  # root is a task folder itself
+        present, base = [root.name], root.parent
+    else:
+        present, base = _task_folders(root), root
+    if tasks is None:
+        if not present:
+            raise FileNotFoundError(f"No task folder (with a splits/ folder) under {str(root)!r}.")
+        return present
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not tasks or any(not str(t).strip() for t in tasks):
+        raise ValueError(f"tasks={tasks!r}: give task names, e.g. ['IDC', 'CCRCC'], or None for all tasks.")
+    found = []
+    for t in tasks:
+        folder = match_task(str(t), present)
+        if folder is None:
+            raise FileNotFoundError(
+                f"HEST-Benchmark task {t!r} not found under {str(base)!r}; task folders present: {present}. "
+                "Download it with hopt_st.bench.download(root, [task])."
+            )
+        found.append(folder)
+    return list(dict.fromkeys(found))
+
+
+def _check_fold_count(task: str, info: dict) -> None:
+    """Folds come from the train_<i>/test_<i> pairs on disk; say so when HEST or the manifest would count otherwise."""
+    n = len(info["splits"])
+    sdir = Path(info["root"]) / "splits"
+    hest_n = len(os.listdir(sdir)) // 2
+    if hest_n != n:
+        logger.warning(
+            "%s: %d train/test split pairs in %s, but HEST's code counts len(os.listdir(splits)) // 2 = %d folds "
+            "(other files in that folder?).",
+            task,
+            n,
+            sdir,
+            hest_n,
+        )
+    known = KNOWN_N_FOLDS.get(task)
+    if known is not None and known != n:
+        logger.warning(
+            "%s: %d folds on disk, but hest-bench's %s has %d (data_manifests/hest_bench); the download may be "
+            "incomplete or from another revision.",
+            task,
+            n,
+            task,
+            known,
+        )
+
+
+def _hest_targets(table, genes, where: str) -> np.ndarray:
+    """HEST's targets (``load_adata(..., normalize=True).values``): the stored counts of ``genes``, as float64,
+    then ``log1p``."""
+    idx = table.var_names.get_indexer(genes)
+    missing = [g for g, i in zip(genes, idx) if i < 0]
+    if missing:
+        raise ValueError(
+            f"{where}: {len(missing)} genes of var_50genes.json are not in the expression file, e.g. {missing[:5]}."
+        )
+    M = table.X[:, idx]
+    M = M.toarray() if sp.issparse(M) else np.asarray(M)
+    return np.log1p(M.astype(np.float64))
+
+
 def _load_task(root, task, model, emb_dir, weights, device):
-    """Per sample: embeddings (patch order), the count table aligned to them, the patient id."""
+    """Per sample: embeddings (stored dtype, embedding-file order), its expression rows, HEST's targets, patient."""
     sdata = read_hest_bench(root, task)
     info = sdata.attrs["hest_bench"]
-    samples = {}
+    samples, sources = {}, {}
     for sid, ppath in tqdm(info["patches"].items(), desc=f"{task}: embeddings", leave=False):
-        X, bc = _cached_embeddings(Path(emb_dir) / task / model / f"{sid}.h5", ppath, model, weights, device)
-        dtype = np.asarray(X).dtype  # HEST feeds its scikit-learn pipeline the stored (float32) embeddings
-        X = check_embeddings(X, name=f"embeddings of sample {sid!r} ({task})")
+        efile = Path(emb_dir) / task / model / f"{sid}.h5"
+        X, bc, sources[sid] = _sample_embeddings(efile, ppath, model, weights, device)
+        X = check_embeddings(X, name=f"embeddings of sample {sid!r} ({efile})", keep_dtype=True)
         table = sdata.tables[sid]
         missing = pd.Index(bc).difference(table.obs_names)
         if len(missing):
             raise ValueError(
-                f"{task}/{sid}: {len(missing)} patch barcodes have no expression row, e.g. {list(missing[:3])}."
+                f"{efile}: {len(missing)} barcodes have no row in the expression file of sample {sid!r} "
+                f"({task}), e.g. {list(missing[:3])}: the embeddings belong to other patches."
             )
         table = table[bc]  # HEST subsets the expression by the embedding barcodes, in their order
         patient = str(table.obs["patient"].iloc[0]) if "patient" in table.obs else sid
-        samples[sid] = {"X": X, "table": table, "patient": patient, "dtype": dtype}
-    return info, samples
+        Y = _hest_targets(table, info["genes"], f"sample {sid!r} ({task})")
+        samples[sid] = {"X": X, "Y": Y, "table": table, "patient": patient}
+    return info, samples, sources
 
 
-def _fold_arrays(samples, ids, genes, what):
-    Xs, Ys, groups = [], [], []
-    for sid in ids:
-        s = samples[sid]
-        Xs.append(s["X"])
-        Ys.append(target_matrix(s["table"], genes, target="log1p").astype(np.float64))
-        groups.append(np.full(s["X"].shape[0], s["patient"]))
-    return np.vstack(Xs), np.vstack(Ys), np.concatenate(groups)
-
-
+# ------------------------------------------------------------------------------------------------- protocols
 def _check_fold(n_train, n_genes, task, i):
     if n_train < n_genes:
         raise ValueError(
@@ -138,26 +251,41 @@ def _check_fold(n_train, n_genes, task, i):
         )
 
 
+def _stack(samples, ids, key):
+    return np.concatenate([samples[s][key] for s in ids], axis=0)  # HEST: np.concatenate(..., axis=0)
+
+
+def _fold(genes, pred, Y_te, n_train, k):
+    return {
+        "genes": list(genes),
+        "results": probe_results(genes, pred, Y_te),
+        "n_train": int(n_train),
+        "n_test": int(len(Y_te)),
+        "n_components": k,
+    }
+
+
 def _run_hest(task, info, samples, solver, seed):
     genes = list(info["genes"])
     stats = {}
     folds = []
     for i, split in enumerate(info["splits"]):
-        _check_fold(sum(samples[s]["X"].shape[0] for s in split["train"]), len(genes), task, i)
-        X_te, Y_te, _ = _fold_arrays(samples, split["test"], genes, "test")
-        if solver == "sklearn":
-            X_tr, Y_tr, _ = _fold_arrays(samples, split["train"], genes, "train")
-            dtype = np.result_type(*(samples[s]["dtype"] for s in [*split["train"], *split["test"]]))
-            pipe = fit_hest_ridge_sklearn(X_tr.astype(dtype), Y_tr, n_components=HEST_N_COMPONENTS, seed=seed)
-            pred = pipe.predict(X_te.astype(dtype))
-        else:
+        n_train = sum(len(samples[s]["Y"]) for s in split["train"])
+        _check_fold(n_train, len(genes), task, i)
+        X_te, Y_te = _stack(samples, split["test"], "X"), _stack(samples, split["test"], "Y")
+        if solver == "fast" and moments_replay_pca(n_train, X_te.shape[1]):
             for sid in split["train"]:
                 if sid not in stats:  # moments of each sample computed once, pooled per fold
-                    X, Y, _ = _fold_arrays(samples, [sid], genes, "train")
-                    stats[sid] = moment_stats(X, Y)
-            lin = fit_hest_ridge_from_stats(combine_stats([stats[s] for s in split["train"]]))
-            pred = lin.predict(X_te)
-        folds.append({"genes": genes, "pearson": pearson_per_gene(Y_te, pred)})
+                    stats[sid] = moment_stats(samples[sid]["X"], samples[sid]["Y"])
+            dtype = np.result_type(*(samples[s]["X"].dtype for s in split["train"]))
+            lin = fit_hest_ridge_from_stats(
+                combine_stats([stats[s] for s in split["train"]]), seed=seed, dtype=dtype
+            )
+            pred, k = lin.predict(X_te), min(HEST_N_COMPONENTS, n_train, X_te.shape[1])
+        else:
+            X_tr, Y_tr = _stack(samples, split["train"], "X"), _stack(samples, split["train"], "Y")
+            pred, k = hest_probe(X_tr, Y_tr, X_te, seed=seed, solver="exact" if solver == "fast" else solver)
+        folds.append(_fold(genes, pred, Y_te, n_train, k))
     return folds
 
 
@@ -172,25 +300,44 @@ def _strict_genes(samples, train_ids, n_genes):
     return top_variable_genes([samples[s]["table"] for s in train_ids], n_genes, target="log1p", genes=common)
 
 
+def _strict_arrays(samples, ids, genes):
+    X = np.vstack([samples[s]["X"] for s in ids]).astype(np.float64)
+    Y = np.vstack([target_matrix(samples[s]["table"], genes, target="log1p") for s in ids]).astype(np.float64)
+    groups = np.concatenate([np.full(len(samples[s]["X"]), samples[s]["patient"]) for s in ids])
+    return X, Y, groups
+
+
 def _run_strict(task, info, samples, n_genes):
     folds = []
     for i, split in enumerate(info["splits"]):
         genes = _strict_genes(samples, split["train"], n_genes)
-        X_tr, Y_tr, g_tr = _fold_arrays(samples, split["train"], genes, "train")
+        X_tr, Y_tr, g_tr = _strict_arrays(samples, split["train"], genes)
         _check_fold(X_tr.shape[0], len(genes), task, i)
-        X_te, Y_te, _ = _fold_arrays(samples, split["test"], genes, "test")
-        groups = g_tr if len(np.unique(g_tr)) >= 2 else None
-        lin, _ = fit_ridge_cv(X_tr, Y_tr, groups=groups)
-        folds.append({"genes": genes, "pearson": pearson_per_gene(Y_te, lin.predict(X_te))})
+        X_te, Y_te, _ = _strict_arrays(samples, split["test"], genes)
+        lin, _ = fit_ridge_cv(X_tr, Y_tr, groups=g_tr if len(np.unique(g_tr)) >= 2 else None)
+        folds.append(_fold(genes, lin.predict(X_te), Y_te, len(Y_tr), None))
     return folds
 
 
-def _summarise(task, model, protocol, folds):
-    per_split = [float(np.mean(f["pearson"])) for f in folds]
-    by_gene: dict[str, list[float]] = {}
-    for f in folds:
-        for g, r in zip(f["genes"], f["pearson"]):
-            by_gene.setdefault(g, []).append(float(r))
+def _comparability(protocol: str, folds, dim: int) -> str | None:
+    """Why a result cannot be compared with HEST's own numbers, or ``None``."""
+    if protocol == "strict":
+        return "protocol 'strict' (genes and ridge penalty chosen on the training folds), not HEST's protocol"
+    k = min(f["n_components"] for f in folds)
+    if k < HEST_N_COMPONENTS:
+        why = (
+            f"the embeddings have {dim} dimensions" if dim < HEST_N_COMPONENTS else "a fold has too few spots"
+        )
+        return (
+            f"PCA capped at {k} components because {why} (HEST's code needs {HEST_N_COMPONENTS} and raises), "
+            f"and the ridge penalty is 100 / ({k} * n_genes)"
+        )
+    return None
+
+
+def _summarise(task, model, protocol, folds, note):
+    kres = [f["results"] for f in folds]
+    per_split = [r["pearson_mean"] for r in kres]
     row = {
         "task": task,
         "model": model,
@@ -198,29 +345,36 @@ def _summarise(task, model, protocol, folds):
         "pearson_mean": float(np.mean(per_split)),
         "pearson_std": float(np.std(per_split)),
         "n_folds": len(folds),
+        "hest_comparable": note is None,
+        "note": note or "",
     }
+    by_gene: dict[str, list[float]] = {}
+    for r in kres:
+        for item in r["pearson_corrs"]:
+            by_gene.setdefault(item["name"], []).append(item["pearson_corr"])
     per_gene = pd.DataFrame(
         [
             {"task": task, "model": model, "protocol": protocol, "gene": g, "pearson": float(np.mean(v))}
             for g, v in by_gene.items()
         ]
     )
-    kfold = {  # the shape of HEST's results_kfold.json
-        "pearson_corrs": sorted(
-            [
-                {"name": g, "pearson_corrs": v, "mean": float(np.mean(v)), "std": float(np.std(v))}
-                for g, v in by_gene.items()
-            ],
-            key=lambda d: d["mean"],
-            reverse=True,
-        ),
-        "pearson_mean": row["pearson_mean"],
-        "pearson_std": row["pearson_std"],
-        "mean_per_split": per_split,
-    }
-    return row, per_gene, kfold
+    fold_rows = [
+        {
+            "task": task,
+            "protocol": protocol,
+            "fold": i,
+            "genes": f["genes"],
+            "pearson_mean": f["results"]["pearson_mean"],
+            "n_train": f["n_train"],
+            "n_test": f["n_test"],
+            "n_components": f["n_components"],
+        }
+        for i, f in enumerate(folds)
+    ]
+    return row, per_gene, fold_rows
 
 
+# ------------------------------------------------------------------------------------------------- run
 def run(
     root: str | os.PathLike,
     *,
@@ -231,96 +385,139 @@ def run(
     weights: str | os.PathLike | None = None,
     device: str | None = None,
     out_dir: str | os.PathLike | None = None,
-    seed: int = 0,
-    solver: Literal["fast", "sklearn"] = "fast",
+    seed: int = HEST_SEED,
+    solver: Literal["exact", "sklearn", "fast"] = "exact",
     n_genes: int = 50,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Run the HEST-Benchmark for one encoder.
 
     Parameters
     ----------
     root
-        Folder holding the task folders (as written by :func:`hopt_st.bench.download`).
+        Folder holding the task folders (as written by :func:`hopt_st.bench.download`), or one task folder.
     tasks
-        Tasks to run; default every task folder under ``root``.
+        Tasks to run, by folder name or HEST's README name, any case (``"ccRCC"`` finds the folder ``CCRCC``,
+        ``"LUAD"`` finds ``LUNG``); default every task folder under ``root``. Results use the folder names.
     model
-        Encoder name in :mod:`hopt_st.models`.
+        Encoder name: a :mod:`hopt_st.models` name, or any name when its embeddings are already in
+        ``embeddings_dir`` (nothing is then looked up or computed).
     protocol
-        See the module docstring.
+        ``"hest"``, ``"strict"`` or ``"both"``; see the module docstring.
     embeddings_dir
-        Cache of embeddings, one ``<task>/<model>/<sample>.h5`` per sample (reused when present). Default
+        HEST's ``embed_dataroot``: one ``<task>/<model>/<sample>.h5`` per sample, in HEST's embedding-file layout
+        (datasets ``embeddings``, ``barcodes`` (N, 1), ``coords``). Files HEST (or anyone) wrote are read as they
+        are and never replaced; missing ones are computed and written there (atomically, with provenance
+        attributes), and hopt_st's own are reused until the patches, model or weights change. Default
         ``out_dir/embeddings`` or, without ``out_dir``, ``~/.cache/hopt_st/hest_bench``.
     weights, device
         Passed to the encoder.
     out_dir
-        Where to write ``<task>/<model>/<protocol>/results_kfold.json`` (and ``split{i}/results.json``),
-        ``<protocol>/dataset_results.json`` (HEST's shapes), ``results.csv`` and ``results.md``.
+        Where to write results: one results tree per protocol in HEST's layout, ``<out_dir>/<protocol>/``
+        (``dataset_results.json``, ``dataset_results.csv``, ``<task>/enc_results.json``,
+        ``<task>/<model>/results_kfold.json``, ``<task>/<model>/split<i>/{config,results,summary}.json``; a tree
+        may hold several models), and beside them ``results.csv``, ``results_per_gene.csv``, ``results.md`` and
+        ``provenance.json`` (all models run into ``out_dir``).
     seed
-        Seed (PCA of the scikit-learn solver; recorded in the provenance).
+        ``PCA(random_state=seed)``; HEST's default is 1.
     solver
-        ``"hest"`` protocol: the fast implementation or HEST's scikit-learn pipeline itself.
+        ``"hest"`` protocol: ``"exact"`` (HEST's arithmetic, equal to its code to rounding), ``"sklearn"``
+        (scikit-learn's Ridge itself; slow) or ``"fast"`` (from per-sample moments; cost independent of the
+        number of spots, differs from HEST's code by its float32 rounding, amplified by LSQR's early stop),
+        see :mod:`hopt_st.tl.linear`.
     n_genes
         Genes per fold for ``"strict"``.
+    overwrite
+        Replace results of this model for these tasks and protocols already in ``out_dir``.
 
     Returns
     -------
     pandas.DataFrame
-        One row per (task, model, protocol): ``task, model, protocol, pearson_mean, pearson_std, n_folds``.
+        One row per (task, model, protocol): ``task, model, protocol, pearson_mean, pearson_std, n_folds,
+        hest_comparable, note`` (``hest_comparable`` is False, with the reason in ``note``, when the number cannot
+        be compared with HEST's: embeddings with fewer than 256 dimensions, or the strict protocol).
         ``attrs["per_gene"]``: columns ``task, model, protocol, gene, pearson`` (mean over folds);
-        ``attrs["average"]``: ``{protocol: mean over tasks}``; ``attrs["folds"]``: per fold its genes and mean Pearson; ``attrs["provenance"]``.
+        ``attrs["average"]``: ``{protocol: mean over tasks}``; ``attrs["folds"]``: per fold its genes, mean
+        Pearson, ``n_train``, ``n_test`` and PCA components; ``attrs["provenance"]``.
     """
     from .. import __version__
 
     protocols = list(PROTOCOLS) if protocol == "both" else [protocol]
     if any(p not in PROTOCOLS for p in protocols):
         raise ValueError(f"protocol={protocol!r} must be 'hest', 'strict' or 'both'.")
-    if solver not in ("fast", "sklearn"):
-        raise ValueError(f"solver={solver!r} must be 'fast' or 'sklearn'.")
+    if solver not in HEST_SOLVERS:
+        raise ValueError(f"solver={solver!r} must be one of {HEST_SOLVERS}.")
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(
             f"HEST-Benchmark root {str(root)!r} does not exist; see hopt_st.bench.download."
         )
-    tasks = _list_tasks(root) if tasks is None else ([tasks] if isinstance(tasks, str) else list(tasks))
-    if not tasks:
-        raise FileNotFoundError(f"No task folder (with a splits/ folder) under {str(root)!r}.")
+    task_list = _resolve_tasks(root, tasks)
+    if out_dir is not None and not overwrite:
+        done = [
+            f"{p}/{t}/{model}"
+            for p in protocols
+            for t in task_list
+            if (Path(out_dir) / p / t / model / "results_kfold.json").exists()
+        ]
+        if done:
+            raise ValueError(
+                f"Results of model {model!r} already exist in {str(out_dir)!r} ({done}); pass overwrite=True "
+                "(--overwrite) to replace them, or choose another out_dir."
+            )
     if embeddings_dir is None:
         embeddings_dir = (
             Path(out_dir) / "embeddings" if out_dir else Path.home() / ".cache" / "hopt_st" / "hest_bench"
         )
-    rows, per_gene, kfolds, fold_rows = [], [], {}, []
-    for task in tqdm(tasks, desc="HEST-Benchmark tasks"):
-        info, samples = _load_task(root, task, model, embeddings_dir, weights, device)
+    rows, per_gene, fold_rows, results, sources, dims = [], [], [], {}, {}, {}
+    for task in tqdm(task_list, desc="HEST-Benchmark tasks"):
+        info, samples, sources[task] = _load_task(root, task, model, embeddings_dir, weights, device)
+        _check_fold_count(task, info)
+        dims[task] = int(next(iter(samples.values()))["X"].shape[1])
         for p in protocols:
             folds = (
                 _run_hest(task, info, samples, solver, seed)
                 if p == "hest"
                 else _run_strict(task, info, samples, n_genes)
             )
-            row, pg, kfold = _summarise(task, model, p, folds)
+            note = _comparability(p, folds, dims[task])
+            row, pg, fr = _summarise(task, model, p, folds, note)
             rows.append(row)
             per_gene.append(pg)
-            kfolds[(task, p)] = (kfold, folds)
-            for i, f in enumerate(folds):
-                fold_rows.append(
-                    {
-                        "task": task,
-                        "protocol": p,
-                        "fold": i,
-                        "genes": list(f["genes"]),
-                        "pearson_mean": float(np.mean(f["pearson"])),
-                    }
-                )
+            fold_rows.extend(fr)
+            results[(task, p)] = (folds, note)
             logger.info("%s / %s / %s: mean Pearson %.4f", task, model, p, row["pearson_mean"])
-    df = pd.DataFrame(rows, columns=["task", "model", "protocol", "pearson_mean", "pearson_std", "n_folds"])
+            if note:
+                logger.warning("%s / %s / %s is not HEST-comparable: %s.", task, model, p, note)
+    df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     df.attrs["per_gene"] = pd.concat(per_gene, ignore_index=True)
     df.attrs["folds"] = fold_rows
     df.attrs["average"] = {p: float(df.loc[df.protocol == p, "pearson_mean"].mean()) for p in protocols}
-    weights_sha = None
-    if weights is not None and Path(weights).is_file():
-        weights_sha = _sha256(weights)
-    df.attrs["provenance"] = {
-        "hopt_st_version": __version__,
+    df.attrs["provenance"] = _provenance(
+        __version__, model, weights, protocol, solver, seed, task_list, root, embeddings_dir, sources, df
+    )
+    if out_dir is not None:
+        config = {
+            "bench_data_root": str(root),
+            "embed_dataroot": str(embeddings_dir),
+            "results_dir": str(out_dir),
+            "weights_root": None if weights is None else str(weights),
+            "overwrite": overwrite,
+            "seed": seed,
+            "encoders": [model],
+            "datasets": task_list,
+        }
+        _write_outputs(Path(out_dir), df, results, model, protocols, task_list, config, n_genes)
+    return df
+
+
+def _provenance(version, model, weights, protocol, solver, seed, tasks, root, emb_dir, sources, df) -> dict:
+    import scipy
+    import sklearn
+
+    weights_sha = _sha256(weights) if weights is not None and Path(weights).is_file() else None
+    return {
+        "hopt_st_version": version,
         "model": model,
         "weights": None if weights is None else str(weights),
         "weights_sha256": weights_sha,
@@ -330,63 +527,110 @@ def run(
         "n_components": HEST_N_COMPONENTS,
         "tasks": tasks,
         "root": str(root),
-        "embeddings_dir": str(embeddings_dir),
+        "embeddings_dir": str(emb_dir),
+        "embeddings": sources,  # per task and sample: "file" (not ours, read as is), "cache" or "computed"
+        "not_hest_comparable": {
+            f"{r.task}/{r.protocol}": r.note for r in df.itertuples() if not r.hest_comparable
+        },
+        "versions": {
+            "numpy": np.__version__,
+            "scipy": scipy.__version__,
+            "scikit-learn": sklearn.__version__,
+        },
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
-    if out_dir is not None:
-        _write_outputs(Path(out_dir), df, kfolds, model, protocols)
-    return df
 
 
-def _write_outputs(out: Path, df, kfolds, model, protocols):
-    out.mkdir(parents=True, exist_ok=True)
-    for (task, p), (kfold, folds) in kfolds.items():
-        d = out / task / model / p
-        d.mkdir(parents=True, exist_ok=True)
-        for i, f in enumerate(folds):
-            (d / f"split{i}").mkdir(exist_ok=True)
-            res = {
-                "pearson_corrs": [
-                    {"name": g, "pearson_corr": float(r)} for g, r in zip(f["genes"], f["pearson"])
-                ],
-                "pearson_mean": float(np.mean(f["pearson"])),
-                "pearson_std": float(np.std(f["pearson"])),
-            }
-            (d / f"split{i}" / "results.json").write_text(json.dumps(res, indent=4, sort_keys=True))
-        (d / "results_kfold.json").write_text(json.dumps(kfold, indent=4, sort_keys=True))
+def _hest_config(protocol: str, config: dict, n_genes: int) -> dict:
+    """``vars(args)`` of HEST's run (``BenchmarkConfig``'s keys) describing this one."""
+    hest = protocol == "hest"
+    return {
+        "seed": config["seed"],
+        "overwrite": config["overwrite"],
+        "bench_data_root": config["bench_data_root"],
+        "embed_dataroot": config["embed_dataroot"],
+        "weights_root": config["weights_root"],
+        "results_dir": config["results_dir"],
+        "batch_size": None,
+        "num_workers": None,
+        "private_weights_root": None,
+        "exp_code": protocol,
+        "gene_list": "var_50genes.json"
+        if hest
+        else f"top {n_genes} variance of log1p counts on each training fold",
+        "method": "ridge" if hest else "ridge with intercept, alpha per gene by inner cross-validation",
+        "alpha": None,
+        "kfold": False,
+        "benchmark_encoders": False,
+        "normalize": True,
+        "dimreduce": "PCA" if hest else None,
+        "latent_dim": HEST_N_COMPONENTS if hest else None,
+        "encoders": config["encoders"],
+        "datasets": config["datasets"],
+        "config": None,
+    }
+
+
+def _merge_table(path: Path, new: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """``new`` plus the rows of the CSV at ``path`` (other models, tasks or protocols) that ``new`` does not replace."""
+    if not path.is_file():
+        return new
+    old = pd.read_csv(
+        path, keep_default_na=False, na_values={"pearson_mean": [""], "pearson_std": [""], "pearson": [""]}
+    )
+    replaced = pd.MultiIndex.from_frame(new[keys].astype(str))
+    keep = ~pd.MultiIndex.from_frame(old[keys].astype(str)).isin(replaced)
+    return pd.concat([old[keep], new], ignore_index=True)
+
+
+def _write_outputs(out: Path, df, results, model, protocols, tasks, config, n_genes):
     for p in protocols:
-        sub = df[df.protocol == p]
-        dataset_results = {
-            "results": [
-                {
-                    "dataset_name": r.task,
-                    "results": [
-                        {"encoder_name": model, "pearson_mean": r.pearson_mean, "pearson_std": r.pearson_std}
-                    ],
-                }
-                for r in sub.itertuples()
-            ],
-            "average": {model: float(sub.pearson_mean.mean())},
-        }
-        (out / p).mkdir(exist_ok=True)
-        (out / p / "dataset_results.json").write_text(json.dumps(dataset_results, indent=4, sort_keys=True))
-    df.to_csv(out / "results.csv", index=False)
-    df.attrs["per_gene"].to_csv(out / "results_per_gene.csv", index=False)
-    (out / "provenance.json").write_text(json.dumps(df.attrs["provenance"], indent=2))
-    (out / "results.md").write_text(markdown_table(df) + "\n")
+        tree = out / p
+        cfg = _hest_config(p, config, n_genes)
+        for task in tasks:
+            folds, note = results[(task, p)]
+            write_encoder_results(tree, task, model, folds, cfg, note)
+        rebuild_aggregates(tree, tasks)
+    table = _merge_table(out / "results.csv", df, ["task", "model", "protocol"])
+    if "hest_comparable" in table:
+        table["hest_comparable"] = table["hest_comparable"].astype(str).str.lower().eq("true")
+    atomic_write_text(out / "results.csv", table.to_csv(index=False))
+    per_gene = _merge_table(
+        out / "results_per_gene.csv", df.attrs["per_gene"], ["task", "model", "protocol", "gene"]
+    )
+    atomic_write_text(out / "results_per_gene.csv", per_gene.to_csv(index=False))
+    prov_path = out / "provenance.json"
+    prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+    if not isinstance(prov.get("models"), dict):
+        prov = {"models": {}}
+    prov["models"][model] = df.attrs["provenance"]
+    atomic_write_text(prov_path, json.dumps(prov, indent=2))
+    atomic_write_text(out / "results.md", markdown_table(table) + "\n")
 
 
 def markdown_table(df: pd.DataFrame) -> str:
     """Results as a Markdown table, tasks as columns (like HEST's README), one row per model and protocol,
-    ``mean ± std`` over folds and an ``Average`` column (mean over tasks)."""
+    ``mean ± std`` over folds and an ``Average`` column (mean over tasks). Results that are not HEST-comparable
+    (``hest_comparable`` False) are marked, with the reason below the table."""
     tasks = list(dict.fromkeys(df["task"]))
     header = "| model | protocol | " + " | ".join(tasks) + " | Average |"
     sep = "|" + "---|" * (len(tasks) + 3)
     lines = [header, sep]
+    marks: dict[str, str] = {}
     for (m, p), sub in df.groupby(["model", "protocol"], sort=False):
         cells = []
         for t in tasks:
             r = sub[sub.task == t]
-            cells.append("" if r.empty else f"{r.pearson_mean.iloc[0]:.3f} ± {r.pearson_std.iloc[0]:.3f}")
+            if r.empty:
+                cells.append("")
+                continue
+            cell = f"{r.pearson_mean.iloc[0]:.3f} ± {r.pearson_std.iloc[0]:.3f}"
+            if "hest_comparable" in r and not bool(r["hest_comparable"].iloc[0]):
+                reason = (str(r["note"].iloc[0]) if "note" in r else "") or "see the results"
+                cell += " " + marks.setdefault(reason, "†" * (len(marks) + 1))
+            cells.append(cell)
         lines.append(f"| {m} | {p} | " + " | ".join(cells) + f" | {sub.pearson_mean.mean():.3f} |")
+    if marks:
+        lines.append("")
+        lines.extend(f"{mark} not HEST-comparable: {reason}." for reason, mark in marks.items())
     return "\n".join(lines)

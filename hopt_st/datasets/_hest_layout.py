@@ -91,9 +91,10 @@ def write_hest_layout(
         Columns ``sample_id, patches_path, expr_path``; patient-level folds: fold ``i`` tests on patient
         ``i`` and trains on the others.
     ``patches/{id}.h5``
-        ``img`` (N, 224, 224, 3) uint8 at 0.5 µm/px, ``coords`` (N, 2) top-left x, y in full-res px as HEST
-        computes them, ``barcode`` (N, 1) bytes; no size attributes, as in HEST's files. Only spots whose
-        patch lies inside the image.
+        ``img`` (N, 224, 224, 3) uint8 at 0.5 µm/px with hestcore 1.0.4's attributes (``patch_size_src``,
+        ``patch_size_target``, ``downsample``, ``pixel_size`` = the slide's µm/px), ``coords`` (N, 2) top-left
+        x, y in full-res px as HEST computes them, ``barcode`` (N, 1) bytes: the file hestcore 1.0.4 writes.
+        Only spots whose patch lies inside the image.
     ``adata/{id}.h5ad``
         Raw counts of those spots, as in ``st/`` above.
     ``var_50genes.json``
@@ -248,7 +249,7 @@ def _write_bench(root, task, n_samples, n_patients, n_spots, n_genes, n_states, 
         tl, sel = tl[inside], np.flatnonzero(inside)
         patches = np.stack([img[y : y + PATCH_SIZE, x : x + PATCH_SIZE] for x, y in tl])
         barcodes = table.obs_names[sel].tolist()
-        # written as HEST's own patcher writes them (no hopt_st size attributes, no exact centres)
+        # written as HEST's pinned patcher (hestcore 1.0.4) writes them (no hopt_st fields, no exact centres)
         p_patch = write_patches_h5(
             ArrayPatches(patches, TARGET_MPP, barcodes, centers=xy[sel], patch_size_src=PATCH_SIZE),
             tdir / "patches" / f"{sid}.h5",

@@ -102,6 +102,7 @@ def write_spaceranger_outs(
     image_key: str | None = None,
     hires_size: int = 2000,
     lowres_size: int = 600,
+    scan: str | Path | None = None,
 ) -> Path:
     """Write ``sdata`` (spots in full-res px of its image level 0, raw counts) as a Space Ranger ``outs/`` folder.
 
@@ -139,6 +140,10 @@ def write_spaceranger_outs(
         Largest side of the hires PNG, px.
     lowres_size
         Largest side of the lowres PNG, px.
+    scan
+        Also write the full-resolution image there, as a tiled pyramidal TIFF (lossless): the scan given to
+        Space Ranger, which a real ``outs/`` folder does not contain. Read it back with
+        ``read_visium(path, fullres_image_file=scan)`` or ``sq.read.visium(path, source_image_path=scan)``.
 
     Returns
     -------
@@ -163,5 +168,10 @@ def write_spaceranger_outs(
     hires = _write_png(levels, hires_size, spatial / "tissue_hires_image.png")
     lowres = _write_png(levels, lowres_size, spatial / "tissue_lowres_image.png")
     _write_scalefactors(spatial / "scalefactors_json.json", fullres_mpp, hires, lowres)
+    if scan is not None:
+        from ._tiff import write_pyramidal_tiff
+
+        level0 = np.asarray(levels[0].transpose("y", "x", "c").data[..., :3]).astype(np.uint8)
+        write_pyramidal_tiff(scan, np.ascontiguousarray(level0), mpp=fullres_mpp, compression="zlib")
     logger.info("Wrote a Space Ranger-like folder %s (%d spots, %d genes)", path, table.n_obs, table.n_vars)
     return path

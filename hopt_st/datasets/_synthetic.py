@@ -37,6 +37,7 @@ from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Identity
 
 from .._constants import SQUARE_SPOT_SIDE_UM, UNS_KEY, VISIUM_SPOT_DIAMETER_UM, VISIUM_SPOT_DISTANCE_UM
+from ..io._coords import add_micrometers
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +106,10 @@ def synthetic_visium(
     -------
     SpatialData
         Image ``"he"`` (c, y, x) uint8, dask-backed, multiscale when a side exceeds 4096 px; shapes
-        ``"spots"``; table ``"table"`` of raw counts (integer-valued float32 CSR, like Space Ranger). The image
-    is rendered band by band: peak memory is about the uint8 image plus ~200 MB (``n_spots=2000``, a
-    6k x 12.6k px image: 1.2 GB peak RSS including the imports).
+        ``"spots"``; table ``"table"`` of raw counts (integer-valued float32 CSR, like Space Ranger).
+        Elements sit in ``"global"`` (full-resolution pixels) and ``"micrometers"``. The image is rendered
+        band by band: peak memory is about the uint8 image plus ~200 MB (``n_spots=2000``, a 6k x 12.6k px
+        image: 1.2 GB peak RSS including the imports).
 
     Notes
     -----
@@ -149,11 +151,13 @@ def synthetic_visium(
     table.uns[UNS_KEY] = _uns(mpp, sample_id, squares, seed, model_seed, n_states)
     table = TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")
     logger.info("synthetic_visium: %d spots, image %d x %d px at %.3g µm/px", n_spots, width, height, mpp)
-    return SpatialData(
+    sdata = SpatialData(
         images={"he": _image_element(image)},
         shapes={"spots": _spot_shapes(xy, mpp, squares)},
         tables={"table": table},
     )
+    add_micrometers(sdata, "spots", mpp)
+    return sdata
 
 
 def _check_arguments(n_spots: int, n_states: int, n_genes: int, image_mpp: float) -> None:
@@ -179,10 +183,15 @@ def _counts(
 ) -> np.ndarray:
     """Poisson counts (n_spots, n_genes) float32 around the model's rates at each spot's state fractions."""
     lib = mean_library_size * rng.lognormal(0.0, 0.15, size=len(latent))
+    return rng.poisson(expected_counts(model, latent, lib)).astype(np.float32)
+
+
+def expected_counts(model: dict, latent: np.ndarray, library_size) -> np.ndarray:
+    """Poisson means (n_spots, n_genes) at state fractions ``latent`` for library size(s) ``library_size``."""
     # a constant normaliser (not per spot) keeps noise genes independent of the states
     norm = np.exp(model["log_base"] + model["loadings"].mean(axis=1)).sum()
-    rates = np.exp(model["log_base"][None, :] + latent @ model["loadings"].T) / norm * lib[:, None]
-    return rng.poisson(rates).astype(np.float32)
+    lib = np.broadcast_to(np.asarray(library_size, dtype=np.float64), (len(latent),))
+    return np.exp(model["log_base"][None, :] + latent @ model["loadings"].T) / norm * lib[:, None]
 
 
 def _spot_shapes(xy: np.ndarray, mpp: float, squares: bool) -> GeoDataFrame:
@@ -418,6 +427,25 @@ def _generator(state: dict) -> np.random.Generator:
     return np.random.Generator(bg)
 
 
+def look_arrays(model: dict) -> dict[str, np.ndarray]:
+    """The per-state looks as arrays: stroma / nucleus RGB (K, 3), nuclei per µm², radius µm, elongation, texture."""
+    looks = model["looks"]
+    return {
+        "stroma_rgb": np.array([lk[0] for lk in looks], dtype=np.float32),
+        "nucleus_rgb": np.array([lk[1] for lk in looks], dtype=np.float32),
+        "density": np.array([lk[2] for lk in looks]) / 1000.0,
+        "radius": np.array([lk[3] for lk in looks]),
+        "elong": np.array([lk[4] for lk in looks]),
+        "texture": np.array([lk[5] for lk in looks], dtype=np.float32),
+    }
+
+
+#: the stroma colour / texture amplitude maps are sampled every this many µm and upsampled
+STROMA_STEP_UM = 8.0
+#: correlation length of the fibrous texture, µm (stretched 3x along x)
+FIBRE_STEP_UM = 3.0
+
+
 def _render(field: _LatentField, model: dict, width: int, height: int, mpp: float, rng) -> np.ndarray:
     """Render the H&E-like image (3, height, width) uint8, one band of rows at a time.
 
@@ -426,17 +454,13 @@ def _render(field: _LatentField, model: dict, width: int, height: int, mpp: floa
     grain is drawn band after band from one stream and regenerated from saved generator states when its band
     is composed), so the image depends only on the seed.
     """
-    looks = model["looks"]
     K = field.n_states
-    stroma_rgb = np.array([lk[0] for lk in looks], dtype=np.float32)  # (K, 3)
-    nucleus_rgb = np.array([lk[1] for lk in looks], dtype=np.float32)
-    density = np.array([lk[2] for lk in looks]) / 1000.0  # nuclei per µm²
-    radius = np.array([lk[3] for lk in looks])
-    elong = np.array([lk[4] for lk in looks])
-    texture = np.array([lk[5] for lk in looks], dtype=np.float32)
+    la = look_arrays(model)
+    stroma_rgb, nucleus_rgb, texture = la["stroma_rgb"], la["nucleus_rgb"], la["texture"]
+    density, radius, elong = la["density"], la["radius"], la["elong"]
 
     # coarse maps every 8 µm: stroma colour and texture amplitude
-    step_um = 8.0
+    step_um = STROMA_STEP_UM
     step_px = step_um / mpp
     gx = (np.arange(int(np.ceil(width / step_px)) + 2)) * step_um
     gy = (np.arange(int(np.ceil(height / step_px)) + 2)) * step_um
@@ -444,7 +468,7 @@ def _render(field: _LatentField, model: dict, width: int, height: int, mpp: floa
     coarse = np.concatenate([fr @ stroma_rgb, fr @ texture[:, None]], axis=-1).transpose(2, 0, 1)
 
     # fibrous texture: anisotropic noise at ~3 µm upsampled (stretched along x), plus fine grain
-    fib_step = 3.0 / mpp
+    fib_step = FIBRE_STEP_UM / mpp
     nh, nw = int(np.ceil(height / fib_step)) + 2, int(np.ceil(width / fib_step / 3)) + 2
     fib = rng.standard_normal((1, nh, nw)).astype(np.float32)
     rows = max(16, _BAND_PIXELS // max(width, 1))
@@ -615,3 +639,45 @@ def _advance(rng: np.random.Generator, n: int) -> None:
     new = bg.state
     new["has_uint32"], new["uinteger"] = state["has_uint32"], state["uinteger"]
     rng.bit_generator.state = new
+
+
+def _stamp_nuclei(x, y, r, elong, theta, rgb, height, width, rng, batch: int = 4000, speckle=None):
+    """Accumulate elliptical soft blobs: returns alpha sum (H, W) and alpha-weighted colour sum (3, H, W).
+
+    ``speckle(py, px)`` gives the chromatin speckle in [0, 1) of the stamped pixels (default: drawn from ``rng``).
+    """
+    n = len(x)
+    size = height * width
+    flats, weights, colors = [], [], []
+    reach = r * np.sqrt(elong)
+    order = np.argsort(reach)  # batches of similar size keep the stamp windows small
+    for s in range(0, n, batch):
+        sl = order[s : s + batch]
+        half = int(np.ceil(reach[sl].max())) + 1
+        off = np.arange(-half, half + 1)
+        oy, ox = np.meshgrid(off, off, indexing="ij")
+        xi, yi = np.round(x[sl]).astype(np.int64), np.round(y[sl]).astype(np.int64)
+        px, py = xi[:, None] + ox.ravel()[None], yi[:, None] + oy.ravel()[None]
+        dx, dy = px - x[sl, None], py - y[sl, None]
+        c, sn = np.cos(theta[sl])[:, None], np.sin(theta[sl])[:, None]
+        u, v = dx * c + dy * sn, -dx * sn + dy * c
+        a_ax = r[sl, None] * np.sqrt(elong[sl, None])
+        b_ax = r[sl, None] / np.sqrt(elong[sl, None])
+        d2 = (u / a_ax) ** 2 + (v / b_ax) ** 2
+        w = np.clip(1.25 - d2, 0, 1) * 0.9
+        ok = (w > 0) & (px >= 0) & (px < width) & (py >= 0) & (py < height)
+        grain = rng.uniform(size=int(ok.sum())) if speckle is None else speckle(py[ok], px[ok])
+        wv = w[ok] * (0.8 + 0.2 * grain)  # chromatin speckle
+        flats.append((py * width + px)[ok])
+        weights.append(wv)
+        colors.append(np.broadcast_to(rgb[sl, None, :], w.shape + (3,))[ok])
+    if not flats:
+        return np.zeros((height, width), np.float32), np.zeros((3, height, width), np.float32)
+    flat = np.concatenate(flats)
+    wv = np.concatenate(weights)
+    cols = np.concatenate(colors)
+    alpha = np.bincount(flat, weights=wv, minlength=size).astype(np.float32).reshape(height, width)
+    color = np.stack(
+        [np.bincount(flat, weights=wv * cols[:, ch], minlength=size).astype(np.float32) for ch in range(3)]
+    ).reshape(3, height, width)
+    return alpha, color

@@ -17,8 +17,13 @@ TileFn = Callable[[int, int, int, int], np.ndarray]
 def _downsample2(a: np.ndarray) -> np.ndarray:
     """2x2 mean (odd trailing row/column dropped)."""
     h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
-    b = a[:h, :w].reshape(h // 2, 2, w // 2, 2, -1).astype(np.uint16).sum(axis=(1, 3))
-    return ((b + 2) // 4).astype(np.uint8)
+    b = a[0:h:2, 0:w:2].astype(np.uint16)  # four strided views: much faster than a reshaped sum
+    b += a[1:h:2, 0:w:2]
+    b += a[0:h:2, 1:w:2]
+    b += a[1:h:2, 1:w:2]
+    b += 2
+    b //= 4
+    return b.astype(np.uint8)
 
 
 def _level0_source(

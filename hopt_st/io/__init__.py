@@ -1,4 +1,5 @@
-"""Readers: Space Ranger, HEST-1k, HEST-Benchmark, HEST patch files.
+"""Readers: Space Ranger, HEST-1k, HEST-Benchmark, HEST patch and embedding files, cohorts, Visium AnnData
+(scanpy's layout), plain H&E slides.
 
 Every reader returns a :class:`spatialdata.SpatialData` with lazy images and records the physical pixel
 size following one convention, see :func:`get_image_mpp`.
@@ -6,17 +7,30 @@ size following one convention, see :func:`get_image_mpp`.
 
 from __future__ import annotations
 
+from .._errors import CorruptFileError
 from .._patchset import read_patches
+from ._anndata import from_anndata
+from ._cohort import load_cohort, read_cohort
+from ._embeddings import SampleEmbeddings, read_embeddings, write_embeddings
 from ._hest import read_hest
 from ._hest_bench import read_hest_bench
 from ._mpp import get_image_mpp, set_image_mpp
+from ._slide import read_slide
 from ._visium import read_visium
 
 __all__ = [
+    "CorruptFileError",
+    "SampleEmbeddings",
+    "from_anndata",
     "get_image_mpp",
+    "load_cohort",
+    "read_cohort",
+    "read_embeddings",
     "read_hest",
     "read_hest_bench",
     "read_patches",
+    "read_slide",
     "read_visium",
     "set_image_mpp",
+    "write_embeddings",
 ]

@@ -1,13 +1,18 @@
-"""Check that an AnnData holds raw counts (non-negative integers), the input every reader promises."""
+"""Check what every reader promises of a count table: raw counts (non-negative integers), at least one spot,
+unique barcodes; and read AnnData files with errors that name the file."""
 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
 from anndata import AnnData
 from scipy import sparse
+
+from .._errors import CorruptFileError
+from .._patchset import check_unique_barcodes
 
 logger = logging.getLogger(__name__)
 
@@ -66,3 +71,42 @@ def ensure_raw_counts(adata: AnnData, path: str | Path) -> None:
         "hopt_st needs the raw UMI counts (it normalises itself): use the unnormalised matrix, e.g. the "
         "Space Ranger filtered_feature_bc_matrix.h5 or the HEST st/{id}.h5ad as downloaded."
     )
+
+
+def check_spots(adata: AnnData, path: str | Path) -> None:
+    """Refuse a table without spots or with duplicate barcodes (``obs_names``), naming the file."""
+    if adata.n_obs == 0:
+        raise ValueError(
+            f"{str(path)!r} holds 0 spots: there is nothing to embed or predict. Check that it is the right "
+            "file (e.g. the filtered matrix of a Space Ranger run with tissue on the slide)."
+        )
+    check_unique_barcodes(adata.obs_names, f"{str(path)!r}")
+
+
+def read_h5ad(path: str | Path) -> AnnData:
+    """``anndata.read_h5ad``, with a truncated or garbled file reported as :class:`CorruptFileError`."""
+    import anndata as ad
+
+    try:
+        with warnings.catch_warnings():
+            # duplicate obs/var names: check_spots refuses them with the file and the barcodes named
+            warnings.filterwarnings("ignore", message=".* names are not unique", category=UserWarning)
+            return ad.read_h5ad(path)
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise CorruptFileError.from_error(path, e, what="AnnData file") from None
+
+
+def check_h5_readable(path: str | Path) -> None:
+    """Read every dataset of an HDF5 file (a small one, e.g. counts) and raise :class:`CorruptFileError` if any
+    part is unreadable."""
+    import h5py
+
+    def visit(_, obj):
+        if isinstance(obj, h5py.Dataset):
+            obj[()]
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(visit)
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise CorruptFileError.from_error(path, e, what="HDF5 file") from None

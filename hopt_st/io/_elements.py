@@ -11,10 +11,9 @@ import logging
 import numpy as np
 import xarray as xr
 from anndata import AnnData
-from spatialdata import SpatialData, get_centroids, get_pyramid_levels, match_element_to_table
+from spatialdata import SpatialData, get_pyramid_levels, match_element_to_table
 from spatialdata.models import TableModel, get_table_keys
 from spatialdata.transformations import (
-    Identity,
     get_transformation,
     get_transformation_between_coordinate_systems,
 )
@@ -28,6 +27,29 @@ def _check_named(what: str, key: str | None, elements) -> None:
         raise KeyError(
             f"{what} {key!r} not found in the SpatialData; its {what}s are {list(elements.keys())}."
         )
+
+
+def check_new_element(
+    sdata: SpatialData, name: str, kind: str, overwrite: bool, what: str = "key_added"
+) -> None:
+    """A name for a new element of ``kind`` (``"shapes"``, ``"tables"``, ...) must be free in every element type
+    (spatialdata names are unique across images, labels, points, shapes and tables, ignoring case); an element
+    of the same kind and name is replaced only with ``overwrite``."""
+    for k in ("images", "labels", "points", "shapes", "tables"):
+        for existing in getattr(sdata, k):
+            if existing.lower() != name.lower():
+                continue
+            if k == kind and existing == name:
+                if not overwrite:
+                    raise ValueError(
+                        f"{kind} {name!r} already exist in the SpatialData: pass overwrite=True to replace them, "
+                        f"or {what}= another name."
+                    )
+            else:
+                raise ValueError(
+                    f"{what} = {name!r} is taken by the {k} element {existing!r} (spatialdata names are unique "
+                    "across images, shapes, tables, ..., ignoring case): choose another name."
+                )
 
 
 def resolve_table_name(sdata: SpatialData, table_name: str | None = None) -> str:
@@ -83,8 +105,8 @@ def get_spot_table(sdata: SpatialData, table_name: str | None = None) -> tuple[A
 def spot_centers(sdata: SpatialData, table_name: str | None = None) -> np.ndarray:
     """Spot centres ``(n_spots, 2)`` as (x, y) in the shapes element's own coordinates, in table row order.
 
-    For circles this is the circle centre; for polygons (square pseudo-spots) the centroid
-    (spatialdata's ``get_centroids``, after ``match_element_to_table`` puts the shapes in table order).
+    For circles this is the circle centre; for polygons (square pseudo-spots) the centroid, as spatialdata's
+    ``get_centroids`` computes them (after ``match_element_to_table`` puts the shapes in table order).
     Raises when a table row has no matching shape or a centre is NaN.
     """
     name = resolve_table_name(sdata, table_name)
@@ -100,16 +122,14 @@ def spot_centers(sdata: SpatialData, table_name: str | None = None) -> np.ndarra
     shapes = elements[shapes_key]
     if not len(shapes):
         return np.empty((0, 2), dtype=np.float64)
-    transformations = get_transformation(shapes, get_all=True)
-    # centroids in a coordinate system where the shapes sit by Identity: their own coordinates
-    cs = next((c for c, t in transformations.items() if isinstance(t, Identity)), None)
-    if cs is None:
-        cs = next(iter(transformations))
-    xy = get_centroids(shapes, coordinate_system=cs).compute()[["x", "y"]].to_numpy(dtype=np.float64)
-    if not isinstance(transformations[cs], Identity):
-        m = transformations[cs].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
-        inv = np.linalg.inv(np.asarray(m, dtype=np.float64))
-        xy = xy @ inv[:2, :2].T + inv[:2, 2]
+    # centres in the shapes' own coordinates (what spatialdata's get_centroids computes in a coordinate system
+    # where the shapes sit by Identity; done here directly, since get_centroids warns on a non-sorted index)
+    geom = shapes.geometry
+    if (geom.geom_type == "Point").all():
+        xy = np.column_stack([geom.x.to_numpy(), geom.y.to_numpy()]).astype(np.float64)
+    else:
+        c = geom.centroid
+        xy = np.column_stack([c.x.to_numpy(), c.y.to_numpy()]).astype(np.float64)
     bad = ~np.isfinite(xy).all(axis=1)
     if bad.any():
         raise ValueError(
@@ -164,17 +184,115 @@ def level_shape(level: xr.DataArray) -> tuple[int, int]:
     return int(level.sizes["y"]), int(level.sizes["x"])
 
 
-def resolve_image_key(sdata: SpatialData, image_key: str | None = None) -> str:
-    """Return ``image_key`` if given, else the image with the most pixels at full resolution."""
+#: a level up to this many pixels is read whole for the blank check; larger ones on a grid of windows
+_BLANK_FULL_PX = 4 * 2**20
+_BLANK_GRID, _BLANK_WINDOW = 8, 256
+_BLANK_CACHE: dict[str, tuple | None] = {}
+
+
+def _sample_pixels(level: xr.DataArray) -> np.ndarray:
+    """``(n, channels)`` pixel values of a level: all of them when small, else an 8 x 8 grid of windows."""
+    data = level.transpose(*[d for d in ("y", "x", "c") if d in level.dims]).data
+    h, w = level_shape(level)
+    if h * w <= _BLANK_FULL_PX:
+        blocks = [data]
+    else:
+        ys = np.linspace(0, max(h - _BLANK_WINDOW, 0), _BLANK_GRID).astype(int)
+        xs = np.linspace(0, max(w - _BLANK_WINDOW, 0), _BLANK_GRID).astype(int)
+        blocks = [data[y : y + _BLANK_WINDOW, x : x + _BLANK_WINDOW] for y in ys for x in xs]
+    if hasattr(data, "dask"):
+        import dask
+
+        blocks = dask.compute(*blocks)
+    n_c = level.sizes.get("c", 1)
+    return np.concatenate([np.asarray(b).reshape(-1, n_c) for b in blocks])
+
+
+def image_blank_value(image) -> tuple | None:
+    """The one colour every pixel of an image element has (a placeholder without H&E), else ``None``.
+
+    A cheap look: the coarsest pyramid level, read whole when small, else on an 8 x 8 grid of 256 px windows;
+    an alpha channel (4th) is ignored and values within 1 (uint8) or 1/255 (float) count as one.
+    """
+    level = image_levels(image)[-1]
+    name = getattr(level.data, "name", None)  # dask names identify the source: cache on them
+    if name is not None and name in _BLANK_CACHE:
+        return _BLANK_CACHE[name]
+    px = _sample_pixels(level)
+    if px.ndim == 2 and px.shape[1] == 4:
+        px = px[:, :3]
+    tol = 1.0 / 255 if px.dtype.kind == "f" else 1
+    blank = None
+    if px.size:
+        lo, hi = px.min(axis=0), px.max(axis=0)
+        if np.all(np.isfinite(lo)) and np.all(hi - lo <= tol):
+            blank = tuple(np.asarray(lo).tolist())
+    if name is not None:
+        if len(_BLANK_CACHE) > 4096:
+            _BLANK_CACHE.clear()
+        _BLANK_CACHE[name] = blank
+    return blank
+
+
+def _blank_error(key: str, value: tuple, others: list[str]) -> str:
+    alts = f"the other images: {others}" if others else "there is no other image in it"
+    return (
+        f"image {key!r} holds no H&E: every pixel is {value} (a placeholder, e.g. Space Ranger's transparent "
+        f"hires PNG). Patches cut from it would all be identical. Use another image (image_key=; {alts}), or "
+        "give the full-resolution H&E (read_visium(..., fullres_image_file=...))."
+    )
+
+
+def resolve_image_key(
+    sdata: SpatialData, image_key: str | None = None, *, require_pixels: bool = False
+) -> str:
+    """Return ``image_key`` if given, else the largest image (most pixels at full resolution) that holds pixels.
+
+    Images whose pixels are all one colour (placeholders) are skipped with a warning naming the alternatives.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object.
+    image_key
+        An explicit choice (must exist).
+    require_pixels
+        Raise ``ValueError`` rather than return an image without H&E pixels: when the explicit ``image_key`` is
+        one, or every image is (used by :func:`hopt_st.pp.patches`, where such an image gives identical patches).
+    """
     _check_named("image", image_key, sdata.images)
-    if image_key is not None:
-        return image_key
     keys = list(sdata.images.keys())
+    if image_key is not None:
+        if require_pixels:
+            value = image_blank_value(sdata.images[image_key])
+            if value is not None:
+                others = [k for k in keys if k != image_key and image_blank_value(sdata.images[k]) is None]
+                raise ValueError(_blank_error(image_key, value, others))
+        return image_key
     if not keys:
         raise ValueError("The SpatialData has no image: an H&E image element is needed to cut patches.")
-    if len(keys) == 1:
-        return keys[0]
     sizes = {k: np.prod(level_shape(image_levels(sdata.images[k])[0])) for k in keys}
-    best = max(sizes, key=sizes.get)
-    logger.info("Several images %s; using the largest, %r (pass image_key= to choose).", keys, best)
-    return best
+    ranked = sorted(keys, key=lambda k: -sizes[k])
+    blank = {}
+    for k in ranked:
+        value = image_blank_value(sdata.images[k])
+        if value is None:
+            if blank:
+                logger.warning(
+                    "image(s) %s hold no H&E (every pixel one colour, e.g. %s); using %r (pass image_key= to "
+                    "choose).",
+                    list(blank),
+                    next(iter(blank.values())),
+                    k,
+                )
+            elif len(keys) > 1:
+                logger.info("Several images %s; using the largest, %r (pass image_key= to choose).", keys, k)
+            return k
+        blank[k] = value
+    if require_pixels:
+        first = ranked[0]
+        raise ValueError(_blank_error(first, blank[first], [k for k in ranked if k != first]))
+    logger.warning(
+        "no image holds H&E pixels (every pixel one colour in %s); using %r.", list(blank), ranked[0]
+    )
+    return ranked[0]

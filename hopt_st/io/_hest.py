@@ -16,7 +16,9 @@ from spatialdata.models import ShapesModel, TableModel
 from spatialdata.transformations import Identity
 
 from .._constants import SQUARE_SPOT_SIDE_UM, UNS_KEY, VISIUM_SPOT_DIAMETER_UM
-from ._counts import ensure_raw_counts
+from .._errors import CorruptFileError
+from ._coords import add_micrometers
+from ._counts import check_spots, ensure_raw_counts, read_h5ad
 from ._mpp import check_mpp
 from ._tiff import read_tiff_image
 
@@ -100,11 +102,16 @@ def _sample_paths(root: Path, sample_id: str) -> dict[str, Path]:
 
 
 def _read_metadata(path: Path) -> dict:
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"metadata {str(path)!r} is not valid JSON ({e}).") from e
+    try:
+        meta = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptFileError(
+            path,
+            f"metadata {str(path)!r} is not valid JSON ({e}): it is truncated or corrupt, download it again.",
+        ) from None
+    if not isinstance(meta, dict):
+        raise CorruptFileError(path, f"metadata {str(path)!r} is not a JSON object: download it again.")
+    return meta
 
 
 def _metadata_mpp(meta: dict, path: Path) -> float:
@@ -125,7 +132,23 @@ def _metadata_mpp(meta: dict, path: Path) -> float:
     return check_mpp(meta[key], f"{path} {key}")
 
 
-def _spot_shapes(xy: np.ndarray, meta: dict, mpp: float):
+def _spot_diameter_um(meta: dict, path: Path) -> float:
+    """``spot_diameter`` of the metadata (µm), 55 µm when absent; a non-positive value is refused."""
+    if meta.get("spot_diameter") is None:
+        return VISIUM_SPOT_DIAMETER_UM
+    try:
+        d = float(meta["spot_diameter"])
+    except (TypeError, ValueError):
+        d = float("nan")
+    if not (np.isfinite(d) and d > 0):
+        raise ValueError(
+            f"metadata {str(path)!r} has spot_diameter = {meta['spot_diameter']!r}: it must be a positive number "
+            "of µm (55 for Visium). Correct it (or remove it to use 55 µm)."
+        )
+    return d
+
+
+def _spot_shapes(xy: np.ndarray, meta: dict, mpp: float, diameter_um: float = VISIUM_SPOT_DIAMETER_UM):
     """55 µm circles (Visium/ST; ``spot_diameter`` of the metadata when given) or 100 µm squares (Xenium / HD)."""
     tech = str(meta.get("st_technology", "Visium"))
     n = len(xy)
@@ -136,12 +159,6 @@ def _spot_shapes(xy: np.ndarray, meta: dict, mpp: float):
             gpd.GeoDataFrame(geometry=geoms, index=pd.Index(np.arange(n))),
             transformations={"global": Identity()},
         )
-    diameter_um = VISIUM_SPOT_DIAMETER_UM
-    try:
-        d = float(meta.get("spot_diameter", diameter_um))
-        diameter_um = d if np.isfinite(d) and d > 0 else diameter_um
-    except (TypeError, ValueError):
-        pass
     return ShapesModel.parse(
         xy.copy(),
         geometry=0,
@@ -169,7 +186,8 @@ def read_hest(root: str | Path, sample_id: str, image_mpp: float | None = None) 
         Image ``"he"`` (multiscale DataTree when the TIFF is pyramidal; pixels are never read here),
         shapes ``"spots"`` (55 µm circles for Visium/ST, 100 µm squares for Xenium / Visium HD
         pseudo-spots), table ``"table"`` of raw counts with ``obsm["spatial"]`` and
-        ``uns["hopt_st"] = {"image_mpp": {"he": mpp}, "fullres_mpp": mpp, "sample_id", "metadata"}``.
+        ``uns["hopt_st"] = {"image_mpp": {"he": mpp}, "fullres_mpp": mpp, "sample_id", "metadata"}``; elements in
+        ``"global"`` (full-resolution pixels) and ``"micrometers"``.
     """
     root = Path(root)
     sample_id = str(sample_id)
@@ -180,11 +198,13 @@ def read_hest(root: str | Path, sample_id: str, image_mpp: float | None = None) 
     else:
         mpp = _metadata_mpp(meta, paths["metadata"])
 
-    adata = ad.read_h5ad(paths["st"])
+    diameter_um = _spot_diameter_um(meta, paths["metadata"])
+    adata = read_h5ad(paths["st"])
+    check_spots(adata, paths["st"])
     ensure_raw_counts(adata, paths["st"])
     xy = _spot_xy(adata, paths["st"])
     image = read_tiff_image(paths["wsi"])
-    shapes = _spot_shapes(xy, meta, mpp)
+    shapes = _spot_shapes(xy, meta, mpp, diameter_um)
 
     n = adata.n_obs
     adata.obs["region"] = pd.Categorical(["spots"] * n)
@@ -200,4 +220,6 @@ def read_hest(root: str | Path, sample_id: str, image_mpp: float | None = None) 
     logger.info(
         "read_hest %s: %d spots, %s, %.4g µm/px", sample_id, n, meta.get("st_technology", "Visium"), mpp
     )
-    return SpatialData(images={"he": image}, shapes={"spots": shapes}, tables={"table": table})
+    sdata = SpatialData(images={"he": image}, shapes={"spots": shapes}, tables={"table": table})
+    add_micrometers(sdata, "spots", mpp)
+    return sdata

@@ -6,24 +6,26 @@ import json
 import logging
 from pathlib import Path
 
-import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 from spatialdata.models import ShapesModel, TableModel
-from spatialdata.transformations import Identity
+from spatialdata.transformations import Identity, Scale
 
-from .._constants import UNS_KEY, VISIUM_SPOT_DIAMETER_UM
+from .._constants import MICROMETERS_CS, UNS_KEY, VISIUM_SPOT_DIAMETER_UM
+from .._errors import CorruptFileError
 from .._patchset import (
     HEST_PATCH_MPP,
+    check_unique_barcodes,
     decode_barcodes,
     h5_attr,
     hest_centers,
     hest_half,
+    recorded_mpp,
     recorded_patch_size_src,
 )
-from ._counts import ensure_raw_counts
+from ._counts import check_spots, ensure_raw_counts, read_h5ad
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +68,10 @@ _SIZE_ATTRS = ("patch_size", "patch_size_target")
 def _patch_centers(coords, src, adata, psize: int, path) -> tuple[np.ndarray, float]:
     """Spot centres (full-res px) and the patch side in full-res px for one HEST patch file.
 
-    HEST's ``coords`` are ``int(centre - patch_size_src // 2)`` (see :mod:`hopt_st._patchset`). HEST's files
-    record no ``patch_size_src``; the expression file's ``obsm["spatial"]`` (HEST's spot centres, the ones the
-    patches were cut around) then gives both the exact centres and the offset ``patch_size_src // 2``.
+    HEST's ``coords`` are ``int(centre - patch_size_src // 2)`` (see :mod:`hopt_st._patchset`). The expression
+    file's ``obsm["spatial"]`` (HEST's spot centres, the ones the patches were cut around) gives the exact centres
+    when it sits at that offset from ``coords``; files from hestcore >= 1.0.3 also record ``patch_size_src`` (via
+    ``downsample``), while HEST's 2024 files record none, and the offset then gives it too.
     """
     spatial = adata.obsm.get("spatial") if "spatial" in adata.obsm else None
     if spatial is not None:
@@ -140,21 +143,34 @@ def _sample_files(raw_splits: list[dict]) -> tuple[dict, dict, list]:
     return files, patient, splits
 
 
-def _read_patch_index(p_patch: Path) -> tuple[np.ndarray, list[str], int, float | None]:
-    """coords, barcodes, patch size and recorded patch_size_src of a patch file (pixels are not read)."""
-    with h5py.File(p_patch, "r") as f:
-        for key in ("coords", "barcode"):
-            if key not in f:
+def _read_patch_index(p_patch: Path) -> tuple[np.ndarray, list[str], int, float | None, float | None]:
+    """coords, barcodes, patch size, recorded patch_size_src and slide µm/px of a patch file (pixels are not
+    read)."""
+    try:
+        with h5py.File(p_patch, "r") as f:
+            missing = [key for key in ("coords", "barcode") if key not in f]
+            if missing:
                 raise ValueError(
-                    f"patch file {str(p_patch)!r} has no {key!r} dataset (keys: {list(f.keys())})."
+                    f"patch file {str(p_patch)!r} has no {missing[0]!r} dataset (keys: {list(f.keys())})."
                 )
-        coords = np.asarray(f["coords"][:], dtype=np.float64).reshape(-1, 2)
-        barcodes = list(decode_barcodes(f["barcode"][:]))
-        psize = int(f["img"].shape[1]) if "img" in f else int(h5_attr(f, _SIZE_ATTRS) or 224)
-        src = recorded_patch_size_src(f, psize)
+            coords = np.asarray(f["coords"][:], dtype=np.float64)
+            barcodes = list(decode_barcodes(f["barcode"][:]))
+            psize = int(f["img"].shape[1]) if "img" in f else int(h5_attr(f, _SIZE_ATTRS) or 224)
+            src = recorded_patch_size_src(f, psize)
+            _, slide_mpp = recorded_mpp(f, psize)
+    except (OSError, KeyError, RuntimeError, TypeError, IndexError) as e:  # h5py: truncated / garbled
+        raise CorruptFileError.from_error(
+            p_patch, e, what="patch file", fix="download the task's patches/ folder again."
+        ) from None
+    if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != len(barcodes):
+        raise ValueError(
+            f"patch file {str(p_patch)!r} has coords of shape {coords.shape} for {len(barcodes)} barcodes; "
+            "expected one (x, y) row per barcode. Download it again."
+        )
     if not np.isfinite(coords).all():
         raise ValueError(f"{str(p_patch)!r} has NaN/inf coords; drop those patches first.")
-    return coords, barcodes, psize, src
+    check_unique_barcodes(barcodes, f"patch file {str(p_patch)!r}")
+    return coords, barcodes, psize, src, slide_mpp
 
 
 def _read_sample(task: str, sid: str, p_patch: Path, p_expr: Path, patient: str):
@@ -165,8 +181,9 @@ def _read_sample(task: str, sid: str, p_patch: Path, p_expr: Path, patient: str)
                 f"sample {sid!r} of task {task!r}: {str(p)!r} (listed in the split files) is missing. "
                 "Download the task's patches/ and adata/ folders again."
             )
-    coords, barcodes, psize, src = _read_patch_index(p_patch)
-    adata = ad.read_h5ad(p_expr)
+    coords, barcodes, psize, src, slide_mpp = _read_patch_index(p_patch)
+    adata = read_h5ad(p_expr)
+    check_spots(adata, p_expr)
     ensure_raw_counts(adata, p_expr)
     missing = [b for b in barcodes if b not in adata.obs_names]
     if missing:
@@ -176,7 +193,8 @@ def _read_sample(task: str, sid: str, p_patch: Path, p_expr: Path, patient: str)
         )
     adata = adata[barcodes].copy()
     centers, src = _patch_centers(coords, src, adata, psize, p_patch)
-    fullres_mpp = HEST_PATCH_MPP * psize / src
+    # hestcore records the slide's µm/px (pixel_size); otherwise patches are HEST-Benchmark's 0.5 µm/px
+    fullres_mpp = slide_mpp if slide_mpp is not None else HEST_PATCH_MPP * psize / src
     n, region = adata.n_obs, f"{sid}_spots"
     if "patient" not in adata.obs:
         adata.obs["patient"] = patient
@@ -202,7 +220,10 @@ def _read_sample(task: str, sid: str, p_patch: Path, p_expr: Path, patient: str)
         geometry=0,
         radius=np.full(n, VISIUM_SPOT_DIAMETER_UM / 2 / fullres_mpp),
         index=np.arange(n),
-        transformations={"global": Identity()},
+        transformations={
+            "global": Identity(),
+            MICROMETERS_CS: Scale([fullres_mpp, fullres_mpp], axes=("x", "y")),
+        },
     )
     return table, shapes
 

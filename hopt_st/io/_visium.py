@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
+import numpy as np
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel
 from spatialdata.transformations import get_transformation
@@ -16,7 +18,9 @@ from .._constants import (
     VISIUM_SPOT_DIAMETER_UM,
     VISIUM_SPOT_DISTANCE_UM,
 )
-from ._counts import ensure_raw_counts
+from .._errors import CorruptFileError
+from ._coords import add_micrometers
+from ._counts import check_h5_readable, check_spots, ensure_raw_counts
 from ._elements import get_spot_table, spot_centers
 from ._mpp import check_mpp
 
@@ -43,11 +47,34 @@ def _check_folder(path: Path, counts_file: str) -> tuple[Path, dict]:
             f"Space Ranger folder {str(path)!r} is incomplete: missing {missing}. Point read_visium at the "
             "'outs/' folder of a Space Ranger run (it holds filtered_feature_bc_matrix.h5 and spatial/)."
         )
-    scalefactors = json.loads(sf.read_text())
+    try:
+        scalefactors = json.loads(sf.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptFileError(
+            sf,
+            f"{str(sf)!r} is not valid JSON ({e}): the file is truncated or corrupt. Copy it again from the "
+            "Space Ranger run's outs/spatial/ folder.",
+        ) from None
+    if not isinstance(scalefactors, dict):
+        raise CorruptFileError(sf, f"{str(sf)!r} is not a JSON object of scale factors: copy it again.")
     if not scalefactors.get("spot_diameter_fullres"):
         raise ValueError(
             f"{str(sf)!r} has no 'spot_diameter_fullres', so the pixel size cannot be inferred: pass image_mpp=."
         )
+    for key in ("spot_diameter_fullres", "tissue_hires_scalef", "tissue_lowres_scalef"):
+        value = scalefactors.get(key)
+        if value is None:
+            continue
+        try:
+            ok = float(value) > 0 and np.isfinite(float(value))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{str(sf)!r} has {key} = {value!r}: it must be a positive number (Space Ranger writes one). "
+                "Copy the file again from the Space Ranger run, or pass image_mpp= with the µm per full-resolution "
+                "pixel."
+            )
     return sf, scalefactors
 
 
@@ -66,6 +93,26 @@ def _rgb(image, key: str):
     return Image2DModel.parse(
         image.data[:3], dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations=t
     )
+
+
+def _spatialdata_io_visium(path: Path, **kwargs) -> SpatialData:
+    """``spatialdata_io.visium`` without its notice about its own table: it builds ``obs["region"]`` as strings
+    and spatialdata converts them (``UserWarning: Converting region_key: region to categorical dtype``) on
+    every read -- nothing about the user's data. A failure caused by a truncated counts file is reported as
+    such (:class:`CorruptFileError` naming it)."""
+    import spatialdata_io
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="Converting .region_key.* to categorical", category=UserWarning
+            )
+            return spatialdata_io.visium(path, **kwargs)
+    except Exception:
+        counts = path / kwargs.get("counts_file", "filtered_feature_bc_matrix.h5")
+        if counts.suffix == ".h5":
+            check_h5_readable(counts)  # raises CorruptFileError naming the file when that is the cause
+        raise
 
 
 def read_visium(
@@ -99,12 +146,11 @@ def read_visium(
     -------
     SpatialData
         As read by :func:`spatialdata_io.visium` (images ``"<id>_hires_image"``, ``"<id>_lowres_image"``,
-        optionally ``"<id>_full_image"``; circles ``"<id>"``; table ``"table"``), with RGB images,
+        optionally ``"<id>_full_image"``; circles ``"<id>"``; table ``"table"``; coordinate system ``"<id>"`` in
+        full-resolution pixels), every element also placed in ``"micrometers"``, with RGB images,
         ``table.obsm["spatial"]`` (x, y full-res px) and ``table.uns["hopt_st"]`` holding ``image_mpp`` per
         image, ``fullres_mpp``, ``sample_id`` and the scalefactors as ``metadata``.
     """
-    import spatialdata_io
-
     path = Path(path)
     sf_path, sf = _check_folder(path, counts_file)
     kwargs = {}
@@ -113,7 +159,7 @@ def read_visium(
             raise FileNotFoundError(f"fullres_image_file {str(fullres_image_file)!r} does not exist.")
         kwargs["fullres_image_file"] = fullres_image_file
     try:
-        sdata = spatialdata_io.visium(path, dataset_id=dataset_id, counts_file=counts_file, **kwargs)
+        sdata = _spatialdata_io_visium(path, dataset_id=dataset_id, counts_file=counts_file, **kwargs)
     except ValueError as e:
         if dataset_id is not None or "library_id" not in str(e):
             raise
@@ -121,7 +167,7 @@ def read_visium(
         name = path.resolve().parent.name if path.resolve().name == "outs" else path.resolve().name
         dataset_id = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name) or "visium"
         logger.info("No library id in %s; using dataset_id=%r.", path, dataset_id)
-        sdata = spatialdata_io.visium(path, dataset_id=dataset_id, counts_file=counts_file, **kwargs)
+        sdata = _spatialdata_io_visium(path, dataset_id=dataset_id, counts_file=counts_file, **kwargs)
 
     if image_mpp is not None:
         fullres = check_mpp(image_mpp, "image_mpp")
@@ -146,6 +192,7 @@ def read_visium(
 
     table_name = "table" if "table" in sdata.tables else next(iter(sdata.tables))
     table = sdata.tables[table_name]
+    check_spots(table, path / counts_file)
     ensure_raw_counts(table, path / counts_file)
     _, shapes_key = get_spot_table(sdata, table_name)
     try:
@@ -155,6 +202,7 @@ def read_visium(
             f"{str(path)!r}: {err} (Spot positions come from spatial/tissue_positions*.csv.)"
         ) from err
     table.obsm["spatial"] = xy
+    add_micrometers(sdata, shapes_key, fullres)
     sample_id = dataset_id or shapes_key
     table.uns[UNS_KEY] = {
         "image_mpp": mpp,

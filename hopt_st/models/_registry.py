@@ -8,6 +8,7 @@ with the source of each number in ``sources``. The built-in specs are in :mod:`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -161,6 +162,7 @@ def registered(*specs: ModelSpec, overwrite: bool = False) -> Iterator[tuple[Mod
                     _REGISTRY[name] = before
 
 
+@functools.lru_cache(maxsize=64)  # timm.list_models() and a meta build take seconds; specs are frozen data
 def _timm_spec(name: str) -> ModelSpec:
     import timm
     import torch

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .._errors import CorruptFileError
+
 if TYPE_CHECKING:  # pragma: no cover
     from ._spec import ModelSpec
 
@@ -113,6 +115,26 @@ def weights_sha256(path: str | os.PathLike) -> str:
     return digest
 
 
+def file_version(path: str | os.PathLike) -> tuple[str, int, int]:
+    """``(resolved path, size, mtime_ns)``: the version of a file that a remembered digest belongs to."""
+    real = Path(path).resolve()
+    st = real.stat()
+    return (str(real), st.st_size, st.st_mtime_ns)
+
+
+def remember_sha256(version: tuple[str, int, int], digest: str) -> None:
+    """Tell :func:`weights_sha256` the digest of a file version computed by another process (e.g. the one
+    that sends work to this one), so this process does not read the file again. Ignored when the file here
+    is another version (other size or modification time)."""
+    try:
+        here = file_version(version[0])
+    except OSError:
+        return
+    if here == tuple(version) and _SHA256.fullmatch(str(digest)):
+        with _DIGEST_LOCK:
+            _DIGESTS[here] = str(digest)
+
+
 def _access_help(spec: ModelSpec, reason: str) -> str:
     repo = spec.hf_repo
     files = " or ".join(spec.hf_filenames)
@@ -163,6 +185,7 @@ def resolve_weights(spec: ModelSpec) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
     token = os.environ.get("HF_TOKEN") or None
     reasons = []
+    network: list[str] = []  # failures to reach the Hub (not "no such file")
     for filename in spec.hf_filenames:
         try:
             path = hf.hf_hub_download(spec.hf_repo, filename, token=token, local_files_only=offline)
@@ -190,12 +213,40 @@ def resolve_weights(spec: ModelSpec) -> Path:
             ) from None
         except (LocalEntryNotFoundError, EntryNotFoundError) as e:
             reasons.append(f"{filename}: {type(e).__name__}")
+            if not offline and _is_network_error(e):
+                network.append(_scrub(f"{type(e.__cause__ or e).__name__}: {e.__cause__ or e}", token))
         except (HfHubHTTPError, OSError) as e:  # network down, proxy, ...
             reasons.append(f"{filename}: {type(e).__name__}: {_scrub(str(e), token)}")
+            if not offline and _is_network_error(e):
+                network.append(_scrub(f"{type(e).__name__}: {e}", token))
+    if network:
+        raise WeightsUnavailableError(
+            f"Weights of model {spec.name!r}: the Hugging Face Hub could not be reached (network failure: "
+            f"{' '.join(network[0].split())[:300]}). If the weights were downloaded before, set HF_HUB_OFFLINE=1 to "
+            "use the local Hugging Face cache without the network; otherwise check the connection (or proxy) and "
+            "try again, or pass a local file with weights='/path/to/file'."
+        )
     where = (
         "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the Hub or in the cache"
     )
     raise WeightsUnavailableError(_access_help(spec, f"no weight file found {where} ({'; '.join(reasons)})."))
+
+
+def _is_network_error(e: BaseException) -> bool:
+    """Whether a failure of ``hf_hub_download`` means the Hub could not be reached (not: no such file)."""
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    chain, cur = [], e
+    while cur is not None and len(chain) < 8:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    names = {type(x).__name__ for x in chain}
+    if isinstance(e, LocalEntryNotFoundError) and e.__cause__ is not None:
+        return True  # "cannot find the requested files in the local cache" after a failed request
+    return any(isinstance(x, (ConnectionError, TimeoutError)) for x in chain) or bool(
+        names
+        & {"ConnectError", "ConnectTimeout", "ReadTimeout", "ProxyError", "NetworkError", "TransportError"}
+    )
 
 
 def _scrub(text: str, token: str | None) -> str:
@@ -251,9 +302,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(not_a_state_dict) from e
     except Exception as e:  # corrupt file, or a pickle with code
         if suffix == ".safetensors":
-            raise ValueError(
+            raise CorruptFileError(
+                path,
                 f"weights file {str(path)!r} is not a readable safetensors file ({e}); it may be truncated "
-                "or corrupt: download it again."
+                "or corrupt: download it again, or pass another file with weights=<path>.",
             ) from e
         raise ValueError(
             f"weights file {str(path)!r} cannot be read with torch.load(weights_only=True) ({e}). "

@@ -14,13 +14,14 @@ from spatialdata import SpatialData
 
 from .._constants import UNS_KEY
 from .._docs import inject_docs
+from ..io._anndata import anndata_to_spatialdata
 from ..io._elements import resolve_table_name
-from ..tl import pearson_per_gene, target_matrix
+from ..tl import pearson_per_gene
+from ..tl._predictions import MEASURED_LAYER, prediction_table
 from ._tissue import TissueView, tissue_view
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
-    from matplotlib.collections import EllipseCollection
     from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
@@ -39,160 +40,176 @@ def _save(fig: Figure, save: str | Path | None, dpi: int) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # expression on the tissue
 # --------------------------------------------------------------------------------------------------------------
-def _prediction_frame(
-    table: AnnData, predicted_key: str, table_name: str
-) -> tuple[pd.DataFrame, str, str | None]:
+_PLOT_CS = "hopt_st_panel"  # coordinate system of the panels: pixels of the H&E crop drawn under the spots
+
+
+def _predictions_from_obsm(table: AnnData, predicted_key: str, where: str) -> AnnData:
+    """The predictions table built from ``obsm[predicted_key]`` (predictions stored before tables existed)."""
     if predicted_key not in table.obsm:
         raise KeyError(
-            f"no predictions {predicted_key!r} in table {table_name!r}.obsm (keys: {list(table.obsm.keys())}): "
-            "run hopt_st.tl.predict_expression(sdata, regressor, key_added=...) first, or pass predicted_key=."
+            f"no predictions {predicted_key!r} in {where} (no table of that name, obsm keys: "
+            f"{list(table.obsm.keys())}): run hopt_st.tl.predict_expression(data, regressor, key_added=...) "
+            "first, or pass predicted_key=."
         )
     pred = table.obsm[predicted_key]
-    meta = table.uns.get(UNS_KEY, {}).get("predictions", {}).get(predicted_key, {})
+    meta = dict(table.uns.get(UNS_KEY, {}).get("predictions", {}).get(predicted_key, {}))
     if not isinstance(pred, pd.DataFrame):
         genes = meta.get("genes")
         if genes is None or len(genes) != np.shape(pred)[1]:
             raise ValueError(
-                f"table {table_name!r}.obsm[{predicted_key!r}] is an array without gene names: store a pandas "
-                "DataFrame with genes as columns (hopt_st.tl.predict_expression does)."
+                f"{where}.obsm[{predicted_key!r}] is an array without gene names: store a pandas DataFrame with "
+                "genes as columns (hopt_st.tl.predict_expression does)."
             )
         pred = pd.DataFrame(np.asarray(pred), index=table.obs_names, columns=list(genes))
-    target = meta.get("target")
-    if target is None:
+    if meta.get("target") is None:
         logger.warning(
-            "No uns[%r]['predictions'][%r]['target'] in table %r; assuming the predictions are log1p counts.",
+            "No uns[%r]['predictions'][%r]['target'] in %s; assuming the predictions are log1p counts.",
             UNS_KEY,
             predicted_key,
-            table_name,
+            where,
         )
-        target = "log1p"
-    layer = meta.get("layer")  # the counts the regressor was fit on (X when absent)
-    return pred, str(target), None if layer is None else str(layer)
+        meta["target"] = "log1p"
+    return prediction_table(table, pred, meta)
 
 
-def _measured(table: AnnData, genes: list[str], target: str, layer: str | None = None) -> np.ndarray:
-    """Measured expression of ``genes`` in the predictions' target space, (n_obs, n_genes) float32."""
-    missing = [g for g in genes if g not in table.var_names]
-    if missing:
-        raise KeyError(
-            f"genes {missing} are not in the table's var_names; no measured values to compare with."
-        )
-    return np.asarray(target_matrix(table, genes, target=target, layer=layer), dtype=np.float32)
+def _is_prediction_table(adata: AnnData) -> bool:
+    return "prediction" in adata.uns.get(UNS_KEY, {})
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson r over the spots where both values are finite (NaN when fewer than 2)."""
-    ok = np.isfinite(a) & np.isfinite(b)
-    return float(pearson_per_gene(a[ok], b[ok])[0]) if ok.sum() >= 2 else float("nan")
+def _anndata_view(pred: AnnData, show_image: bool, max_size: int) -> TissueView:
+    """Spots of an AnnData, on the hires/lowres H&E of its ``uns["spatial"]`` when there is one."""
+    xy = np.asarray(pred.obsm["spatial"], dtype=float)[:, :2] if "spatial" in pred.obsm else None
+    if xy is None:
+        raise KeyError("the AnnData has no obsm['spatial'] (x, y) spot coordinates to draw the spots at.")
+    if show_image and pred.uns.get("spatial"):
+        try:
+            sd = anndata_to_spatialdata(pred, full_table=False, source_image=False, image=None)
+        except (KeyError, ValueError) as err:  # no usable image or pixel size: spots alone
+            logger.info("Drawing the spots without an image: %s", err)
+        else:
+            return tissue_view(sd, show_image=True, max_size=max_size)
+    return TissueView(None, xy, _radius_from_spacing(xy), None, None)
 
 
-def _color_limits(values: np.ndarray, robust: bool) -> tuple[float, float]:
-    v = values[np.isfinite(values)]
-    if v.size == 0:
-        return 0.0, 1.0
-    lo, hi = np.percentile(v, [1, 99]) if robust else (v.min(), v.max())
-    if hi <= lo:
-        hi = lo + 1e-6
-    return float(lo), float(hi)
-
-
-def _draw_spots(
-    ax: Axes,
-    view: TissueView,
-    values: np.ndarray,
-    *,
-    cmap: str,
-    vmin: float,
-    vmax: float,
-    alpha: float,
-    scale: float = 1.0,
-) -> EllipseCollection:
-    from matplotlib.collections import EllipseCollection
-
-    if view.image is not None:
-        ax.imshow(view.image, origin="upper", interpolation="antialiased")
-    d = 2 * view.radius * scale
-    coll = EllipseCollection(
-        widths=d,
-        heights=d,
-        angles=0,
-        units="xy",
-        offsets=view.xy,
-        offset_transform=ax.transData,
-        cmap=cmap,
-        alpha=alpha,
-        linewidths=0.4,
-        edgecolors="white",
-    )
-    coll.set_array(np.asarray(values, dtype=float))
-    coll.set_clim(vmin, vmax)
-    ax.add_collection(coll)
-    if view.image is not None:
-        h, w = view.image.shape[:2]
-        ax.set_xlim(-0.5, w - 0.5)
-        ax.set_ylim(h - 0.5, -0.5)
-    else:
-        lo = view.xy.min(axis=0) - view.radius * 2
-        hi = view.xy.max(axis=0) + view.radius * 2
-        ax.set_xlim(lo[0], hi[0])
-        ax.set_ylim(hi[1], lo[1])  # image convention: y down
-    ax.set_aspect("equal")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    return coll
-
-
-def _resolve_data(
-    sdata: SpatialData | AnnData,
+def _resolve_predictions(
+    data: SpatialData | AnnData,
+    predicted_key: str,
     table_name: str | None,
     image_key: str | None,
     show_image: bool,
     max_image_size: int,
-) -> tuple[AnnData, str, TissueView]:
-    """The table, its name in messages, and what the panels draw (spots and, with a SpatialData, the H&E)."""
-    if isinstance(sdata, AnnData):
-        table = sdata
-        if "spatial" not in table.obsm:
-            raise KeyError("the AnnData has no obsm['spatial'] (x, y) spot coordinates to draw the spots at.")
-        xy = np.asarray(table.obsm["spatial"], dtype=float)[:, :2]
-        return table, "adata", TissueView(None, xy, _radius_from_spacing(xy), None, None)
-    if isinstance(sdata, SpatialData):
-        tname = resolve_table_name(sdata, table_name)
+) -> tuple[AnnData, AnnData | None, TissueView]:
+    """The predictions table, the spot table (None when ``data`` is a predictions table) and what the panels draw
+    (spots in predictions-table order and, when there is one, the H&E under them)."""
+    if isinstance(data, SpatialData):
+        tname = resolve_table_name(data, table_name)
+        spots = data.tables[tname]
+        if predicted_key in data.tables and predicted_key != tname:
+            pred, view_table = data.tables[predicted_key], predicted_key
+        else:
+            pred, view_table = _predictions_from_obsm(spots, predicted_key, f"table {tname!r}"), tname
         view = tissue_view(
-            sdata, table_name=tname, image_key=image_key, show_image=show_image, max_size=max_image_size
+            data, table_name=view_table, image_key=image_key, show_image=show_image, max_size=max_image_size
         )
-        return sdata.tables[tname], tname, view
-    raise TypeError(f"expected a SpatialData or AnnData, got {type(sdata).__name__}.")
+        return pred, spots, view
+    if isinstance(data, AnnData):
+        if _is_prediction_table(data):
+            pred, spots = data, None
+        else:
+            pred, spots = _predictions_from_obsm(data, predicted_key, "the AnnData"), data
+        return pred, spots, _anndata_view(pred, show_image, max_image_size)
+    raise TypeError(f"expected a SpatialData or AnnData, got {type(data).__name__}.")
 
 
-def _gene_frames(
-    table: AnnData, tname: str, genes: list[str], predicted_key: str
-) -> tuple[np.ndarray, np.ndarray, str]:
+def _gene_values(pred: AnnData, genes: list[str], predicted_key: str) -> tuple[np.ndarray, np.ndarray, str]:
     """Measured and predicted values (n_obs, n_genes) in the predictions' target space, and its label."""
-    pred, target, layer = _prediction_frame(table, predicted_key, tname)
-    not_pred = [g for g in genes if g not in pred.columns]
+    not_pred = [g for g in genes if g not in pred.var_names]
     if not_pred:
         raise KeyError(
             f"genes {not_pred} were not predicted under {predicted_key!r}; predicted genes are "
-            f"{list(pred.columns[:10])}{'...' if pred.shape[1] > 10 else ''}."
+            f"{list(pred.var_names[:10])}{'...' if pred.n_vars > 10 else ''}."
         )
-    measured = _measured(table, genes, target, layer)
-    predicted = pred.loc[table.obs_names, genes].to_numpy(dtype=np.float32)
+    if MEASURED_LAYER not in pred.layers:
+        raise KeyError(
+            f"the predictions {predicted_key!r} have no layers[{MEASURED_LAYER!r}]: the spots do not measure "
+            "these genes (or not as raw counts), so there is nothing to compare with."
+        )
+    sub = pred[:, genes]
+    measured = np.asarray(sub.layers[MEASURED_LAYER], dtype=np.float32)
+    predicted = np.asarray(sub.X, dtype=np.float32)
+    target = str(pred.uns.get(UNS_KEY, {}).get("prediction", {}).get("target", "log1p"))
     return measured, predicted, {"log1p": "log1p counts"}.get(target, target)
 
 
-def _scored_spots(table: AnnData, tname: str, score_on: str | None) -> tuple[np.ndarray, str]:
+def _scored_spots(pred: AnnData, spots: AnnData | None, score_on: str | None) -> tuple[np.ndarray, str]:
     """Boolean mask of the spots the Pearson is computed on, and the note for the titles."""
     if score_on is None:
-        return np.ones(table.n_obs, bool), ""
-    if score_on not in table.obs.columns:
-        raise KeyError(f"score_on={score_on!r} must name a boolean column of table {tname!r}.obs.")
-    if table.obs[score_on].dtype != bool:
-        raise TypeError(
-            f"score_on={score_on!r} must name a boolean column of table {tname!r}.obs; it is "
-            f"{table.obs[score_on].dtype}."
+        return np.ones(pred.n_obs, bool), ""
+    if score_on in pred.obs.columns:
+        col = pred.obs[score_on]
+    elif spots is not None and score_on in spots.obs.columns:
+        col = spots.obs[score_on].reindex(pred.obs_names)
+    else:
+        raise KeyError(f"score_on={score_on!r} must name a boolean column of the spot table's obs.")
+    if col.dtype != bool:
+        raise TypeError(f"score_on={score_on!r} must name a boolean column of obs; it is {col.dtype}.")
+    return col.to_numpy(), f" ({score_on} spots)"
+
+
+def _panel_data(view: TissueView, pred: AnnData, genes: list[str], measured, predicted, spot_scale: float):
+    """A small SpatialData for spatialdata-plot: the H&E crop, the spots on it, and a table holding the
+    genes' predicted (``X``) and measured (``layers["measured"]``) values, rows in predictions-table order."""
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity
+
+    n = len(view.xy)
+    if n != pred.n_obs:
+        raise ValueError(f"{n} spots to draw but {pred.n_obs} rows of predictions.")
+    at = {_PLOT_CS: Identity()}
+    spots = ShapesModel.parse(
+        np.asarray(view.xy, dtype=float),
+        geometry=0,
+        radius=np.full(n, view.radius * spot_scale),
+        index=np.arange(n),
+        transformations=at,
+    )
+    obs = pd.DataFrame({"region": pd.Categorical(["spots"] * n), "spot": np.arange(n)}, index=pred.obs_names)
+    table = AnnData(X=predicted, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
+    if measured is not None:  # None: predictions only (a slide without expression)
+        table.layers[MEASURED_LAYER] = measured
+    table = TableModel.parse(table, region="spots", region_key="region", instance_key="spot")
+    images = {}
+    if view.image is not None:
+        images["he"] = Image2DModel.parse(
+            view.image, dims=("y", "x", "c"), c_coords=["r", "g", "b"], transformations=at
         )
-    return table.obs[score_on].to_numpy(), f" ({score_on} spots)"
+    return SpatialData(images=images, shapes={"spots": spots}, tables={"values": table})
+
+
+def _draw_panel(
+    ax: Axes, panel: SpatialData, gene: str, layer: str | None, *, cmap, norm, alpha: float
+) -> None:
+    """One gene's values on the spots, through spatialdata-plot (``layer=None``: the predictions)."""
+    import spatialdata_plot  # noqa: F401 - registers the .pl accessor
+
+    drawn = panel.pl.render_images("he") if "he" in panel.images else panel
+    drawn = drawn.pl.render_shapes(
+        "spots",
+        color=gene,
+        table_name="values",
+        table_layer=layer,
+        cmap=cmap,
+        norm=norm,
+        fill_alpha=alpha,
+        outline_alpha=0.0,
+        colorbar=False,
+    )
+    drawn.pl.show(coordinate_systems=_PLOT_CS, ax=ax, show=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.set_aspect("equal")
 
 
 def _expression_layout(view: TissueView, n_genes: int, panel_size: float) -> tuple[Figure, np.ndarray]:
@@ -216,7 +233,7 @@ def _expression_layout(view: TissueView, n_genes: int, panel_size: float) -> tup
 
 @inject_docs(cmap=_DOC_CMAP)
 def expression(
-    sdata: SpatialData | AnnData,
+    data: SpatialData | AnnData,
     genes: str | Sequence[str],
     *,
     predicted_key: str = "predicted",
@@ -232,24 +249,28 @@ def expression(
     panel_size: float = 3.6,
     save: str | Path | None = None,
     dpi: int = 150,
-) -> Figure:
+    return_fig: bool = False,
+) -> Figure | None:
     """Measured vs predicted expression side by side on the H&E: one row per gene, two columns.
 
-    Measured expression is shown in the same space as the predictions (e.g. log1p counts, as recorded by
-    :func:`hopt_st.tl.predict_expression` in ``uns["hopt_st"]["predictions"][predicted_key]["target"]``);
-    both panels of a gene share one colour scale and its colour bar, and the gene's Pearson correlation
-    between measured and predicted values over all spots is written in the titles.
+    Drawn with spatialdata-plot (``render_images`` + ``render_shapes(..., table_name=, table_layer=)``) from the
+    predictions table that :func:`hopt_st.tl.predict_expression` writes: predicted values from its ``X``,
+    measured ones from its ``layers["measured"]`` (the same target space, e.g. log1p counts). Both panels of a
+    gene share one colour scale and its colour bar, and the gene's Pearson correlation between measured and
+    predicted values is written in the titles. The H&E is a crop of a small pyramid level around the spots,
+    never the whole slide.
 
     Parameters
     ----------
-    sdata
-        Data holding ``table.obsm[predicted_key]`` (a DataFrame of predictions, genes as columns) and raw
-        counts in ``table.X`` (or in the layer the regressor was fit on, as recorded by predict_expression).
-        With an AnnData, spots are drawn at ``obsm["spatial"]`` without an image.
+    data
+        A SpatialData holding the predictions table ``predicted_key`` (or predictions in its spot table's
+        ``obsm[predicted_key]``); or an AnnData: the predictions table returned by
+        ``predict_expression(..., copy=True)``, or spots with ``obsm[predicted_key]``. An AnnData's spots are
+        drawn at ``obsm["spatial"]`` on the hires image of its ``uns["spatial"]`` when it has one.
     genes
-        Gene(s) to draw; each must be a column of the predictions and a variable of the table.
+        Gene(s) to draw; each must be a predicted gene.
     predicted_key
-        Key of the predictions in ``table.obsm``.
+        Name of the predictions table (or ``obsm`` key of the predictions).
     table_name
         {table_name}
     image_key
@@ -266,46 +287,78 @@ def expression(
         Colour limits from the 1st-99th percentiles of the gene's measured and predicted values together
         (``False``: min-max).
     score_on
-        A boolean ``table.obs`` column (e.g. held-out test spots): the Pearson in the titles is computed on
-        those spots only (all spots are still drawn). ``None``: all spots.
+        A boolean ``obs`` column (e.g. held-out test spots): the Pearson in the titles is computed on those
+        spots only (all spots are still drawn). ``None``: all spots.
     max_image_size
         Largest side, in pixels, of the image level drawn.
     panel_size
         Size of one panel in inches.
     {save_dpi}
+    return_fig
+        Return the figure; otherwise ``None`` (scanpy's convention: a notebook shows the figure once), and the
+        figure is matplotlib's current one (``plt.gcf()``).
 
     Returns
     -------
-    Figure
-        ``fig.axes[2 * i]`` / ``fig.axes[2 * i + 1]`` are gene ``i``'s measured / predicted panels, then
-        one colour bar per gene.
+    With ``return_fig=True`` the figure: ``fig.axes[2 * i]`` / ``fig.axes[2 * i + 1]`` are gene ``i``'s
+    measured / predicted panels (each with the H&E as an image and the spots as one ``PatchCollection`` in
+    predictions-table row order), then one colour bar per gene.
     """
-    if isinstance(genes, str):
-        genes = [genes]
-    elif isinstance(genes, Iterable):
-        genes = list(genes)
-    else:
-        raise TypeError(f"genes must be a gene name or a sequence of names, got {type(genes).__name__}.")
-    if not genes:
-        raise ValueError("genes is empty: pass one or more gene names.")
-    table, tname, view = _resolve_data(sdata, table_name, image_key, show_image, max_image_size)
-    measured, predicted, label = _gene_frames(table, tname, genes, predicted_key)
-    scored, where = _scored_spots(table, tname, score_on)
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    genes = _gene_list(genes)
+    pred, spots, view = _resolve_predictions(
+        data, predicted_key, table_name, image_key, show_image, max_image_size
+    )
+    measured, predicted, label = _gene_values(pred, genes, predicted_key)
+    scored, where = _scored_spots(pred, spots, score_on)
+    panel = _panel_data(view, pred, genes, measured, predicted, spot_scale)
     fig, axes = _expression_layout(view, len(genes), panel_size)
     for i, gene in enumerate(genes):
         m, p = measured[:, i], predicted[:, i]
-        vmin, vmax = _color_limits(np.concatenate([m, p]), robust)
+        norm = Normalize(*_color_limits(np.concatenate([m, p]), robust))
         r = _pearson(m[scored], p[scored])
         ax_m, ax_p = axes[i]
-        kw = {"cmap": cmap, "vmin": vmin, "vmax": vmax, "alpha": alpha, "scale": spot_scale}
-        _draw_spots(ax_m, view, m, **kw)
-        coll = _draw_spots(ax_p, view, p, **kw)
+        _draw_panel(ax_m, panel, gene, MEASURED_LAYER, cmap=cmap, norm=norm, alpha=alpha)
+        _draw_panel(ax_p, panel, gene, None, cmap=cmap, norm=norm, alpha=alpha)
         ax_m.set_title(f"{gene}\nmeasured", fontsize=10)
         ax_p.set_title(f"{gene}\npredicted, Pearson r = {r:.2f}{where}", fontsize=10)
-        cb = fig.colorbar(coll, ax=[ax_m, ax_p], shrink=0.8, pad=0.02)
+        cb = fig.colorbar(
+            ScalarMappable(norm=norm, cmap=plt.get_cmap(cmap)), ax=[ax_m, ax_p], shrink=0.8, pad=0.02
+        )
         cb.set_label(f"{gene} ({label})")
     _save(fig, save, dpi)
-    return fig
+    return fig if return_fig else None
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r over the spots where both values are finite (NaN when fewer than 2)."""
+    ok = np.isfinite(a) & np.isfinite(b)
+    return float(pearson_per_gene(a[ok], b[ok])[0]) if ok.sum() >= 2 else float("nan")
+
+
+def _color_limits(values: np.ndarray, robust: bool) -> tuple[float, float]:
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(v, [1, 99]) if robust else (v.min(), v.max())
+    if hi <= lo:
+        hi = lo + 1e-6
+    return float(lo), float(hi)
+
+
+def _gene_list(genes: str | Sequence[str]) -> list[str]:
+    """One gene name or several, as a non-empty list."""
+    if isinstance(genes, str):
+        return [genes]
+    if not isinstance(genes, Iterable):
+        raise TypeError(f"genes must be a gene name or a sequence of names, got {type(genes).__name__}.")
+    genes = list(genes)
+    if not genes:
+        raise ValueError("genes is empty: pass one or more gene names.")
+    return genes
 
 
 def _radius_from_spacing(xy: np.ndarray) -> float:

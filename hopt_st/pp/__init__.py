@@ -1,6 +1,7 @@
-"""Preprocessing: spot-centred patches at true physical size, and foundation-model embeddings.
+"""Preprocessing: tissue and pseudo-spot grids on whole slides, spot-centred patches at true physical size,
+and foundation-model embeddings.
 
-``embed`` loads on first use (``lazy_loader``), so cutting patches does not import torch.
+``embed`` and ``embed_cohort`` load on first use (``lazy_loader``), so cutting patches does not import torch.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from typing import TYPE_CHECKING
 import lazy_loader as lazy
 
 from .._patchset import Patches
+from ._grid import tile_grid
 from ._patches import patches
+from ._tissue import detect_tissue
 
-__all__ = ["Patches", "embed", "patches"]
-__getattr__, _, _ = lazy.attach(__name__, submod_attrs={"_embed": ["embed"]})
+__all__ = ["Patches", "detect_tissue", "embed", "embed_cohort", "patches", "tile_grid"]
+__getattr__, _, _ = lazy.attach(__name__, submod_attrs={"_embed": ["embed"], "_cohort": ["embed_cohort"]})
 
 
 def __dir__() -> list[str]:
@@ -21,4 +24,5 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ._cohort import embed_cohort
     from ._embed import embed

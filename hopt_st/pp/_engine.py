@@ -24,9 +24,9 @@ import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .._patchset import ArrayPatches
+from .._progress import tqdm
 from ._checkpoint import CheckpointStore
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,8 @@ def _prepare_model(encoder: torch.nn.Module, device: torch.device, compile: bool
 class _Results:
     """The output array, which rows are done, the checkpoint and the progress bar."""
 
-    def __init__(self, n: int, dim: int, ckpt: CheckpointStore | None, bar):
+    def __init__(self, n: int, dim: int, ckpt: CheckpointStore | None, bar, what: str = "the encoder"):
+        self.what = what
         self.out = np.zeros((n, dim), dtype=np.float32)
         self.done = np.zeros(n, dtype=bool)
         self.ckpt, self.bar, self.n_new = ckpt, bar, 0
@@ -173,6 +174,13 @@ class _Results:
         if emb.shape != (len(idx), self.out.shape[1]):
             raise RuntimeError(
                 f"encoder returned {emb.shape} for a batch of {len(idx)}; expected dim {self.out.shape[1]}."
+            )
+        if not np.isfinite(emb).all():
+            bad = int((~np.isfinite(emb)).any(axis=1).sum())
+            raise ValueError(
+                f"{self.what} returned NaN/inf embeddings for {bad} of the {len(idx)} patches of the batch "
+                f"starting at patch {int(idx[0])}: the weights are probably corrupt (download them again) or "
+                "the precision overflows (try dtype='float32'). Nothing of this batch was kept."
             )
         self.out[idx] = emb
         self.done[idx] = True
@@ -216,6 +224,13 @@ def _forward_all(model, reader, res: _Results, *, device, dtype, batch_size: int
         res.finish(pidx, phost.numpy().copy())
 
 
+def _describe(encoder) -> str:
+    """'model NAME (weights FILE)' for messages."""
+    spec = getattr(encoder, "spec", None)
+    name = getattr(spec, "name", type(encoder).__name__)
+    return f"model {name!r} (weights {getattr(encoder, 'weights_source', 'unknown')!s})"
+
+
 def run_encoder(
     encoder: torch.nn.Module,
     source,
@@ -235,7 +250,7 @@ def run_encoder(
     n = len(source)
     bar = tqdm(total=n, unit="tile", desc=desc, disable=not progress, smoothing=0.1)
     try:
-        res = _Results(n, dim, checkpoint, bar)
+        res = _Results(n, dim, checkpoint, bar, _describe(encoder))
         bar.update(int(res.done.sum()))
         todo = np.flatnonzero(~res.done)
         if len(todo) == 0:

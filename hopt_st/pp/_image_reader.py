@@ -17,10 +17,14 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ..io._tiff import TiffLevel
+
 logger = logging.getLogger(__name__)
 
 #: virtual chunk size used when the image is a plain numpy array
 _NUMPY_CHUNK = 512
+#: uint16 images whose first chunk reaches no higher than this are ambiguous (10/12-bit data?) and refused
+_MAX_12BIT = 4095
 #: decoded chunks are cached up to this many bytes by default (shared by all threads of one reader)
 DEFAULT_CACHE_BYTES = 512 * 2**20
 #: smallest cache a reader is given when the budget is split between processes (~ a few rows of tiles)
@@ -63,6 +67,22 @@ def _direct_source(arr, dims: tuple[str, ...]):
     return None, None
 
 
+def _source_file(array) -> str | None:
+    """The file a level's array is read from (a TIFF, or a .zarr store), when known."""
+    if isinstance(array, TiffLevel):
+        return array.path
+    store = getattr(array, "store", None)
+    try:
+        if hasattr(store, "root"):
+            return str(store.root)
+        if hasattr(store, "_data"):  # tifffile's ZarrTiffStore
+            series = store._data[0] if isinstance(store._data, (list, tuple)) else store._data
+            return str(series.parent.filehandle.path)
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return None
+
+
 class LevelReader:
     """Reads uint8 RGB windows from one image level (``xarray.DataArray``).
 
@@ -95,9 +115,15 @@ class LevelReader:
             )
         n_c = 1 if dims == ("y", "x") else int(level.sizes["c"])
         if n_c not in (1, 3, 4):
+            hint = ""
+            if int(level.sizes["y"]) in (1, 3, 4) and n_c > 4:
+                hint = (
+                    f" Its sizes {dict(level.sizes)} look like (c, y, x) data labelled (y, x, c): parse the array "
+                    "with dims=('c', 'y', 'x')."
+                )
             raise ValueError(
                 f"image {name!r} has {n_c} channels; patches need 1 (grey, replicated), 3 (RGB) or 4 (RGBA, "
-                "alpha dropped). Select the RGB channels first."
+                f"alpha dropped). Select the RGB channels first.{hint}"
             )
         self.n_channels = n_c
         self.height, self.width = int(level.sizes["y"]), int(level.sizes["x"])
@@ -127,6 +153,8 @@ class LevelReader:
         self._cache_limit = int(cache_bytes)
         self._lock = threading.Lock()
         self._inflight: dict[tuple[int, int], threading.Event] = {}
+        self._u16_scale: int | None = None  # 1: 8-bit values stored as uint16, 257: true 16-bit
+        self._u16_lock = threading.Lock()
 
     def set_cache_bytes(self, n: int) -> None:
         """Change the budget of the decoded-chunk cache (evicting the oldest chunks beyond it)."""
@@ -141,7 +169,7 @@ class LevelReader:
 
     def __getstate__(self):  # picklable for torch DataLoader worker processes: cache and locks stay behind
         state = self.__dict__.copy()
-        state.update(_cache=OrderedDict(), _cache_bytes=0, _lock=None, _inflight={})
+        state.update(_cache=OrderedDict(), _cache_bytes=0, _lock=None, _inflight={}, _u16_lock=None)
         if state["_direct"] is not None:  # read directly: the dask graph is not needed (nor always picklable)
             state["_data"] = None
         return state
@@ -149,6 +177,7 @@ class LevelReader:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._u16_lock = threading.Lock()
 
     # -- chunks -------------------------------------------------------------------------------------
     def _slicer(self, iy: int, ix: int, dims: tuple[str, ...]) -> tuple:
@@ -169,7 +198,7 @@ class LevelReader:
         if self.n_channels == 4:
             block = block[..., :3]
         if self.dtype == np.uint16:
-            block = ((block.astype(np.uint32) + 128) // 257).astype(np.uint8)
+            block = self._uint16_to_uint8(block)
         elif self.dtype.kind == "f":
             lo, hi = (float(block.min()), float(block.max())) if block.size else (0.0, 1.0)
             if not (np.isfinite(lo) and np.isfinite(hi) and lo >= -1e-6 and hi <= 1 + 1e-6):
@@ -183,6 +212,36 @@ class LevelReader:
         if self.n_channels == 1:
             block = np.repeat(block, 3, axis=-1)
         return np.ascontiguousarray(block)
+
+    def _uint16_to_uint8(self, block: np.ndarray) -> np.ndarray:
+        """uint16 -> uint8: 16-bit values are divided by 257; an image holding 8-bit values (max <= 255) is
+        taken as is. Decided on the first chunk with any non-zero pixel; a first chunk reaching only 256..4095
+        (10- or 12-bit data?) and a later chunk contradicting the decision raise: never a silent division of
+        8/12-bit values by 257, which turns the image black."""
+        hi = int(block.max()) if block.size else 0
+        with self._u16_lock:
+            if self._u16_scale is None and 255 < hi <= _MAX_12BIT:
+                raise ValueError(
+                    f"image {self.name!r} is uint16 with values up to {hi} where tissue is read first: 10- or "
+                    "12-bit data, or a very dark 16-bit image? The value range is ambiguous. Convert the image to "
+                    "uint8 RGB before cutting patches."
+                )
+            if self._u16_scale is None and hi > 0:
+                self._u16_scale = 1 if hi <= 255 else 257
+                if self._u16_scale == 1:
+                    logger.info(
+                        "image %r is uint16 holding 8-bit values (max %d): read as uint8.", self.name, hi
+                    )
+            scale = self._u16_scale
+        if scale == 1 and hi > 255:
+            raise ValueError(
+                f"image {self.name!r} is uint16 and its first chunks hold 8-bit values (max <= 255), but another "
+                f"chunk reaches {hi}: the value range is ambiguous. Convert the image to uint8 RGB (dividing by "
+                "257 if it is 16-bit) before cutting patches."
+            )
+        if scale in (None, 1):
+            return block.astype(np.uint8)
+        return ((block.astype(np.uint32) + 128) // 257).astype(np.uint8)
 
     def _fetch(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
         """Decoded uint8 RGB chunks for ``keys``: from the cache, else read once (concurrent readers of the
@@ -202,16 +261,19 @@ class LevelReader:
                     mine.append(k)
         if mine:
             try:
-                if self._direct is not None:
-                    dims = self._direct_dims
-                    blocks = [self._direct[self._slicer(*k, dims)] for k in mine]
-                else:
-                    import dask
+                try:
+                    if self._direct is not None:
+                        dims = self._direct_dims
+                        blocks = [self._direct[self._slicer(*k, dims)] for k in mine]
+                    else:
+                        import dask
 
-                    dims = self.dims
-                    blocks = dask.compute(
-                        *[self._data[self._slicer(*k, dims)] for k in mine], scheduler="synchronous"
-                    )
+                        dims = self.dims
+                        blocks = dask.compute(
+                            *[self._data[self._slicer(*k, dims)] for k in mine], scheduler="synchronous"
+                        )
+                except Exception as e:  # noqa: BLE001 - decoders raise their own types (Jpeg8Error, ...)
+                    raise self._read_error(mine[0], e) from e
                 rgbs = [self._to_rgb8(b, dims) for b in blocks]
                 with self._lock:
                     for k, rgb in zip(mine, rgbs):
@@ -231,6 +293,18 @@ class LevelReader:
                 v = self._fetch([k])[k]
             out[k] = v
         return out
+
+    def _read_error(self, key: tuple[int, int], e: BaseException) -> ValueError:
+        from .._errors import CorruptFileError
+
+        ys, xs = self._slicer(*key, ("y", "x"))
+        where = f"pixels y {ys.start}:{ys.stop}, x {xs.start}:{xs.stop} of image {self.name!r}"
+        path = _source_file(self._direct)
+        msg = (
+            f"reading {where}{f' from {path!r}' if path else ''} failed ({type(e).__name__}: {e}): the file is "
+            "truncated or corrupt. Download or copy it again (or re-export it)."
+        )
+        return CorruptFileError(path, msg) if path else ValueError(msg)
 
     # -- windows ------------------------------------------------------------------------------------
     def _chunk_range(self, bounds: np.ndarray, lo: int, hi: int) -> range:

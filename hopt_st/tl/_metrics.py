@@ -42,3 +42,30 @@ def pearson_per_gene(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
         r = np.einsum("ij,ij->j", a, b) / (na * nb)
     r[const] = np.nan  # constant input: undefined, NaN as in scipy
     return np.clip(r, -1.0, 1.0)
+
+
+def mean_pearson(estimator, X, y) -> float:
+    """Scorer: the mean over genes of the Pearson r between ``y`` and ``estimator.predict(X)``.
+
+    A scikit-learn scorer (signature ``(estimator, X, y)``): pass it as ``scoring=`` to ``GridSearchCV`` or
+    ``cross_val_score``, or call it directly. Genes whose measured or predicted values are constant are left
+    out of the mean. :meth:`ExpressionRegressor.score` is R² instead, as for every scikit-learn regressor.
+
+    Parameters
+    ----------
+    estimator
+        A fitted regressor (e.g. :class:`hopt_st.tl.ExpressionRegressor`).
+    X
+        Embeddings ``(n_spots, dim)``.
+    y
+        Measured expression ``(n_spots, n_genes)`` or ``(n_spots,)``, in the regressor's target space.
+
+    Returns
+    -------
+    float
+        Mean Pearson r (NaN when no gene varies).
+    """
+    y = np.asarray(y, dtype=np.float64)
+    pred = np.asarray(estimator.predict(X), dtype=np.float64).reshape(y.shape)
+    r = pearson_per_gene(y, pred)
+    return float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")

@@ -13,15 +13,22 @@ import pandas as pd
 from anndata import AnnData
 from numpy.typing import ArrayLike
 from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils.validation import check_is_fitted, validate_data
 from spatialdata import SpatialData
 
+from .._atomic import atomic_write_bytes, check_overwrite
 from .._constants import UNS_KEY
 from .._docs import inject_docs
+from .._errors import CorruptFileError
 from ..io._elements import get_spot_table
-from ._metrics import pearson_per_gene
+from ..io._store import check_name
+from ._predictions import prediction_table
+from ._provenance import check_provenance as _check_provenance
+from ._provenance import embedding_provenance
 from ._targets import TARGETS, target_matrix, top_variable_genes
 from .linear import (
     HEST_N_COMPONENTS,
+    HEST_SEED,
     LinearMap,
     check_embeddings,
     fit_hest_ridge,
@@ -34,21 +41,30 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("ridge", "ridge-hest", "mlp")
 _FORMAT = "hopt_st.ExpressionRegressor/1"
+#: constructor arguments saved elsewhere in the file's metadata (not under "params")
+_NOT_IN_PARAMS = ("alphas", "device", "use_rep", "target", "layer", "spatial_context")
 
 
-class ExpressionRegressor(BaseEstimator, RegressorMixin):
-    """Predict expression of several genes from spot embeddings.
+class ExpressionRegressor(RegressorMixin, BaseEstimator):
+    """Predict expression of several genes from spot embeddings (a scikit-learn regressor).
+
+    It passes scikit-learn's estimator checks, so it works in pipelines, ``clone``, ``cross_val_score`` and
+    ``GridSearchCV``. :meth:`score` is scikit-learn's R² (averaged uniformly over genes); the mean Pearson
+    correlation over genes, the usual figure in spatial transcriptomics, is the scorer
+    :func:`hopt_st.tl.mean_pearson` (``GridSearchCV(..., scoring=hs.tl.mean_pearson)``).
 
     Parameters
     ----------
     method
         ``"ridge"``: ridge with intercept on standardised embeddings, alpha per gene by exact leave-one-out
-        error, or by group-wise inner cross-validation when ``groups`` is passed to :meth:`fit`.
+        error (scikit-learn's ``StandardScaler`` + ``RidgeCV(alpha_per_target=True)``), or by group-wise inner
+        cross-validation when ``groups`` is passed to :meth:`fit`.
         ``"ridge-hest"``: HEST-Benchmark's probe (StandardScaler -> PCA(256) -> Ridge lsqr,
         alpha = 100 / (n_components * n_genes), no intercept).
         ``"mlp"``: one-hidden-layer torch MLP, early stopping on an inner split.
     seed
-        Seed for PCA (sklearn solver), the MLP initialisation and its validation split.
+        Seed of the PCA of ``"ridge-hest"``, the MLP initialisation and its validation split. ``None``: HEST's
+        seed (1) for ``"ridge-hest"``, so its numbers are HEST-Benchmark's; 0 for the MLP.
     alphas
         Candidate penalties for ``"ridge"``.
     n_components
@@ -57,6 +73,11 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
         ``"ridge-hest"`` only: closed-form/reduced-LSQR implementation or the scikit-learn pipeline itself.
     hidden, max_epochs, patience, device
         MLP settings.
+    use_rep, target, layer, spatial_context
+        What the embeddings and targets are (set by :func:`fit_expression`, used by
+        :func:`predict_expression`; :meth:`fit` on arrays ignores them): the ``obsm`` key of the embeddings,
+        the target space (see :func:`hopt_st.tl.target_matrix`), the layer of raw counts, and whether each
+        spot's embedding was concatenated with its neighbours' mean.
 
     Attributes
     ----------
@@ -64,13 +85,16 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
     n_features_in_ : int
     alpha_ : numpy.ndarray
         Penalty per gene (``"ridge"``) or HEST's single alpha.
+    provenance_ : dict
+        Set by :func:`fit_expression`: model, weights sha256, µm/px and patch size of the embeddings it was fit
+        on (``{}`` when unknown); :func:`predict_expression` refuses embeddings of another kind.
     """
 
     def __init__(
         self,
         method: Literal["ridge", "ridge-hest", "mlp"] = "ridge",
         *,
-        seed: int = 0,
+        seed: int | None = None,
         alphas: Sequence[float] | None = None,
         n_components: int = HEST_N_COMPONENTS,
         solver: Literal["fast", "sklearn"] = "fast",
@@ -78,6 +102,10 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
         max_epochs: int = 200,
         patience: int = 10,
         device: str | None = None,
+        use_rep: str | None = None,
+        target: Literal["log1p", "normalize_log1p", "none"] = "log1p",
+        layer: str | None = None,
+        spatial_context: bool = False,
     ):
         self.method = method
         self.seed = seed
@@ -88,31 +116,34 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
         self.max_epochs = max_epochs
         self.patience = patience
         self.device = device
+        self.use_rep = use_rep
+        self.target = target
+        self.layer = layer
+        self.spatial_context = spatial_context
 
-    # -- metadata set by fit_expression (kept outside get_params) --
-    use_rep: str | None = None
-    target: str = "log1p"
-    layer: str | None = None
-    spatial_context: bool = False
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True  # one output per gene
+        tags.target_tags.single_output = True  # a 1-D y (one gene) works too
+        tags.input_tags.sparse = False  # embeddings are dense
+        return tags
 
     def fit(self, X, y, groups=None):
-        """Fit on embeddings ``X`` (n_spots, dim) and targets ``y`` (n_spots, n_genes)."""
+        """Fit on embeddings ``X`` (n_spots, dim) and targets ``y`` (n_spots, n_genes) or (n_spots,).
+
+        ``y`` as a DataFrame names the genes (``genes_``); ``groups`` (one sample/patient id per spot) makes the
+        ``"ridge"`` penalty and the ``"mlp"`` validation split group-aware.
+        """
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {METHODS}.")
         if self.solver not in ("fast", "sklearn"):
             raise ValueError(f"solver={self.solver!r} must be 'fast' or 'sklearn'.")
-        if isinstance(y, pd.DataFrame):
-            genes = [str(c) for c in y.columns]
-        else:
-            genes = None
-        X = check_embeddings(X)
-        Y = np.asarray(y, dtype=np.float64)
-        if Y.ndim == 1:
-            Y = Y[:, None]
-        if Y.shape[0] != X.shape[0]:
-            raise ValueError(f"X has {X.shape[0]} spots but y has {Y.shape[0]}; they must match row by row.")
-        if not np.all(np.isfinite(Y)):
-            raise ValueError("y has NaN or infinite values; check the target expression.")
+        genes = [str(c) for c in y.columns] if isinstance(y, pd.DataFrame) else None
+        X, y = validate_data(
+            self, X, y, accept_sparse=False, multi_output=True, y_numeric=True, dtype=np.float64
+        )
+        self._y_1d = y.ndim == 1
+        Y = y[:, None] if y.ndim == 1 else y
         if X.shape[0] < Y.shape[1]:
             raise ValueError(
                 f"Only {X.shape[0]} training spots for {Y.shape[1]} genes: need at least as many spots as "
@@ -122,26 +153,24 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
             groups = np.asarray(groups)
             if groups.shape[0] != X.shape[0]:
                 raise ValueError(f"groups has {groups.shape[0]} entries for {X.shape[0]} spots.")
-        self.genes_ = genes if genes is not None else list(getattr(self, "genes_", None) or [])
-        if len(self.genes_) != Y.shape[1]:
-            self.genes_ = [f"gene_{i}" for i in range(Y.shape[1])]
-        self.n_features_in_ = X.shape[1]
+        self.genes_ = genes if genes is not None else [f"gene_{i}" for i in range(Y.shape[1])]
         self.linear_ = None
         self.mlp_ = None
         self.sklearn_ = None
+        seed = self.seed if self.seed is not None else (HEST_SEED if self.method == "ridge-hest" else 0)
         if self.method == "ridge":
             self.linear_, self.alpha_ = fit_ridge_cv(X, Y, alphas=self.alphas, groups=groups)
         elif self.method == "ridge-hest":
             k = min(self.n_components, *X.shape)
             self.alpha_ = np.full(Y.shape[1], hest_alpha(k, Y.shape[1]))
             if self.solver == "sklearn":
-                self.sklearn_ = fit_hest_ridge_sklearn(X, Y, n_components=self.n_components, seed=self.seed)
+                self.sklearn_ = fit_hest_ridge_sklearn(X, Y, n_components=self.n_components, seed=seed)
                 # the pipeline is linear: store it as a LinearMap so save/load needs no pickle
                 lin = np.vstack([np.zeros(X.shape[1]), np.eye(X.shape[1])])
                 out = self.sklearn_.predict(lin)
                 self.linear_ = LinearMap(x_mean=np.zeros(X.shape[1]), coef=out[1:] - out[0], intercept=out[0])
             else:
-                self.linear_ = fit_hest_ridge(X, Y, n_components=self.n_components)
+                self.linear_ = fit_hest_ridge(X, Y, n_components=self.n_components, seed=seed)
         else:
             from ._mlp import fit_mlp
 
@@ -149,7 +178,7 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
                 X,
                 Y,
                 groups=groups,
-                seed=self.seed,
+                seed=seed,
                 hidden=self.hidden,
                 max_epochs=self.max_epochs,
                 patience=self.patience,
@@ -158,39 +187,39 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
         return self
 
     def _check_fitted(self):
-        if not hasattr(self, "n_features_in_"):
-            raise RuntimeError("This ExpressionRegressor is not fitted yet; call fit() or fit_expression().")
+        check_is_fitted(
+            self, "genes_", msg="This ExpressionRegressor is not fitted yet; call fit() or fit_expression()."
+        )
 
     def predict(self, X) -> np.ndarray:
-        """Predicted expression (n_spots, n_genes), float32, in the target space."""
+        """Predicted expression (n_spots, n_genes) in the target space, float64; (n_spots,) when fit on a 1-D y."""
         self._check_fitted()
-        X = check_embeddings(X)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(
-                f"X has {X.shape[1]} features but the regressor was fitted on {self.n_features_in_} "
-                f"(use_rep={self.use_rep!r}); use embeddings from the same model."
-            )
+        X = validate_data(self, X, reset=False, accept_sparse=False, dtype=np.float64)
         if self.sklearn_ is not None:
-            return self.sklearn_.predict(X).astype(np.float32)
-        if self.linear_ is not None:
-            return self.linear_.predict(X).astype(np.float32)
-        import torch
+            out = self.sklearn_.predict(X)
+        elif self.linear_ is not None:
+            out = self.linear_.predict(X)
+        else:
+            import torch
 
-        nm = self.mlp_norm_
-        with torch.no_grad():
-            out = self.mlp_(torch.as_tensor((X - nm["x_mean"]) / nm["x_std"], dtype=torch.float32)).numpy()
-        return (out * nm["y_std"] + nm["y_mean"]).astype(np.float32)
-
-    def score(self, X, y, sample_weight=None) -> float:
-        """Mean Pearson correlation over genes (genes with constant values are ignored)."""
-        r = pearson_per_gene(np.asarray(y, dtype=np.float64), self.predict(X))
-        return float(np.nanmean(r))
+            nm = self.mlp_norm_
+            with torch.no_grad():
+                z = torch.as_tensor((X - nm["x_mean"]) / nm["x_std"], dtype=torch.float32)
+                out = self.mlp_(z).numpy().astype(np.float64) * nm["y_std"] + nm["y_mean"]
+        out = np.asarray(out, dtype=np.float64)
+        return out[:, 0] if getattr(self, "_y_1d", False) else out
 
     # -- persistence: safetensors + JSON, no pickle --
-    def save(self, path) -> None:
-        """Write the fitted regressor to one ``.safetensors`` file (arrays) with JSON metadata inside."""
-        from safetensors.numpy import save_file
+    def save(self, path, *, overwrite: bool = False) -> None:
+        """Write the fitted regressor to one ``.safetensors`` file (arrays) with JSON metadata inside.
 
+        The file is written under a temporary name in the same folder, flushed and renamed, so a failed save
+        leaves no partial file and an existing file untouched. An existing ``path`` is only replaced with
+        ``overwrite=True`` (``FileExistsError`` otherwise).
+        """
+        from safetensors.numpy import save
+
+        path = check_overwrite(path, overwrite, "regressor file")
         self._check_fitted()
         tensors: dict[str, np.ndarray] = {}
         if self.linear_ is not None:
@@ -206,7 +235,7 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
             tensors["alpha"] = np.asarray(self.alpha_, dtype=np.float64)
         meta = {
             "format": _FORMAT,
-            "params": {k: v for k, v in self.get_params().items() if k not in ("alphas", "device")},
+            "params": {k: v for k, v in self.get_params().items() if k not in _NOT_IN_PARAMS},
             "alphas": None if self.alphas is None else [float(a) for a in self.alphas],
             "genes": list(self.genes_),
             "n_features_in": int(self.n_features_in_),
@@ -214,9 +243,12 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
             "target": self.target,
             "layer": self.layer,
             "spatial_context": bool(self.spatial_context),
+            "provenance": dict(getattr(self, "provenance_", {})),
+            "y_1d": bool(getattr(self, "_y_1d", False)),
         }
         tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-        save_file(tensors, str(path), metadata={"hopt_st": json.dumps(meta)})
+        data = save(tensors, metadata={"hopt_st": json.dumps(meta)})
+        atomic_write_bytes(path, data, overwrite=overwrite, what="regressor file")
 
     @classmethod
     def load(cls, path) -> ExpressionRegressor:
@@ -224,12 +256,22 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
         from safetensors import safe_open
 
         path = Path(path)
-        with safe_open(str(path), framework="numpy") as f:
-            raw = (f.metadata() or {}).get("hopt_st")
-            if raw is None:
-                raise ValueError(f"{path} was not written by ExpressionRegressor.save (no hopt_st metadata).")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(raw)
+        if not path.is_file():
+            raise FileNotFoundError(f"regressor file {str(path)!r} does not exist.")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                raw = (f.metadata() or {}).get("hopt_st")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = None if raw is None else json.loads(raw)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for truncated/garbled files
+            raise CorruptFileError.from_error(
+                path,
+                e,
+                what="regressor file",
+                fix="save the regressor again (ExpressionRegressor.save) or copy it again.",
+            ) from None
+        if meta is None:
+            raise ValueError(f"{path} was not written by ExpressionRegressor.save (no hopt_st metadata).")
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{path}: unsupported format {meta.get('format')!r} (expected {_FORMAT}).")
         reg = cls(**meta["params"], alphas=meta["alphas"])
@@ -238,6 +280,8 @@ class ExpressionRegressor(BaseEstimator, RegressorMixin):
         reg.use_rep, reg.target = meta["use_rep"], meta["target"]
         reg.layer = meta.get("layer")
         reg.spatial_context = meta["spatial_context"]
+        reg.provenance_ = dict(meta.get("provenance") or {})
+        reg._y_1d = bool(meta.get("y_1d", False))
         reg.linear_, reg.mlp_, reg.sklearn_ = None, None, None
         if "alpha" in tensors:
             reg.alpha_ = tensors["alpha"]
@@ -283,7 +327,7 @@ def fit_expression(
     layer: str | None = None,
     target: Literal["log1p", "normalize_log1p", "none"] = "log1p",
     groups: str | ArrayLike | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     spatial_context: bool = False,
     **kwargs,
 ) -> ExpressionRegressor:
@@ -308,7 +352,7 @@ def fit_expression(
     groups
         Column of ``obs`` (or one value per spot) with sample/patient ids, for group-aware tuning.
     seed
-        Random seed.
+        Random seed (``None``: HEST's for ``"ridge-hest"``, 0 otherwise; see :class:`ExpressionRegressor`).
     spatial_context
         Concatenate each spot's embedding with the mean embedding of its spatial neighbours.
     **kwargs
@@ -329,10 +373,17 @@ def fit_expression(
         if groups not in adata.obs:
             raise KeyError(f"groups={groups!r} is not a column of adata.obs ({list(adata.obs.columns)}).")
         groups = adata.obs[groups].to_numpy()
-    reg = ExpressionRegressor(method, seed=seed, **kwargs)
-    reg.use_rep, reg.target, reg.spatial_context = use_rep, target, spatial_context
-    reg.layer = layer
+    reg = ExpressionRegressor(
+        method,
+        seed=seed,
+        use_rep=use_rep,
+        target=target,
+        layer=layer,
+        spatial_context=spatial_context,
+        **kwargs,
+    )
     reg.fit(X, pd.DataFrame(Y, columns=genes), groups=groups)
+    reg.provenance_ = embedding_provenance(adata, use_rep)
     logger.info("fit_expression: %s on %d spots x %d features -> %d genes", method, *X.shape, len(genes))
     return reg
 
@@ -346,8 +397,15 @@ def predict_expression(
     key_added: str = "predicted",
     table_name: str | None = None,
     overwrite: bool = False,
-) -> None:
+    copy: bool = False,
+    check_provenance: bool = True,
+) -> AnnData | None:
     """Predict expression at every spot with a fitted regressor.
+
+    The predictions go where spatial tools look: a table of their own (``X`` = predictions), which
+    spatialdata-plot draws with ``sdata.pl.render_shapes(spots, color=GENE, table_name=key_added)`` and
+    squidpy with ``sq.pl.spatial_scatter(predictions, color=GENE)``; and, for code working on the spot table
+    alone, a DataFrame in its ``obsm``.
 
     Parameters
     ----------
@@ -358,24 +416,37 @@ def predict_expression(
     use_rep
         {use_rep} Default: the one the regressor was fit on.
     key_added
-        ``obsm`` key of the predictions.
+        ``obsm`` key of the predictions, and name of the predictions table in a SpatialData.
     table_name
         {table_name}
     overwrite
         {overwrite}
+    copy
+        Write nothing and return the predictions table instead (the way AnnData users get it).
+    check_provenance
+        Refuse embeddings whose recorded model, weights, µm/px or patch size differ from those the regressor
+        was fit on (``regressor.provenance_``); ``False`` skips the check.
 
     Returns
     -------
-    ``None``, and sets:
+    With ``copy=True`` the predictions table: an AnnData with ``X`` = predictions (float32, in the
+    regressor's target space), ``var_names`` = genes, ``obs`` as the spot table's, ``layers["measured"]`` =
+    the measured values in the same target space (when the spots measure those genes; NaN for genes they do
+    not), ``obsm["spatial"]`` / ``uns["spatial"]`` as the spot table's, ``uns["hopt_st"]["prediction"]``
+    (the entry below); for a SpatialData it annotates the same spot shapes. Otherwise ``None``, and sets:
 
     ``obsm[key_added]``
-        DataFrame (obs_names x genes) of predictions in the regressor's target space.
+        DataFrame (obs_names x genes) of the predictions, on the spot table.
     ``uns["hopt_st"]["predictions"][key_added]``
         ``{{"genes", "target", "use_rep", "method"}}`` (plus ``"layer"`` when the regressor was fit on counts
-        in a layer).
+        in a layer), on the spot table.
+    ``sdata.tables[key_added]``
+        SpatialData only: the predictions table.
     """
+    sdata = None
     if isinstance(adata_or_sdata, SpatialData):
-        adata, _ = get_spot_table(adata_or_sdata, table_name)
+        sdata = adata_or_sdata
+        adata, _ = get_spot_table(sdata, table_name)
     elif isinstance(adata_or_sdata, AnnData):
         adata = adata_or_sdata
     else:
@@ -385,11 +456,32 @@ def predict_expression(
     use_rep = use_rep or regressor.use_rep
     if use_rep is None:
         raise ValueError("use_rep is unknown: pass use_rep= (the obsm key of the embeddings).")
-    if key_added in adata.obsm and not overwrite:
-        raise ValueError(f"obsm[{key_added!r}] already exists; pass overwrite=True or another key_added.")
+    if not copy:
+        check_name(key_added, "key_added", existing=adata.obsm.keys())  # a key the .zarr store can hold
+        if key_added in adata.obsm and not overwrite:
+            raise ValueError(f"obsm[{key_added!r}] already exists; pass overwrite=True or another key_added.")
+        if sdata is not None and key_added in sdata.tables:
+            if sdata.tables[key_added] is adata:
+                raise ValueError(f"key_added={key_added!r} names the spot table itself; choose another name.")
+            if not overwrite:
+                raise ValueError(
+                    f"table {key_added!r} already exists in the SpatialData; pass overwrite=True or another key_added."
+                )
+    if check_provenance:
+        _check_provenance(
+            getattr(regressor, "provenance_", None),
+            embedding_provenance(adata, use_rep),
+            what=f"obsm[{use_rep!r}]",
+        )
     X = _embeddings(adata, use_rep, regressor.spatial_context)
-    pred = regressor.predict(X)
-    adata.obsm[key_added] = pd.DataFrame(pred, index=adata.obs_names.copy(), columns=list(regressor.genes_))
+    n_in = getattr(regressor, "n_features_in_", None)
+    if n_in is not None and X.shape[1] != n_in:
+        raise ValueError(
+            f"obsm[{use_rep!r}] has {X.shape[1]} features but the regressor was fitted on {n_in} "
+            f"(use_rep={regressor.use_rep!r}); use embeddings from the same model."
+        )
+    pred = np.asarray(regressor.predict(X), dtype=np.float32).reshape(X.shape[0], -1)
+    df = pd.DataFrame(pred, index=adata.obs_names.copy(), columns=list(regressor.genes_))
     meta = {
         "genes": list(regressor.genes_),
         "target": regressor.target,
@@ -398,4 +490,11 @@ def predict_expression(
     }
     if getattr(regressor, "layer", None) is not None:  # where the measured counts are (None is not storable)
         meta["layer"] = str(regressor.layer)
+    table = prediction_table(adata, df, meta)
+    if copy:
+        return table
+    adata.obsm[key_added] = df
     adata.uns.setdefault(UNS_KEY, {}).setdefault("predictions", {})[key_added] = meta
+    if sdata is not None:
+        sdata.tables[key_added] = table
+    return None

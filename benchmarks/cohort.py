@@ -1,0 +1,132 @@
+"""Cohort benchmark: ``pp.embed_cohort`` on a Dask ``LocalCluster`` of 1 vs 2 worker processes.
+
+Both clusters (one thread per worker, so one torch thread each) embed the same synthetic HEST-1k cohort
+(``write_hest_layout(layout="hest1k")``) with the same small random-weight ViT read from a weights file, in
+interleaved rounds; each round rewrites every sample (``overwrite=True``). Cluster start-up and the first
+build of the encoder on each worker are not timed (a warm-up round). Prints samples/min and tiles/s per
+cluster size (median over rounds, and the best round) and the ratio 2 workers / 1 worker, and checks that both
+wrote bit-identical embeddings.
+
+Run: ``python benchmarks/cohort.py [--samples 6] [--spots 120] [--rounds 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import hopt_st as hs
+from hopt_st import models
+
+
+def small_vit_spec() -> models.ModelSpec:
+    """A small ViT of H-optimus-1's family on 112 px patches at 1 µm/px (the same 112 µm field)."""
+    return models.ModelSpec(
+        name="bench-cohort-vit",
+        dim=192,
+        input_size=112,
+        mpp=1.0,
+        mean=(0.707223, 0.578729, 0.703617),
+        std=(0.211883, 0.230117, 0.177517),
+        timm_name="vit_small_patch14_reg4_dinov2",
+        timm_kwargs=dict(
+            img_size=112,
+            embed_dim=192,
+            depth=4,
+            num_heads=3,
+            init_values=1e-5,
+            num_classes=0,
+            dynamic_img_size=False,
+        ),
+        notes="benchmark only",
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=6)
+    ap.add_argument("--spots", type=int, default=120)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from distributed import Client, LocalCluster
+    from safetensors.torch import save_file
+
+    work = Path(tempfile.mkdtemp(prefix="hopt_cohort_bench_"))
+    hs.datasets.write_hest_layout(
+        work / "hest", layout="hest1k", n_samples=args.samples, n_spots=args.spots, image_mpp=1.0
+    )
+    cohort = hs.io.read_cohort(work / "hest")
+    spec = small_vit_spec()
+    torch.manual_seed(0)
+    weights = work / "vit.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in models.create(spec, pretrained=False).backbone.state_dict().items()},
+        str(weights),
+    )
+
+    def run(client, out) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        df = hs.pp.embed_cohort(
+            cohort, spec, out, client=client, weights=str(weights), overwrite=True, progress=False
+        )
+        dt = time.perf_counter() - t0
+        if (df["status"] != "done").any():
+            raise SystemExit(f"some samples failed:\n{df}")
+        return dt, int(df["n_spots"].sum())
+
+    sizes = (1, 2)
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR
+        ) as c1,
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR
+        ) as c2,
+        Client(c1, set_as_default=False) as k1,
+        Client(c2, set_as_default=False) as k2,
+    ):
+        clients = {1: k1, 2: k2}
+        for n in sizes:  # warm-up: imports and the encoder build on every worker
+            run(clients[n], work / f"out{n}")
+        tiles = 0
+        for _ in range(args.rounds):
+            for n in sizes:
+                dt, tiles = run(clients[n], work / f"out{n}")
+                times[n].append(dt)
+
+    for sid in cohort["sample_id"]:
+        a = hs.io.read_embeddings(work / "out1" / spec.name / f"{sid}.h5").embeddings
+        b = hs.io.read_embeddings(work / "out2" / spec.name / f"{sid}.h5").embeddings
+        if not np.array_equal(a, b):
+            raise SystemExit(f"sample {sid}: 1 and 2 workers wrote different embeddings")
+
+    print(
+        f"cohort: {args.samples} synthetic HEST-1k samples, {tiles} tiles ({args.spots} spots each); model: ViT "
+        f"(dim {spec.dim}, depth 4, {spec.input_size} px), fp32 CPU, 1 thread per worker; {args.rounds} "
+        "interleaved rounds"
+    )
+    for n in sizes:
+        med, best = statistics.median(times[n]), min(times[n])
+        print(
+            f"{n} worker{'s' if n > 1 else ' '}: median {med:6.2f} s  {args.samples / med * 60:7.1f} samples/min  "
+            f"{tiles / med:7.1f} tiles/s   (best {best:6.2f} s, {tiles / best:7.1f} tiles/s)"
+        )
+    ratios = [t1 / t2 for t1, t2 in zip(times[1], times[2])]
+    print(
+        f"ratio 2 workers / 1 worker (throughput): median {statistics.median(ratios):.2f}x, "
+        f"best rounds {min(times[1]) / min(times[2]):.2f}x"
+    )
+    print("embeddings of 1 and 2 workers: identical")
+
+
+if __name__ == "__main__":
+    main()

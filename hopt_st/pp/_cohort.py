@@ -1,0 +1,482 @@
+"""``pp.embed_cohort``: embed every sample of a cohort once, in this process or on a Dask cluster.
+
+One idempotent task per sample reads the sample, cuts its patches, embeds them with an encoder built once per
+process (:func:`hopt_st.models.get_encoder`) and writes ``<out_dir>/<model>/<sample_id>.h5`` atomically in
+HEST's embedding-file layout (:func:`hopt_st.io.write_embeddings`), with a fingerprint of what it was computed
+from. Without a client the tasks run here, one after the other; with a :class:`distributed.Client` they are
+submitted to its cluster (``retries`` re-runs tasks that raised; Dask itself re-runs a task whose worker
+died). A sample whose file already has the same fingerprint is skipped without reading it; a failing sample
+is recorded in ``status.csv`` and the others go on. The scheduler is Dask's: there is none here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from .._atomic import atomic_write_bytes
+from .._docs import inject_docs
+from .._patchset import Patches
+from ..io._cohort import model_dirname, read_cohort, read_sample, sample_files
+from ..io._embeddings import read_fingerprint, write_embeddings
+from ..models import ModelSpec, get_encoder, get_spec
+from ..models._encoder import weights_file
+from ..models._weights import file_version, remember_sha256, weights_sha256
+from ._device import select_device, select_dtype
+from ._embed import _run_info, _weights_id, embed, provenance, spec_identity
+from ._patches import patches
+
+logger = logging.getLogger(__name__)
+
+#: columns of ``status.csv`` and of the table :func:`embed_cohort` returns
+STATUS_COLUMNS = ["sample", "status", "n_spots", "seconds", "error"]
+_FINGERPRINT_VERSION = 1
+_OUTSIDE = "drop"  # spots whose patch lies entirely outside the image get no embedding (as in HEST's files)
+_MAX_ERROR = 500
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a task needs for one sample: small, picklable, no open files."""
+
+    row: dict
+    spec: ModelSpec
+    weights: str | None
+    weights_version: tuple | None
+    weights_sha256: str | None
+    device: str | None
+    dtype: str | None
+    batch_size: int | None
+    path: str
+    fingerprint: str
+    overwrite: bool
+
+
+# ----------------------------------------------------------------------------------------------------------
+# identity
+# ----------------------------------------------------------------------------------------------------------
+def _weights_identity(spec: ModelSpec, weights) -> tuple[str | None, tuple | None, str]:
+    """The weight file (resolved here: found in the Hugging Face cache or downloaded), its version and sha256."""
+    path = weights_file(spec, weights, True, torch.device("cpu"))
+    if path is None:
+        return None, None, "none"
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist.")
+    return str(path), file_version(path), weights_sha256(path)
+
+
+def _fingerprint(row: dict, spec: ModelSpec, weights_id: str, dtype: str | None) -> str:
+    """sha256 of what a sample's embeddings depend on: the sample's files, the model, its weights, the patch
+    geometry and the requested precision."""
+    payload = {
+        "version": _FINGERPRINT_VERSION,
+        "sample": {
+            "sample_id": row["sample_id"],
+            "kind": row["kind"],
+            "image_mpp": row.get("image_mpp"),
+            "files": sample_files(row),
+        },
+        "model": [spec.name, spec.arch, *spec_identity(spec)],
+        "weights": weights_id,
+        "geometry": {"patch_size": spec.input_size, "mpp": spec.mpp, "outside": _OUTSIDE, "fill": 255},
+        "dtype": dtype or "auto",
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _existing_fingerprint(path: Path) -> str | None:
+    """The fingerprint of an existing output; ``""`` for a file that is not one of ours (or unreadable)."""
+    if not path.exists():
+        return None
+    try:
+        return read_fingerprint(path) or ""
+    except (OSError, ValueError):
+        return ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the task
+# ----------------------------------------------------------------------------------------------------------
+def _row(sample: str, status: str, n_spots=None, seconds=None, error: str = "") -> dict:
+    return {"sample": sample, "status": status, "n_spots": n_spots, "seconds": seconds, "error": error}
+
+
+def _n_rows(path: Path) -> int | None:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f["embeddings"].shape[0])
+    except (OSError, KeyError):
+        return None
+
+
+def embed_sample(job: _Job) -> dict:
+    """Embed one sample and write its file (the task of :func:`embed_cohort`); returns its status row.
+
+    Idempotent: when the file already holds this fingerprint (written by an earlier attempt whose worker died
+    afterwards) nothing is computed. Errors propagate (the caller records them).
+    """
+    import dask
+
+    # this process's own threads compute the sample's small dask graphs (spot transforms, image metadata);
+    # on a Dask worker they would otherwise go back to the cluster as tasks of their own, 30x slower
+    with dask.config.set(scheduler="threads"):
+        return _embed_sample(job)
+
+
+def _embed_sample(job: _Job) -> dict:
+    t0 = time.perf_counter()
+    sid, path, spec = job.row["sample_id"], Path(job.path), job.spec
+    existing = _existing_fingerprint(path)
+    if existing == job.fingerprint and not job.overwrite:
+        return _row(sid, "done", _n_rows(path), round(time.perf_counter() - t0, 3))
+    if existing is not None and not job.overwrite:
+        raise ValueError(
+            f"{str(path)!r} exists but was computed from other data, model, weights or settings: pass "
+            "overwrite=True (--overwrite) to replace it, or another out_dir."
+        )
+    data = read_sample(job.row)
+    source = (
+        data
+        if isinstance(data, Patches)
+        else patches(data, patch_size=spec.input_size, target_mpp=spec.mpp, outside=_OUTSIDE)
+    )
+    weights = job.weights
+    if weights is not None and job.weights_version is not None:
+        if Path(weights).is_file():
+            remember_sha256(job.weights_version, job.weights_sha256)  # no re-hashing of a known file
+        else:  # a Hub file resolved by the client but not visible here: resolve it on this worker
+            weights = None
+    dev = select_device(job.device)
+    cdtype = select_dtype(job.dtype, dev)
+    encoder = get_encoder(spec, weights=weights, device=dev)  # built once per process
+    weights_id = _weights_id(encoder)
+    if job.weights_sha256 not in (None, "none") and weights_id != job.weights_sha256:
+        raise RuntimeError(
+            f"the weights on this worker (sha256 {weights_id[:12]}) are not the ones the cohort was "
+            f"fingerprinted with ({job.weights_sha256[:12]}): give every worker the same weights file."
+        )
+    emb = embed(source, encoder, device=dev, dtype=cdtype, batch_size=job.batch_size, progress=False)
+    info, _ = _run_info(spec, source, weights_id, cdtype)
+    prov = provenance(spec, encoder, info, dev)
+    prov.update(
+        sample_id=sid,
+        patient=job.row.get("patient"),
+        kind=job.row["kind"],
+        source=job.row["source"],
+        n_spots=len(source),
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    has_xy = source.centers is not None and source.patch_size_src is not None
+    write_embeddings(
+        path,
+        emb,
+        source.barcodes,
+        coords=source.coords if has_xy else None,
+        centers=source.centers,
+        fingerprint=job.fingerprint,
+        provenance=prov,
+        overwrite=True,  # checked above; a file written meanwhile by a dead attempt of this task is ours
+    )
+    return _row(sid, "done", len(source), round(time.perf_counter() - t0, 3))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# status.csv
+# ----------------------------------------------------------------------------------------------------------
+class _Status:
+    """This run's rows, merged into the folder's status file (rows of other samples are kept) after each change."""
+
+    def __init__(self, path: Path, order: list[str]):
+        self.path, self.order = path, order
+        self.rows: dict[str, dict] = {}
+        self.previous = pd.DataFrame(columns=STATUS_COLUMNS)
+        if path.is_file():
+            try:
+                prev = pd.read_csv(path, dtype={"sample": str, "error": str}, keep_default_na=False)
+                if set(STATUS_COLUMNS) <= set(prev.columns):
+                    self.previous = prev[STATUS_COLUMNS]
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+                logger.warning("%s is unreadable; it is rewritten.", path)
+
+    def record(self, row: dict, write: bool = True) -> None:
+        self.rows[row["sample"]] = row
+        if write:
+            self.write()
+
+    def frame(self) -> pd.DataFrame:
+        rows = [self.rows[s] for s in self.order if s in self.rows]
+        df = pd.DataFrame(rows, columns=STATUS_COLUMNS)
+        df["n_spots"] = df["n_spots"].astype("Int64")
+        df["seconds"] = df["seconds"].astype(float)
+        return df
+
+    def write(self) -> None:
+        current = self.frame()
+        keep = self.previous[~self.previous["sample"].isin(current["sample"])]
+        merged = pd.concat([keep, current], ignore_index=True) if len(keep) else current
+        buf = io.StringIO()
+        merged.to_csv(buf, index=False)
+        atomic_write_bytes(self.path, buf.getvalue().encode())
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).split())
+    text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return text if len(text) <= _MAX_ERROR else text[: _MAX_ERROR - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------------------------
+# running
+# ----------------------------------------------------------------------------------------------------------
+class _Progress:
+    """One bar over samples, with tiles/s of the samples computed in this run."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = tqdm(total=total, unit="sample", desc=desc, disable=not enabled, smoothing=0.1)
+        self.t0 = time.perf_counter()
+        self.tiles = 0
+
+    def update(self, row: dict) -> None:
+        if row["status"] == "done" and row["n_spots"]:
+            self.tiles += int(row["n_spots"])
+            self.bar.set_postfix_str(f"{self.tiles / max(time.perf_counter() - self.t0, 1e-9):.1f} tiles/s")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_serial(jobs: list[_Job], retries: int, finish) -> None:
+    for job in jobs:
+        sid = job.row["sample_id"]
+        for attempt in range(retries + 1):
+            try:
+                row = embed_sample(job)
+                break
+            except Exception as e:  # noqa: BLE001 - a failing sample is recorded; the others go on
+                row = _row(sid, "failed", error=_one_line(e))
+                logger.debug("sample %s, attempt %d failed", sid, attempt + 1, exc_info=True)
+        finish(row)
+
+
+def _run_dask(client, jobs: list[_Job], retries: int, finish) -> None:
+    from distributed import as_completed
+
+    token = uuid.uuid4().hex[:8]
+    futures = {
+        client.submit(
+            embed_sample, job, key=f"embed_cohort-{job.row['sample_id']}-{token}", retries=retries
+        ): job
+        for job in jobs
+    }
+    try:
+        for fut in as_completed(futures, loop=client.loop):
+            sid = futures[fut].row["sample_id"]
+            try:
+                row = fut.result()
+            except Exception as e:  # noqa: BLE001 - including KilledWorker (a worker died on it too often)
+                row = _row(sid, "failed", error=_one_line(e))
+            fut.release()
+            finish(row)
+    finally:
+        pending = [f for f in futures if not f.done()]
+        if pending:  # interrupted: do not leave work running on the cluster
+            client.cancel(pending)
+
+
+def _check_client(client) -> None:
+    from distributed import Client
+
+    if not isinstance(client, Client):
+        raise TypeError(
+            f"client must be a distributed.Client (or None to run here), got {type(client).__name__}."
+        )
+
+
+def _select_shard(table: pd.DataFrame, shard) -> pd.DataFrame:
+    """Shard ``i`` of ``n``: the samples at positions ``i, i + n, ...`` of the sorted sample ids."""
+    if shard is None:
+        return table
+    try:
+        i, n = (int(v) for v in shard)
+    except (TypeError, ValueError):
+        raise TypeError(f"shard must be a pair (i, n) of ints, got {shard!r}.") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard=({i}, {n}): need n >= 1 and 0 <= i < n (shard i of n, counted from 0).")
+    ids = sorted(table["sample_id"])
+    mine = set(ids[i::n])
+    return table[table["sample_id"].isin(mine)]
+
+
+@inject_docs()
+def embed_cohort(
+    cohort: pd.DataFrame | str | os.PathLike,
+    model: str | ModelSpec,
+    out_dir: str | os.PathLike,
+    *,
+    client=None,
+    weights: str | os.PathLike | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int | None = None,
+    retries: int = 2,
+    shard: tuple[int, int] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Embed every sample of a cohort once and write one HEST-layout embedding file per sample.
+
+    Parameters
+    ----------
+    cohort
+        Anything :func:`hopt_st.io.read_cohort` takes: a DataFrame or CSV (``sample_id``, ``source``, ...), a
+        HEST-1k root or a HEST-Benchmark task folder.
+    model
+        Registry name or :class:`~hopt_st.models.ModelSpec` (a spec is sent to the workers as is, so it need
+        not be registered there).
+    out_dir
+        Output folder: ``<out_dir>/<model>/<sample_id>.h5`` and ``<out_dir>/<model>/status.csv``.
+    client
+        A :class:`distributed.Client`: one task per sample on its cluster (e.g. a ``LocalCluster``, a
+        ``dask_cuda.LocalCUDACluster`` with one worker per GPU, or a ``dask_jobqueue`` cluster). ``None``: run
+        here, one sample after the other.
+    weights
+        Local weight file; default: the spec's Hugging Face repository (looked up here, once).
+    device
+        Where the workers embed; ``None``: each worker's best device (CUDA, MPS, CPU).
+    dtype
+        Compute precision; ``None``: bf16 on CUDA, fp16 on MPS, fp32 on CPU.
+    batch_size
+        Patches per forward pass (default as :func:`hopt_st.pp.embed`).
+    retries
+        Extra attempts for a sample whose task raised (Dask also re-runs a task whose worker died, up to
+        ``distributed.scheduler.allowed-failures`` times).
+    shard
+        ``(i, n)``: only the samples of shard ``i`` of ``n`` (positions ``i, i+n, ...`` of the sorted sample
+        ids), e.g. one SLURM array task each, without any scheduler.
+    overwrite
+        Recompute samples whose file exists (with the same fingerprint, or another one); otherwise those with
+        the same fingerprint are skipped and those with another are reported as failed.
+    progress
+        {progress}
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per sample of this run, in cohort order: ``sample``, ``status`` (``"done"``, ``"skipped"``
+        or ``"failed"``), ``n_spots`` (embedded spots), ``seconds``, ``error``; ``attrs["status_path"]``.
+        Writes, in ``<out_dir>/<model>/``:
+
+        ``<sample_id>.h5``
+            ``embeddings`` (n, dim) float32, ``barcodes`` (n, 1) bytes, ``coords`` (n, 2) int64 top-left patch
+            corners in full-resolution pixels (HEST's embedding-file layout), ``centers`` (n, 2) spot centres,
+            ``attrs["hopt_st_fingerprint"]`` and ``attrs["hopt_st_provenance"]`` (JSON). Spots whose patch lies
+            entirely outside the image are left out.
+        ``status.csv`` (``status.shard<i>of<n>.csv`` for a shard)
+            The columns above, rewritten atomically after each sample (rows of samples not in this run kept).
+    """
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries={retries!r} must be an int >= 0.")
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
+        raise ValueError(f"batch_size={batch_size!r} must be >= 1.")
+    if client is not None:
+        _check_client(client)
+    if device is not None and device != "auto":
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device={device!r} is not a torch device ({e}).") from None
+    spec = get_spec(model)
+    dtype_name = (
+        None if dtype is None else str(select_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
+    )
+    table = _select_shard(read_cohort(cohort), shard)
+    w_path, w_version, w_sha = _weights_identity(spec, weights)
+    folder = Path(out_dir) / model_dirname(spec.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    status_name = "status.csv" if shard is None else f"status.shard{int(shard[0])}of{int(shard[1])}.csv"
+    status = _Status(folder / status_name, list(table["sample_id"]))
+
+    jobs = []
+    for row in table.to_dict("records"):
+        sid = row["sample_id"]
+        path = folder / f"{sid}.h5"
+        fp = _fingerprint(row, spec, w_sha, dtype_name)
+        existing = _existing_fingerprint(path)
+        if existing == fp and not overwrite:
+            status.record(_row(sid, "skipped", _n_rows(path), 0.0), write=False)
+            continue
+        if existing is not None and not overwrite:
+            what = "is not a readable hopt_st embedding file" if existing == "" else "has another fingerprint"
+            status.record(
+                _row(
+                    sid,
+                    "failed",
+                    error=f"{path} exists and {what} (other data, model, weights or settings): pass "
+                    "overwrite=True (--overwrite) to replace it.",
+                ),
+                write=False,
+            )
+            continue
+        jobs.append(
+            _Job(
+                row, spec, w_path, w_version, w_sha, device, dtype_name, batch_size, str(path), fp, overwrite
+            )
+        )
+    status.write()
+    n_skipped = len(table) - len(jobs)
+    logger.info(
+        "embed_cohort %s: %d samples, %d to embed, %d already done or refused, %s",
+        spec.name,
+        len(table),
+        len(jobs),
+        n_skipped,
+        "in this process"
+        if client is None
+        else f"on {len(client.scheduler_info().get('workers', {}))} workers",
+    )
+    bar = _Progress(len(table), f"embed-cohort {spec.name}", progress)
+    for row in status.rows.values():
+        bar.update(row)
+
+    def finish(row: dict) -> None:
+        status.record(row)
+        bar.update(row)
+        if row["status"] == "failed":
+            logger.warning("sample %s failed: %s", row["sample"], row["error"])
+
+    try:
+        if client is None:
+            with logging_redirect_tqdm() if progress else contextlib.nullcontext():
+                _run_serial(jobs, retries, finish)
+        else:
+            _run_dask(client, jobs, retries, finish)
+    finally:
+        bar.close()
+    df = status.frame()
+    df.attrs["status_path"] = str(status.path)
+    counts = df["status"].value_counts()
+    logger.info(
+        "embed_cohort %s: %d done, %d skipped, %d failed (%s)",
+        spec.name,
+        counts.get("done", 0),
+        counts.get("skipped", 0),
+        counts.get("failed", 0),
+        status.path,
+    )
+    return df
