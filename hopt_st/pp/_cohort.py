@@ -327,6 +327,29 @@ def _run_dask(client, jobs: list[_Job], retries: int, finish) -> None:
             client.cancel(pending)
 
 
+def _plan(table, cmodel: CohortModel, folder: Path, status: _Status, **job_args) -> list[_Job]:
+    """The tasks of the samples to embed; samples whose file has this fingerprint are recorded as skipped, those
+    whose file is another (without ``overwrite``) as failed."""
+    jobs = []
+    for row in table.to_dict("records"):
+        sid = row["sample_id"]
+        path = folder / f"{sid}.h5"
+        job = sample_job(row, cmodel, path, **job_args)
+        existing = _existing_fingerprint(path)
+        if existing == job.fingerprint and not job.overwrite:
+            status.record(_row(sid, "skipped", _n_rows(path), 0.0), write=False)
+        elif existing is not None and not job.overwrite:
+            what = "is not a readable hopt_st embedding file" if existing == "" else "has another fingerprint"
+            error = (
+                f"{path} exists and {what} (other data, model, weights or settings): pass overwrite=True "
+                "(--overwrite) to replace it."
+            )
+            status.record(_row(sid, "failed", error=error), write=False)
+        else:
+            jobs.append(job)
+    return jobs
+
+
 def _check_client(client) -> None:
     from distributed import Client
 
@@ -437,28 +460,7 @@ def embed_cohort(
     status_name = "status.csv" if shard is None else f"status.shard{int(shard[0])}of{int(shard[1])}.csv"
     status = _Status(folder / status_name, list(table["sample_id"]))
 
-    jobs = []
-    for row in table.to_dict("records"):
-        sid = row["sample_id"]
-        path = folder / f"{sid}.h5"
-        job = sample_job(row, cmodel, path, device=device, batch_size=batch_size, overwrite=overwrite)
-        existing = _existing_fingerprint(path)
-        if existing == job.fingerprint and not overwrite:
-            status.record(_row(sid, "skipped", _n_rows(path), 0.0), write=False)
-            continue
-        if existing is not None and not overwrite:
-            what = "is not a readable hopt_st embedding file" if existing == "" else "has another fingerprint"
-            status.record(
-                _row(
-                    sid,
-                    "failed",
-                    error=f"{path} exists and {what} (other data, model, weights or settings): pass "
-                    "overwrite=True (--overwrite) to replace it.",
-                ),
-                write=False,
-            )
-            continue
-        jobs.append(job)
+    jobs = _plan(table, cmodel, folder, status, device=device, batch_size=batch_size, overwrite=overwrite)
     status.write()
     n_skipped = len(table) - len(jobs)
     logger.info(
