@@ -586,7 +586,11 @@ def predict(
     "--embeddings-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Cache of embeddings (default: OUT/<model>/embeddings).",
+    help=(
+        "HEST's embed_dataroot: DIR/<task>/<model>/<sample>.h5 are read as they are (HEST's own files, or those "
+        "`hopt-st embed-cohort ROOT/<task> --out DIR/<task>` writes); missing ones are computed there. "
+        "Default: OUT/<model>/embeddings."
+    ),
 )
 @click.option(
     "--out",

@@ -54,6 +54,10 @@ DOC_KEY_ADDED = "Key under which the result is stored."
 DOC_USE_REP = "Key of the embeddings in ``obsm``."
 DOC_SAVE = "Write the figure there (format from the suffix)."
 DOC_DPI = "Resolution when saving."
+DOC_CMAP = "Matplotlib colour map."
+DOC_PLOT_IMAGE_KEY = DOC_IMAGE_KEY + " A small pyramid level is drawn, never the full slide."
+DOC_SHOW_IMAGE = "Draw the H&E under the spots (or tiles)."
+DOC_MAX_IMAGE_SIZE = "Largest side, in pixels, of the image level drawn."
 
 
 def _entries(**texts: str) -> str:
@@ -83,6 +87,10 @@ DOCS: dict[str, str] = {
     "anndata_image_params": _entries(image=DOC_IMAGE, library_id=DOC_LIBRARY_ID),
     "image_mpp_anndata": DOC_IMAGE_MPP_ANNDATA,
     "save_dpi": _entries(save=DOC_SAVE, dpi=DOC_DPI),
+    "cmap": DOC_CMAP,
+    # the H&E under a plot's spots
+    "plot_image_params": _entries(image_key=DOC_PLOT_IMAGE_KEY, show_image=DOC_SHOW_IMAGE, cmap=DOC_CMAP),
+    "max_image_size": DOC_MAX_IMAGE_SIZE,
 }
 
 

@@ -87,38 +87,11 @@ def run_predict(
     Errors name the command-line flags. Returns ``sdata``, ``files`` (``{"zarr": ..., gene: png}``) and
     ``report`` (text).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from . import pl
     from .io._mpp import UnknownPixelSizeError
-    from .tl import ExpressionRegressor, predict_slide
+    from .tl import predict_slide
     from .tl._slide import record_regressor_file
 
-    if not slide.exists():
-        raise FileNotFoundError(f"SLIDE {str(slide)!r} does not exist.")
-    if not regressor.is_file():
-        raise FileNotFoundError(f"--regressor {str(regressor)!r} does not exist.")
-    if weights is not None and not weights.exists():
-        raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
-    reg = ExpressionRegressor.load(regressor)
-    genes = list(genes) if genes else list(reg.genes_[:N_DEFAULT_GENES])
-    missing = [g for g in genes if g not in reg.genes_]
-    if missing:
-        raise ValueError(
-            f"--genes {missing} are not predicted by --regressor {regressor.name!r}; its genes are "
-            f"{list(reg.genes_[:10])}{'...' if len(reg.genes_) > 10 else ''}."
-        )
-    pngs = map_paths(out, genes)
-    existing = [str(p) for p in (out, *pngs.values()) if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{existing} already exist: pass --overwrite to replace them, or another --out."
-        )
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"the folder of --out {str(out.parent)!r} does not exist.")
+    reg, genes, pngs = _check_inputs(slide, regressor, weights, genes, out, overwrite)
     try:
         sdata = predict_slide(
             slide,
@@ -151,16 +124,10 @@ def run_predict(
     )
     with atomic_dir(out) as tmp:
         result.write(tmp)
-    files: dict[str, Path] = {"zarr": out}
-    for gene, path in pngs.items():
-        fig = pl.slide_expression(
-            result, [gene], image_key=thumb_key, ncols=1, panel_size=6.0, return_fig=True
-        )
-        fig.suptitle(f"{slide.name}: {gene} predicted with {model}", fontsize=10)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=130)
-        plt.close(fig)
-        files[gene] = path
+    files = {
+        "zarr": out,
+        **_write_maps(result, thumb_key, pngs, lambda g: f"{slide.name}: {g} predicted with {model}"),
+    }
     grid = table.uns[UNS_KEY]["grid"]
     area = float(sdata.shapes["tissue"]["area_um2"].sum()) / 1e6
     report = "\n".join(
@@ -172,3 +139,53 @@ def run_predict(
         ]
     )
     return {"sdata": result, "files": files, "report": report}
+
+
+def _check_inputs(slide: Path, regressor: Path, weights: Path | None, genes, out: Path, overwrite: bool):
+    """The loaded regressor, the genes to draw and their PNG paths, after checking every flag (errors name them)
+    before anything is computed."""
+    from .tl import ExpressionRegressor
+
+    if not slide.exists():
+        raise FileNotFoundError(f"SLIDE {str(slide)!r} does not exist.")
+    if not regressor.is_file():
+        raise FileNotFoundError(f"--regressor {str(regressor)!r} does not exist.")
+    if weights is not None and not weights.exists():
+        raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
+    reg = ExpressionRegressor.load(regressor)
+    genes = list(genes) if genes else list(reg.genes_[:N_DEFAULT_GENES])
+    missing = [g for g in genes if g not in reg.genes_]
+    if missing:
+        raise ValueError(
+            f"--genes {missing} are not predicted by --regressor {regressor.name!r}; its genes are "
+            f"{list(reg.genes_[:10])}{'...' if len(reg.genes_) > 10 else ''}."
+        )
+    pngs = map_paths(out, genes)
+    existing = [str(p) for p in (out, *pngs.values()) if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{existing} already exist: pass --overwrite to replace them, or another --out."
+        )
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"the folder of --out {str(out.parent)!r} does not exist.")
+    return reg, genes, pngs
+
+
+def _write_maps(result: SpatialData, thumb_key: str, pngs: dict[str, Path], title) -> dict[str, Path]:
+    """One PNG map per gene (titled ``title(gene)``), each written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import pl
+
+    for gene, path in pngs.items():
+        fig = pl.slide_expression(
+            result, [gene], image_key=thumb_key, ncols=1, panel_size=6.0, return_fig=True
+        )
+        fig.suptitle(title(gene), fontsize=10)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=130)
+        plt.close(fig)
+    return dict(pngs)

@@ -3,10 +3,12 @@ github.com/mahmoodlab/HEST at afd42c3), HEST's embedding and result files, the c
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import anndata as ad
@@ -15,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 from hest_transcription import (
     HEST_COMMIT,
     benchmark_grid,
@@ -23,8 +26,9 @@ from hest_transcription import (
     read_assets_from_h5,
 )
 
-import hopt_st.bench._run as brun
-from hopt_st import bench
+import hopt_st as hs
+import hopt_st.pp._cohort as cohort_task
+from hopt_st import bench, models
 
 N_PIX = 12  # tiny patches: the test "encoder" is a fixed function of the pixels
 
@@ -103,20 +107,34 @@ def _digest(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _set_encoder(monkeypatch, fn):
+    """bench.run computes through embed_cohort's per-sample task: replace its encoder call by
+    ``fn(patch file)``."""
+    monkeypatch.setattr(cohort_task, "embed", lambda source, encoder, **kw: fn(source.path))
+
+
 @pytest.fixture
 def no_encoder(monkeypatch):
-    monkeypatch.setattr(brun, "_embed_patches", lambda *a, **k: pytest.fail("encoder called"))
+    monkeypatch.setattr(cohort_task, "get_encoder", lambda *a, **k: pytest.fail("encoder built"))
+    monkeypatch.setattr(cohort_task, "embed", lambda *a, **k: pytest.fail("encoder called"))
 
 
 @pytest.fixture
-def counting_encoder(monkeypatch):
+def fake_models(register_spec):
+    """Weight-free stand-in models (the tests set their embeddings): "fake", "m1", "m2", "nan"."""
+    base = models.get_spec("handcrafted")
+    register_spec(*(dataclasses.replace(base, name=n, dim=300) for n in ("fake", "m1", "m2", "nan")))
+
+
+@pytest.fixture
+def counting_encoder(monkeypatch, fake_models):
     calls = []
 
-    def fake(path, model, *, weights=None, device=None):
+    def fake(path):
         calls.append(str(path))
         return _fake_embed(path)
 
-    monkeypatch.setattr(brun, "_embed_patches", fake)
+    _set_encoder(monkeypatch, fake)
     return calls
 
 
@@ -241,7 +259,7 @@ def test_cache_in_hest_layout_reused_and_recomputed_when_stale_or_truncated(
     f0 = emb / "TINY" / "fake" / "S0.h5"
     # HEST's layout, readable by HEST's own reader, plus our provenance
     assets, _ = read_assets_from_h5(f0)
-    assert set(assets) == {"embeddings", "barcodes", "coords"}
+    assert set(assets) == {"embeddings", "barcodes", "coords", "centers"}  # HEST's, and exact centres
     assert assets["embeddings"].shape == (120, 300) and assets["embeddings"].dtype == np.float32
     assert assets["barcodes"].shape == (120, 1) and assets["barcodes"].dtype.kind == "S"
     with h5py.File(task["dir"] / "patches" / "S0.h5") as f:
@@ -268,6 +286,14 @@ def test_cache_in_hest_layout_reused_and_recomputed_when_stale_or_truncated(
     assert "unreadable" in caplog.text and "other patches" in caplog.text
     assert third.pearson_mean.iloc[0] == first.pearson_mean.iloc[0]
     assert not list(emb.rglob("*.tmp"))  # no temporary file left behind
+
+    # files of ours under a model name that is not registered here: an error naming the file, nothing replaced
+    shutil.copytree(emb / "TINY" / "fake", emb / "TINY" / "gone")
+    digests = {p.name: _digest(p) for p in (emb / "TINY" / "gone").iterdir()}
+    with pytest.raises(ValueError, match=r"S\d\.h5' was written by hopt_st.*'gone' is not in the registry"):
+        bench.run(task["root"], model="gone", embeddings_dir=emb)
+    assert {p.name: _digest(p) for p in (emb / "TINY" / "gone").iterdir()} == digests
+    assert len(counting_encoder) == 6
 
 
 def test_foreign_embedding_files_are_never_replaced(tmp_path, counting_encoder):
@@ -320,6 +346,87 @@ def test_failed_cache_write_leaves_nothing_behind(tmp_path, counting_encoder, mo
     assert not [p for p in emb.rglob("*") if p.is_file()]  # neither a partial file nor a temporary one
 
 
+@pytest.fixture
+def tiny_vit(tiny_vit_spec, register_spec, tmp_path):
+    """A registered tiny random ViT and its weights file: ``(spec, weights, other weights)``."""
+    from safetensors.torch import save_file
+
+    spec = tiny_vit_spec("tiny-vit-bench", embed_dim=32)
+    register_spec(spec)
+    files = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        sd = models.create(spec, pretrained=False).backbone.state_dict()
+        files.append(tmp_path / f"tiny{seed}.safetensors")
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(files[-1]))
+    return spec, *files
+
+
+def test_encoder_built_once_per_run_and_weights_hashed_once(hest_bench_root, tiny_vit, tmp_path, monkeypatch):
+    """Over a 3-sample task the encoder is built once (models.get_encoder), and the weight file is read for its
+    sha256 once: the fingerprint, the encoder and the provenance share the digest. Other weights: recomputed."""
+    from hopt_st.models import _cache, _weights
+
+    spec, weights, other = tiny_vit
+    root, task, ids = hest_bench_root["root"], hest_bench_root["task"], hest_bench_root["sample_ids"]
+    builds, hashed = [], []
+    build, sha = _cache.build_encoder, _weights.sha256_file
+    monkeypatch.setattr(_cache, "build_encoder", lambda s, **k: builds.append(s.name) or build(s, **k))
+    monkeypatch.setattr(_weights, "sha256_file", lambda path, *a: hashed.append(path) or sha(path, *a))
+    models.clear_encoder_cache()
+    emb = tmp_path / "emb"
+    try:
+        df = bench.run(root, tasks=task, model=spec.name, weights=weights, embeddings_dir=emb)
+        assert len(ids) == 3 and df.attrs["provenance"]["embeddings"][task] == dict.fromkeys(ids, "computed")
+        assert builds == [spec.name]  # not once per sample
+        assert [Path(p).name for p in hashed] == [weights.name]
+        assert df.attrs["provenance"]["weights_sha256"] == sha(weights)
+        # the files' fingerprint includes the weights: another weight file recomputes every sample
+        df = bench.run(root, tasks=task, model=spec.name, weights=other, embeddings_dir=emb)
+        assert df.attrs["provenance"]["embeddings"][task] == dict.fromkeys(ids, "computed")
+        assert builds == [spec.name] * 2
+    finally:
+        models.clear_encoder_cache()
+
+
+def test_bench_and_embed_cohort_share_embedding_files(hest_bench_root, tiny_vit, tmp_path, monkeypatch):
+    """One cache format: embed_cohort(<task folder>, model, <embeddings_dir>/<task>) writes the files bench.run
+    reads, so bench.run reuses them without an encoder forward, embed_cohort skips bench's, and both write the
+    same embeddings with the same fingerprint."""
+    spec, weights, _ = tiny_vit
+    root, task, ids = hest_bench_root["root"], hest_bench_root["task"], hest_bench_root["sample_ids"]
+    task_dir = Path(hest_bench_root["task_dir"])
+    forwards = []
+    forward = models.Encoder.forward
+    monkeypatch.setattr(
+        models.Encoder, "forward", lambda self, x: forwards.append(len(x)) or forward(self, x)
+    )
+
+    a, b = tmp_path / "cohort_first", tmp_path / "bench_first"
+    status = hs.pp.embed_cohort(task_dir, spec.name, a / task, weights=weights, progress=False)
+    assert (status["status"] == "done").all() and len(status) == 3
+    n = len(forwards)
+    assert n > 0
+    from_cohort = bench.run(root, tasks=task, model=spec.name, weights=weights, embeddings_dir=a)
+    assert len(forwards) == n  # no encoder forward: every file was reused
+    assert from_cohort.attrs["provenance"]["embeddings"][task] == dict.fromkeys(ids, "cache")
+
+    from_bench = bench.run(root, tasks=task, model=spec.name, weights=weights, embeddings_dir=b)
+    assert from_bench.attrs["provenance"]["embeddings"][task] == dict.fromkeys(ids, "computed")
+    n = len(forwards)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (b / task / spec.name).glob("*.h5")}
+    status = hs.pp.embed_cohort(task_dir, spec.name, b / task, weights=weights, progress=False)
+    assert (status["status"] == "skipped").all() and len(forwards) == n
+    assert {p.name: p.stat().st_mtime_ns for p in (b / task / spec.name).glob("*.h5")} == mtimes
+
+    for sid in ids:
+        x, y = (hs.io.read_embeddings(d / task / spec.name / f"{sid}.h5") for d in (a, b))
+        assert np.array_equal(x.embeddings, y.embeddings) and np.array_equal(x.barcodes, y.barcodes)
+        assert np.array_equal(x.coords, y.coords) and x.fingerprint == y.fingerprint
+        assert x.embeddings.shape == (100, spec.dim)  # every spot (the fixture writes 100 per sample)
+    assert from_cohort.pearson_mean.iloc[0] == from_bench.pearson_mean.iloc[0]
+
+
 # ---------------------------------------------------------------------------------- outputs
 def test_small_encoder_runs_but_is_marked_not_hest_comparable(hest_bench_root, tmp_path, monkeypatch):
     """A 32-d encoder (like the handcrafted baseline; hopt-st bench runs that one end to end in test_cli) on a
@@ -328,13 +435,13 @@ def test_small_encoder_runs_but_is_marked_not_hest_comparable(hest_bench_root, t
     root, task = hest_bench_root["root"], hest_bench_root["task"]
     calls = []
 
-    def colour_grid(path, model, **kw):  # mean colour of a 4 x 4 grid of blocks, 32 of its 48 values
+    def colour_grid(path):  # mean colour of a 4 x 4 grid of blocks, 32 of its 48 values
         calls.append(path)
         with h5py.File(path) as f:
             img = f["img"][:].astype(np.float32) / 255
         return img.reshape(len(img), 4, 56, 4, 56, 3).mean(axis=(2, 4)).reshape(len(img), -1)[:, :32]
 
-    monkeypatch.setattr(brun, "_embed_patches", colour_grid)
+    _set_encoder(monkeypatch, colour_grid)
     out = tmp_path / "out"
     df = bench.run(
         root, tasks=task, model="handcrafted", protocol="both", embeddings_dir=tmp_path / "e", out_dir=out
@@ -451,9 +558,9 @@ def test_manifests_state_fold_counts_the_code_checks():
 
 
 # ---------------------------------------------------------------------------------- errors, download, CLI
-def test_bad_inputs(tmp_path, monkeypatch):
+def test_bad_inputs(tmp_path, monkeypatch, fake_models):
     task = _write_task(tmp_path / "bench", n_spots=100)
-    monkeypatch.setattr(brun, "_embed_patches", lambda p, m, **k: np.full((100, 300), np.nan, np.float32))
+    _set_encoder(monkeypatch, lambda p: np.full((100, 300), np.nan, np.float32))
     with pytest.raises(ValueError, match=r"S\d\.h5\) has NaN"):
         bench.run(task["root"], tasks="TINY", model="nan", embeddings_dir=tmp_path / "n")
     with pytest.raises(ValueError, match="protocol"):
@@ -464,7 +571,7 @@ def test_bad_inputs(tmp_path, monkeypatch):
         bench.run(tmp_path / "nowhere")
     # fewer training spots than genes in a fold
     small = _write_task(tmp_path / "small", task="SMALL", n_spots=12, n_genes=60)
-    monkeypatch.setattr(brun, "_embed_patches", lambda p, m, **k: _fake_embed(p))
+    _set_encoder(monkeypatch, _fake_embed)
     with pytest.raises(ValueError, match="at least as many spots as"):
         bench.run(small["root"], tasks="SMALL", model="fake", embeddings_dir=tmp_path / "s")
     # non-count expression

@@ -1,4 +1,5 @@
-"""Run the HEST-Benchmark: embed every sample once (cached in HEST's embedding-file layout), then probe every fold.
+"""Run the HEST-Benchmark: embed each sample once (cached in the files :func:`hopt_st.pp.embed_cohort` writes,
+HEST's embedding-file layout), then probe every fold.
 
 ``protocol="hest"`` is HEST's own benchmark, to its arithmetic (github.com/mahmoodlab/HEST at ``afd42c3``,
 ``src/hest/bench/benchmark.py`` + ``trainer.py`` + ``st_dataset.py``; see :mod:`hopt_st.tl.linear`): folds as
@@ -15,7 +16,6 @@ of log1p counts over the training spots, among genes measured in every sample of
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -23,15 +23,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._patchset import decode_barcodes
 from .._progress import tqdm
-from ..io import read_embeddings, read_hest_bench, write_embeddings
+from ..io import read_cohort, read_embeddings, read_hest_bench
+from ..io._cohort import model_dirname
 from ..io._embeddings import written_by_hopt_st
+from ..models._weights import weights_sha256
 from ..tl import target_matrix, top_variable_genes
 from ..tl.linear import (
     HEST_N_COMPONENTS,
@@ -64,40 +64,45 @@ RESULT_COLUMNS = [
 
 
 # ------------------------------------------------------------------------------------------------- embeddings
-def _embed_patches(patches_path: str, model: str, *, weights=None, device=None) -> np.ndarray:
-    """Encoder call for one patch file (the only place the benchmark touches the encoder)."""
-    from ..pp import embed
+class _Embedder:
+    """The model of a run, resolved (spec, weight file and its sha256) only when a sample needs embedding or a
+    file of hopt_st's needs checking: a run over files HEST wrote looks nothing up, for any model name."""
 
-    return np.asarray(embed(str(patches_path), model=model, weights=weights, device=device), dtype=np.float32)
+    def __init__(self, model: str, weights, device):
+        self.name, self.weights, self.device = model, weights, device
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from ..pp._cohort import cohort_model
+
+            self._model = cohort_model(self.name, self.weights)
+        return self._model
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """The weight file's sha256 once resolved; ``None`` before, or for a model without weights."""
+        sha = None if self._model is None else self._model.weights_sha256
+        return None if sha == "none" else sha
+
+    def job(self, row: dict, path: Path, overwrite: bool):
+        from ..pp._cohort import sample_job
+
+        return sample_job(row, self.model, path, device=self.device, overwrite=overwrite)
 
 
-def _file_id(path) -> str:
-    st = Path(path).stat()
-    return f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
-
-
-def _cache_fingerprint(patches_path, model, weights) -> str:
-    """What cached embeddings are computed from: the patch file (path, size, mtime), model and weights file."""
-    wid = _file_id(weights) if weights is not None and Path(weights).is_file() else str(weights)
-    return hashlib.sha256(f"{_file_id(patches_path)}|{model}|{wid}".encode()).hexdigest()
-
-
-def _patch_index(patches_path) -> tuple[np.ndarray, np.ndarray]:
-    """Barcodes and stored ``coords`` of a patch file, in patch order (what HEST's embedding files repeat)."""
-    with h5py.File(patches_path, "r") as f:
-        return decode_barcodes(f["barcode"][:]), np.asarray(f["coords"][:])
-
-
-def _sample_embeddings(
-    path: Path, patches_path, model, weights, device
-) -> tuple[np.ndarray, np.ndarray, str]:
+def _sample_embeddings(path: Path, row: dict, embedder: _Embedder) -> tuple[np.ndarray, np.ndarray, str]:
     """One sample's embeddings and barcodes, and where they came from (``"file"``, ``"cache"``, ``"computed"``).
 
-    A file at ``path`` that hopt_st did not write (e.g. HEST's own) is read as it is and never replaced; an error
-    names it when it cannot be read. A file hopt_st wrote (:func:`hopt_st.io.write_embeddings`) is reused when its
+    The file at ``path`` is the one :func:`hopt_st.pp.embed_cohort` writes for this sample (same writer, same
+    fingerprint), so either reuses the other's. A file hopt_st did not write (e.g. HEST's own) is read as it
+    is and never replaced; an error names it when it cannot be read. A file of hopt_st's is reused when its
     fingerprint matches, and recomputed (with a warning) when it is stale or unreadable.
     """
-    fingerprint = _cache_fingerprint(patches_path, model, weights)
+    from ..pp._cohort import embed_sample
+
+    job = None
     if path.exists():
         ours = written_by_hopt_st(path)
         try:
@@ -110,43 +115,22 @@ def _sample_embeddings(
             if not ours and emb.fingerprint is None:
                 logger.info("Using embeddings %s as they are (not written by hopt_st, never replaced).", path)
                 return emb.embeddings, emb.barcodes, "file"
-            if emb.fingerprint == fingerprint:
+            try:
+                job = embedder.job(row, path, overwrite=True)  # only ever a file of ours: stale or unreadable
+            except KeyError as err:  # an unregistered model: the file cannot be checked
+                raise ValueError(
+                    f"{str(path)!r} was written by hopt_st, but its model cannot be checked: {err.args[0]} "
+                    "Register the model, or delete the file to use HEST's (or your own) embeddings there."
+                ) from None
+            if emb.fingerprint == job.fingerprint:
                 logger.info("Using cached embeddings %s", path)
                 return emb.embeddings, emb.barcodes, "cache"
             logger.warning(
                 "Cached embeddings %s were computed from other patches, model or weights: recomputing.", path
             )
-    from .. import __version__
-
-    X = _embed_patches(patches_path, model, weights=weights, device=device)
-    barcodes, coords = _patch_index(patches_path)
-    if X.shape[0] != len(barcodes):
-        raise ValueError(
-            f"Encoder {model!r} returned {X.shape[0]} embeddings for {len(barcodes)} patches in {patches_path}."
-        )
-    write_embeddings(
-        path,
-        X,
-        barcodes,
-        coords=coords,
-        fingerprint=fingerprint,
-        provenance={
-            "model": model,
-            "weights": None if weights is None else str(weights),
-            "patches_path": str(patches_path),
-            "hopt_st_version": __version__,
-        },
-        overwrite=True,  # only ever a file of ours: missing, stale or unreadable
-    )
-    return X, barcodes, "computed"
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    embed_sample(job or embedder.job(row, path, overwrite=path.exists()))
+    emb = read_embeddings(path, dtype=None)
+    return emb.embeddings, emb.barcodes, "computed"
 
 
 # ------------------------------------------------------------------------------------------------- tasks
@@ -219,14 +203,23 @@ def _hest_targets(table, genes, where: str) -> np.ndarray:
     return np.log1p(M.astype(np.float64))
 
 
-def _load_task(root, task, model, emb_dir, weights, device):
-    """Per sample: embeddings (stored dtype, embedding-file order), its expression rows, HEST's targets, patient."""
+def _load_task(root, task, emb_dir, embedder: _Embedder):
+    """Per sample: embeddings (stored dtype, embedding-file order), its expression rows, HEST's targets, patient.
+
+    The embedding files are ``<emb_dir>/<task>/<model>/<sample>.h5``: what
+    ``hopt_st.pp.embed_cohort(<task folder>, model, <emb_dir>/<task>)`` writes."""
     sdata = read_hest_bench(root, task)
     info = sdata.attrs["hest_bench"]
+    patch_files = pd.DataFrame(
+        {"sample_id": list(info["patches"]), "source": list(info["patches"].values()), "kind": "patches"}
+    )
+    rows = read_cohort(patch_files).to_dict("records")  # the rows embed_cohort reads from the task folder
+    folder = Path(emb_dir) / task / model_dirname(embedder.name)
     samples, sources = {}, {}
-    for sid, ppath in tqdm(info["patches"].items(), desc=f"{task}: embeddings", leave=False):
-        efile = Path(emb_dir) / task / model / f"{sid}.h5"
-        X, bc, sources[sid] = _sample_embeddings(efile, ppath, model, weights, device)
+    for row in tqdm(rows, desc=f"{task}: embeddings", leave=False):
+        sid = row["sample_id"]
+        efile = folder / f"{sid}.h5"
+        X, bc, sources[sid] = _sample_embeddings(efile, row, embedder)
         X = check_embeddings(X, name=f"embeddings of sample {sid!r} ({efile})", keep_dtype=True)
         table = sdata.tables[sid]
         missing = pd.Index(bc).difference(table.obs_names)
@@ -407,11 +400,15 @@ def run(
     embeddings_dir
         HEST's ``embed_dataroot``: one ``<task>/<model>/<sample>.h5`` per sample, in HEST's embedding-file layout
         (datasets ``embeddings``, ``barcodes`` (N, 1), ``coords``). Files HEST (or anyone) wrote are read as they
-        are and never replaced; missing ones are computed and written there (atomically, with provenance
-        attributes), and hopt_st's own are reused until the patches, model or weights change. Default
-        ``out_dir/embeddings`` or, without ``out_dir``, ``~/.cache/hopt_st/hest_bench``.
+        are and never replaced. Missing ones are computed and written there by the per-sample task of
+        :func:`hopt_st.pp.embed_cohort` (atomically, with its fingerprint and provenance attributes; the
+        encoder is built once per run), so ``embed_cohort(<root>/<task>, model, <embeddings_dir>/<task>)``
+        writes exactly the files this reads, e.g. on a Dask cluster beforehand, and either reuses the other's
+        files until the patch files (name, size, modification time), model or weights change; a stale or
+        unreadable file of hopt_st's is recomputed. Default ``out_dir/embeddings`` or, without ``out_dir``,
+        ``~/.cache/hopt_st/hest_bench``.
     weights, device
-        Passed to the encoder.
+        Passed to the encoder (``weights``: default the model's Hugging Face file).
     out_dir
         Where to write results: one results tree per protocol in HEST's layout, ``<out_dir>/<protocol>/``
         (``dataset_results.json``, ``dataset_results.csv``, ``<task>/enc_results.json``,
@@ -470,8 +467,9 @@ def run(
             Path(out_dir) / "embeddings" if out_dir else Path.home() / ".cache" / "hopt_st" / "hest_bench"
         )
     rows, per_gene, fold_rows, results, sources, dims = [], [], [], {}, {}, {}
+    embedder = _Embedder(model, weights, device)
     for task in tqdm(task_list, desc="HEST-Benchmark tasks"):
-        info, samples, sources[task] = _load_task(root, task, model, embeddings_dir, weights, device)
+        info, samples, sources[task] = _load_task(root, task, embeddings_dir, embedder)
         _check_fold_count(task, info)
         dims[task] = int(next(iter(samples.values()))["X"].shape[1])
         for p in protocols:
@@ -494,7 +492,7 @@ def run(
     df.attrs["folds"] = fold_rows
     df.attrs["average"] = {p: float(df.loc[df.protocol == p, "pearson_mean"].mean()) for p in protocols}
     df.attrs["provenance"] = _provenance(
-        __version__, model, weights, protocol, solver, seed, task_list, root, embeddings_dir, sources, df
+        __version__, embedder, protocol, solver, seed, task_list, root, embeddings_dir, sources, df
     )
     if out_dir is not None:
         config = {
@@ -511,14 +509,17 @@ def run(
     return df
 
 
-def _provenance(version, model, weights, protocol, solver, seed, tasks, root, emb_dir, sources, df) -> dict:
+def _provenance(version, embedder, protocol, solver, seed, tasks, root, emb_dir, sources, df) -> dict:
     import scipy
     import sklearn
 
-    weights_sha = _sha256(weights) if weights is not None and Path(weights).is_file() else None
+    weights = embedder.weights
+    weights_sha = embedder.weights_sha256
+    if weights_sha is None and weights is not None and Path(weights).is_file():
+        weights_sha = weights_sha256(weights)  # nothing was embedded: hashed here (at most once per process)
     return {
         "hopt_st_version": version,
-        "model": model,
+        "model": embedder.name,
         "weights": None if weights is None else str(weights),
         "weights_sha256": weights_sha,
         "protocol": protocol,

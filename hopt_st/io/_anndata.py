@@ -20,6 +20,7 @@ from spatialdata.transformations import Identity, Scale
 
 from .._constants import SPACERANGER_SPOT_DIAMETER_FULLRES_UM, UNS_KEY, VISIUM_SPOT_DIAMETER_UM
 from ._coords import add_micrometers
+from ._elements import check_finite_centers
 from ._mpp import check_mpp
 
 logger = logging.getLogger(__name__)
@@ -76,14 +77,9 @@ def _spot_xy(adata: AnnData) -> np.ndarray:
     xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
     if xy.ndim != 2 or xy.shape[1] < 2:
         raise ValueError(f"obsm['spatial'] must be (n_spots, 2) x, y coordinates, got shape {xy.shape}.")
-    xy = xy[:, :2].copy()
-    bad = ~np.isfinite(xy).all(axis=1)
-    if bad.any():
-        raise ValueError(
-            f"{int(bad.sum())} spots have NaN/inf in obsm['spatial'] (first: "
-            f"{adata.obs_names[np.flatnonzero(bad)[:5]].tolist()}): drop them first."
-        )
-    return xy
+    return check_finite_centers(
+        xy[:, :2].copy(), adata.obs_names, "have NaN/inf in obsm['spatial']", "drop them"
+    )
 
 
 def _rgb_uint8(a, what: str) -> np.ndarray | None:

@@ -439,29 +439,7 @@ def load_cohort(
         emb = read_embeddings(path)
         fingerprints[sid] = emb.fingerprint or ""
         first_prov = first_prov if first_prov is not None else emb.provenance
-        patient = row.get("patient") or emb.provenance.get("patient") or sid
-        obs = pd.DataFrame(
-            {"sample_id": sid, "patient": str(patient), "barcode": emb.barcodes},
-            index=[f"{sid}_{b}" for b in emb.barcodes],
-        )
-        x = None
-        if counts and cohort is not None:
-            c = read_counts(row)
-            if c is not None:
-                absent = pd.Index(emb.barcodes).difference(c.obs_names)
-                if len(absent):
-                    raise ValueError(
-                        f"sample {sid!r}: {len(absent)} embedded spots have no counts row, e.g. "
-                        f"{list(absent[:3])}; the embedding file and the counts belong to different data."
-                    )
-                x = c[emb.barcodes]
-                x = ad.AnnData(X=x.X, obs=obs, var=x.var)
-        part = x if x is not None else ad.AnnData(obs=obs)
-        part.obsm[key] = emb.embeddings
-        part.obsm["spatial"] = (
-            emb.centers if emb.centers is not None else np.full((len(obs), 2), np.nan, dtype=np.float64)
-        )
-        parts.append(part)
+        parts.append(_sample_part(row, emb, key, counts and cohort is not None))
     if missing:
         logger.warning(
             "load_cohort: %d of %d samples have no embedding file in %s (not embedded, or failed: see "
@@ -497,3 +475,30 @@ def load_cohort(
         },
     }
     return adata
+
+
+def _sample_part(row: dict, emb, key: str, with_counts: bool) -> ad.AnnData:
+    """One sample's rows of :func:`load_cohort`: its embeddings, centres and (``with_counts``) raw counts."""
+    sid = row["sample_id"]
+    patient = row.get("patient") or emb.provenance.get("patient") or sid
+    obs = pd.DataFrame(
+        {"sample_id": sid, "patient": str(patient), "barcode": emb.barcodes},
+        index=[f"{sid}_{b}" for b in emb.barcodes],
+    )
+    c = read_counts(row) if with_counts else None
+    if c is not None:
+        absent = pd.Index(emb.barcodes).difference(c.obs_names)
+        if len(absent):
+            raise ValueError(
+                f"sample {sid!r}: {len(absent)} embedded spots have no counts row, e.g. "
+                f"{list(absent[:3])}; the embedding file and the counts belong to different data."
+            )
+        c = c[emb.barcodes]
+        part = ad.AnnData(X=c.X, obs=obs, var=c.var)
+    else:
+        part = ad.AnnData(obs=obs)
+    part.obsm[key] = emb.embeddings
+    part.obsm["spatial"] = (
+        emb.centers if emb.centers is not None else np.full((len(obs), 2), np.nan, dtype=np.float64)
+    )
+    return part

@@ -130,12 +130,23 @@ def spot_centers(sdata: SpatialData, table_name: str | None = None) -> np.ndarra
     else:
         c = geom.centroid
         xy = np.column_stack([c.x.to_numpy(), c.y.to_numpy()]).astype(np.float64)
+    return check_finite_centers(
+        xy,
+        table.obs_names,
+        f"of {shapes_key!r} have NaN/inf coordinates",
+        "drop them from the table and shapes",
+    )
+
+
+def check_finite_centers(xy: np.ndarray, names, what: str, fix: str) -> np.ndarray:
+    """``xy`` unchanged, or a ``ValueError`` naming how many spots (``names``: their ids) are not finite.
+
+    The message reads ``"<n> spots <what> (first: [...]): <fix> first."``.
+    """
     bad = ~np.isfinite(xy).all(axis=1)
     if bad.any():
-        raise ValueError(
-            f"{int(bad.sum())} spots of {shapes_key!r} have NaN/inf coordinates (first: "
-            f"{table.obs_names[np.flatnonzero(bad)[:5]].tolist()}): drop them from the table and shapes first."
-        )
+        first = np.asarray(names)[np.flatnonzero(bad)[:5]].tolist()
+        raise ValueError(f"{int(bad.sum())} spots {what} (first: {first}): {fix} first.")
     return xy
 
 

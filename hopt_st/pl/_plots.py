@@ -27,8 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 _DOC_TITLE = "Figure title."
-_DOC_CMAP = "Matplotlib colour map."
-#: The ``save`` and ``dpi`` entries of every plot's Parameters section (scanpy's ``doc_show_save_ax`` pattern).
 
 
 def _save(fig: Figure, save: str | Path | None, dpi: int) -> None:
@@ -231,7 +229,7 @@ def _expression_layout(view: TissueView, n_genes: int, panel_size: float) -> tup
     )
 
 
-@inject_docs(cmap=_DOC_CMAP)
+@inject_docs()
 def expression(
     data: SpatialData | AnnData,
     genes: str | Sequence[str],
@@ -273,12 +271,7 @@ def expression(
         Name of the predictions table (or ``obsm`` key of the predictions).
     table_name
         {table_name}
-    image_key
-        {image_key} A small pyramid level is drawn, never the full slide.
-    show_image
-        Draw the H&E under the spots.
-    cmap
-        {cmap}
+    {plot_image_params}
     alpha
         Opacity of the spots (the tissue shows through when < 1).
     spot_scale
@@ -290,7 +283,7 @@ def expression(
         A boolean ``obs`` column (e.g. held-out test spots): the Pearson in the titles is computed on those
         spots only (all spots are still drawn). ``None``: all spots.
     max_image_size
-        Largest side, in pixels, of the image level drawn.
+        {max_image_size}
     panel_size
         Size of one panel in inches.
     {save_dpi}
@@ -534,7 +527,7 @@ def _write_cells(ax: Axes, im, m: np.ndarray, std: pd.DataFrame | None, cmap: st
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="k" if lum > 0.5 else "w")
 
 
-@inject_docs(cmap=_DOC_CMAP, title=_DOC_TITLE)
+@inject_docs(title=_DOC_TITLE)
 def benchmark(
     results: pd.DataFrame,
     *,

@@ -15,7 +15,6 @@ from spatialdata import SpatialData
 from .._docs import inject_docs
 from ..io._elements import get_spot_table
 from ._plots import (
-    _DOC_CMAP,
     _PLOT_CS,
     _color_limits,
     _draw_panel,
@@ -52,7 +51,7 @@ def _as_squares(panel: SpatialData, view: TissueView) -> None:
     )
 
 
-@inject_docs(cmap=_DOC_CMAP)
+@inject_docs()
 def slide_expression(
     data: SpatialData | AnnData,
     genes: str | Sequence[str],
@@ -88,18 +87,13 @@ def slide_expression(
         The grid table.
     predicted_key
         Name of the predictions table (or ``obsm`` key of the grid table).
-    image_key
-        {image_key} A small pyramid level is drawn, never the full slide.
-    show_image
-        Draw the H&E under the tiles.
-    cmap
-        {cmap}
+    {plot_image_params}
     alpha
         Opacity of the tiles.
     robust
         Colour limits of each gene from its 1st-99th percentiles (``False``: min-max).
     max_image_size
-        Largest side, in pixels, of the image level drawn.
+        {max_image_size}
     ncols
         Panels per row.
     panel_size

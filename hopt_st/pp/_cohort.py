@@ -49,16 +49,43 @@ _MAX_ERROR = 500
 
 
 @dataclass(frozen=True)
+class CohortModel:
+    """The model of a run as every sample's task needs it (see :func:`cohort_model`): small, picklable."""
+
+    spec: ModelSpec
+    weights: str | None  # the resolved weight file, None for a model without weights
+    weights_version: tuple | None  # (resolved path, size, mtime_ns) of that file
+    weights_sha256: str  # "none" without weights
+    dtype: str | None  # requested compute precision; None: the device's default
+
+    def fingerprint(self, row: dict) -> str:
+        """sha256 of what a sample's embeddings depend on: the sample's files (names, sizes, modification
+        times), the model, its weights, the patch geometry and the requested precision. The one definition of
+        an embedding file's identity, shared by :func:`embed_cohort` and :func:`hopt_st.bench.run`."""
+        spec = self.spec
+        payload = {
+            "version": _FINGERPRINT_VERSION,
+            "sample": {
+                "sample_id": row["sample_id"],
+                "kind": row["kind"],
+                "image_mpp": row.get("image_mpp"),
+                "files": sample_files(row),
+            },
+            "model": [spec.name, spec.arch, *spec_identity(spec)],
+            "weights": self.weights_sha256,
+            "geometry": {"patch_size": spec.input_size, "mpp": spec.mpp, "outside": _OUTSIDE, "fill": 255},
+            "dtype": self.dtype or "auto",
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
 class _Job:
     """Everything a task needs for one sample: small, picklable, no open files."""
 
     row: dict
-    spec: ModelSpec
-    weights: str | None
-    weights_version: tuple | None
-    weights_sha256: str | None
+    model: CohortModel
     device: str | None
-    dtype: str | None
     batch_size: int | None
     path: str
     fingerprint: str
@@ -68,33 +95,33 @@ class _Job:
 # ----------------------------------------------------------------------------------------------------------
 # identity
 # ----------------------------------------------------------------------------------------------------------
-def _weights_identity(spec: ModelSpec, weights) -> tuple[str | None, tuple | None, str]:
-    """The weight file (resolved here: found in the Hugging Face cache or downloaded), its version and sha256."""
+def cohort_model(model: str | ModelSpec, weights=None, dtype=None) -> CohortModel:
+    """The spec, the weight file (resolved here: found in the Hugging Face cache or downloaded), its version
+    and sha256 (hashed at most once per file version and process), and the precision's name."""
+    spec = get_spec(model)
+    dtype_name = (
+        None if dtype is None else str(select_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
+    )
     path = weights_file(spec, weights, True, torch.device("cpu"))
     if path is None:
-        return None, None, "none"
+        return CohortModel(spec, None, None, "none", dtype_name)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist.")
-    return str(path), file_version(path), weights_sha256(path)
+    return CohortModel(spec, str(path), file_version(path), weights_sha256(path), dtype_name)
 
 
-def _fingerprint(row: dict, spec: ModelSpec, weights_id: str, dtype: str | None) -> str:
-    """sha256 of what a sample's embeddings depend on: the sample's files, the model, its weights, the patch
-    geometry and the requested precision."""
-    payload = {
-        "version": _FINGERPRINT_VERSION,
-        "sample": {
-            "sample_id": row["sample_id"],
-            "kind": row["kind"],
-            "image_mpp": row.get("image_mpp"),
-            "files": sample_files(row),
-        },
-        "model": [spec.name, spec.arch, *spec_identity(spec)],
-        "weights": weights_id,
-        "geometry": {"patch_size": spec.input_size, "mpp": spec.mpp, "outside": _OUTSIDE, "fill": 255},
-        "dtype": dtype or "auto",
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+def sample_job(
+    row: dict,
+    model: CohortModel,
+    path: str | os.PathLike,
+    *,
+    device: str | None = None,
+    batch_size: int | None = None,
+    overwrite: bool = False,
+) -> _Job:
+    """The task of one cohort row (from :func:`hopt_st.io.read_cohort`) that writes ``path``; run it with
+    :func:`embed_sample`."""
+    return _Job(row, model, device, batch_size, str(path), model.fingerprint(row), overwrite)
 
 
 def _existing_fingerprint(path: Path) -> str | None:
@@ -140,7 +167,8 @@ def embed_sample(job: _Job) -> dict:
 
 def _embed_sample(job: _Job) -> dict:
     t0 = time.perf_counter()
-    sid, path, spec = job.row["sample_id"], Path(job.path), job.spec
+    sid, path, model = job.row["sample_id"], Path(job.path), job.model
+    spec = model.spec
     existing = _existing_fingerprint(path)
     if existing == job.fingerprint and not job.overwrite:
         return _row(sid, "done", _n_rows(path), round(time.perf_counter() - t0, 3))
@@ -155,20 +183,20 @@ def _embed_sample(job: _Job) -> dict:
         if isinstance(data, Patches)
         else patches(data, patch_size=spec.input_size, target_mpp=spec.mpp, outside=_OUTSIDE)
     )
-    weights = job.weights
-    if weights is not None and job.weights_version is not None:
+    weights = model.weights
+    if weights is not None and model.weights_version is not None:
         if Path(weights).is_file():
-            remember_sha256(job.weights_version, job.weights_sha256)  # no re-hashing of a known file
+            remember_sha256(model.weights_version, model.weights_sha256)  # no re-hashing of a known file
         else:  # a Hub file resolved by the client but not visible here: resolve it on this worker
             weights = None
     dev = select_device(job.device)
-    cdtype = select_dtype(job.dtype, dev)
+    cdtype = select_dtype(model.dtype, dev)
     encoder = get_encoder(spec, weights=weights, device=dev)  # built once per process
     weights_id = _weights_id(encoder)
-    if job.weights_sha256 not in (None, "none") and weights_id != job.weights_sha256:
+    if model.weights_sha256 != "none" and weights_id != model.weights_sha256:
         raise RuntimeError(
             f"the weights on this worker (sha256 {weights_id[:12]}) are not the ones the cohort was "
-            f"fingerprinted with ({job.weights_sha256[:12]}): give every worker the same weights file."
+            f"fingerprinted with ({model.weights_sha256[:12]}): give every worker the same weights file."
         )
     emb = embed(source, encoder, device=dev, dtype=cdtype, batch_size=job.batch_size, progress=False)
     info, _ = _run_info(spec, source, weights_id, cdtype)
@@ -299,6 +327,29 @@ def _run_dask(client, jobs: list[_Job], retries: int, finish) -> None:
             client.cancel(pending)
 
 
+def _plan(table, cmodel: CohortModel, folder: Path, status: _Status, **job_args) -> list[_Job]:
+    """The tasks of the samples to embed; samples whose file has this fingerprint are recorded as skipped, those
+    whose file is another (without ``overwrite``) as failed."""
+    jobs = []
+    for row in table.to_dict("records"):
+        sid = row["sample_id"]
+        path = folder / f"{sid}.h5"
+        job = sample_job(row, cmodel, path, **job_args)
+        existing = _existing_fingerprint(path)
+        if existing == job.fingerprint and not job.overwrite:
+            status.record(_row(sid, "skipped", _n_rows(path), 0.0), write=False)
+        elif existing is not None and not job.overwrite:
+            what = "is not a readable hopt_st embedding file" if existing == "" else "has another fingerprint"
+            error = (
+                f"{path} exists and {what} (other data, model, weights or settings): pass overwrite=True "
+                "(--overwrite) to replace it."
+            )
+            status.record(_row(sid, "failed", error=error), write=False)
+        else:
+            jobs.append(job)
+    return jobs
+
+
 def _check_client(client) -> None:
     from distributed import Client
 
@@ -401,43 +452,15 @@ def embed_cohort(
             torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device={device!r} is not a torch device ({e}).") from None
-    spec = get_spec(model)
-    dtype_name = (
-        None if dtype is None else str(select_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
-    )
     table = _select_shard(read_cohort(cohort), shard)
-    w_path, w_version, w_sha = _weights_identity(spec, weights)
+    cmodel = cohort_model(model, weights, dtype)
+    spec = cmodel.spec
     folder = Path(out_dir) / model_dirname(spec.name)
     folder.mkdir(parents=True, exist_ok=True)
     status_name = "status.csv" if shard is None else f"status.shard{int(shard[0])}of{int(shard[1])}.csv"
     status = _Status(folder / status_name, list(table["sample_id"]))
 
-    jobs = []
-    for row in table.to_dict("records"):
-        sid = row["sample_id"]
-        path = folder / f"{sid}.h5"
-        fp = _fingerprint(row, spec, w_sha, dtype_name)
-        existing = _existing_fingerprint(path)
-        if existing == fp and not overwrite:
-            status.record(_row(sid, "skipped", _n_rows(path), 0.0), write=False)
-            continue
-        if existing is not None and not overwrite:
-            what = "is not a readable hopt_st embedding file" if existing == "" else "has another fingerprint"
-            status.record(
-                _row(
-                    sid,
-                    "failed",
-                    error=f"{path} exists and {what} (other data, model, weights or settings): pass "
-                    "overwrite=True (--overwrite) to replace it.",
-                ),
-                write=False,
-            )
-            continue
-        jobs.append(
-            _Job(
-                row, spec, w_path, w_version, w_sha, device, dtype_name, batch_size, str(path), fp, overwrite
-            )
-        )
+    jobs = _plan(table, cmodel, folder, status, device=device, batch_size=batch_size, overwrite=overwrite)
     status.write()
     n_skipped = len(table) - len(jobs)
     logger.info(
