@@ -3,26 +3,31 @@
 Writes (in a child process, tile band by tile band, JPEG tiles) a 40,000 x 40,000 px pyramidal BigTIFF plus
 matching ``st/`` and ``metadata/`` files into a temporary HEST folder, then, in fresh processes, reads it with
 ``read_hest``, touches a few windows (level-0 patches, a 2048 px window of level 2, the whole coarsest level)
-and prints the peak resident memory (ru_maxrss). Two readers are measured: after ``import hopt_st`` (which
-also imports torch, scanpy, ... for the other sub-packages) and after importing only the reader modules.
-The baseline is each process's RSS right after its imports, measured in the same run; the slide's decoded
-size is printed for comparison.
+and prints the peak resident memory (ru_maxrss). Two readers are measured, interleaved for ``--rounds`` rounds
+(a fresh process each time): after ``import hopt_st`` (which also imports scanpy, spatialdata, ... for the other
+sub-packages) and after importing only the reader modules. The baseline is each process's RSS right after its
+imports, measured in the same process; the slide's decoded size is printed for comparison.
 
 Usage::
 
-    python benchmarks/read_hest_memory.py [--size 40000] [--keep DIR]
+    python benchmarks/read_hest_memory.py [--size 40000] [--rounds 3] [--keep DIR]
+    python benchmarks/read_hest_memory.py --smoke      # a 2048 px slide, one round (for the test suite)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import interleave, load, summary  # noqa: E402
 
 LIMIT_MB = 500.0
 
@@ -150,18 +155,27 @@ def read_and_touch(root: Path, size: int, lean: bool) -> None:
     )
     verdict = "PASS" if peak < LIMIT_MB else ("PASS (increment)" if peak - base < LIMIT_MB else "FAIL")
     print(f"  peak {peak:.0f} MB vs limit {LIMIT_MB:.0f} MB: {verdict}")
+    print(
+        json.dumps(
+            {"peak_rss_mb": peak, "baseline_mb": base, "increment_mb": peak - base, "open_ms": t_open * 1000}
+        )
+    )
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=40_000)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
         "--keep", type=Path, default=None, help="write the slide here and keep it (reused if present)"
     )
+    p.add_argument("--smoke", action="store_true", help="a 2048 px slide, one round (for the test suite)")
     p.add_argument("--_write", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_read", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_lean", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.size, args.rounds = 2048, 1
     if args._write is not None:
         print(write_slide(args._write, args.size))
         return
@@ -172,7 +186,9 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory() if args.keep is None else None
     root = Path(tmp.name) if tmp else args.keep
     root.mkdir(parents=True, exist_ok=True)
-    if not (root / "wsis" / "BIG.tif").is_file():
+    if not (root / "wsis" / "BIG.tif").is_file() and args.smoke:  # small: written in this process
+        print(write_slide(root, args.size))
+    elif not (root / "wsis" / "BIG.tif").is_file():
         out = subprocess.run(
             [sys.executable, __file__, "--size", str(args.size), "--_write", str(root)],
             check=True,
@@ -180,13 +196,41 @@ def main() -> None:
             text=True,
         )
         print(out.stdout.strip().splitlines()[-1])
-    # each measurement in its own fresh process, so peaks do not mix
-    for lean in (False, True):
-        cmd = [sys.executable, __file__, "--size", str(args.size), "--_read", str(root)] + (
-            ["--_lean"] if lean else []
-        )
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        print(out.stdout.strip())
+    print(f"{args.rounds} interleaved rounds, each reader in a fresh process; {load()}")
+    shown = set()
+
+    def reader(lean: bool):
+        def run() -> dict:
+            cmd = [sys.executable, __file__, "--size", str(args.size), "--_read", str(root)] + (
+                ["--_lean"] if lean else []
+            )
+            lines = (
+                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()
+            )
+            if lean not in shown:  # the details once per reader
+                shown.add(lean)
+                print("\n".join(lines[:-1]))
+            return json.loads(lines[-1])
+
+        return run
+
+    res = interleave(
+        {"full import (import hopt_st)": reader(False), "lean import (hopt_st.io._hest only)": reader(True)},
+        args.rounds,
+    )
+    print(f"summary ({load()}):")
+    summary(res, "peak_rss_mb", "full import (import hopt_st)", unit="MB peak RSS", higher_is_better=False)
+    rows = summary(
+        res,
+        "increment_mb",
+        "full import (import hopt_st)",
+        unit="MB over the imports",
+        higher_is_better=False,
+    )
+    worst = max(r["max"] for r in rows.values())
+    print(
+        f"read_hest + windows add at most {worst:.0f} MB over the imports (limit {LIMIT_MB:.0f} MB: {'PASS' if worst < LIMIT_MB else 'FAIL'})"
+    )
     if tmp:
         tmp.cleanup()
 

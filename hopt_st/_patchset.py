@@ -217,6 +217,9 @@ class Patches:
         """What the pixels come from (file, image element and crop boxes, ...), for :meth:`fingerprint`."""
         return type(self).__name__
 
+    def _reading_in_processes(self, n_processes: int) -> None:
+        """Called in each of ``n_processes`` reader processes before it reads (e.g. to split a cache budget)."""
+
     # -- identity -----------------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """sha256 of what determines these patches: spots (ids, centres), size, µm/px and the pixel source.
@@ -273,6 +276,15 @@ class Patches:
         for _, batch in self.iter_batches(64):
             yield from batch
 
+    def read_order(self, indices=None) -> np.ndarray:
+        """The patches ``indices`` (all by default) in the order that is cheapest to read.
+
+        Patches cut from an image come in Morton order of their windows, so that neighbouring spots share
+        decoded tiles whatever the order of the table; other sources keep the given order. Readers that use it
+        put results back by index (as :meth:`to_numpy` and :func:`hopt_st.pp.embed` do).
+        """
+        return self._indices(slice(None) if indices is None else indices)
+
     def iter_batches(
         self, batch_size: int = 64, *, indices=None, num_workers: int | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -315,10 +327,72 @@ class Patches:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def dataloader(
+        self,
+        batch_size: int = 64,
+        *,
+        indices=None,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        multiprocessing_context=None,
+        prefetch_factor: int = 2,
+    ):
+        """A ``torch.utils.data.DataLoader`` reading batches in worker processes: yields ``(idx, batch)``.
+
+        ``idx`` is an int64 tensor ``(B,)`` of patch indices and ``batch`` a uint8 tensor ``(B, P, P, 3)``.
+        Batches follow :meth:`read_order` (not the table order: put results back by ``idx``), and each worker
+        reads a contiguous run of them, so a worker's tiles stay in its own cache. The patch source is pickled
+        to the workers and reopens its files there, so every start method works (``"fork"``, ``"spawn"``,
+        ``"forkserver"``); with ``persistent_workers`` (the default) the workers, their open files and caches
+        live as long as the loader, across iterations.
+
+        Parameters
+        ----------
+        batch_size
+            Patches per batch.
+        indices
+            Which patches (int array, slice or boolean mask); all by default.
+        num_workers
+            Worker processes; ``None``: ``min(8, cpu count)``; ``0`` reads in the calling process.
+        pin_memory
+            Page-locked batches for fast copies to the GPU; default: when CUDA is available.
+        persistent_workers
+            Keep the workers between iterations of the loader.
+        multiprocessing_context
+            Start method (``"fork"``, ``"spawn"``, ``"forkserver"``); default: the platform's.
+        prefetch_factor
+            Batches each worker reads ahead.
+        """
+        import torch
+        from torch.utils.data import DataLoader
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        idx = self.read_order(indices)
+        chunks = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+        nw = default_workers() if num_workers is None else int(num_workers)
+        if nw < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+        nw = min(nw, len(chunks))
+        if pin_memory is None:
+            pin_memory = torch.cuda.is_available()
+        return DataLoader(
+            _BatchDataset(self, chunks, nw),
+            batch_size=None,
+            sampler=_worker_runs(len(chunks), nw),
+            num_workers=nw,
+            pin_memory=bool(pin_memory),
+            persistent_workers=bool(persistent_workers) and nw > 0,
+            multiprocessing_context=multiprocessing_context if nw > 0 else None,
+            prefetch_factor=prefetch_factor if nw > 0 else None,
+            worker_init_fn=_BatchDataset.worker_init if nw > 0 else None,
+        )
+
     def to_numpy(self, *, num_workers: int | None = None) -> np.ndarray:
-        """All patches as one ``(n, P, P, 3)`` uint8 array."""
+        """All patches as one ``(n, P, P, 3)`` uint8 array (read in :meth:`read_order`)."""
         out = np.empty((len(self), self.patch_size, self.patch_size, 3), dtype=np.uint8)
-        for idx, batch in self.iter_batches(128, num_workers=num_workers):
+        for idx, batch in self.iter_batches(128, indices=self.read_order(), num_workers=num_workers):
             out[idx] = batch
         return out
 
@@ -335,6 +409,40 @@ class Patches:
     ) -> None:
         """Write the patches in HEST's patch .h5 format, see :func:`write_patches_h5`."""
         write_patches_h5(self, path, overwrite=overwrite, num_workers=num_workers)
+
+
+def _worker_runs(n_batches: int, n_workers: int) -> list[int]:
+    """Batch order for a DataLoader whose workers take items round-robin: worker ``w`` gets the ``w``-th
+    contiguous run of batches (neighbouring batches share tiles, so they stay in one worker's cache)."""
+    if n_workers <= 1:
+        return list(range(n_batches))
+    runs = np.array_split(np.arange(n_batches), n_workers)
+    order = []
+    for j in range(max(len(r) for r in runs)):
+        order.extend(int(r[j]) for r in runs if j < len(r))
+    return order
+
+
+class _BatchDataset:
+    """Map-style dataset of whole batches of a :class:`Patches` (item ``k``: ``(idx, patches)``); picklable."""
+
+    def __init__(self, source: Patches, chunks: list[np.ndarray], n_workers: int):
+        self.source, self.chunks, self.n_workers = source, chunks, n_workers
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        c = self.chunks[k]
+        return c, self.source._read(c)
+
+    @staticmethod
+    def worker_init(worker_id: int) -> None:
+        import torch
+
+        info = torch.utils.data.get_worker_info()
+        ds = info.dataset
+        ds.source._reading_in_processes(ds.n_workers)
 
 
 class ArrayPatches(Patches):
@@ -460,8 +568,9 @@ def _write_h5(tmp: Path, patches: Patches, coords, barcodes, hopt_st_fields: boo
             f.attrs["hopt_st_patch_size_src"] = src
             if patches.mpp is not None:
                 f.attrs["hopt_st_patch_mpp"] = float(patches.mpp)
-        for idx, batch in patches.iter_batches(256, num_workers=num_workers):
-            img[int(idx[0]) : int(idx[-1]) + 1] = batch
+        for idx, batch in patches.iter_batches(256, indices=patches.read_order(), num_workers=num_workers):
+            o = np.argsort(idx)  # read in spatial order, written by index (h5py wants increasing indices)
+            img[idx[o]] = batch[o]
     except Exception as e:  # noqa: BLE001 - re-raised below as an OSError naming the file
         failure = (type(e), str(e), getattr(e, "errno", None))
     if failure is not None:  # give HDF5 room to flush and close cleanly: the file is deleted anyway

@@ -138,7 +138,12 @@ class Encoder(nn.Module):
             )
         if self.spec.arch == "handcrafted":
             return self.backbone(x).float()
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        x = x.permute(0, 3, 1, 2)  # a channels-last view: CUDA convolutions take it as it is
+        if x.device.type == "cpu":  # CPU kernels are ~3x faster on NCHW-contiguous data: convert in one pass
+            x = torch.empty(x.shape, dtype=torch.float32).copy_(x)
+        else:
+            x = x.float()
+        x = x.div_(255.0)  # a new tensor: normalised in place from here, in torchvision's order of operations
         size = self.spec.input_size
         if x.shape[-2:] != (size, size):
             if not self._warned_resize:
@@ -151,7 +156,7 @@ class Encoder(nn.Module):
                 )
                 self._warned_resize = True
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        x = (x - self.mean) / self.std
+        x = x.sub_(self.mean).div_(self.std)
         x = x.to(next(self.backbone.parameters()).dtype)  # a float16 / bfloat16 backbone takes its own dtype
         if self.spec.pooling == "token":
             out = self.backbone(x)

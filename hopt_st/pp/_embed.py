@@ -225,6 +225,7 @@ def embed(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     num_workers: int | None = None,
+    workers: str = "auto",
     overwrite: bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
     compile: bool = False,
@@ -269,7 +270,13 @@ def embed(
     dtype
         Compute precision under autocast; default bf16 on CUDA, fp16 on MPS, fp32 on CPU.
     num_workers
-        Reader threads passed to :meth:`Patches.iter_batches`.
+        Readers. Default: on CUDA/MPS all cores but one; on the CPU none (the computing thread reads between
+        batches, since the model needs the cores). torch's intra-op threads are capped to the cores the readers
+        leave free; the choice is logged.
+    workers
+        ``"processes"`` (a ``torch.utils.data.DataLoader``, see :meth:`Patches.dataloader`), ``"threads"``
+        (:meth:`Patches.iter_batches`) or ``"auto"``: processes on CUDA/MPS unless the patches are an in-memory
+        array, threads on the CPU.
     overwrite
         {overwrite}
     checkpoint_dir
@@ -343,6 +350,7 @@ def embed(
             device=dev,
             dtype=cdtype,
             num_workers=num_workers,
+            workers=workers,
             checkpoint=ckpt,
             compile=compile,
             progress=progress,

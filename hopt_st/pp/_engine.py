@@ -1,16 +1,23 @@
 """The inference loop behind :func:`hopt_st.pp.embed`.
 
-uint8 batches are read by a background thread (which drives the source's own parallel ``iter_batches``)
-while the device computes; they cross to the device as uint8 (pinned memory, non-blocking copy on CUDA) and
-are normalised there by the encoder. Inference runs under ``torch.inference_mode`` and autocast (bf16 on CUDA
-by default, fp32 on CPU). With a :class:`~hopt_st.pp._checkpoint.CheckpointStore` each finished batch is
-persisted, so a killed run restarts where it stopped.
+uint8 batches are read while the device computes, in the order that is cheapest to read (Morton order of the
+windows for patches cut from an image; results go back to table order by index): by worker processes (a
+``torch.utils.data.DataLoader`` over the picklable patch source, pinned memory on CUDA), by threads (the
+source's own ``iter_batches``, driven by a background thread), or, on the CPU, in the computing thread itself
+(reading costs a few % of a ViT's CPU time there, and a background reader would contend with torch's
+intra-op threads for the cores and with the forward pass for the GIL). Reader threads/processes and torch's
+intra-op threads are sized together from the cores available, and the choice is logged. Batches cross to the
+device as uint8 (non-blocking copy from pinned memory on CUDA) and are normalised there by the encoder.
+Inference runs under ``torch.inference_mode`` and autocast (bf16 on CUDA by default, fp32 on CPU). With a
+:class:`~hopt_st.pp._checkpoint.CheckpointStore` each finished batch is persisted, so a killed run restarts
+where it stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -18,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from .._patchset import ArrayPatches
 from .._progress import tqdm
 from ._checkpoint import CheckpointStore
 
@@ -73,6 +81,71 @@ class _Prefetcher:
             while True:
                 self._q.get_nowait()
         self._thread.join(timeout=5)
+
+
+WORKERS = ("auto", "threads", "processes")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def plan_readers(source, device: torch.device, num_workers: int | None, workers: str) -> tuple[str, int, int]:
+    """How to read: ``(kind, n_readers, torch_threads)``; kind is ``"processes"``, ``"threads"`` or ``"inline"``.
+
+    On an accelerator the CPU only reads, so readers take all cores but one (worker processes by default:
+    decoding and resizing then run free of the GIL); on the CPU the model needs the cores, so by default the
+    computing thread reads between batches. torch's intra-op threads are capped so that they and the readers
+    together do not exceed the cores.
+    """
+    if workers not in WORKERS:
+        raise ValueError(f"workers must be one of {WORKERS}, got {workers!r}.")
+    if num_workers is not None and (isinstance(num_workers, bool) or int(num_workers) < 0):
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}.")
+    cores = available_cores()
+    accelerator = device.type != "cpu"
+    can_fork_out = hasattr(source, "dataloader")
+    if workers == "processes" and not can_fork_out:
+        raise ValueError(f"workers='processes' needs a Patches source; got {type(source).__name__}.")
+    if num_workers is None:
+        n = min(16, max(1, cores - 1)) if accelerator or workers != "auto" else 0
+    else:
+        n = int(num_workers)
+    if workers == "auto":
+        cheap = isinstance(source, ArrayPatches)  # patches already in memory: nothing to decode
+        workers = "processes" if accelerator and can_fork_out and not cheap else "threads"
+    if n == 0 or (workers == "threads" and n == 1 and not accelerator):
+        kind, n_busy = "inline", 0
+    else:
+        kind, n_busy = workers, n
+    torch_threads = max(1, min(torch.get_num_threads(), cores - n_busy))
+    return kind, n, torch_threads
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
+
+
+def _inline_batches(source, batch_size: int, indices: np.ndarray):
+    for idx, batch in source.iter_batches(batch_size, indices=indices, num_workers=0):
+        yield np.asarray(idx, dtype=np.int64), torch.from_numpy(np.ascontiguousarray(batch))
+
+
+def _loader_batches(loader):
+    for idx, batch in loader:
+        yield idx.numpy(), batch
 
 
 def _prepare_model(encoder: torch.nn.Module, device: torch.device, compile: bool) -> torch.nn.Module:
@@ -167,6 +240,7 @@ def run_encoder(
     device: torch.device,
     dtype: torch.dtype,
     num_workers: int | None = None,
+    workers: str = "auto",
     checkpoint: CheckpointStore | None = None,
     compile: bool = False,
     progress: bool = True,
@@ -182,12 +256,38 @@ def run_encoder(
         if len(todo) == 0:
             return res.out
         model = _prepare_model(encoder, device, compile)
-        reader = _Prefetcher(source, batch_size, todo, num_workers, pin=device.type == "cuda")
+        kind, n_readers, n_threads = plan_readers(source, device, num_workers, workers)
+        read_order = getattr(source, "read_order", None)
+        todo = read_order(todo) if read_order is not None else todo
+        logger.info(
+            "reading %s; torch intra-op threads %d (%d cores)",
+            {"inline": "in the computing thread", "threads": f"with {n_readers} threads"}.get(
+                kind, f"with {n_readers} worker processes"
+            ),
+            n_threads,
+            available_cores(),
+        )
+        pin = device.type == "cuda"
+        prefetcher = loader = None
+        if kind == "processes":
+            loader = source.dataloader(
+                batch_size, indices=todo, num_workers=n_readers, pin_memory=pin, persistent_workers=False
+            )
+            reader = _loader_batches(loader)
+        elif kind == "threads":
+            reader = prefetcher = _Prefetcher(source, batch_size, todo, n_readers, pin=pin)
+        else:
+            reader = _inline_batches(source, batch_size, todo)
         t0 = time.perf_counter()
         try:
-            _forward_all(model, reader, res, device=device, dtype=dtype, batch_size=batch_size, pad=compile)
+            with _torch_threads(n_threads):
+                _forward_all(
+                    model, reader, res, device=device, dtype=dtype, batch_size=batch_size, pad=compile
+                )
         finally:
-            reader.close()
+            if prefetcher is not None:
+                prefetcher.close()
+            del reader, loader  # worker processes end with their iterator
     finally:
         bar.close()
     if not res.done.all():

@@ -4,8 +4,9 @@ Per-window dask slicing pays graph construction and scheduling for every patch. 
 served from whole storage chunks: the chunks a batch of windows touches are looked up in a bounded LRU cache
 of decoded chunks, the missing ones are computed in **one** dask call per batch (or read directly from the
 underlying numpy / zarr array when the dask graph is a plain ``from_array``), converted once to uint8 RGB,
-and the windows are pasted together from them. Neighbouring spots share chunks, so each JPEG tile of a
-slide is decoded about once, whatever the order of the spots.
+and the windows are pasted together from them. Neighbouring spots share chunks, so when windows come in
+spatial order (``Patches.read_order``: Morton order, whatever the order of the table) each JPEG tile of a slide
+is decoded about once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ..io._tiff import TiffLevel
+
 logger = logging.getLogger(__name__)
 
 #: virtual chunk size used when the image is a plain numpy array
@@ -24,6 +27,8 @@ _NUMPY_CHUNK = 512
 _MAX_12BIT = 4095
 #: decoded chunks are cached up to this many bytes by default (shared by all threads of one reader)
 DEFAULT_CACHE_BYTES = 512 * 2**20
+#: smallest cache a reader is given when the budget is split between processes (~ a few rows of tiles)
+MIN_CACHE_BYTES = 48 * 2**20
 
 
 def _chunk_bounds(sizes) -> np.ndarray:
@@ -64,6 +69,8 @@ def _direct_source(arr, dims: tuple[str, ...]):
 
 def _source_file(array) -> str | None:
     """The file a level's array is read from (a TIFF, or a .zarr store), when known."""
+    if isinstance(array, TiffLevel):
+        return array.path
     store = getattr(array, "store", None)
     try:
         if hasattr(store, "root"):
@@ -149,9 +156,22 @@ class LevelReader:
         self._u16_scale: int | None = None  # 1: 8-bit values stored as uint16, 257: true 16-bit
         self._u16_lock = threading.Lock()
 
+    def set_cache_bytes(self, n: int) -> None:
+        """Change the budget of the decoded-chunk cache (evicting the oldest chunks beyond it)."""
+        with self._lock:
+            self._cache_limit = int(n)
+            self._evict()
+
+    def _evict(self) -> None:  # with the lock held
+        while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.nbytes
+
     def __getstate__(self):  # picklable for torch DataLoader worker processes: cache and locks stay behind
         state = self.__dict__.copy()
         state.update(_cache=OrderedDict(), _cache_bytes=0, _lock=None, _inflight={}, _u16_lock=None)
+        if state["_direct"] is not None:  # read directly: the dask graph is not needed (nor always picklable)
+            state["_data"] = None
         return state
 
     def __setstate__(self, state):
@@ -260,9 +280,7 @@ class LevelReader:
                         out[k] = rgb
                         self._cache[k] = rgb
                         self._cache_bytes += rgb.nbytes
-                    while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
-                        _, old = self._cache.popitem(last=False)
-                        self._cache_bytes -= old.nbytes
+                    self._evict()
             finally:
                 with self._lock:
                     for k in mine:
@@ -294,8 +312,13 @@ class LevelReader:
         b = int(np.searchsorted(bounds, hi, side="left"))
         return range(max(a, 0), min(b, len(bounds) - 1))
 
-    def read_windows(self, boxes: np.ndarray, size: tuple[int, int], fill: np.ndarray) -> list[np.ndarray]:
-        """Read ``(sy, sx, 3)`` uint8 windows with top-left corners ``boxes`` (y0, x0); outside = ``fill``."""
+    def read_windows(
+        self, boxes: np.ndarray, size: tuple[int, int], fill: np.ndarray, out: np.ndarray | None = None
+    ) -> list[np.ndarray] | np.ndarray:
+        """Read ``(sy, sx, 3)`` uint8 windows with top-left corners ``boxes`` (y0, x0); outside = ``fill``.
+
+        Returns a list of windows, or fills and returns ``out`` (``(len(boxes), sy, sx, 3)`` uint8) when given.
+        """
         sy, sx = size
         spans = []
         needed: set[tuple[int, int]] = set()
@@ -310,12 +333,13 @@ class LevelReader:
             spans.append((y0, x0, ya, yb, xa, xb, rys, rxs))
             needed.update((iy, ix) for iy in rys for ix in rxs)
         chunks = self._fetch(sorted(needed))
-        out = []
-        for span in spans:
-            win = np.empty((sy, sx, 3), dtype=np.uint8)
+        wins = [] if out is None else out
+        for k, span in enumerate(spans):
+            win = np.empty((sy, sx, 3), dtype=np.uint8) if out is None else out[k]
+            if out is None:
+                wins.append(win)
             if span is None:
                 win[...] = fill
-                out.append(win)
                 continue
             y0, x0, ya, yb, xa, xb, rys, rxs = span
             if ya > y0 or yb < y0 + sy or xa > x0 or xb < x0 + sx:
@@ -329,5 +353,4 @@ class LevelReader:
                     win[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0] = chunks[(iy, ix)][
                         ty0 - cy0 : ty1 - cy0, tx0 - cx0 : tx1 - cx0
                     ]
-            out.append(win)
-        return out
+        return wins

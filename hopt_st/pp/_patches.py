@@ -34,9 +34,10 @@ from ._geometry import (
     choose_level,
     fraction_inside,
     patch_boxes,
+    spatial_order,
     units_per_image_px,
 )
-from ._image_reader import LevelReader, _source_file
+from ._image_reader import DEFAULT_CACHE_BYTES, MIN_CACHE_BYTES, LevelReader, _source_file
 from ._resample import resize
 
 logger = logging.getLogger(__name__)
@@ -88,11 +89,28 @@ class _SlidePatches(Patches):
         h.update(_file_stamp(getattr(self._reader, "_direct", None)).encode())
         return "slide:" + h.hexdigest()
 
+    def read_order(self, indices=None) -> np.ndarray:
+        # Morton order of the windows on the level: neighbouring spots share decoded tiles
+        idx = self._indices(slice(None) if indices is None else indices)
+        return idx[spatial_order(self._boxes[idx], max(self._size))]
+
+    def _reading_in_processes(self, n_processes: int) -> None:
+        # each process has its own tile cache: together they keep to the one-process budget
+        self._reader.set_cache_bytes(max(DEFAULT_CACHE_BYTES // max(n_processes, 1), MIN_CACHE_BYTES))
+
     def _read(self, idx: np.ndarray) -> np.ndarray:
         out = np.empty((len(idx), self.patch_size, self.patch_size, 3), dtype=np.uint8)
         # at most 256 windows at a time: bounds the raw windows held besides the output
         for start in range(0, len(idx), 256):
             part = idx[start : start + 256]
+            if self._size == (
+                self.patch_size,
+                self.patch_size,
+            ):  # 1:1: windows pasted straight into the output
+                self._reader.read_windows(
+                    self._boxes[part], self._size, self._fill, out=out[start : start + len(part)]
+                )
+                continue
             wins = self._reader.read_windows(self._boxes[part], self._size, self._fill)
             for j, w in enumerate(wins):
                 out[start + j] = resize(w, self.patch_size)
@@ -231,8 +249,9 @@ def patches(
     the image's level-0 pixel grid through the elements' spatialdata transformations. The coarsest pyramid
     level whose pixels are still at least as fine as ``target_mpp`` is read, the window of
     ``patch_size * target_mpp / level_mpp`` level pixels nearest to each centre is cut and resampled to
-    ``patch_size`` with antialiasing (area filter; linear when enlarging, which is logged as one warning
-    because the image is coarser than the target). Parts outside the image are filled with ``fill``.
+    ``patch_size`` with Pillow's antialiased bilinear (triangle) filter, ``Image.resize(..., BILINEAR)``, bit
+    for bit (enlarging, when the image is coarser than the target, is logged as one warning). Parts outside
+    the image are filled with ``fill``.
 
     Parameters
     ----------
