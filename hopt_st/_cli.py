@@ -53,6 +53,38 @@ def _models_option(default: str, help: str):
     return click.option("--model", "models", multiple=True, default=(default,), show_default=True, help=help)
 
 
+_MODEL_HELP = "Registry name (see `hopt-st models`), e.g. h-optimus-1, handcrafted."
+_WEIGHTS_HELP = "Local weights file (.safetensors or .pt/.bin state dict)."
+_DEVICE_HELP = "cpu, cuda, cuda:1, mps; default: the best available."
+
+
+def _model_option(help: str = _MODEL_HELP):
+    """``--model NAME``, required."""
+    return click.option("--model", required=True, help=help)
+
+
+def _weights_option(help: str = _WEIGHTS_HELP):
+    """``--weights FILE``: a local weights file."""
+    return click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None, help=help)
+
+
+def _image_mpp_option(help: str):
+    """``--image-mpp X``: µm per full-resolution pixel, > 0."""
+    return click.option("--image-mpp", type=click.FloatRange(min=0, min_open=True), default=None, help=help)
+
+
+def _run_options(device_help: str = _DEVICE_HELP):
+    """``--batch-size`` and ``--device`` of the commands that run an encoder."""
+
+    def decorate(f):
+        f = click.option("--device", default=None, help=device_help)(f)
+        return click.option("--batch-size", type=click.IntRange(1), default=None, help="Patches per batch.")(
+            f
+        )
+
+    return decorate
+
+
 def _echo(msg: str = "") -> None:
     if not _STATE["quiet"]:
         click.echo(msg)
@@ -174,15 +206,8 @@ def _is_zarr(path: Path) -> bool:
 
 @cli.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option(
-    "--model", required=True, help="Registry name (see `hopt-st models`), e.g. h-optimus-1, handcrafted."
-)
-@click.option(
-    "--weights",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Local weights file (.safetensors or .pt/.bin state dict).",
-)
+@_model_option()
+@_weights_option()
 @click.option(
     "--out",
     "out",
@@ -203,15 +228,11 @@ def _is_zarr(path: Path) -> bool:
 @click.option("--key-added", default=None, help="obsm key; default X_<model>.")
 @click.option("--table-name", default=None, help="Spot table; default: the only one.")
 @click.option("--image-key", default=None, help="H&E image element; default: the largest.")
-@click.option(
-    "--image-mpp",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="µm per full-resolution pixel of the slide, overriding the value the reader records or infers "
-    "(for a .zarr: of the image element's level 0).",
+@_image_mpp_option(
+    "µm per full-resolution pixel of the slide, overriding the value the reader records or infers "
+    "(for a .zarr: of the image element's level 0)."
 )
-@click.option("--batch-size", type=click.IntRange(1), default=None)
-@click.option("--device", default=None, help="cpu, cuda, cuda:1, mps; default: the best available.")
+@_run_options()
 @click.option("--overwrite", is_flag=True, help="Replace an existing embedding key and output.")
 def embed(
     input_path,
@@ -369,9 +390,7 @@ def _dask_client(stack, workers: int | None, scheduler: str | None):
 
 @cli.command("embed-cohort")
 @click.argument("cohort", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--model", required=True, help="Registry name (see `hopt-st models`), e.g. h-optimus-1, handcrafted."
-)
+@_model_option()
 @click.option(
     "--out",
     "out",
@@ -379,12 +398,7 @@ def _dask_client(stack, workers: int | None, scheduler: str | None):
     required=True,
     help="Output folder: OUT/<model>/<sample_id>.h5 (HEST's embedding layout) and OUT/<model>/status.csv.",
 )
-@click.option(
-    "--weights",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Local weights file (.safetensors or .pt/.bin state dict).",
-)
+@_weights_option()
 @click.option(
     "--workers",
     type=click.IntRange(1),
@@ -404,8 +418,7 @@ def _dask_client(stack, workers: int | None, scheduler: str | None):
     help="Only shard i of N (from 0; positions i, i+N, ... of the sorted sample ids): one SLURM array task "
     "each, no scheduler needed.",
 )
-@click.option("--device", default=None, help="cpu, cuda, cuda:1, mps; default: each worker's best device.")
-@click.option("--batch-size", type=click.IntRange(1), default=None)
+@_run_options("cpu, cuda, cuda:1, mps; default: each worker's best device.")
 @click.option(
     "--retries",
     type=click.IntRange(0),
@@ -477,19 +490,9 @@ def embed_cohort(
     type=click.Path(dir_okay=False, path_type=Path),
     help="A regressor saved with ExpressionRegressor.save (fitted on --model embeddings).",
 )
-@click.option("--model", required=True, help="The encoder the regressor was fitted on, e.g. h-optimus-1.")
-@click.option(
-    "--weights",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Local weights of --model.",
-)
-@click.option(
-    "--image-mpp",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="µm per full-resolution pixel of SLIDE, when the file records none (or to override it).",
-)
+@_model_option("The encoder the regressor was fitted on, e.g. h-optimus-1.")
+@_weights_option("Local weights of --model.")
+@_image_mpp_option("µm per full-resolution pixel of SLIDE, when the file records none (or to override it).")
 @click.option("--genes", default=None, help="Comma-separated genes to map; default: the regressor's first 3.")
 @click.option(
     "--preset",
@@ -506,8 +509,7 @@ def embed_cohort(
     help="Keep tiles with at least this fraction on tissue.",
 )
 @click.option("--image-key", default=None, help="H&E image element of a .zarr SLIDE; default: the largest.")
-@click.option("--batch-size", type=click.IntRange(1), default=None)
-@click.option("--device", default=None, help="cpu, cuda, cuda:1, mps; default: the best available.")
+@_run_options()
 @click.option(
     "--out",
     "out",
@@ -576,12 +578,7 @@ def predict(
     show_default=True,
     help="hest: HEST's published protocol; strict: genes and ridge penalty chosen on training folds only.",
 )
-@click.option(
-    "--weights",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Local weights for --model.",
-)
+@_weights_option("Local weights of --model.")
 @click.option(
     "--embeddings-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -600,7 +597,7 @@ def predict(
     show_default=True,
     help="Folder for results.csv/json, per_gene.csv, figures.",
 )
-@click.option("--device", default=None)
+@click.option("--device", default=None, help=_DEVICE_HELP)
 @click.option("--seed", type=int, default=1, show_default=True, help="PCA random_state (HEST's default: 1).")
 @click.option(
     "--solver",

@@ -60,9 +60,11 @@ DOC_SHOW_IMAGE = "Draw the H&E under the spots (or tiles)."
 DOC_MAX_IMAGE_SIZE = "Largest side, in pixels, of the image level drawn."
 
 
-def _entries(**texts: str) -> str:
-    """Several numpydoc parameter entries as one fragment (placed at the 4-space docstring indent)."""
-    return "\n    ".join(f"{name}\n        {text}" for name, text in texts.items())
+def entries(indent: int = 4, **texts: str) -> str:
+    """Several numpydoc parameter entries as one fragment, placed at a docstring indent of ``indent`` spaces
+    (4 for functions, 8 for methods)."""
+    pad = " " * indent
+    return f"\n{pad}".join(f"{name}\n{pad}    {text}" for name, text in texts.items())
 
 
 #: every shared fragment, by placeholder name
@@ -82,14 +84,14 @@ DOCS: dict[str, str] = {
     "use_rep": DOC_USE_REP,
     "save": DOC_SAVE,
     "dpi": DOC_DPI,
-    "spot_params": _entries(sdata=DOC_SDATA, table_name=DOC_TABLE_NAME, image_key=DOC_IMAGE_KEY),
+    "spot_params": entries(sdata=DOC_SDATA, table_name=DOC_TABLE_NAME, image_key=DOC_IMAGE_KEY),
     # the slide arguments of pp.patches / pp.embed that an AnnData input needs
-    "anndata_image_params": _entries(image=DOC_IMAGE, library_id=DOC_LIBRARY_ID),
+    "anndata_image_params": entries(image=DOC_IMAGE, library_id=DOC_LIBRARY_ID),
     "image_mpp_anndata": DOC_IMAGE_MPP_ANNDATA,
-    "save_dpi": _entries(save=DOC_SAVE, dpi=DOC_DPI),
+    "save_dpi": entries(save=DOC_SAVE, dpi=DOC_DPI),
     "cmap": DOC_CMAP,
     # the H&E under a plot's spots
-    "plot_image_params": _entries(image_key=DOC_PLOT_IMAGE_KEY, show_image=DOC_SHOW_IMAGE, cmap=DOC_CMAP),
+    "plot_image_params": entries(image_key=DOC_PLOT_IMAGE_KEY, show_image=DOC_SHOW_IMAGE, cmap=DOC_CMAP),
     "max_image_size": DOC_MAX_IMAGE_SIZE,
 }
 

@@ -54,6 +54,7 @@ import h5py
 import numpy as np
 
 from ._atomic import atomic_path
+from ._docs import entries, inject_docs
 from ._errors import CorruptFileError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,12 @@ HEST_PATCH_MPP = 0.5
 PATCH_SIZE_SRC_ATTRS = ("patch_size_src", "patch_size_level0")
 #: bytes of a patch file besides its arrays (HDF5 headers, chunk index), for the free-space check
 _H5_OVERHEAD = 1 << 16
+#: the parameters that choose the batches of Patches.iter_batches and Patches.dataloader
+_BATCH_PARAMS = entries(
+    8,
+    batch_size="Patches per batch.",
+    indices="Which patches (int array, slice or boolean mask); all by default.",
+)
 #: patches hashed into the fingerprint of a patch file (evenly spaced), besides its size and mtime
 _DIGEST_PATCHES = 8
 #: exceptions h5py raises on a truncated or garbled file
@@ -285,6 +292,7 @@ class Patches:
         """
         return self._indices(slice(None) if indices is None else indices)
 
+    @inject_docs(batch_params=_BATCH_PARAMS)
     def iter_batches(
         self, batch_size: int = 64, *, indices=None, num_workers: int | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -292,10 +300,7 @@ class Patches:
 
         Parameters
         ----------
-        batch_size
-            Patches per batch.
-        indices
-            Which patches (int array, slice or boolean mask); all by default.
+        {batch_params}
         num_workers
             Reading threads; at most ``2 * num_workers`` batches are in flight (memory bounded).
             ``None``: ``min(8, cpu count)``; ``0`` or ``1``: read in the calling thread.
@@ -327,6 +332,7 @@ class Patches:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
+    @inject_docs(batch_params=_BATCH_PARAMS)
     def dataloader(
         self,
         batch_size: int = 64,
@@ -349,10 +355,7 @@ class Patches:
 
         Parameters
         ----------
-        batch_size
-            Patches per batch.
-        indices
-            Which patches (int array, slice or boolean mask); all by default.
+        {batch_params}
         num_workers
             Worker processes; ``None``: ``min(8, cpu count)``; ``0`` reads in the calling process.
         pin_memory

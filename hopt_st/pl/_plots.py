@@ -210,16 +210,21 @@ def _draw_panel(
     ax.set_aspect("equal")
 
 
-def _expression_layout(view: TissueView, n_genes: int, panel_size: float) -> tuple[Figure, np.ndarray]:
-    """One row of (measured, predicted) panels per gene, shaped like the tissue."""
-    import matplotlib.pyplot as plt
-
+def _view_aspect(view: TissueView) -> float:
+    """Height / width of the drawn area (the image crop, else the spots' extent), clipped to 1/4..4."""
     if view.image is not None:
         aspect = view.image.shape[0] / view.image.shape[1]
     else:
         span = np.ptp(view.xy, axis=0) + 4 * view.radius
         aspect = float(span[1] / span[0]) if span[0] > 0 else 1.0
-    aspect = float(np.clip(aspect, 0.25, 4.0))
+    return float(np.clip(aspect, 0.25, 4.0))
+
+
+def _expression_layout(view: TissueView, n_genes: int, panel_size: float) -> tuple[Figure, np.ndarray]:
+    """One row of (measured, predicted) panels per gene, shaped like the tissue."""
+    import matplotlib.pyplot as plt
+
+    aspect = _view_aspect(view)
     return plt.subplots(
         n_genes,
         2,

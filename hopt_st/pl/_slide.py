@@ -22,6 +22,7 @@ from ._plots import (
     _panel_data,
     _resolve_predictions,
     _save,
+    _view_aspect,
 )
 from ._tissue import TissueView
 
@@ -129,12 +130,7 @@ def slide_expression(
     label = {"log1p": "log1p counts"}.get(target, target)
     ncols = max(1, min(int(ncols), len(genes)))
     nrows = int(np.ceil(len(genes) / ncols))
-    if view.image is not None:
-        aspect = view.image.shape[0] / view.image.shape[1]
-    else:
-        span = np.ptp(view.xy, axis=0) + 4 * view.radius
-        aspect = float(span[1] / span[0]) if span[0] > 0 else 1.0
-    aspect = float(np.clip(aspect, 0.25, 4.0))
+    aspect = _view_aspect(view)
     fig, axes = plt.subplots(
         nrows,
         ncols,
