@@ -577,21 +577,22 @@ class _NucleusStamps:
 
     def _stamp(self, ids: np.ndarray):
         """Pixels ``(py, px)``, blob weights ``w`` and the in-image mask of nuclei ``ids`` (one batch)."""
-        half = int(self.half[ids[0]])
-        off = np.arange(-half, half + 1)
-        oy, ox = np.meshgrid(off, off, indexing="ij")
-        px, py = self.xi[ids, None] + ox.ravel()[None], self.yi[ids, None] + oy.ravel()[None]
-        dx, dy = px - self.x[ids, None], py - self.y[ids, None]
-        c, sn = self.cos[ids, None], self.sin[ids, None]
-        u, v = dx * c + dy * sn, -dx * sn + dy * c
-        d2 = (u / self.a_ax[ids, None]) ** 2 + (v / self.b_ax[ids, None]) ** 2
-        w = np.clip(1.25 - d2, 0, 1) * 0.9
-        ok = (w > 0) & (px >= 0) & (px < self.width) & (py >= 0) & (py < self.height)
-        return py, px, w, ok
+        return _ellipses(
+            self.xi[ids],
+            self.yi[ids],
+            self.x[ids],
+            self.y[ids],
+            self.cos[ids],
+            self.sin[ids],
+            self.a_ax[ids],
+            self.b_ax[ids],
+            int(self.half[ids[0]]),
+            self.height,
+            self.width,
+        )
 
     def band(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
         """Alpha sum ``(y1 - y0, W)`` and alpha-weighted colour sum ``(3, y1 - y0, W)`` of rows ``y0:y1``."""
-        size = (y1 - y0) * self.width
         ids = np.flatnonzero((self.yi + self.half >= y0) & (self.yi - self.half < y1) & (self.counts > 0))
         gen = _generator(self.speckle_state)
         pos = 0
@@ -615,19 +616,7 @@ class _NucleusStamps:
             weights.append(w[j, k] * (0.8 + 0.2 * speckle))
             flats.append((py[j, k] - y0) * self.width + px[j, k])
             colors.append(self.rgb[grp[j]])
-        if not flats:
-            return np.zeros((y1 - y0, self.width), np.float32), np.zeros((3, y1 - y0, self.width), np.float32)
-        flat = np.concatenate(flats)
-        wv = np.concatenate(weights)
-        cols = np.concatenate(colors)
-        alpha = np.bincount(flat, weights=wv, minlength=size).astype(np.float32).reshape(y1 - y0, self.width)
-        color = np.stack(
-            [
-                np.bincount(flat, weights=wv * cols[:, ch], minlength=size).astype(np.float32)
-                for ch in range(3)
-            ]
-        ).reshape(3, y1 - y0, self.width)
-        return alpha, color
+        return _accumulate(flats, weights, colors, y1 - y0, self.width)
 
 
 def _advance(rng: np.random.Generator, n: int) -> None:
@@ -647,32 +636,55 @@ def _stamp_nuclei(x, y, r, elong, theta, rgb, height, width, rng, batch: int = 4
     ``speckle(py, px)`` gives the chromatin speckle in [0, 1) of the stamped pixels (default: drawn from ``rng``).
     """
     n = len(x)
-    size = height * width
     flats, weights, colors = [], [], []
     reach = r * np.sqrt(elong)
     order = np.argsort(reach)  # batches of similar size keep the stamp windows small
     for s in range(0, n, batch):
         sl = order[s : s + batch]
-        half = int(np.ceil(reach[sl].max())) + 1
-        off = np.arange(-half, half + 1)
-        oy, ox = np.meshgrid(off, off, indexing="ij")
         xi, yi = np.round(x[sl]).astype(np.int64), np.round(y[sl]).astype(np.int64)
-        px, py = xi[:, None] + ox.ravel()[None], yi[:, None] + oy.ravel()[None]
-        dx, dy = px - x[sl, None], py - y[sl, None]
-        c, sn = np.cos(theta[sl])[:, None], np.sin(theta[sl])[:, None]
-        u, v = dx * c + dy * sn, -dx * sn + dy * c
-        a_ax = r[sl, None] * np.sqrt(elong[sl, None])
-        b_ax = r[sl, None] / np.sqrt(elong[sl, None])
-        d2 = (u / a_ax) ** 2 + (v / b_ax) ** 2
-        w = np.clip(1.25 - d2, 0, 1) * 0.9
-        ok = (w > 0) & (px >= 0) & (px < width) & (py >= 0) & (py < height)
+        py, px, w, ok = _ellipses(
+            xi,
+            yi,
+            x[sl],
+            y[sl],
+            np.cos(theta[sl]),
+            np.sin(theta[sl]),
+            r[sl] * np.sqrt(elong[sl]),
+            r[sl] / np.sqrt(elong[sl]),
+            int(np.ceil(reach[sl].max())) + 1,
+            height,
+            width,
+        )
         grain = rng.uniform(size=int(ok.sum())) if speckle is None else speckle(py[ok], px[ok])
         wv = w[ok] * (0.8 + 0.2 * grain)  # chromatin speckle
         flats.append((py * width + px)[ok])
         weights.append(wv)
         colors.append(np.broadcast_to(rgb[sl, None, :], w.shape + (3,))[ok])
+    return _accumulate(flats, weights, colors, height, width)
+
+
+def _ellipses(xi, yi, x, y, cos, sin, a_ax, b_ax, half: int, height: int, width: int):
+    """Elliptical soft blobs centred at ``(x, y)`` (rounded: ``(xi, yi)``), axes ``a_ax`` / ``b_ax`` turned by
+    the angle of ``(cos, sin)``, in square windows of side ``2 * half + 1``: pixels ``(py, px)``, weights ``w``
+    and the mask ``ok`` of pixels with weight inside the ``height`` x ``width`` image (each ``(n, side**2)``)."""
+    off = np.arange(-half, half + 1)
+    oy, ox = np.meshgrid(off, off, indexing="ij")
+    px, py = xi[:, None] + ox.ravel()[None], yi[:, None] + oy.ravel()[None]
+    dx, dy = px - x[:, None], py - y[:, None]
+    c, sn = cos[:, None], sin[:, None]
+    u, v = dx * c + dy * sn, -dx * sn + dy * c
+    d2 = (u / a_ax[:, None]) ** 2 + (v / b_ax[:, None]) ** 2
+    w = np.clip(1.25 - d2, 0, 1) * 0.9
+    ok = (w > 0) & (px >= 0) & (px < width) & (py >= 0) & (py < height)
+    return py, px, w, ok
+
+
+def _accumulate(flats, weights, colors, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Alpha sum ``(height, width)`` and alpha-weighted colour sum ``(3, height, width)`` (float32) of stamped
+    pixels given as lists of flat indices, weights and RGB rows, summed in list order."""
     if not flats:
         return np.zeros((height, width), np.float32), np.zeros((3, height, width), np.float32)
+    size = height * width
     flat = np.concatenate(flats)
     wv = np.concatenate(weights)
     cols = np.concatenate(colors)
