@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,21 +26,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import interleave, load, summary  # noqa: E402
+from _common import interleave, load, peak_rss_mb, summary  # noqa: E402
 
 LIMIT_MB = 500.0
-
-
-def _rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def _rss_now_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def write_slide(root: Path, size: int, seed: int = 0) -> str:
@@ -122,11 +109,11 @@ def read_and_touch(root: Path, size: int, lean: bool) -> None:
         from hopt_st.io import read_hest
 
     label = "lean import (hopt_st.io._hest only)" if lean else "full import (import hopt_st)"
-    base = _rss_peak_mb()
+    base = peak_rss_mb()
     t0 = time.perf_counter()
     sd = read_hest(root, "BIG")
     t_open = time.perf_counter() - t0
-    after_open = _rss_peak_mb()
+    after_open = peak_rss_mb()
     img = sd.images["he"]
     levels = list(img.children)
     lvl0 = img["scale0"]["image"].data
@@ -139,7 +126,7 @@ def read_and_touch(root: Path, size: int, lean: bool) -> None:
     win = img["scale2"]["image"].data[:, 1000:3048, 1000:3048].compute()
     coarse = img[levels[-1]]["image"].data.compute()
     t_touch = time.perf_counter() - t0
-    peak = _rss_peak_mb()
+    peak = peak_rss_mb()
     decoded_mb = 3 * size * size / 2**20
     print(f"[{label}]")
     print(f"  levels: {[tuple(img[k]['image'].shape[1:]) for k in levels]}")

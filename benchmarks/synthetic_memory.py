@@ -17,31 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import peak_rss_mb, rss_now_mb  # noqa: E402
+
 LIMIT_MB = 2000.0
-
-
-def _rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def _rss_now_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def _child(n_spots: int, seed: int) -> None:
     """Build one sample; print one JSON line."""
     from hopt_st.datasets import synthetic_visium
 
-    imports_mb = _rss_now_mb()
+    imports_mb = rss_now_mb()
     t0 = time.perf_counter()
     sdata = synthetic_visium(n_spots=n_spots, seed=seed)
     dt = time.perf_counter() - t0
@@ -49,7 +39,7 @@ def _child(n_spots: int, seed: int) -> None:
     levels = [img[k]["image"] for k in img] if hasattr(img, "children") else [img]
     image_mb = sum(lv.data.nbytes for lv in levels) / 2**20
     shape = tuple(int(s) for s in levels[0].shape)
-    peak = _rss_peak_mb()
+    peak = peak_rss_mb()
     print(
         json.dumps(
             {

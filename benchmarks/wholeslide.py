@@ -22,27 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import peak_rss_mb, rss_now_mb  # noqa: E402
+
 LIMIT_GB = 2.0
 N_GENES = 40
-
-
-def _rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def _rss_now_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def write_slide(path: Path, size: int, mpp: float) -> dict:
@@ -56,7 +47,7 @@ def write_slide(path: Path, size: int, mpp: float) -> dict:
     return {
         "write_s": time.perf_counter() - t0,
         "file_mb": path.stat().st_size / 2**20,
-        "peak_mb": _rss_peak_mb(),
+        "peak_mb": peak_rss_mb(),
     }
 
 
@@ -77,10 +68,10 @@ def pipeline(slide: Path, reg_path: Path, rounds: int) -> dict:
     import hopt_st as hs
     from hopt_st.io._elements import image_levels
 
-    rss_imports = _rss_now_mb()
+    rss_imports = rss_now_mb()
     import torch  # noqa: F401 - imported by pp.embed anyway; measured here as part of the baseline
 
-    rss_torch = _rss_now_mb()
+    rss_torch = rss_now_mb()
     times = {}
     t = time.perf_counter()
     sdata = hs.io.read_slide(slide)
@@ -120,7 +111,7 @@ def pipeline(slide: Path, reg_path: Path, rounds: int) -> dict:
         "pearson_vs_truth": truth_r,
         "rss_after_imports_mb": rss_imports,
         "rss_after_torch_mb": rss_torch,
-        "peak_mb": _rss_peak_mb(),
+        "peak_mb": peak_rss_mb(),
         **times,
     }
 

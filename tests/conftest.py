@@ -23,6 +23,8 @@ Encoder registry (never changed at import time; every registration is undone at 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,20 @@ def register_spec():
             return stack.enter_context(models.registered(*specs, overwrite=overwrite))
 
         yield register
+
+
+@pytest.fixture
+def cli_process_state():
+    """``hopt_st._cli.main`` configures logging and ``TQDM_DISABLE`` for its process: undo it after a test (and
+    first drop a handler an earlier ``main()`` left on a stream pytest has since closed)."""
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "_hopt_st", False)]
+    handlers, level = list(root.handlers), root.level
+    tqdm_env = os.environ.get("TQDM_DISABLE")
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    if tqdm_env is None:
+        os.environ.pop("TQDM_DISABLE", None)
+    else:
+        os.environ["TQDM_DISABLE"] = tqdm_env

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
-import os
 
 import numpy as np
 import pandas as pd
@@ -17,19 +15,7 @@ from hopt_st._cli import main
 N_SPOTS = 200
 
 
-@pytest.fixture(autouse=True)
-def _restore_process_state():
-    """main() configures logging / warnings / TQDM_DISABLE for a process; undo it between tests."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    tqdm_env = os.environ.get("TQDM_DISABLE")
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    if tqdm_env is None:
-        os.environ.pop("TQDM_DISABLE", None)
-    else:
-        os.environ["TQDM_DISABLE"] = tqdm_env
+pytestmark = pytest.mark.usefixtures("cli_process_state")  # main() sets up logging
 
 
 def _run(capsys, *args):

@@ -53,22 +53,12 @@ def specs_to_register(tiny_vit_spec):
     return [fast, tiny_vit_spec(VIT, embed_dim=32)]
 
 
-pytestmark = pytest.mark.usefixtures("model_specs")
+pytestmark = pytest.mark.usefixtures("model_specs", "cli_process_state")  # main() sets up logging
 
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _restore_process_state():
-    """main() configures logging for the process; undo it between tests (and drop a handler another module's
-    main() call left on a stream pytest has since closed)."""
-    root = logging.getLogger()
-    root.handlers[:] = [h for h in root.handlers if not getattr(h, "_hopt_st", False)]
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _digest(root: Path) -> dict[str, str]:

@@ -8,8 +8,6 @@ grid, the expected expression of the same tissue model ``synthetic_visium`` draw
 from __future__ import annotations
 
 import copy
-import logging
-import os
 import subprocess
 import sys
 
@@ -30,19 +28,7 @@ N_GENES = 40
 MODEL_SEED = 0
 
 
-@pytest.fixture(autouse=True)
-def _restore_process_state():
-    """main() configures logging for the process; undo it between tests."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    tqdm_env = os.environ.get("TQDM_DISABLE")
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    if tqdm_env is None:
-        os.environ.pop("TQDM_DISABLE", None)
-    else:
-        os.environ["TQDM_DISABLE"] = tqdm_env
+pytestmark = pytest.mark.usefixtures("cli_process_state")  # main() sets up logging
 
 
 @pytest.fixture(scope="module")
