@@ -156,3 +156,39 @@ def ratio(results: dict[str, list[dict]], key: str, num: str, den: str) -> dict:
     r = np.array([a[key] / b[key] for a, b in zip(results[num], results[den])], dtype=float)
     print(f"  {num} / {den}: min {r.min():.2f}x, median {np.median(r):.2f}x ({key}, per round)")
     return {"ratio_min": float(r.min()), "ratio_median": float(np.median(r))}
+
+
+def small_vit_spec(
+    name: str = "bench-small-vit",
+    *,
+    dim: int = 192,
+    depth: int = 4,
+    heads: int = 3,
+    size: int = 224,
+    mpp: float = 0.5,
+    notes: str = "benchmark only",
+):
+    """A randomly initialised ViT of H-optimus-1's family (timm ``vit_small_patch14_reg4_dinov2``, 4 register
+    tokens, H-optimus-1's normalisation) with ``dim`` / ``depth`` / ``heads`` and ``size`` px inputs at ``mpp``."""
+    from hopt_st import models
+    from hopt_st.models._spec import HOPTIMUS_MEAN, HOPTIMUS_STD
+
+    return models.ModelSpec(
+        name=name,
+        dim=dim,
+        input_size=size,
+        mpp=mpp,
+        mean=HOPTIMUS_MEAN,
+        std=HOPTIMUS_STD,
+        timm_name="vit_small_patch14_reg4_dinov2",
+        timm_kwargs=dict(
+            img_size=size,
+            embed_dim=dim,
+            depth=depth,
+            num_heads=heads,
+            init_values=1e-5,
+            num_classes=0,
+            dynamic_img_size=False,
+        ),
+        notes=notes,
+    )

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,28 +27,8 @@ import torch
 import hopt_st as hs
 from hopt_st import models
 
-
-def small_vit_spec() -> models.ModelSpec:
-    """A small ViT of H-optimus-1's family on 112 px patches at 1 µm/px (the same 112 µm field)."""
-    return models.ModelSpec(
-        name="bench-cohort-vit",
-        dim=192,
-        input_size=112,
-        mpp=1.0,
-        mean=(0.707223, 0.578729, 0.703617),
-        std=(0.211883, 0.230117, 0.177517),
-        timm_name="vit_small_patch14_reg4_dinov2",
-        timm_kwargs=dict(
-            img_size=112,
-            embed_dim=192,
-            depth=4,
-            num_heads=3,
-            init_values=1e-5,
-            num_classes=0,
-            dynamic_img_size=False,
-        ),
-        notes="benchmark only",
-    )
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import small_vit_spec  # noqa: E402
 
 
 def main():
@@ -64,7 +46,7 @@ def main():
         work / "hest", layout="hest1k", n_samples=args.samples, n_spots=args.spots, image_mpp=1.0
     )
     cohort = hs.io.read_cohort(work / "hest")
-    spec = small_vit_spec()
+    spec = small_vit_spec("bench-cohort-vit", size=112, mpp=1.0)
     torch.manual_seed(0)
     weights = work / "vit.safetensors"
     save_file(

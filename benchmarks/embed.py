@@ -34,32 +34,10 @@ from PIL import Image
 from torchvision import transforms
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import interleave, load, ratio, summary  # noqa: E402
+from _common import interleave, load, ratio, small_vit_spec, summary  # noqa: E402
 
 import hopt_st as hs  # noqa: E402
 from hopt_st import models  # noqa: E402
-
-
-def small_vit_spec(depth: int = 4, dim: int = 192) -> models.ModelSpec:
-    return models.ModelSpec(
-        name="bench-small-vit",
-        dim=dim,
-        input_size=224,
-        mpp=0.5,
-        mean=(0.707223, 0.578729, 0.703617),
-        std=(0.211883, 0.230117, 0.177517),
-        timm_name="vit_small_patch14_reg4_dinov2",
-        timm_kwargs=dict(
-            img_size=224,
-            embed_dim=dim,
-            depth=depth,
-            num_heads=3,
-            init_values=1e-5,
-            num_classes=0,
-            dynamic_img_size=False,
-        ),
-        notes="benchmark only",
-    )
 
 
 def level0_cyx(sdata) -> np.ndarray:

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import MemorySampler, interleave, load, summary  # noqa: E402
+from _common import MemorySampler, interleave, load, small_vit_spec, summary  # noqa: E402
 from patches import hex_spots, make_sdata, make_tiff_fast  # noqa: E402
 
 import hopt_st as hs  # noqa: E402
@@ -474,28 +474,6 @@ def part_end_to_end(enc, spec, device, args, budget, skipped, tiff: Path) -> tup
 
 
 # --------------------------------------------------------------------------------------------- main
-def tiny_spec() -> models.ModelSpec:
-    from hopt_st.models._spec import HOPTIMUS_MEAN, HOPTIMUS_STD
-
-    return models.ModelSpec(
-        name="bench-gpu-smoke",
-        dim=32,
-        input_size=224,
-        mpp=0.5,
-        mean=HOPTIMUS_MEAN,
-        std=HOPTIMUS_STD,
-        timm_name="vit_small_patch14_reg4_dinov2",
-        timm_kwargs=dict(
-            img_size=224,
-            embed_dim=32,
-            depth=1,
-            num_heads=2,
-            init_values=1e-5,
-            num_classes=0,
-            dynamic_img_size=False,
-        ),
-        notes="benchmark smoke test only",
-    )
 
 
 def main(argv=None) -> int:
@@ -553,7 +531,11 @@ def main(argv=None) -> int:
         if path:
             Path(path).write_text(json.dumps(result, indent=1, default=str))
 
-    spec = tiny_spec() if args.smoke else models.get_spec("h-optimus-1")
+    spec = (
+        small_vit_spec("bench-gpu-smoke", dim=32, depth=1, heads=2, notes="benchmark smoke test only")
+        if args.smoke
+        else models.get_spec("h-optimus-1")
+    )
     with models.registered(spec, overwrite=True) if args.smoke else contextlib.nullcontext():
         t0 = time.perf_counter()
         enc = models.create(spec.name, pretrained=False, device=device)
