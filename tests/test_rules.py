@@ -1,0 +1,233 @@
+"""Issue 20, "never destroy an input, never mix what does not belong together, never read outside what the user
+named": one section per rule of the README's "Nothing lost, nothing silently wrong", each with the case the issue
+reported and at least one other case of the same rule; hypothesis fuzzing where inputs vary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hopt_st as hs
+from hopt_st import models
+from hopt_st._cli import main
+from hopt_st.io import CorruptFileError
+
+FAST = "handcrafted-rules"  # the handcrafted encoder on 56 px patches at 2 µm/px (same 112 µm field)
+FUZZ = settings(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+def specs_to_register(tiny_vit_spec):
+    """Registered for this module by the ``model_specs`` fixture (conftest), unregistered after it."""
+    return [dataclasses.replace(models.get_spec("handcrafted"), name=FAST, input_size=56, mpp=2.0)]
+
+
+pytestmark = pytest.mark.usefixtures("model_specs", "cli_process_state")
+
+
+def _digest(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (relative path -> sha256), and every folder (-> "dir")."""
+    if root.is_file():
+        return {"": hashlib.sha256(root.read_bytes()).hexdigest()}
+    out = {}
+    for p in sorted(root.rglob("*")):
+        out[str(p.relative_to(root))] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _sample(n_spots: int = 30, seed: int = 0):
+    return hs.datasets.synthetic_visium(n_spots=n_spots, seed=seed, n_genes=20)
+
+
+def _cli(capsys, *args) -> tuple[int, str]:
+    """Exit code and the one ``hopt-st: error:`` line (empty on success)."""
+    rc = main([str(a) for a in args])
+    _, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.startswith("hopt-st: error:")]
+    assert "Traceback" not in err
+    return rc, (lines[0] if lines else "")
+
+
+def _fit_regressor(seed: int = 0, d: int = 6, g: int = 3) -> hs.tl.ExpressionRegressor:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(50, d))
+    import pandas as pd
+
+    y = pd.DataFrame(x[:, :3] @ rng.normal(size=(3, g)), columns=[f"G{i}" for i in range(g)])
+    return hs.tl.ExpressionRegressor("ridge").fit(x, y)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rule 5: copy=True shares nothing mutable with its input
+# ----------------------------------------------------------------------------------------------------------
+def _adata_with_spatial(d: int = 6):
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(np.ones((20, 2), dtype=np.float32))
+    adata.obsm["X_emb"] = rng.normal(size=(20, d))
+    adata.obsm["spatial"] = rng.uniform(0, 100, size=(20, 2))
+    adata.uns["spatial"] = {
+        "lib": {"images": {"hires": np.full((8, 8, 3), 0.5)}, "scalefactors": {"spot_diameter_fullres": 89.4}}
+    }
+    return adata
+
+
+def test_rule5_predict_expression_copy_shares_no_uns():
+    adata = _adata_with_spatial()
+    reg = _fit_regressor()
+    out = hs.tl.predict_expression(adata, reg, use_rep="X_emb", copy=True, check_provenance=False)
+    out.uns["spatial"]["lib"]["scalefactors"]["spot_diameter_fullres"] = 1.0
+    out.uns["spatial"]["lib"]["images"]["hires"][:] = 0
+    assert adata.uns["spatial"]["lib"]["scalefactors"]["spot_diameter_fullres"] == 89.4
+    assert (adata.uns["spatial"]["lib"]["images"]["hires"] == 0.5).all()
+
+
+def test_rule5_embed_copy_of_sdata_shares_no_attrs_shapes_or_tables():
+    sdata = _sample()
+    sdata.attrs["hopt_st"] = {"note": {"a": 1}}
+    before_radius = sdata.shapes["spots"]["radius"].copy()
+    out = hs.pp.embed(sdata, FAST, device="cpu", progress=False, copy=True)
+    out.attrs["hopt_st"]["note"]["a"] = 2
+    out.shapes["spots"]["radius"] *= 10
+    out.tables["table"].uns.setdefault("x", {})["y"] = 1
+    assert sdata.attrs["hopt_st"]["note"]["a"] == 1
+    assert (sdata.shapes["spots"]["radius"] == before_radius).all()
+    assert "x" not in sdata.tables["table"].uns
+    assert "X_handcrafted-rules" not in sdata.tables["table"].obsm
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rule 7: non-finite numbers never pass silently; a regressor file is checked completely at load
+# ----------------------------------------------------------------------------------------------------------
+def _edit_regressor(path: Path, edit) -> Path:
+    """Rewrite ``path`` (a saved regressor) after ``edit(meta, tensors)`` changed its metadata or tensors."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = json.loads(f.metadata()["hopt_st"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(meta, tensors)
+    save_file(tensors, str(path), metadata={"hopt_st": json.dumps(meta)})
+    return path
+
+
+def _nan_coef(meta, t):
+    t["linear.coef"][0, 0] = np.nan
+
+
+def _no_intercept(meta, t):
+    del t["linear.intercept"]
+
+
+def _extra_gene(meta, t):
+    meta["genes"].append("EXTRA")
+
+
+def _evil_param(meta, t):
+    meta["params"]["evil"] = 1
+
+
+def _inf_mean(meta, t):
+    t["linear.x_mean"][-1] = np.inf
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (_nan_coef, "NaN/inf values in tensor 'linear.coef'"),
+        (_no_intercept, "no tensor ['linear.intercept']"),
+        (_extra_gene, "'linear.coef' of shape (6, 3), expected (6, 4)"),
+        (_evil_param, "parameters ['evil']"),
+        (_inf_mean, "NaN/inf values in tensor 'linear.x_mean'"),
+    ],
+)
+def test_rule7_hand_edited_regressor_refused_at_load(tmp_path, edit, words):
+    path = tmp_path / "reg.safetensors"
+    _fit_regressor().save(path)
+    _edit_regressor(path, edit)
+    with pytest.raises(CorruptFileError) as e:
+        hs.tl.ExpressionRegressor.load(path)
+    assert str(path) in str(e.value) and words in str(e.value)
+
+
+def test_rule7_mlp_regressor_checked_too(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5))
+    reg = hs.tl.ExpressionRegressor("mlp", hidden=8, max_epochs=2).fit(x, x[:, :2])
+    path = tmp_path / "mlp.safetensors"
+    reg.save(path)
+    assert hs.tl.ExpressionRegressor.load(path).predict(x).shape == (60, 2)  # the intact file loads
+
+    def zero_std(meta, t):
+        t["norm.x_std"][0] = 0.0
+
+    _edit_regressor(path, zero_std)
+    with pytest.raises(CorruptFileError, match="non-positive values in 'norm.x_std'"):
+        hs.tl.ExpressionRegressor.load(path)
+
+
+def test_rule7_predict_cli_refuses_nan_regressor(tmp_path, capsys):
+    """The issue's case: 100 % NaN maps with exit status 0; now refused before anything is computed."""
+    path = tmp_path / "reg.safetensors"
+    _fit_regressor().save(path)
+    _edit_regressor(path, _nan_coef)
+    slide = tmp_path / "s.zarr"
+    _sample().write(slide)
+    rc, line = _cli(
+        capsys, "-q", "predict", slide, "--regressor", path, "--model", FAST, "--out", tmp_path / "o.zarr"
+    )
+    assert rc == 1 and "CorruptFileError" in line and str(path) in line and "NaN/inf" in line
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_rule7_overflowing_predictions_refused():
+    """The other direction: finite embeddings far outside the fitted range overflow to inf in float32."""
+    adata = _adata_with_spatial()
+    adata.obsm["X_emb"][0] = 1e300
+    with pytest.raises(ValueError, match="NaN/inf for .* predicted values"):
+        hs.tl.predict_expression(adata, _fit_regressor(), use_rep="X_emb", check_provenance=False)
+    assert "predicted" not in adata.obsm
+
+
+@settings(FUZZ, max_examples=16)
+@given(
+    key=st.sampled_from(["linear.x_mean", "linear.coef", "linear.intercept", "alpha"]),
+    action=st.sampled_from(["nan", "drop_last", "transpose", "delete"]),
+)
+def test_rule7_fuzz_regressor_tensor_edits(tmp_path_factory, key, action):
+    """Any edit of a tensor is refused at load naming the file, or leaves a regressor whose predictions are finite."""
+    path = tmp_path_factory.mktemp("reg") / "r.safetensors"
+    _fit_regressor().save(path)
+
+    def edit(meta, t):
+        if action == "nan":
+            t[key].reshape(-1)[0] = np.nan
+        elif action == "drop_last":
+            t[key] = np.ascontiguousarray(t[key][..., :-1])
+        elif action == "transpose":
+            t[key] = np.ascontiguousarray(t[key].T[::-1])
+        else:
+            del t[key]
+
+    _edit_regressor(path, edit)
+    try:
+        reg = hs.tl.ExpressionRegressor.load(path)
+    except CorruptFileError as e:
+        assert str(path) in str(e)
+        return
+    pred = reg.predict(np.random.default_rng(1).normal(size=(5, 6)))
+    assert np.isfinite(pred).all()
