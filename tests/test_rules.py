@@ -231,3 +231,80 @@ def test_rule7_fuzz_regressor_tensor_edits(tmp_path_factory, key, action):
         return
     pred = reg.predict(np.random.default_rng(1).normal(size=(5, 6)))
     assert np.isfinite(pred).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rule 8: memory bounded by what is real, not by what a header or an argument claims
+# ----------------------------------------------------------------------------------------------------------
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header declares ``width`` x ``height`` px (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    row = b"\x00" + b"\xff" * 3 * 8  # a few rows only: the rest is missing, as in a bomb that never inflates
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(row * 4))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_rule8_png_bomb_refused_from_header(tmp_path):
+    import tracemalloc
+
+    adata = _adata_with_spatial()
+    png = _png_header_only(tmp_path / "bomb.png", 40_000, 40_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="declares 1600 Mpx, more than Pillow") as e:
+            hs.io.from_anndata(adata, image=png, image_mpp=0.5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(png) in str(e.value) and "tiled pyramidal TIFF" in str(e.value)
+    assert peak < 50 * 2**20  # refused from the header: nothing near 4.8 GB was allocated
+
+
+def test_rule8_pillow_limit_is_honoured_and_can_be_raised(tmp_path, monkeypatch):
+    from PIL import Image
+
+    png = tmp_path / "small.png"
+    Image.fromarray(np.full((40, 50, 3), 200, dtype=np.uint8)).save(png)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match="declares 50 x 40 px"):
+        hs.io.from_anndata(_adata_with_spatial(), image=png, image_mpp=0.5)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # a user who trusts the file raises it
+    sdata = hs.io.from_anndata(_adata_with_spatial(), image=png, image_mpp=0.5)
+    assert any(max(np.shape(v)) >= 50 for v in sdata.images.values())
+
+
+@pytest.mark.parametrize(
+    "kw", [{"spacing_um": 0.3}, {"spacing_um": 0.05}, {"size_um": 1.0, "shape": "square"}]
+)
+def test_rule8_tile_grid_spacing_bounded_before_allocating(kw):
+    sdata = _sample()
+    with pytest.raises(ValueError, match="not a plausible pseudo-spot geometry"):
+        hs.pp.tile_grid(sdata, tissue_key=None, **kw)
+    assert "grid" not in sdata.tables
+
+
+def test_rule8_tile_grid_count_bounded_by_claimed_pixel_size():
+    """Another claim: a plausible-looking µm/px (900, under the 1000 bound) makes a 1.8 x 0.8 m slide, whose
+    lattice is refused from its size before any tile is allocated."""
+    import tracemalloc
+
+    sdata = _sample()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="more than 5,000,000"):
+            hs.pp.tile_grid(sdata, tissue_key=None, image_mpp=900.0, spacing_um=2.0, size_um=2.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20
