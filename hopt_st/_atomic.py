@@ -214,3 +214,27 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         fsync_path(path.parent)
     finally:
         remove(tmp)
+
+
+def path_inside(base: str | os.PathLike, *parts: str, what: str = "output") -> Path:
+    """``base / parts...``, refused (``ValueError``, both paths named) when it would lie outside ``base``.
+
+    Output paths derived from names a user gives (a model name, a sample id) stay inside the output folder the
+    user named (issue 20, rule 4): ``"../../x"``, an absolute path or a name with a path separator that climbs
+    out is refused, whatever exists on disk (symlinks inside ``base`` are resolved too).
+    """
+    base = Path(base)
+    path = base.joinpath(*parts)
+    root = base.resolve()
+    target = path.resolve()
+    if (
+        any(not p or Path(p).is_absolute() for p in parts)
+        or not target.is_relative_to(root)
+        or target == root
+    ):
+        raise ValueError(
+            f"the {what} path {str(path)!r}, made from {list(parts)!r}, would lie outside {str(base)!r} "
+            f"({str(target)!r}): names that become folders must stay inside the output folder. Use a plain name "
+            "(letters, digits, '_', '-', '.')."
+        )
+    return path

@@ -176,9 +176,9 @@ def _read_input(
             "sample already holds its image (choose it with --image-key)."
         )
     if path.suffix == ".h5ad" and path.is_file():
-        import anndata as ad
+        from .io._counts import read_h5ad
 
-        return ad.read_h5ad(path), "h5ad"
+        return read_h5ad(path), "h5ad"  # self-contained HDF5 only (rule 4)
     if sample is not None:
         return hs.io.read_hest(path, sample, image_mpp=image_mpp), "hest"
     if _is_zarr(path):
@@ -623,6 +623,9 @@ def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, s
 
     import hopt_st as hs
 
+    from ._atomic import path_inside
+    from .io._cohort import model_dirname
+
     task_list = None
     if tasks is not None:
         task_list = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -648,7 +651,8 @@ def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, s
                 seed=seed,
                 solver=solver,
                 overwrite=overwrite,
-                out_dir=out / model,  # HEST-shaped per-fold JSONs (and, by default, the embeddings cache)
+                # HEST-shaped per-fold JSONs (and, by default, the embeddings cache), inside --out (rule 4)
+                out_dir=path_inside(out, model_dirname(model), what="--out/<model>"),
             )
         )
     df = pd.concat(frames, ignore_index=True)

@@ -308,3 +308,115 @@ def test_rule8_tile_grid_count_bounded_by_claimed_pixel_size():
     finally:
         tracemalloc.stop()
     assert peak < 50 * 2**20
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rule 4: input files never pull in data from outside what the user named
+# ----------------------------------------------------------------------------------------------------------
+SECRET = b"PRIVATE-KEY-0123456789abcdef"
+
+
+def _bench_task(tmp_path: Path, n_samples: int = 3) -> dict:
+    return hs.datasets.write_hest_layout(
+        tmp_path / "bench", layout="bench", task="SYNTH", n_samples=n_samples, n_spots=30, n_genes=60, seed=0
+    )
+
+
+def _external_barcodes(patch_file: Path, secret_file: Path) -> None:
+    """Make ``patch_file``'s ``barcode`` dataset read its bytes from ``secret_file`` (HDF5 external storage)."""
+    import h5py
+
+    secret_file.write_bytes(SECRET * 64)
+    with h5py.File(patch_file, "r+") as f:
+        n = f["barcode"].shape[0]
+        del f["barcode"]
+        f.create_dataset("barcode", shape=(n,), dtype="S16", external=[(str(secret_file), 0, 16 * n)])
+
+
+def test_rule4_patch_file_with_external_storage_refused(tmp_path):
+    """The issue's case: a patch file whose barcodes live in a private file; embed-cohort records the failure,
+    embeds the other samples, and no output holds the private bytes."""
+    task = _bench_task(tmp_path)
+    bad = Path(task["paths"]["SYNB001"]["patches"])
+    _external_barcodes(bad, tmp_path / "private.key")
+    with pytest.raises(ValueError, match="pulls in data from outside itself") as e:
+        hs.io.read_patches(bad)
+    assert str(bad) in str(e.value) and "private.key" in str(e.value)
+    df = hs.pp.embed_cohort(task["task_dir"], FAST, tmp_path / "emb", device="cpu", retries=0, progress=False)
+    status = df.set_index("sample")
+    assert status.loc["SYNB001", "status"] == "failed" and "outside itself" in status.loc["SYNB001", "error"]
+    assert (status.loc[["SYNB000", "SYNB002"], "status"] == "done").all()
+    for f in (tmp_path / "emb").rglob("*"):
+        assert not f.is_file() or SECRET not in f.read_bytes()
+
+
+def test_rule4_h5ad_with_external_link_or_virtual_dataset_refused(tmp_path, capsys):
+    import h5py
+
+    task = _bench_task(tmp_path, n_samples=2)
+    h5ad = Path(task["paths"]["SYNB000"]["adata"])
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.create_dataset("x", data=np.arange(30, dtype=np.float64))
+    linked = tmp_path / "linked.h5ad"
+    virtual = tmp_path / "virtual.h5ad"
+    for path in (linked, virtual):
+        path.write_bytes(h5ad.read_bytes())
+    with h5py.File(linked, "r+") as f:
+        f["uns/extra"] = h5py.ExternalLink(str(other), "/x")
+    with h5py.File(virtual, "r+") as f:
+        layout = h5py.VirtualLayout(shape=(30,), dtype=np.float64)
+        layout[:] = h5py.VirtualSource(str(other), "x", shape=(30,))
+        f["uns"].create_virtual_dataset("extra", layout)
+    for path, words in ((linked, "external link 'uns/extra'"), (virtual, "virtual dataset 'uns/extra'")):
+        with pytest.raises(ValueError, match="outside itself") as e:
+            hs.io._counts.read_h5ad(path)
+        assert str(path) in str(e.value) and words in str(e.value)
+        rc, line = _cli(capsys, "-q", "embed", path, "--model", FAST, "--out", tmp_path / "o.h5ad")
+        assert rc == 1 and "ExternalDataError" in line and str(path) in line
+    assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_rule4_virtual_dataset_of_the_file_itself_is_allowed(tmp_path):
+    """Judged correct: a virtual dataset mapping the file itself ('.') reads nothing from outside."""
+    import h5py
+
+    from hopt_st._h5 import open_h5
+
+    path = tmp_path / "self.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.arange(4.0))
+        layout = h5py.VirtualLayout(shape=(4,), dtype=np.float64)
+        layout[:] = h5py.VirtualSource(".", "x", shape=(4,))
+        f.create_virtual_dataset("v", layout)
+    with open_h5(path) as f:
+        assert list(f["v"][:]) == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("model", ["../../X", "a/../../X", "/abs/X"])
+def test_rule4_bench_results_stay_inside_out(tmp_path, capsys, model):
+    """The issue's case (`--model ../../X` or an absolute path wrote results outside --out), from the CLI and
+    from bench.run."""
+    task = _bench_task(tmp_path, n_samples=2)
+    out = tmp_path / "deep" / "er" / "out"
+    out.parent.mkdir(parents=True)
+    before = _digest(tmp_path)
+    rc, line = _cli(capsys, "-q", "bench", task["root"], "--model", model, "--out", out)
+    assert rc == 1 and "would lie outside" in line and model in line
+    with pytest.raises(ValueError, match="would lie outside"):
+        hs.bench.run(task["root"], model=model, out_dir=out)
+    assert _digest(tmp_path) == before  # nothing written anywhere
+
+
+@settings(FUZZ, max_examples=60)
+@given(st.lists(st.sampled_from(["..", ".", "a", "b", "", "/", "x/..", "../a"]), min_size=1, max_size=4))
+def test_rule4_fuzz_path_inside(tmp_path_factory, parts):
+    from hopt_st._atomic import path_inside
+
+    base = tmp_path_factory.mktemp("base")
+    try:
+        path = path_inside(base, *parts)
+    except ValueError as e:
+        assert "would lie outside" in str(e)
+        return
+    assert path.resolve().is_relative_to(base.resolve()) and path.resolve() != base.resolve()

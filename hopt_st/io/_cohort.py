@@ -38,7 +38,7 @@ from spatialdata import SpatialData
 
 from .._constants import UNS_KEY
 from .._patchset import Patches, read_patches
-from ._counts import ensure_raw_counts
+from ._counts import ensure_raw_counts, read_h5ad
 from ._embeddings import read_embeddings
 from ._store import check_name, sanitize_name
 
@@ -302,7 +302,7 @@ def _read_h5ad_sample(row) -> SpatialData:
     from ._tiff import read_tiff_image
 
     path = Path(row["source"])
-    adata = ad.read_h5ad(path)
+    adata = read_h5ad(path)  # self-contained HDF5 only (rule 4)
     ensure_raw_counts(adata, path)
     mpp = check_mpp(row["image_mpp"], f"image_mpp of sample {row['sample_id']!r}")
     xy = _spot_xy(adata, path)
@@ -364,7 +364,7 @@ def read_counts(row) -> ad.AnnData | None:
         return ad.AnnData(X=table.X, obs=pd.DataFrame(index=table.obs_names), var=table.var[[]])
     else:
         return None
-    adata = ad.read_h5ad(path)
+    adata = read_h5ad(path)  # self-contained HDF5 only (rule 4)
     ensure_raw_counts(adata, path)
     return ad.AnnData(X=adata.X, obs=pd.DataFrame(index=adata.obs_names), var=adata.var[[]])
 

@@ -6,7 +6,6 @@ import json
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
@@ -15,6 +14,7 @@ from spatialdata.transformations import Identity, Scale
 
 from .._constants import MICROMETERS_CS, UNS_KEY, VISIUM_SPOT_DIAMETER_UM
 from .._errors import CorruptFileError
+from .._h5 import open_h5
 from .._patchset import (
     HEST_PATCH_MPP,
     check_unique_barcodes,
@@ -147,7 +147,7 @@ def _read_patch_index(p_patch: Path) -> tuple[np.ndarray, list[str], int, float 
     """coords, barcodes, patch size, recorded patch_size_src and slide µm/px of a patch file (pixels are not
     read)."""
     try:
-        with h5py.File(p_patch, "r") as f:
+        with open_h5(p_patch) as f:  # refuses data from outside the file (rule 4)
             missing = [key for key in ("coords", "barcode") if key not in f]
             if missing:
                 raise ValueError(

@@ -142,10 +142,10 @@ def _row(sample: str, status: str, n_spots=None, seconds=None, error: str = "") 
 
 
 def _n_rows(path: Path) -> int | None:
-    import h5py
+    from .._h5 import open_h5
 
     try:
-        with h5py.File(path, "r") as f:
+        with open_h5(path) as f:
             return int(f["embeddings"].shape[0])
     except (OSError, KeyError):
         return None
