@@ -420,3 +420,38 @@ def test_rule4_fuzz_path_inside(tmp_path_factory, parts):
         assert "would lie outside" in str(e)
         return
     assert path.resolve().is_relative_to(base.resolve()) and path.resolve() != base.resolve()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rule 6: a benchmark never scores what it trained on
+# ----------------------------------------------------------------------------------------------------------
+def _add_row(csv: Path, row: str) -> None:
+    csv.write_text(csv.read_text().rstrip("\n") + "\n" + row + "\n")
+
+
+def test_rule6_test_sample_in_train_split_refused(tmp_path):
+    """The issue's case: a test sample that also sits in the training split (mean Pearson 0.713 -> 0.806)."""
+    task = _bench_task(tmp_path)
+    splits = Path(task["task_dir"]) / "splits"
+    _add_row(splits / "train_0.csv", "SYNB000,patches/SYNB000.h5,adata/SYNB000.h5ad")
+    with pytest.raises(ValueError, match=r"split 0 .* tests samples it also trains on: \['SYNB000'\]"):
+        hs.io.read_hest_bench(task["root"], "SYNTH")
+    with pytest.raises(ValueError, match="trains on"):
+        hs.bench.run(task["root"], model=FAST, out_dir=tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_rule6_same_spots_under_another_id_refused(tmp_path):
+    """Another case: the test sample's patch file listed in train under another sample id."""
+    task = _bench_task(tmp_path)
+    splits = Path(task["task_dir"]) / "splits"
+    _add_row(splits / "train_1.csv", "ALIAS,patches/SYNB001.h5,adata/SYNB000.h5ad")
+    with pytest.raises(ValueError, match=r"SYNB001 \(test\) = ALIAS \(train\): same patches_path"):
+        hs.io.read_hest_bench(task["root"], "SYNTH")
+
+
+def test_rule6_disjoint_splits_still_read(tmp_path):
+    task = _bench_task(tmp_path)
+    sdata = hs.io.read_hest_bench(task["root"], "SYNTH")
+    for fold in sdata.attrs["hest_bench"]["splits"]:
+        assert not set(fold["train"]) & set(fold["test"])
