@@ -455,3 +455,56 @@ def test_rule6_disjoint_splits_still_read(tmp_path):
     sdata = hs.io.read_hest_bench(task["root"], "SYNTH")
     for fold in sdata.attrs["hest_bench"]["splits"]:
         assert not set(fold["train"]) & set(fold["test"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rule 10: one bad sample never stops a cohort
+# ----------------------------------------------------------------------------------------------------------
+def _read_status(path: Path) -> dict:
+    import pandas as pd
+
+    return pd.read_csv(path).set_index("sample").to_dict("index")
+
+
+def test_rule10_symlink_loop_source_recorded_others_embedded(tmp_path, capsys):
+    """The issue's case: a source that is a symlink loop aborted the whole run."""
+    task = _bench_task(tmp_path, n_samples=2)
+    loop = tmp_path / "loop.h5"
+    loop.symlink_to(loop)
+    csv = tmp_path / "cohort.csv"
+    csv.write_text(f"sample_id,source\ngood,{task['paths']['SYNB000']['patches']}\nbad,{loop}\n")
+    out = tmp_path / "emb"
+    rc = main(["-q", "embed-cohort", str(csv), "--model", FAST, "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "failed bad" in err and "symbolic link" in err
+    status = _read_status(out / FAST / "status.csv")
+    assert status["good"]["status"] == "done" and (out / FAST / "good.h5").is_file()
+    assert status["bad"]["status"] == "failed" and "symbolic link" in status["bad"]["error"]
+
+
+def test_rule10_unlistable_source_with_explicit_kind_recorded(tmp_path):
+    """Another case: with ``kind`` given, a looping source fails while its files are listed (ELOOP)."""
+    import pandas as pd
+
+    task = _bench_task(tmp_path, n_samples=2)
+    loop = tmp_path / "loop.zarr"
+    loop.symlink_to(loop)
+    table = pd.DataFrame(
+        {
+            "sample_id": ["good", "bad", "nokind"],
+            "source": [task["paths"]["SYNB000"]["patches"], str(loop), str(tmp_path / "missing.h5")],
+            "kind": ["patches", "zarr", None],
+        }
+    )
+    df = hs.pp.embed_cohort(table, FAST, tmp_path / "emb", device="cpu", retries=0, progress=False)
+    st_ = df.set_index("sample")
+    assert st_.loc["good", "status"] == "done"
+    assert st_.loc["bad", "status"] == "failed" and "loop" in st_.loc["bad", "error"].lower()
+    assert st_.loc["nokind", "status"] == "failed" and "not found" in st_.loc["nokind", "error"]
+    assert set(_read_status(tmp_path / "emb" / FAST / "status.csv")) == {"good", "bad", "nokind"}
+    loop_dir = tmp_path / "loopdir"
+    loop_dir.symlink_to(loop_dir)
+    bad = pd.DataFrame({"sample_id": ["x"], "source": [str(loop_dir)]})
+    with pytest.raises(ValueError, match="x: source .* symlink loop"):  # read_cohort alone still refuses it
+        hs.io.read_cohort(bad)
+    assert hs.io.read_cohort(bad, keep_bad=True)["problem"].str.contains("symlink loop").all()

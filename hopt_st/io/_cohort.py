@@ -148,7 +148,7 @@ def _check_ids(df: pd.DataFrame, what: str) -> None:
         raise ValueError(f"{what}: sample_id must be unique; repeated: {dup[:10]}.")
 
 
-def _normalise(df: pd.DataFrame, base: Path, what: str) -> pd.DataFrame:
+def _normalise(df: pd.DataFrame, base: Path, what: str, keep_bad: bool = False) -> pd.DataFrame:
     missing = [c for c in ("sample_id", "source") if c not in df.columns]
     if missing:
         raise ValueError(
@@ -166,7 +166,10 @@ def _normalise(df: pd.DataFrame, base: Path, what: str) -> pd.DataFrame:
         df[col] = [None if v is None else str((base / str(v)).absolute()) for v in df[col]]
     problems = []
     kinds = []
+    row_problems: list[str | None] = []
     for sid, source, kind, image, mpp in zip(df.sample_id, df.source, df.kind, df.image, df.image_mpp):
+        row_problems.append(None)
+        n_before = len(problems)
         if source is None:
             problems.append(f"{sid}: no source")
             kinds.append(None)
@@ -175,10 +178,7 @@ def _normalise(df: pd.DataFrame, base: Path, what: str) -> pd.DataFrame:
         if kind is None:
             kind = _infer_kind(src)
             if kind is None:
-                problems.append(
-                    f"{sid}: source {source!r} "
-                    + ("does not exist" if not src.exists() else "is not a sample (see the kinds below)")
-                )
+                problems.append(f"{sid}: source {source!r} " + _why_not_a_sample(src))
         elif kind not in KINDS:
             problems.append(f"{sid}: kind {kind!r} is not one of {list(KINDS)}")
         if image is not None and kind in ("hest", "zarr", "patches"):
@@ -193,6 +193,14 @@ def _normalise(df: pd.DataFrame, base: Path, what: str) -> pd.DataFrame:
             if not ok:
                 problems.append(f"{sid}: image_mpp {mpp!r} must be a positive number (µm per pixel)")
         kinds.append(kind)
+        if len(problems) > n_before:
+            row_problems[-1] = "; ".join(problems[n_before:])
+    if keep_bad:  # one bad sample never stops a cohort (rule 10): the caller records it and goes on
+        df["problem"] = row_problems
+        df["image_mpp"] = pd.Series(
+            [None if p is not None else v for v, p in zip(df["image_mpp"], row_problems)], dtype=object
+        )
+        problems = []
     if problems:
         raise ValueError(
             f"{what}: {len(problems)} bad row(s): "
@@ -208,7 +216,13 @@ def _normalise(df: pd.DataFrame, base: Path, what: str) -> pd.DataFrame:
     return df
 
 
-def read_cohort(cohort: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
+def _why_not_a_sample(src: Path) -> str:
+    if src.is_symlink() and not src.exists():
+        return "is a broken symbolic link or a symlink loop"
+    return "does not exist" if not src.exists() else "is not a sample (see the kinds below)"
+
+
+def read_cohort(cohort: pd.DataFrame | str | os.PathLike, *, keep_bad: bool = False) -> pd.DataFrame:
     """A cohort table: one row per sample to embed (see :mod:`hopt_st.io._cohort` for the columns).
 
     Parameters
@@ -218,6 +232,10 @@ def read_cohort(cohort: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
         (``wsis/``, ``st/``, ``metadata/``: one row per sample found, with its ``patient``, ``organ``,
         ``oncotree_code``, ``st_technology``, ``species`` and ``disease_state`` from the metadata); or a
         HEST-Benchmark task folder (one row per sample of its splits: the patch file and its counts).
+    keep_bad
+        Keep rows whose sample is unusable (a source that does not exist or is a symlink loop, a wrong kind,
+        ...), with the reason in a column ``problem`` (``None`` for good rows), instead of raising: what
+        :func:`hopt_st.pp.embed_cohort` does, so one bad sample is recorded as failed and the others go on.
 
     Returns
     -------
@@ -231,7 +249,7 @@ def read_cohort(cohort: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
         Missing columns, repeated or unusable ``sample_id``, sources that do not exist or are not samples.
     """
     if isinstance(cohort, pd.DataFrame):
-        return _normalise(cohort, Path.cwd(), "cohort table")
+        return _normalise(cohort, Path.cwd(), "cohort table", keep_bad)
     if not isinstance(cohort, str | os.PathLike):
         raise TypeError(
             f"cohort must be a DataFrame, a CSV file or a HEST folder, got {type(cohort).__name__}."
@@ -239,9 +257,9 @@ def read_cohort(cohort: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
     path = Path(cohort)
     if path.is_dir():
         if _is_bench_task(path):
-            return _normalise(_bench_table(path), path, f"HEST-Benchmark task {str(path)!r}")
+            return _normalise(_bench_table(path), path, f"HEST-Benchmark task {str(path)!r}", keep_bad)
         if _is_hest_root(path):
-            return _normalise(_hest1k_table(path), path, f"HEST-1k root {str(path)!r}")
+            return _normalise(_hest1k_table(path), path, f"HEST-1k root {str(path)!r}", keep_bad)
         raise ValueError(
             f"cohort folder {str(path)!r} is neither a HEST-1k root (wsis/, st/, metadata/) nor a "
             "HEST-Benchmark task folder (splits/, patches/); pass a CSV with sample_id,source instead."
@@ -249,7 +267,7 @@ def read_cohort(cohort: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"cohort {str(path)!r} does not exist.")
     df = pd.read_csv(path, sep=None, engine="python", dtype={"sample_id": str, "patient": str})
-    return _normalise(df, path.parent, f"cohort {str(path)!r}")
+    return _normalise(df, path.parent, f"cohort {str(path)!r}", keep_bad)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -334,8 +334,15 @@ def _plan(table, cmodel: CohortModel, folder: Path, status: _Status, **job_args)
     for row in table.to_dict("records"):
         sid = row["sample_id"]
         path = folder / f"{sid}.h5"
-        job = sample_job(row, cmodel, path, **job_args)
-        existing = _existing_fingerprint(path)
+        if row.get("problem"):  # one bad sample never stops a cohort (rule 10): recorded, the others go on
+            status.record(_row(sid, "failed", error=f"ValueError: {row['problem']}"), write=False)
+            continue
+        try:
+            job = sample_job(row, cmodel, path, **job_args)
+            existing = _existing_fingerprint(path)
+        except Exception as e:  # noqa: BLE001 - e.g. a source whose files cannot be listed (ELOOP, EACCES)
+            status.record(_row(sid, "failed", error=_one_line(e)), write=False)
+            continue
         if existing == job.fingerprint and not job.overwrite:
             status.record(_row(sid, "skipped", _n_rows(path), 0.0), write=False)
         elif existing is not None and not job.overwrite:
@@ -452,7 +459,7 @@ def embed_cohort(
             torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device={device!r} is not a torch device ({e}).") from None
-    table = _select_shard(read_cohort(cohort), shard)
+    table = _select_shard(read_cohort(cohort, keep_bad=True), shard)  # bad rows are recorded as failed
     cmodel = cohort_model(model, weights, dtype)
     spec = cmodel.spec
     folder = Path(out_dir) / model_dirname(spec.name)
