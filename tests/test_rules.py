@@ -508,3 +508,92 @@ def test_rule10_unlistable_source_with_explicit_kind_recorded(tmp_path):
     with pytest.raises(ValueError, match="x: source .* symlink loop"):  # read_cohort alone still refuses it
         hs.io.read_cohort(bad)
     assert hs.io.read_cohort(bad, keep_bad=True)["problem"].str.contains("symlink loop").all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rule 2: embeddings are combined only when they came from the same model, weights and geometry
+# (and issue 21: samples with no gene in common are said so, with join= as in anndata.concat)
+# ----------------------------------------------------------------------------------------------------------
+def _prov(sha: str = "a" * 64, dim: int = 16, mpp: float = 0.5, patch: int = 224) -> dict:
+    return {"model": "m", "dim": dim, "weights_sha256": sha, "mpp": mpp, "patch_size": patch}
+
+
+def _emb_file(out: Path, sid: str, barcodes, dim: int, prov: dict | None, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    hs.io.write_embeddings(
+        out / "m" / f"{sid}.h5",
+        rng.normal(size=(len(barcodes), dim)).astype(np.float32),
+        list(barcodes),
+        coords=np.zeros((len(barcodes), 2), dtype=np.int64),
+        provenance=prov,
+    )
+
+
+@pytest.mark.parametrize(
+    "prov_b, words",
+    [
+        (_prov(sha="b" * 64), "aaaaaaaaaaaa"),  # the issue's case: old and new weights
+        (_prov(mpp=1.0), "1 µm/px"),  # another: patches cut at another µm/px
+        (_prov(patch=256), "256 px"),
+    ],
+)
+def test_rule2_mixed_provenance_refused_or_grouped(tmp_path, prov_b, words):
+    bc = [f"bc{i}" for i in range(5)]
+    _emb_file(tmp_path, "S1", bc, 16, _prov())
+    _emb_file(tmp_path, "S2", bc, 16, prov_b)
+    with pytest.raises(ValueError, match="different models, weights or geometries") as e:
+        hs.io.load_cohort(tmp_path, "m")
+    assert "'S1'" in str(e.value) and "'S2'" in str(e.value) and words in str(e.value)
+    groups = hs.io.load_cohort(tmp_path, "m", by_provenance=True)
+    assert len(groups) == 2 and sorted(a.n_obs for a in groups.values()) == [5, 5]
+    assert {tuple(a.obs["sample_id"].unique()) for a in groups.values()} == {("S1",), ("S2",)}
+
+
+def test_rule2_files_of_different_dims_never_cut(tmp_path):
+    """The issue's other case: a 32-d file was cut to 16 dims to match another (HEST files record no provenance)."""
+    bc = [f"bc{i}" for i in range(5)]
+    _emb_file(tmp_path, "S1", bc, 32, None)
+    _emb_file(tmp_path, "S2", bc, 16, None)
+    with pytest.raises(ValueError, match=r"32d\|.*: \['S1'\]; .*16d\|.*: \['S2'\]"):
+        hs.io.load_cohort(tmp_path, "m")
+    (tmp_path / "m" / "S2.h5").unlink()
+    _emb_file(tmp_path, "S3", bc, 32, None, seed=1)  # same geometry: stacked, every dimension kept
+    adata = hs.io.load_cohort(tmp_path, "m")
+    assert adata.obsm["X_m"].shape == (10, 32)
+    assert np.array_equal(adata.obsm["X_m"][:5], hs.io.read_embeddings(tmp_path / "m" / "S1.h5").embeddings)
+
+
+def _counts_cohort(tmp_path: Path, rename_second: bool):
+    """Two bench samples with embeddings, the second one's genes renamed (another namespace) if asked."""
+    import anndata as ad
+    import pandas as pd
+
+    task = _bench_task(tmp_path, n_samples=2)
+    rows = []
+    for k, sid in enumerate(("SYNB000", "SYNB001")):
+        counts = ad.read_h5ad(task["paths"][sid]["adata"])
+        if rename_second and k == 1:
+            counts.var_names = [f"ENSG{i:011d}" for i in range(counts.n_vars)]
+        path = tmp_path / f"{sid}_counts.h5ad"
+        counts.write_h5ad(path)
+        _emb_file(tmp_path / "emb", sid, counts.obs_names, 16, _prov(), seed=k)
+        rows.append({"sample_id": sid, "source": task["paths"][sid]["patches"], "counts": str(path)})
+    return pd.DataFrame(rows), counts.n_vars
+
+
+def test_issue21_no_common_gene_said_and_join_outer(tmp_path):
+    cohort, n_genes = _counts_cohort(tmp_path, rename_second=True)
+    with pytest.raises(ValueError, match="samples 'SYNB000' and 'SYNB001' have no gene in common") as e:
+        hs.io.load_cohort(tmp_path / "emb", "m", cohort)
+    assert "join='outer'" in str(e.value)
+    outer = hs.io.load_cohort(tmp_path / "emb", "m", cohort, join="outer")
+    assert outer.n_vars == 2 * n_genes and (outer.var["n_samples_measured"] == 1).all()
+    with pytest.raises(ValueError, match="join='left'"):
+        hs.io.load_cohort(tmp_path / "emb", "m", cohort, join="left")
+
+
+def test_issue21_shared_genes_inner_join_unchanged(tmp_path):
+    cohort, n_genes = _counts_cohort(tmp_path, rename_second=False)
+    inner = hs.io.load_cohort(tmp_path / "emb", "m", cohort)
+    outer = hs.io.load_cohort(tmp_path / "emb", "m", cohort, join="outer")
+    assert inner.n_vars == outer.n_vars == n_genes and (outer.var["n_samples_measured"] == 2).all()

@@ -397,7 +397,9 @@ def load_cohort(
     *,
     counts: bool = True,
     key_added: str | None = None,
-) -> ad.AnnData:
+    join: str = "inner",
+    by_provenance: bool = False,
+) -> ad.AnnData | dict[str, ad.AnnData]:
     """The embeddings of a cohort (written by :func:`hopt_st.pp.embed_cohort`) as one AnnData.
 
     Parameters
@@ -413,6 +415,16 @@ def load_cohort(
         Read the samples' raw counts into ``X`` (genes measured in every sample) when the cohort has them.
     key_added
         ``obsm`` key; default ``"X_<model>"``.
+    join
+        How the samples' genes are combined, as in :func:`anndata.concat`: ``"inner"`` keeps the genes measured
+        in every sample (refused, naming the samples, when there is none), ``"outer"`` every gene of any
+        sample (a gene a sample did not measure is 0 in its rows; ``var["n_samples_measured"]`` says in how
+        many samples each gene was measured).
+    by_provenance
+        Embeddings are stacked only when they came from the same model, weights and geometry (model, ``dim``,
+        weights sha256, µm/px, patch size): samples that differ are refused, naming them. ``True`` returns
+        instead one AnnData per provenance group, in a dict keyed ``"<model>|<weights sha256 prefix>|<dim>d|
+        <mpp> µm/px|<patch> px"``.
 
     Returns
     -------
@@ -447,7 +459,9 @@ def load_cohort(
     else:
         table = read_cohort(cohort)
     key = f"X_{sanitize_name(name)}" if key_added is None else check_name(key_added, "key_added")
-    parts, missing, fingerprints, first_prov = [], [], {}, None
+    if join not in ("inner", "outer"):
+        raise ValueError(f"join={join!r} must be 'inner' or 'outer' (as in anndata.concat).")
+    parts, provs, missing, fingerprints, groups = [], [], [], {}, {}
     for row in table.to_dict("records"):
         sid = row["sample_id"]
         path = folder / f"{sid}.h5"
@@ -456,7 +470,8 @@ def load_cohort(
             continue
         emb = read_embeddings(path)
         fingerprints[sid] = emb.fingerprint or ""
-        first_prov = first_prov if first_prov is not None else emb.provenance
+        provs.append(emb.provenance)
+        groups.setdefault(_provenance_group(emb), []).append(len(parts))
         parts.append(_sample_part(row, emb, key, counts and cohort is not None))
     if missing:
         logger.warning(
@@ -469,11 +484,78 @@ def load_cohort(
         )
     if not parts:
         raise FileNotFoundError(f"no embedding file of the cohort's samples in {str(folder)!r}.")
+    if len(groups) > 1:  # never stack embeddings of different models, weights or geometry (rule 2)
+        if by_provenance:
+            return {
+                label: _stack(
+                    [parts[i] for i in idx], provs[idx[0]], join, key, name, out_dir, missing, fingerprints
+                )
+                for label, idx in groups.items()
+            }
+        desc = "; ".join(
+            f"{label}: {[str(parts[i].obs['sample_id'].iloc[0]) for i in idx][:5]}"
+            for label, idx in groups.items()
+        )
+        raise ValueError(
+            f"load_cohort: the embedding files in {str(folder)!r} come from {len(groups)} different models, "
+            f"weights or geometries and cannot be stacked ({desc}). Embed the samples again with one model and "
+            "weights (embed_cohort(..., overwrite=True)), load a cohort of one group, or pass by_provenance=True "
+            "for one AnnData per group."
+        )
+    adata = _stack(parts, provs[0], join, key, name, out_dir, missing, fingerprints)
+    return {next(iter(groups)): adata} if by_provenance else adata
+
+
+def _provenance_group(emb) -> str:
+    """What embeddings must share to be stacked: model, weights, dims, µm/px and patch size (``?`` unknown)."""
+    prov = emb.provenance or {}
+    sha = str(prov.get("weights_sha256") or "?")
+    return "|".join(
+        [
+            str(prov.get("model", "?")),
+            sha.split(":")[-1][:12] if sha != "?" else sha,
+            f"{emb.embeddings.shape[1]}d",
+            f"{prov['mpp']:g} µm/px" if isinstance(prov.get("mpp"), int | float) else "? µm/px",
+            f"{prov['patch_size']} px" if prov.get("patch_size") is not None else "? px",
+        ]
+    )
+
+
+def _stack(parts, prov, join: str, key: str, name: str, out_dir, missing, fingerprints) -> ad.AnnData:
+    """Concatenate samples of one provenance ``prov`` (their genes joined by ``join``)."""
     with_counts = [p.n_vars > 0 for p in parts]
     if any(with_counts) and not all(with_counts):
         logger.warning("load_cohort: some samples have no counts; returning embeddings only.")
         parts = [ad.AnnData(obs=p.obs, obsm=dict(p.obsm)) for p in parts]
-    adata = ad.concat(parts, join="inner", merge=None)
+    if all(with_counts) and join == "inner":
+        common = set(parts[0].var_names).intersection(*(p.var_names for p in parts[1:]))
+        if not common:
+            ids = [str(p.obs["sample_id"].iloc[0]) for p in parts]
+            pair = next(
+                (
+                    (ids[i], ids[j])
+                    for i in range(len(parts))
+                    for j in range(i + 1, len(parts))
+                    if not set(parts[i].var_names) & set(parts[j].var_names)
+                ),
+                None,
+            )
+            which = (
+                f"samples {pair[0]!r} and {pair[1]!r} have no gene in common"
+                if pair
+                else f"no gene is measured in all of {ids}"
+            )
+            raise ValueError(
+                f"load_cohort: {which} (different gene namespaces, e.g. Ensembl ids and symbols, or species), so "
+                "join='inner' leaves 0 genes. Map the genes to one namespace, load those samples separately, "
+                "or pass join='outer' to keep every gene (unmeasured ones are 0)."
+            )
+    adata = ad.concat(parts, join=join, merge=None)
+    if join == "outer" and all(with_counts):
+        measured = pd.Series(0, index=adata.var_names)
+        for p in parts:
+            measured[p.var_names] += 1
+        adata.var["n_samples_measured"] = measured.to_numpy()
     if all(with_counts) and adata.n_vars < max(p.n_vars for p in parts):
         logger.info(
             "load_cohort: %d genes are measured in every sample (of up to %d).",
@@ -482,14 +564,15 @@ def load_cohort(
         )
     for col in ("sample_id", "patient"):
         adata.obs[col] = pd.Categorical(adata.obs[col])
+    samples = set(adata.obs["sample_id"].astype(str))
     adata.uns[UNS_KEY] = {
-        "embeddings": {key: first_prov or {}},
+        "embeddings": {key: prov or {}},
         "cohort": {
             "model": name,
             "out_dir": str(Path(out_dir).absolute()),
-            "samples": list(fingerprints),
+            "samples": [s for s in fingerprints if s in samples],
             "missing": missing,
-            "fingerprints": fingerprints,
+            "fingerprints": {s: f for s, f in fingerprints.items() if s in samples},
         },
     }
     return adata
