@@ -126,7 +126,8 @@ def cli(quiet: bool, verbose: bool) -> None:
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Replace a demo.zarr in --out that an earlier demo run did not write (a rerun replaces its own outputs).",
+    help="Replace a demo.zarr in --out that hopt_st wrote but an earlier demo run did not (a rerun replaces its "
+    "own outputs; a store hopt_st did not write is never replaced).",
 )
 def demo(
     out: Path, models: tuple[str, ...], all_local: bool, n_spots: int, seed: int, overwrite: bool
@@ -265,6 +266,7 @@ def embed(
     """
     import hopt_st as hs
 
+    from ._atomic import check_output
     from .io._elements import resolve_table_name
     from .io._store import check_name, write_sdata, write_table_in_place
     from .pp._embed import default_key
@@ -292,8 +294,8 @@ def embed(
     in_place = out is None or (out.resolve() == input_path.resolve())
     if in_place and kind != "zarr":
         raise click.UsageError(f"INPUT is a {kind} folder: pass --out OUT.zarr to say where to write.")
-    if not in_place and out.exists() and not overwrite:
-        raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
+    if not in_place:  # --overwrite replaces an output of ours, never an input or a folder the user owns (rule 1)
+        check_output(out, inputs=(input_path, fullres_image, weights), overwrite=overwrite, what="--out")
     hs.pp.embed(sdata, table_name=table_name, **run)
     tname = resolve_table_name(sdata, table_name)
     emb = sdata.tables[tname].obsm[key]
@@ -312,14 +314,14 @@ def _embed_h5ad(adata, input_path: Path, out: Path | None, image: Path | None, i
     of other kinds."""
     import hopt_st as hs
 
+    from ._atomic import check_output
     from .io._store import write_sdata
 
     if out is None or out.suffix not in (".h5ad", ".zarr"):
         raise click.UsageError("INPUT is an .h5ad: pass --out OUT.h5ad (or OUT.zarr) to say where to write.")
     if out.resolve() == input_path.resolve():
         raise click.UsageError("--out must differ from INPUT (the .h5ad is never rewritten in place).")
-    if out.exists() and not run["overwrite"]:
-        raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
+    check_output(out, inputs=(input_path, image, run["weights"]), overwrite=run["overwrite"], what="--out")
     data = adata
     if out.suffix == ".zarr":
         data = hs.io.from_anndata(adata, image=image, image_mpp=image_mpp)
@@ -623,9 +625,10 @@ def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, s
 
     import hopt_st as hs
 
-    from ._atomic import path_inside
+    from ._atomic import check_not_input, path_inside
     from .io._cohort import model_dirname
 
+    check_not_input(out, inputs=(root, weights), overwrite=overwrite, what="--out")  # rule 1
     task_list = None
     if tasks is not None:
         task_list = [t.strip() for t in tasks.split(",") if t.strip()]

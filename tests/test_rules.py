@@ -597,3 +597,145 @@ def test_issue21_shared_genes_inner_join_unchanged(tmp_path):
     inner = hs.io.load_cohort(tmp_path / "emb", "m", cohort)
     outer = hs.io.load_cohort(tmp_path / "emb", "m", cohort, join="outer")
     assert inner.n_vars == outer.n_vars == n_genes and (outer.var["n_samples_measured"] == 2).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rule 1: --overwrite replaces an output, never an input or a folder the user owns
+# ----------------------------------------------------------------------------------------------------------
+def test_rule1_predict_out_is_the_slide(tmp_path, capsys):
+    """The issue's case: `predict slide.zarr --out slide.zarr --overwrite` replaced the slide with the result."""
+    slide = tmp_path / "slide.zarr"
+    _sample().write(slide)
+    reg = tmp_path / "reg.safetensors"
+    _fit_regressor().save(reg)
+    before = _digest(tmp_path)
+    args = ["-q", "predict", slide, "--regressor", reg, "--model", FAST, "--out", slide, "--overwrite"]
+    rc, line = _cli(capsys, *args)
+    assert rc == 1 and f"--out '{slide}' is the input '{slide}'" in line
+    assert _digest(tmp_path) == before
+
+
+def test_rule1_embed_out_contains_the_input(tmp_path, capsys):
+    """The issue's case: `embed project/outs --out project --overwrite` deleted project/, outs/ and a notes file."""
+    project = tmp_path / "project"
+    outs = hs.datasets.write_spaceranger_outs(_sample(), project / "outs", hires_size=300, lowres_size=100)
+    (project / "notes.txt").write_text("my notes")
+    before = _digest(project)
+    rc, line = _cli(capsys, "-q", "embed", outs, "--model", FAST, "--out", project, "--overwrite")
+    assert rc == 1 and f"--out '{project}' contains the input '{outs}'" in line
+    assert _digest(project) == before
+
+
+def test_rule1_overwrite_replaces_only_a_store_of_ours(tmp_path, capsys):
+    """Another case: --out naming a SpatialData store the user wrote (not hopt_st) is never replaced; one that an
+    earlier `embed --out` wrote is."""
+    src = tmp_path / "s.zarr"
+    _sample().write(src)
+    theirs = tmp_path / "theirs.zarr"
+    _sample(seed=1).write(theirs)
+    before = _digest(theirs)
+    rc, line = _cli(
+        capsys, "-q", "embed", src, "--model", FAST, "--out", theirs, "--overwrite", "--device", "cpu"
+    )
+    assert rc == 1 and "hopt_st did not write" in line and str(theirs) in line
+    assert _digest(theirs) == before
+    mine = tmp_path / "mine.zarr"
+    for extra in ([], ["--overwrite"]):  # written, then replaced: a store of ours
+        rc, line = _cli(capsys, "-q", "embed", src, "--model", FAST, "--out", mine, "--device", "cpu", *extra)
+        assert rc == 0, line
+    assert (mine / ".hopt_st_output").is_file()
+
+
+def test_rule1_h5ad_and_png_outputs_of_the_user_not_replaced(tmp_path, capsys):
+    import anndata as ad
+    from PIL import Image
+
+    user = tmp_path / "user.h5ad"
+    ad.AnnData(np.ones((3, 2), dtype=np.float32)).write_h5ad(user)
+    before = _digest(user)
+    h5ad = tmp_path / "in.h5ad"
+    a = _adata_with_spatial()
+    a.write_h5ad(h5ad)
+    rc, line = _cli(capsys, "-q", "embed", h5ad, "--model", FAST, "--out", user, "--overwrite")
+    assert rc == 1 and "hopt_st did not write" in line and _digest(user) == before
+    # predict: a gene map would land on a photo of the user's
+    slide = tmp_path / "slide.zarr"
+    _sample().write(slide)
+    reg = tmp_path / "reg.safetensors"
+    _fit_regressor().save(reg)
+    photo = tmp_path / "pred_G0.png"
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(photo)
+    before = _digest(photo)
+    rc, line = _cli(
+        capsys, "-q", "predict", slide, "--regressor", reg, "--model", FAST, "--genes", "G0",
+        "--out", tmp_path / "pred.zarr", "--overwrite",
+    )  # fmt: skip
+    assert rc == 1 and f"map '{photo}' is a file hopt_st did not write" in line and _digest(photo) == before
+
+
+def test_rule1_demo_and_bench_never_replace_what_is_not_theirs(tmp_path, capsys, hest_bench_root):
+    from hopt_st._demo import run_demo
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    _sample().write(out / "demo.zarr")  # the user's own store, at the demo's output name
+    before = _digest(out)
+    with pytest.raises(FileExistsError, match="hopt_st did not write"):
+        run_demo(out, overwrite=True, progress=False)
+    assert _digest(out) == before
+    root = Path(hest_bench_root["root"])
+    before = _digest(root)
+    for bad_out in (root, root.parent):
+        rc, line = _cli(capsys, "-q", "bench", root, "--model", FAST, "--out", bad_out, "--overwrite")
+        assert rc == 1 and "the input" in line and str(root) in line
+    assert _digest(root) == before
+
+
+def test_rule1_cohort_output_file_that_is_the_input(tmp_path):
+    """embed_cohort never writes <out>/<model>/<sid>.h5 over the patch file it reads from."""
+    import pandas as pd
+
+    task = _bench_task(tmp_path, n_samples=2)
+    folder = tmp_path / "emb" / FAST
+    folder.mkdir(parents=True)
+    src = folder / "S.h5"
+    src.write_bytes(Path(task["paths"]["SYNB000"]["patches"]).read_bytes())
+    before = _digest(src)
+    table = pd.DataFrame({"sample_id": ["S"], "source": [str(src)]})
+    df = hs.pp.embed_cohort(table, FAST, tmp_path / "emb", device="cpu", overwrite=True, progress=False)
+    assert df.loc[0, "status"] == "failed" and "is the input" in df.loc[0, "error"]
+    assert _digest(src) == before
+
+
+@settings(FUZZ, max_examples=40)
+@given(
+    rel=st.sampled_from(["same", "parent", "child", "sibling", "symlink"]),
+    exists=st.booleans(),
+    overwrite=st.booleans(),
+)
+def test_rule1_fuzz_check_output(tmp_path_factory, rel, exists, overwrite):
+    """check_output never lets an output be, contain or (when replacing) lie inside an input."""
+    from hopt_st._atomic import check_output
+
+    base = tmp_path_factory.mktemp("co")
+    inp = base / "data" / "in.zarr"
+    inp.mkdir(parents=True)
+    (inp / "x").write_text("input")
+    out = {
+        "same": inp,
+        "parent": inp.parent,
+        "child": inp / "out.zarr",
+        "sibling": base / "data" / "out.zarr",
+        "symlink": base / "link.zarr",
+    }[rel]
+    if rel == "symlink":
+        out.symlink_to(inp)
+    if exists and not out.exists():
+        out.mkdir()
+    try:
+        check_output(out, inputs=[inp], overwrite=overwrite)
+    except (ValueError, FileExistsError):
+        assert (inp / "x").read_text() == "input"
+        return
+    assert rel in ("sibling", "child") and (not out.exists() or overwrite)
+    assert rel != "child" or not out.exists()

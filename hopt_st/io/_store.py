@@ -16,7 +16,15 @@ from pathlib import Path
 
 from spatialdata import SpatialData
 
-from .._atomic import atomic_dir, atomic_write_bytes, check_overwrite, fsync_tree, remove, temp_sibling
+from .._atomic import (
+    atomic_dir,
+    atomic_write_bytes,
+    check_overwrite,
+    fsync_tree,
+    mark_ours,
+    remove,
+    temp_sibling,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -236,4 +244,5 @@ def write_sdata(sdata: SpatialData, path: str | os.PathLike, *, overwrite: bool 
     with atomic_dir(path) as scratch:  # the old store is deleted only once the new one is in place
         sdata.write(scratch, update_sdata_path=False)
         _consolidate(scratch)
+        mark_ours(scratch, "store")  # a store of ours: one that overwrite=True may replace (rule 1)
     return path

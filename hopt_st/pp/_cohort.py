@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .._atomic import atomic_write_bytes
+from .._atomic import atomic_write_bytes, check_not_input
 from .._docs import inject_docs
 from .._patchset import Patches
 from ..io._cohort import model_dirname, read_cohort, read_sample, sample_files
@@ -336,6 +336,13 @@ def _plan(table, cmodel: CohortModel, folder: Path, status: _Status, **job_args)
         path = folder / f"{sid}.h5"
         if row.get("problem"):  # one bad sample never stops a cohort (rule 10): recorded, the others go on
             status.record(_row(sid, "failed", error=f"ValueError: {row['problem']}"), write=False)
+            continue
+        try:  # an output never replaces an input (rule 1): e.g. a patch file at <out_dir>/<model>/<sid>.h5
+            check_not_input(
+                path, inputs=[row.get(c) for c in ("source", "image", "counts")], what="output file"
+            )
+        except Exception as e:  # noqa: BLE001 - recorded, the others go on (rule 10)
+            status.record(_row(sid, "failed", error=_one_line(e)), write=False)
             continue
         try:
             job = sample_job(row, cmodel, path, **job_args)
