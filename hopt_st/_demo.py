@@ -146,9 +146,13 @@ def run_demo(
     out = Path(out)
     zarr_path = out / ZARR_NAME
     rerun = (out / MARKER_NAME).is_file()  # our own outputs: regenerated from the seed, safe to replace
-    if (
-        zarr_path.exists() and not rerun
-    ):  # overwrite replaces a store of ours, never one the user owns (rule 1)
+    # overwrite replaces a store of ours, never one the user owns (rule 1)
+    if zarr_path.exists() and not rerun:
+        if not overwrite:
+            raise FileExistsError(
+                f"{str(zarr_path)!r} already exists and was not written by the demo: pass --overwrite "
+                "(overwrite=True) to replace it if hopt_st wrote it, or choose another --out."
+            )
         check_output(zarr_path, overwrite=overwrite, what="demo.zarr in --out")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

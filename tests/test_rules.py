@@ -739,3 +739,75 @@ def test_rule1_fuzz_check_output(tmp_path_factory, rel, exists, overwrite):
         return
     assert rel in ("sibling", "child") and (not out.exists() or overwrite)
     assert rel != "child" or not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rule 9: tissue detection says when it cannot tell
+# ----------------------------------------------------------------------------------------------------------
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _he_sdata(rgb: np.ndarray, mpp: float):
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel
+
+    image = Image2DModel.parse(np.ascontiguousarray(rgb.transpose(2, 0, 1)), dims=("c", "y", "x"))
+    sdata = SpatialData(images={"he": image})
+    hs.io.set_image_mpp(sdata, {"he": mpp})
+    return sdata
+
+
+@pytest.mark.skipif(not (SHARED / "visium_crop").is_dir(), reason="../shared/data/visium_crop not present")
+def test_rule9_glass_free_crop_is_all_tissue(caplog):
+    """The issue's case: a glass-free crop of the real visium_crop H&E (63 % tissue, 12 of 32 tiles)."""
+    from PIL import Image
+
+    with Image.open(SHARED / "visium_crop" / "test_img.jpg") as im:
+        rgb = np.asarray(im.convert("RGB"))[1300:1717, 500:950]  # inside the tissue: no glass in view
+    sdata = _he_sdata(rgb, 0.727)  # 65 µm / 89.44 px (shared/data/README.md)
+    with caplog.at_level("WARNING", logger="hopt_st"):
+        hs.pp.detect_tissue(sdata)
+    assert "no background in view" in caplog.text and "background='present'" in caplog.text
+    area_px = sdata.shapes["tissue"].area.sum()
+    assert area_px > 0.93 * rgb.shape[0] * rgb.shape[1]  # the whole image, up to the outline's half pixel
+    hs.pp.tile_grid(sdata, spacing_um=56, size_um=56, min_tissue_fraction=0.5)
+    hs.pp.tile_grid(sdata, spacing_um=56, size_um=56, tissue_key=None, key_added="all", table_name="all_t")
+    assert sdata.tables["grid"].n_obs == sdata.tables["all_t"].n_obs  # every tile predicted
+    hs.pp.detect_tissue(sdata, background="present", key_added="otsu")  # the override: Otsu as before
+    assert sdata.shapes["otsu"].area.sum() < 0.8 * rgb.shape[0] * rgb.shape[1]
+
+
+def _three_tone(glass_cols: int) -> np.ndarray:
+    """400 x 400 px: ``glass_cols`` columns of glass, the rest pale pink stroma (top) and purple (bottom)."""
+    rgb = np.empty((400, 400, 3), dtype=np.uint8)
+    rgb[:200] = (235, 190, 210)  # saturation 0.19
+    rgb[200:] = (150, 70, 160)  # saturation 0.56
+    rgb[:, :glass_cols] = (236, 234, 238)  # glass, saturation 0.02
+    return rgb
+
+
+def test_rule9_otsu_inside_the_tissue_falls_back_to_glass(caplog):
+    """Another case: 2 % glass, two tissue tones. Otsu splits the tissue (pale stroma called background);
+    only glass-like pixels are background instead, with a warning."""
+    sdata = _he_sdata(_three_tone(8), 2.0)
+    with caplog.at_level("WARNING", logger="hopt_st"):
+        hs.pp.detect_tissue(sdata, min_object_um2=1000)
+    assert "falls inside the tissue" in caplog.text
+    frac = sdata.shapes["tissue"].area.sum() / 400**2
+    assert 0.95 < frac <= 0.99  # everything but the glass strip (98 %), up to the outline and the blur
+    hs.pp.detect_tissue(sdata, min_object_um2=1000, background="present", key_added="otsu")
+    assert sdata.shapes["otsu"].area.sum() / 400**2 < 0.55  # Otsu's own answer: the purple half only
+
+
+@settings(FUZZ, max_examples=12)
+@given(glass=st.integers(0, 200), pale=st.integers(120, 250))
+def test_rule9_fuzz_glass_never_tissue_and_tissue_never_lost(glass, pale):
+    """Over glass strips of 0-50 % and stroma of varied paleness: glass is never called tissue (beyond the
+    outline's pixel) and the tissue is never cut in half."""
+    rgb = _three_tone(glass)
+    rgb[:200, glass:] = (pale, 150, 190)
+    sdata = _he_sdata(rgb, 2.0)
+    hs.pp.detect_tissue(sdata, min_object_um2=1000)
+    frac = sdata.shapes["tissue"].area.sum() / 400**2
+    truth = 1 - glass / 400
+    assert truth - 0.06 < frac <= truth + 0.015
