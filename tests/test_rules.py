@@ -811,3 +811,100 @@ def test_rule9_fuzz_glass_never_tissue_and_tissue_never_lost(glass, pale):
     frac = sdata.shapes["tissue"].area.sum() / 400**2
     truth = 1 - glass / 400
     assert truth - 0.06 < frac <= truth + 0.015
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rule 3: concurrent writers never lose each other's work
+# ----------------------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+_CLI = "import sys; from hopt_st._cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _popen(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(
+        [sys.executable, "-c", _CLI, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def test_rule3_two_in_place_embeds_on_one_store_keep_both_keys(tmp_path):
+    """The issue's case: two in-place `hopt-st embed` runs on one store both exit 0 and one key was missing.
+    Both processes read the store before either writes (the embedding takes longer than the start-up gap)."""
+    import spatialdata as sd
+
+    store = tmp_path / "s.zarr"
+    _sample(n_spots=30).write(store)
+    procs = [_popen("-q", "embed", store, "--model", "handcrafted", "--key-added", k) for k in ("X_a", "X_b")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1].decode()[-500:] for o in outs]
+    table = sd.read_zarr(store)["table"]
+    assert {"X_a", "X_b"} <= set(table.obsm)
+    assert np.allclose(table.obsm["X_a"], table.obsm["X_b"])  # the same model: the same numbers
+    assert set(table.uns["hopt_st"]["embeddings"]) >= {"X_a", "X_b"}
+    assert not list(tmp_path.glob(".*.lock"))  # the lock file goes with its last holder
+
+
+def test_rule3_in_place_write_keeps_what_another_process_wrote_since_reading(tmp_path):
+    """The merge itself, deterministically: a key written to the store after this SpatialData was read is kept."""
+    import spatialdata as sd
+
+    from hopt_st.io._store import write_table_in_place
+
+    store = tmp_path / "s.zarr"
+    _sample().write(store)
+    mine, other = sd.read_zarr(store), sd.read_zarr(store)
+    other["table"].obsm["X_other"] = np.ones((other["table"].n_obs, 3))
+    write_table_in_place(other, "table")
+    mine["table"].obsm["X_mine"] = np.zeros((mine["table"].n_obs, 2))
+    write_table_in_place(mine, "table")
+    assert {"X_mine", "X_other"} <= set(sd.read_zarr(store)["table"].obsm)
+
+
+def test_rule3_two_cohort_runs_into_one_folder_keep_each_others_status(tmp_path):
+    """Another case: status.csv was read once at the start of a run, so two runs into one folder dropped each
+    other's rows; it is now re-read under a lock before each rewrite."""
+    import pandas as pd
+
+    from hopt_st.pp._cohort import _Status
+
+    path = tmp_path / "status.csv"
+    a, b = _Status(path, ["A"]), _Status(path, ["B"])  # both started before either wrote
+    a.record({"sample": "A", "status": "done", "n_spots": 3, "seconds": 1.0, "error": ""})
+    b.record({"sample": "B", "status": "failed", "n_spots": None, "seconds": None, "error": "x"})
+    a.record({"sample": "A", "status": "done", "n_spots": 4, "seconds": 1.0, "error": ""})
+    rows = pd.read_csv(path).set_index("sample")
+    assert set(rows.index) == {"A", "B"} and rows.loc["A", "n_spots"] == 4
+    assert not list(tmp_path.glob(".*.lock"))
+
+
+def test_rule3_lock_excludes_and_survives_cleanup(tmp_path):
+    """FileLock with cleanup: a second holder waits, and a waiter that locked the deleted file locks again."""
+    import threading
+
+    from hopt_st._lock import FileLock
+
+    path = tmp_path / ".x.lock"
+    order = []
+    first = FileLock(path, 5, cleanup=True)
+    first.acquire()
+
+    def second():
+        with FileLock(path, 5, cleanup=True):
+            order.append("second")
+
+    t = threading.Thread(target=second)
+    t.start()
+    import time
+
+    time.sleep(0.3)
+    order.append("first")
+    first.release()
+    t.join(10)
+    assert order == ["first", "second"] and not path.exists()
+    with pytest.raises(TimeoutError, match="locked by process"):
+        with FileLock(path, 5):
+            FileLock(path, 0.2).acquire()

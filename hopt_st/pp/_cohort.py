@@ -232,14 +232,18 @@ class _Status:
     def __init__(self, path: Path, order: list[str]):
         self.path, self.order = path, order
         self.rows: dict[str, dict] = {}
-        self.previous = pd.DataFrame(columns=STATUS_COLUMNS)
-        if path.is_file():
+        self.previous = self._read()
+
+    def _read(self) -> pd.DataFrame:
+        """The rows in the status file now (another run into the same folder may have written some)."""
+        if self.path.is_file():
             try:
-                prev = pd.read_csv(path, dtype={"sample": str, "error": str}, keep_default_na=False)
+                prev = pd.read_csv(self.path, dtype={"sample": str, "error": str}, keep_default_na=False)
                 if set(STATUS_COLUMNS) <= set(prev.columns):
-                    self.previous = prev[STATUS_COLUMNS]
+                    return prev[STATUS_COLUMNS]
             except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-                logger.warning("%s is unreadable; it is rewritten.", path)
+                logger.warning("%s is unreadable; it is rewritten.", self.path)
+        return pd.DataFrame(columns=STATUS_COLUMNS)
 
     def record(self, row: dict, write: bool = True) -> None:
         self.rows[row["sample"]] = row
@@ -254,12 +258,18 @@ class _Status:
         return df
 
     def write(self) -> None:
-        current = self.frame()
-        keep = self.previous[~self.previous["sample"].isin(current["sample"])]
-        merged = pd.concat([keep, current], ignore_index=True) if len(keep) else current
-        buf = io.StringIO()
-        merged.to_csv(buf, index=False)
-        atomic_write_bytes(self.path, buf.getvalue().encode())
+        """Under the status file's lock, re-read it and rewrite it with this run's rows: two runs into one
+        folder never drop each other's rows (issue 20, rule 3)."""
+        from .._lock import FileLock
+
+        with FileLock(self.path.with_name(f".{self.path.name}.lock"), 600.0, cleanup=True):
+            self.previous = self._read()
+            current = self.frame()
+            keep = self.previous[~self.previous["sample"].isin(current["sample"])]
+            merged = pd.concat([keep, current], ignore_index=True) if len(keep) else current
+            buf = io.StringIO()
+            merged.to_csv(buf, index=False)
+            atomic_write_bytes(self.path, buf.getvalue().encode())
 
 
 def _one_line(exc: BaseException) -> str:
