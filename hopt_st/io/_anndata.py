@@ -175,6 +175,11 @@ def _full_image(image, lib: dict):
                 str(source),
             )
             return None
+        logger.info(  # a file the input names, not the user: said, so it is never read unannounced (rule 4)
+            "reading the full-resolution scan named in uns['spatial'][...]['metadata']['source_image_path']: %s "
+            "(pass image= to use another one)",
+            source,
+        )
         image = source
     if isinstance(image, (str, os.PathLike)):
         return _read_image_file(Path(image))
