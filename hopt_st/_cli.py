@@ -294,7 +294,8 @@ def embed(
     in_place = out is None or (out.resolve() == input_path.resolve())
     if in_place and kind != "zarr":
         raise click.UsageError(f"INPUT is a {kind} folder: pass --out OUT.zarr to say where to write.")
-    if not in_place:  # --overwrite replaces an output of ours, never an input or a folder the user owns (rule 1)
+    # --overwrite replaces an output of ours, never an input or a folder the user owns (rule 1)
+    if not in_place:
         check_output(out, inputs=(input_path, fullres_image, weights), overwrite=overwrite, what="--out")
     hs.pp.embed(sdata, table_name=table_name, **run)
     tname = resolve_table_name(sdata, table_name)
