@@ -214,3 +214,159 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         fsync_path(path.parent)
     finally:
         remove(tmp)
+
+
+def path_inside(base: str | os.PathLike, *parts: str, what: str = "output") -> Path:
+    """``base / parts...``, refused (``ValueError``, both paths named) when it would lie outside ``base``.
+
+    Output paths derived from names a user gives (a model name, a sample id) stay inside the output folder the
+    user named (issue 20, rule 4): ``"../../x"``, an absolute path or a name with a path separator that climbs
+    out is refused, whatever exists on disk (symlinks inside ``base`` are resolved too).
+    """
+    base = Path(base)
+    path = base.joinpath(*parts)
+    root = _resolved(base)
+    target = _resolved(path)
+    if (
+        any(not p or Path(p).is_absolute() for p in parts)
+        or not target.is_relative_to(root)
+        or target == root
+    ):
+        raise ValueError(
+            f"the {what} path {str(path)!r}, made from {list(parts)!r}, would lie outside {str(base)!r} "
+            f"({str(target)!r}): names that become folders must stay inside the output folder. Use a plain name "
+            "(letters, digits, '_', '-', '.')."
+        )
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------------
+# what an output may replace (issue 20, rule 1)
+# ------------------------------------------------------------------------------------------------------------
+#: file hopt_st leaves inside every whole store it writes (``--out`` of embed and predict, demo.zarr): the
+#: store is then "ours", one that ``overwrite`` may replace
+OUTPUT_MARKER = ".hopt_st_output"
+
+
+def mark_ours(store: str | os.PathLike, writer: str) -> None:
+    """Leave :data:`OUTPUT_MARKER` in a store being written (call it on the temporary store, before the rename)."""
+    import json
+
+    Path(store, OUTPUT_MARKER).write_text(json.dumps({"writer": "hopt_st", "what": writer}) + "\n")
+
+
+def ours(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is something hopt_st wrote and may replace with ``overwrite``: a store holding
+    :data:`OUTPUT_MARKER`, an .h5ad with hopt_st's ``uns["hopt_st"]``, a PNG drawn by matplotlib, a regressor or
+    embedding file of hopt_st's. A folder the user owns (anything else) is never ours."""
+    p = Path(path)
+    if p.is_symlink():
+        return False
+    if p.is_dir():
+        return (p / OUTPUT_MARKER).is_file()
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".h5ad":
+            import h5py
+
+            with h5py.File(p, "r") as f:
+                return "uns" in f and "hopt_st" in f["uns"]
+        if suffix == ".png":
+            from PIL import Image
+
+            with Image.open(p) as im:
+                return im.format == "PNG" and str(im.info.get("Software", "")).startswith("Matplotlib")
+    except OSError:
+        return False
+    return False
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    """``path`` with symlinks resolved; a symlink loop (Python raises for it) is taken as it stands."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.abspath(path))
+
+
+def _relation(out: Path, inp: Path) -> str | None:
+    """How ``out`` and ``inp`` (both resolved) overlap: ``"is"``, ``"contains"``, ``"lies inside"`` or None."""
+    if out == inp:
+        return "is"
+    if inp.is_relative_to(out):
+        return "contains"
+    if out.is_relative_to(inp):
+        return "lies inside"
+    return None
+
+
+def check_output(
+    out: str | os.PathLike,
+    *,
+    inputs=(),
+    overwrite: bool,
+    what: str = "--out",
+    replaceable=ours,
+) -> Path:
+    """The one check before a command writes ``out``: ``overwrite`` replaces an output, never an input or a
+    folder the user owns (issue 20, rule 1).
+
+    Refused, with both paths named: ``out`` that is or contains one of ``inputs`` (``ValueError``, whatever
+    ``overwrite`` says), an existing ``out`` without ``overwrite`` (``FileExistsError``), and, with
+    ``overwrite``, an existing ``out`` that lies inside an input or that ``replaceable`` does not recognise as
+    something this command writes (``FileExistsError``: delete it yourself or choose another name).
+
+    Parameters
+    ----------
+    out
+        The output file or folder.
+    inputs
+        Paths the command reads (None entries are skipped); symlinks are resolved.
+    overwrite
+        The user's ``--overwrite``.
+    what
+        How the output is named in messages (the flag).
+    replaceable
+        ``replaceable(path) -> bool``: whether an existing ``out`` is of ours (default :func:`ours`).
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
+    """
+    out = check_not_input(out, inputs=inputs, overwrite=overwrite, what=what)
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{what} {str(out)!r} already exists: pass overwrite=True to replace it.")
+        if not replaceable(out):
+            kind = "folder" if out.is_dir() else "file"
+            raise FileExistsError(
+                f"{what} {str(out)!r} is a {kind} hopt_st did not write (no {OUTPUT_MARKER!r} marker of a store "
+                "of ours, or not a file of ours): it is not replaced, even with overwrite=True. Delete it "
+                f"yourself if you mean to, or choose another {what}."
+            )
+    return out
+
+
+def check_not_input(
+    out: str | os.PathLike, *, inputs=(), overwrite: bool = False, what: str = "--out"
+) -> Path:
+    """The part of :func:`check_output` about inputs: ``out`` that is or contains an input is refused
+    (``ValueError``); an existing ``out`` inside an input is refused with ``overwrite`` (``FileExistsError``)."""
+    out = Path(out)
+    rout = _resolved(out)
+    for inp in inputs:
+        if inp is None:
+            continue
+        rel = _relation(rout, _resolved(inp))
+        if rel in ("is", "contains"):
+            raise ValueError(
+                f"{what} {str(out)!r} {rel} the input {str(inp)!r}: an output never replaces an input. Choose "
+                f"another {what}."
+            )
+        if rel == "lies inside" and out.exists() and overwrite:
+            raise FileExistsError(
+                f"{what} {str(out)!r} lies inside the input {str(inp)!r}: it is not replaced, even with "
+                f"overwrite=True. Choose another {what}."
+            )
+    return out

@@ -126,7 +126,8 @@ def cli(quiet: bool, verbose: bool) -> None:
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Replace a demo.zarr in --out that an earlier demo run did not write (a rerun replaces its own outputs).",
+    help="Replace a demo.zarr in --out that hopt_st wrote but an earlier demo run did not (a rerun replaces its "
+    "own outputs; a store hopt_st did not write is never replaced).",
 )
 def demo(
     out: Path, models: tuple[str, ...], all_local: bool, n_spots: int, seed: int, overwrite: bool
@@ -176,9 +177,9 @@ def _read_input(
             "sample already holds its image (choose it with --image-key)."
         )
     if path.suffix == ".h5ad" and path.is_file():
-        import anndata as ad
+        from .io._counts import read_h5ad
 
-        return ad.read_h5ad(path), "h5ad"
+        return read_h5ad(path), "h5ad"  # self-contained HDF5 only (rule 4)
     if sample is not None:
         return hs.io.read_hest(path, sample, image_mpp=image_mpp), "hest"
     if _is_zarr(path):
@@ -265,6 +266,7 @@ def embed(
     """
     import hopt_st as hs
 
+    from ._atomic import check_output
     from .io._elements import resolve_table_name
     from .io._store import check_name, write_sdata, write_table_in_place
     from .pp._embed import default_key
@@ -292,8 +294,9 @@ def embed(
     in_place = out is None or (out.resolve() == input_path.resolve())
     if in_place and kind != "zarr":
         raise click.UsageError(f"INPUT is a {kind} folder: pass --out OUT.zarr to say where to write.")
-    if not in_place and out.exists() and not overwrite:
-        raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
+    # --overwrite replaces an output of ours, never an input or a folder the user owns (rule 1)
+    if not in_place:
+        check_output(out, inputs=(input_path, fullres_image, weights), overwrite=overwrite, what="--out")
     hs.pp.embed(sdata, table_name=table_name, **run)
     tname = resolve_table_name(sdata, table_name)
     emb = sdata.tables[tname].obsm[key]
@@ -312,14 +315,14 @@ def _embed_h5ad(adata, input_path: Path, out: Path | None, image: Path | None, i
     of other kinds."""
     import hopt_st as hs
 
+    from ._atomic import check_output
     from .io._store import write_sdata
 
     if out is None or out.suffix not in (".h5ad", ".zarr"):
         raise click.UsageError("INPUT is an .h5ad: pass --out OUT.h5ad (or OUT.zarr) to say where to write.")
     if out.resolve() == input_path.resolve():
         raise click.UsageError("--out must differ from INPUT (the .h5ad is never rewritten in place).")
-    if out.exists() and not run["overwrite"]:
-        raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
+    check_output(out, inputs=(input_path, image, run["weights"]), overwrite=run["overwrite"], what="--out")
     data = adata
     if out.suffix == ".zarr":
         data = hs.io.from_anndata(adata, image=image, image_mpp=image_mpp)
@@ -623,6 +626,10 @@ def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, s
 
     import hopt_st as hs
 
+    from ._atomic import check_not_input, path_inside
+    from .io._cohort import model_dirname
+
+    check_not_input(out, inputs=(root, weights), overwrite=overwrite, what="--out")  # rule 1
     task_list = None
     if tasks is not None:
         task_list = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -648,7 +655,8 @@ def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, s
                 seed=seed,
                 solver=solver,
                 overwrite=overwrite,
-                out_dir=out / model,  # HEST-shaped per-fold JSONs (and, by default, the embeddings cache)
+                # HEST-shaped per-fold JSONs (and, by default, the embeddings cache), inside --out (rule 4)
+                out_dir=path_inside(out, model_dirname(model), what="--out/<model>"),
             )
         )
     df = pd.concat(frames, ignore_index=True)

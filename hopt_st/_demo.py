@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ._atomic import check_output
 from .io._store import sanitize_name, write_sdata
 
 logger = logging.getLogger(__name__)
@@ -118,9 +119,10 @@ def run_demo(
     n_top_genes
         Genes to predict (most variable on the training spots).
     overwrite
-        Replace a ``demo.zarr`` that an earlier demo run did not write. The outputs of an earlier demo run
-        (recognised by the ``.hopt_st_demo`` file it leaves in ``out``) are regenerated and replaced anyway,
-        so running the demo twice just works.
+        Replace a ``demo.zarr`` that hopt_st wrote (a store of ours) but no earlier demo run in ``out``; a store
+        hopt_st did not write is never replaced. The outputs of an earlier demo run (recognised by the
+        ``.hopt_st_demo`` file it leaves in ``out``) are regenerated and replaced anyway, so running the demo
+        twice just works.
     progress
         Print the steps (embedding shows its own progress bar).
     say
@@ -144,11 +146,14 @@ def run_demo(
     out = Path(out)
     zarr_path = out / ZARR_NAME
     rerun = (out / MARKER_NAME).is_file()  # our own outputs: regenerated from the seed, safe to replace
-    if zarr_path.exists() and not (overwrite or rerun):
-        raise FileExistsError(
-            f"{str(zarr_path)!r} already exists and was not written by the demo: pass --overwrite "
-            "(overwrite=True) to replace it, or choose another --out."
-        )
+    # overwrite replaces a store of ours, never one the user owns (rule 1)
+    if zarr_path.exists() and not rerun:
+        if not overwrite:
+            raise FileExistsError(
+                f"{str(zarr_path)!r} already exists and was not written by the demo: pass --overwrite "
+                "(overwrite=True) to replace it if hopt_st wrote it, or choose another --out."
+            )
+        check_output(zarr_path, overwrite=overwrite, what="demo.zarr in --out")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     n_steps = 3 + len(models)

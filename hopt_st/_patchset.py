@@ -56,6 +56,7 @@ import numpy as np
 from ._atomic import atomic_path
 from ._docs import entries, inject_docs
 from ._errors import CorruptFileError
+from ._h5 import ExternalDataError, open_h5
 
 logger = logging.getLogger(__name__)
 
@@ -621,7 +622,7 @@ class _H5Patches(Patches):
 
     def _handle(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
+            self._file = open_h5(self.path)  # refuses data from outside the file (rule 4)
             self._pid = os.getpid()
         return self._file
 
@@ -637,6 +638,8 @@ class _H5Patches(Patches):
                     data = ds[int(uniq[0]) : int(uniq[-1]) + 1]
                 else:
                     data = ds[uniq]
+            except ExternalDataError:
+                raise
             except _H5_ERRORS as e:
                 raise _corrupt_h5(self.path, e, f"reading patches {int(uniq[0])}..{int(uniq[-1])}") from None
         out = np.empty((len(idx), self.patch_size, self.patch_size, 3), dtype=np.uint8)
@@ -676,8 +679,10 @@ def read_patches(path: str | os.PathLike) -> Patches:
     if not path.is_file():
         raise FileNotFoundError(f"patch file {str(path)!r} not found.")
     try:
-        with h5py.File(path, "r") as f:
+        with open_h5(path) as f:  # refuses data from outside the file (rule 4)
             raw = _read_raw_fields(f)
+    except ExternalDataError:
+        raise
     except _H5_ERRORS as e:  # h5py's own errors name neither the file nor the fix
         raise _corrupt_h5(path, e, "reading it") from None
     return _check_patch_fields(raw, path)

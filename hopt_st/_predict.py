@@ -18,7 +18,7 @@ from spatialdata import SpatialData
 from spatialdata.transformations import Scale, get_transformation
 from spatialdata.transformations import Sequence as TransformSequence
 
-from ._atomic import atomic_dir, atomic_path
+from ._atomic import atomic_dir, atomic_path, check_output, mark_ours
 from ._constants import UNS_KEY
 from .io._elements import image_levels, level_shape, resolve_image_key
 
@@ -124,6 +124,7 @@ def run_predict(
     )
     with atomic_dir(out) as tmp:
         result.write(tmp)
+        mark_ours(tmp, "predict")  # a store of ours: a later --overwrite may replace it (rule 1)
     files = {
         "zarr": out,
         **_write_maps(result, thumb_key, pngs, lambda g: f"{slide.name}: {g} predicted with {model}"),
@@ -166,6 +167,10 @@ def _check_inputs(slide: Path, regressor: Path, weights: Path | None, genes, out
         raise FileExistsError(
             f"{existing} already exist: pass --overwrite to replace them, or another --out."
         )
+    inputs = (slide, regressor, weights)  # --overwrite replaces outputs of ours, never an input (rule 1)
+    check_output(out, inputs=inputs, overwrite=overwrite, what="--out")
+    for png in pngs.values():
+        check_output(png, inputs=inputs, overwrite=overwrite, what="map")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"the folder of --out {str(out.parent)!r} does not exist.")
     return reg, genes, pngs

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._atomic import path_inside
 from .._progress import tqdm
 from ..io import read_cohort, read_embeddings, read_hest_bench
 from ..io._cohort import model_dirname
@@ -450,6 +451,12 @@ def run(
             f"HEST-Benchmark root {str(root)!r} does not exist; see hopt_st.bench.download."
         )
     task_list = _resolve_tasks(root, tasks)
+    if (
+        out_dir is not None
+    ):  # results go to <out_dir>/<protocol>/<task>/<model>: never outside out_dir (rule 4)
+        for p in protocols:
+            for t in task_list:
+                path_inside(Path(out_dir) / p / t, model, what="results")
     if out_dir is not None and not overwrite:
         done = [
             f"{p}/{t}/{model}"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,16 +120,45 @@ def _read_image_file(path: Path):
         from ._tiff import read_tiff_image
 
         return read_tiff_image(path)
+    return _image_element(read_flat_image(path), {"global": Identity()})
+
+
+def read_flat_image(path: Path) -> np.ndarray:
+    """A JPEG/PNG (any format Pillow reads eagerly) as an (h, w, 3) uint8 array, with Pillow's decompression-bomb
+    guard on (rule 8: memory bounded by what is real, not by what a header claims).
+
+    The size the header declares is checked before anything is decoded: above ``PIL.Image.MAX_IMAGE_PIXELS``
+    (Pillow's default, about 89 Mpx; a user may raise it for files they trust) the image is refused with a
+    ``ValueError`` saying how to read it lazily instead (a tiled pyramidal TIFF is read a tile at a time).
+    """
     from PIL import Image
 
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # a whole scan is legitimately larger than PIL's decompression-bomb guard
+    def refuse(declared: str, limit) -> ValueError:
+        return ValueError(
+            f"image {str(path)!r} declares {declared}, more than Pillow's decompression-bomb limit of "
+            f"{limit / 1e6:.0f} Mpx for an image decoded whole. Convert it to a tiled pyramidal TIFF, which is "
+            "read lazily (e.g. `vips tiffsave in.jpg out.tif --tile --pyramid --compression jpeg`), or, if you "
+            "trust the file, raise PIL.Image.MAX_IMAGE_PIXELS."
+        )
+
     try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-    return _image_element(rgb, {"global": Identity()})
+        with (
+            warnings.catch_warnings()
+        ):  # Pillow warns between its limit and twice it: refused just below instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            w, h = im.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and w * h > limit:
+                raise refuse(
+                    f"{w} x {h} px ({w * h / 1e6:.0f} Mpx, {3 * w * h / 2**30:.1f} GiB decoded)", limit
+                )
+            return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:  # Pillow refuses above twice its limit, before we see the size
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        declared = f"{int(size.group(1)) / 1e6:.0f} Mpx" if size else "too many pixels"
+        raise refuse(declared, Image.MAX_IMAGE_PIXELS or 0) from None
 
 
 def _full_image(image, lib: dict):
@@ -144,6 +175,11 @@ def _full_image(image, lib: dict):
                 str(source),
             )
             return None
+        logger.info(  # a file the input names, not the user: said, so it is never read unannounced (rule 4)
+            "reading the full-resolution scan named in uns['spatial'][...]['metadata']['source_image_path']: %s "
+            "(pass image= to use another one)",
+            source,
+        )
         image = source
     if isinstance(image, (str, os.PathLike)):
         return _read_image_file(Path(image))

@@ -38,7 +38,7 @@ from spatialdata import SpatialData
 
 from .._constants import UNS_KEY
 from .._patchset import Patches, read_patches
-from ._counts import ensure_raw_counts
+from ._counts import ensure_raw_counts, read_h5ad
 from ._embeddings import read_embeddings
 from ._store import check_name, sanitize_name
 
@@ -148,7 +148,7 @@ def _check_ids(df: pd.DataFrame, what: str) -> None:
         raise ValueError(f"{what}: sample_id must be unique; repeated: {dup[:10]}.")
 
 
-def _normalise(df: pd.DataFrame, base: Path, what: str) -> pd.DataFrame:
+def _normalise(df: pd.DataFrame, base: Path, what: str, keep_bad: bool = False) -> pd.DataFrame:
     missing = [c for c in ("sample_id", "source") if c not in df.columns]
     if missing:
         raise ValueError(
@@ -166,7 +166,10 @@ def _normalise(df: pd.DataFrame, base: Path, what: str) -> pd.DataFrame:
         df[col] = [None if v is None else str((base / str(v)).absolute()) for v in df[col]]
     problems = []
     kinds = []
+    row_problems: list[str | None] = []
     for sid, source, kind, image, mpp in zip(df.sample_id, df.source, df.kind, df.image, df.image_mpp):
+        row_problems.append(None)
+        n_before = len(problems)
         if source is None:
             problems.append(f"{sid}: no source")
             kinds.append(None)
@@ -175,10 +178,7 @@ def _normalise(df: pd.DataFrame, base: Path, what: str) -> pd.DataFrame:
         if kind is None:
             kind = _infer_kind(src)
             if kind is None:
-                problems.append(
-                    f"{sid}: source {source!r} "
-                    + ("does not exist" if not src.exists() else "is not a sample (see the kinds below)")
-                )
+                problems.append(f"{sid}: source {source!r} " + _why_not_a_sample(src))
         elif kind not in KINDS:
             problems.append(f"{sid}: kind {kind!r} is not one of {list(KINDS)}")
         if image is not None and kind in ("hest", "zarr", "patches"):
@@ -193,6 +193,14 @@ def _normalise(df: pd.DataFrame, base: Path, what: str) -> pd.DataFrame:
             if not ok:
                 problems.append(f"{sid}: image_mpp {mpp!r} must be a positive number (µm per pixel)")
         kinds.append(kind)
+        if len(problems) > n_before:
+            row_problems[-1] = "; ".join(problems[n_before:])
+    if keep_bad:  # one bad sample never stops a cohort (rule 10): the caller records it and goes on
+        df["problem"] = row_problems
+        df["image_mpp"] = pd.Series(
+            [None if p is not None else v for v, p in zip(df["image_mpp"], row_problems)], dtype=object
+        )
+        problems = []
     if problems:
         raise ValueError(
             f"{what}: {len(problems)} bad row(s): "
@@ -208,7 +216,13 @@ def _normalise(df: pd.DataFrame, base: Path, what: str) -> pd.DataFrame:
     return df
 
 
-def read_cohort(cohort: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
+def _why_not_a_sample(src: Path) -> str:
+    if src.is_symlink() and not src.exists():
+        return "is a broken symbolic link or a symlink loop"
+    return "does not exist" if not src.exists() else "is not a sample (see the kinds below)"
+
+
+def read_cohort(cohort: pd.DataFrame | str | os.PathLike, *, keep_bad: bool = False) -> pd.DataFrame:
     """A cohort table: one row per sample to embed (see :mod:`hopt_st.io._cohort` for the columns).
 
     Parameters
@@ -218,6 +232,10 @@ def read_cohort(cohort: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
         (``wsis/``, ``st/``, ``metadata/``: one row per sample found, with its ``patient``, ``organ``,
         ``oncotree_code``, ``st_technology``, ``species`` and ``disease_state`` from the metadata); or a
         HEST-Benchmark task folder (one row per sample of its splits: the patch file and its counts).
+    keep_bad
+        Keep rows whose sample is unusable (a source that does not exist or is a symlink loop, a wrong kind,
+        ...), with the reason in a column ``problem`` (``None`` for good rows), instead of raising: what
+        :func:`hopt_st.pp.embed_cohort` does, so one bad sample is recorded as failed and the others go on.
 
     Returns
     -------
@@ -231,7 +249,7 @@ def read_cohort(cohort: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
         Missing columns, repeated or unusable ``sample_id``, sources that do not exist or are not samples.
     """
     if isinstance(cohort, pd.DataFrame):
-        return _normalise(cohort, Path.cwd(), "cohort table")
+        return _normalise(cohort, Path.cwd(), "cohort table", keep_bad)
     if not isinstance(cohort, str | os.PathLike):
         raise TypeError(
             f"cohort must be a DataFrame, a CSV file or a HEST folder, got {type(cohort).__name__}."
@@ -239,9 +257,9 @@ def read_cohort(cohort: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
     path = Path(cohort)
     if path.is_dir():
         if _is_bench_task(path):
-            return _normalise(_bench_table(path), path, f"HEST-Benchmark task {str(path)!r}")
+            return _normalise(_bench_table(path), path, f"HEST-Benchmark task {str(path)!r}", keep_bad)
         if _is_hest_root(path):
-            return _normalise(_hest1k_table(path), path, f"HEST-1k root {str(path)!r}")
+            return _normalise(_hest1k_table(path), path, f"HEST-1k root {str(path)!r}", keep_bad)
         raise ValueError(
             f"cohort folder {str(path)!r} is neither a HEST-1k root (wsis/, st/, metadata/) nor a "
             "HEST-Benchmark task folder (splits/, patches/); pass a CSV with sample_id,source instead."
@@ -249,7 +267,7 @@ def read_cohort(cohort: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"cohort {str(path)!r} does not exist.")
     df = pd.read_csv(path, sep=None, engine="python", dtype={"sample_id": str, "patient": str})
-    return _normalise(df, path.parent, f"cohort {str(path)!r}")
+    return _normalise(df, path.parent, f"cohort {str(path)!r}", keep_bad)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -302,7 +320,7 @@ def _read_h5ad_sample(row) -> SpatialData:
     from ._tiff import read_tiff_image
 
     path = Path(row["source"])
-    adata = ad.read_h5ad(path)
+    adata = read_h5ad(path)  # self-contained HDF5 only (rule 4)
     ensure_raw_counts(adata, path)
     mpp = check_mpp(row["image_mpp"], f"image_mpp of sample {row['sample_id']!r}")
     xy = _spot_xy(adata, path)
@@ -364,7 +382,7 @@ def read_counts(row) -> ad.AnnData | None:
         return ad.AnnData(X=table.X, obs=pd.DataFrame(index=table.obs_names), var=table.var[[]])
     else:
         return None
-    adata = ad.read_h5ad(path)
+    adata = read_h5ad(path)  # self-contained HDF5 only (rule 4)
     ensure_raw_counts(adata, path)
     return ad.AnnData(X=adata.X, obs=pd.DataFrame(index=adata.obs_names), var=adata.var[[]])
 
@@ -379,7 +397,9 @@ def load_cohort(
     *,
     counts: bool = True,
     key_added: str | None = None,
-) -> ad.AnnData:
+    join: str = "inner",
+    by_provenance: bool = False,
+) -> ad.AnnData | dict[str, ad.AnnData]:
     """The embeddings of a cohort (written by :func:`hopt_st.pp.embed_cohort`) as one AnnData.
 
     Parameters
@@ -395,6 +415,16 @@ def load_cohort(
         Read the samples' raw counts into ``X`` (genes measured in every sample) when the cohort has them.
     key_added
         ``obsm`` key; default ``"X_<model>"``.
+    join
+        How the samples' genes are combined, as in :func:`anndata.concat`: ``"inner"`` keeps the genes measured
+        in every sample (refused, naming the samples, when there is none), ``"outer"`` every gene of any
+        sample (a gene a sample did not measure is 0 in its rows; ``var["n_samples_measured"]`` says in how
+        many samples each gene was measured).
+    by_provenance
+        Embeddings are stacked only when they came from the same model, weights and geometry (model, ``dim``,
+        weights sha256, µm/px, patch size): samples that differ are refused, naming them. ``True`` returns
+        instead one AnnData per provenance group, in a dict keyed ``"<model>|<weights sha256 prefix>|<dim>d|
+        <mpp> µm/px|<patch> px"``.
 
     Returns
     -------
@@ -429,7 +459,9 @@ def load_cohort(
     else:
         table = read_cohort(cohort)
     key = f"X_{sanitize_name(name)}" if key_added is None else check_name(key_added, "key_added")
-    parts, missing, fingerprints, first_prov = [], [], {}, None
+    if join not in ("inner", "outer"):
+        raise ValueError(f"join={join!r} must be 'inner' or 'outer' (as in anndata.concat).")
+    parts, provs, missing, fingerprints, groups = [], [], [], {}, {}
     for row in table.to_dict("records"):
         sid = row["sample_id"]
         path = folder / f"{sid}.h5"
@@ -438,7 +470,8 @@ def load_cohort(
             continue
         emb = read_embeddings(path)
         fingerprints[sid] = emb.fingerprint or ""
-        first_prov = first_prov if first_prov is not None else emb.provenance
+        provs.append(emb.provenance)
+        groups.setdefault(_provenance_group(emb), []).append(len(parts))
         parts.append(_sample_part(row, emb, key, counts and cohort is not None))
     if missing:
         logger.warning(
@@ -451,11 +484,78 @@ def load_cohort(
         )
     if not parts:
         raise FileNotFoundError(f"no embedding file of the cohort's samples in {str(folder)!r}.")
+    if len(groups) > 1:  # never stack embeddings of different models, weights or geometry (rule 2)
+        if by_provenance:
+            return {
+                label: _stack(
+                    [parts[i] for i in idx], provs[idx[0]], join, key, name, out_dir, missing, fingerprints
+                )
+                for label, idx in groups.items()
+            }
+        desc = "; ".join(
+            f"{label}: {[str(parts[i].obs['sample_id'].iloc[0]) for i in idx][:5]}"
+            for label, idx in groups.items()
+        )
+        raise ValueError(
+            f"load_cohort: the embedding files in {str(folder)!r} come from {len(groups)} different models, "
+            f"weights or geometries and cannot be stacked ({desc}). Embed the samples again with one model and "
+            "weights (embed_cohort(..., overwrite=True)), load a cohort of one group, or pass by_provenance=True "
+            "for one AnnData per group."
+        )
+    adata = _stack(parts, provs[0], join, key, name, out_dir, missing, fingerprints)
+    return {next(iter(groups)): adata} if by_provenance else adata
+
+
+def _provenance_group(emb) -> str:
+    """What embeddings must share to be stacked: model, weights, dims, µm/px and patch size (``?`` unknown)."""
+    prov = emb.provenance or {}
+    sha = str(prov.get("weights_sha256") or "?")
+    return "|".join(
+        [
+            str(prov.get("model", "?")),
+            sha.split(":")[-1][:12] if sha != "?" else sha,
+            f"{emb.embeddings.shape[1]}d",
+            f"{prov['mpp']:g} µm/px" if isinstance(prov.get("mpp"), int | float) else "? µm/px",
+            f"{prov['patch_size']} px" if prov.get("patch_size") is not None else "? px",
+        ]
+    )
+
+
+def _stack(parts, prov, join: str, key: str, name: str, out_dir, missing, fingerprints) -> ad.AnnData:
+    """Concatenate samples of one provenance ``prov`` (their genes joined by ``join``)."""
     with_counts = [p.n_vars > 0 for p in parts]
     if any(with_counts) and not all(with_counts):
         logger.warning("load_cohort: some samples have no counts; returning embeddings only.")
         parts = [ad.AnnData(obs=p.obs, obsm=dict(p.obsm)) for p in parts]
-    adata = ad.concat(parts, join="inner", merge=None)
+    if all(with_counts) and join == "inner":
+        common = set(parts[0].var_names).intersection(*(p.var_names for p in parts[1:]))
+        if not common:
+            ids = [str(p.obs["sample_id"].iloc[0]) for p in parts]
+            pair = next(
+                (
+                    (ids[i], ids[j])
+                    for i in range(len(parts))
+                    for j in range(i + 1, len(parts))
+                    if not set(parts[i].var_names) & set(parts[j].var_names)
+                ),
+                None,
+            )
+            which = (
+                f"samples {pair[0]!r} and {pair[1]!r} have no gene in common"
+                if pair
+                else f"no gene is measured in all of {ids}"
+            )
+            raise ValueError(
+                f"load_cohort: {which} (different gene namespaces, e.g. Ensembl ids and symbols, or species), so "
+                "join='inner' leaves 0 genes. Map the genes to one namespace, load those samples separately, "
+                "or pass join='outer' to keep every gene (unmeasured ones are 0)."
+            )
+    adata = ad.concat(parts, join=join, merge=None)
+    if join == "outer" and all(with_counts):
+        measured = pd.Series(0, index=adata.var_names)
+        for p in parts:
+            measured[p.var_names] += 1
+        adata.var["n_samples_measured"] = measured.to_numpy()
     if all(with_counts) and adata.n_vars < max(p.n_vars for p in parts):
         logger.info(
             "load_cohort: %d genes are measured in every sample (of up to %d).",
@@ -464,14 +564,15 @@ def load_cohort(
         )
     for col in ("sample_id", "patient"):
         adata.obs[col] = pd.Categorical(adata.obs[col])
+    samples = set(adata.obs["sample_id"].astype(str))
     adata.uns[UNS_KEY] = {
-        "embeddings": {key: first_prov or {}},
+        "embeddings": {key: prov or {}},
         "cohort": {
             "model": name,
             "out_dir": str(Path(out_dir).absolute()),
-            "samples": list(fingerprints),
+            "samples": [s for s in fingerprints if s in samples],
             "missing": missing,
-            "fingerprints": fingerprints,
+            "fingerprints": {s: f for s, f in fingerprints.items() if s in samples},
         },
     }
     return adata

@@ -12,6 +12,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._errors import CorruptFileError
+from .._h5 import ExternalDataError, check_h5_file, open_h5
 from .._patchset import check_unique_barcodes
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,10 @@ def read_h5ad(path: str | Path) -> AnnData:
         with warnings.catch_warnings():
             # duplicate obs/var names: check_spots refuses them with the file and the barcodes named
             warnings.filterwarnings("ignore", message=".* names are not unique", category=UserWarning)
+            check_h5_file(path)  # refuses data from outside the file (rule 4)
             return ad.read_h5ad(path)
+    except ExternalDataError:
+        raise
     except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
         raise CorruptFileError.from_error(path, e, what="AnnData file") from None
 
@@ -106,7 +110,9 @@ def check_h5_readable(path: str | Path) -> None:
             obj[()]
 
     try:
-        with h5py.File(path, "r") as f:
+        with open_h5(path) as f:  # refuses data from outside the file (rule 4)
             f.visititems(visit)
+    except ExternalDataError:
+        raise
     except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
         raise CorruptFileError.from_error(path, e, what="HDF5 file") from None

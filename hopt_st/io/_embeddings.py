@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 
 from .._atomic import atomic_path, remove_stale_tmp
+from .._h5 import open_h5
 from .._patchset import decode_barcodes
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def _open(path: Path) -> h5py.File:
     if not path.is_file():
         raise FileNotFoundError(f"embedding file {str(path)!r} does not exist.")
     try:
-        return h5py.File(path, "r")
+        return open_h5(path)  # refuses data from outside the file (rule 4)
     except OSError as e:
         raise ValueError(f"embedding file {str(path)!r} cannot be read ({e}); delete it to recompute.") from e
 

@@ -6,7 +6,6 @@ import json
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
@@ -15,6 +14,7 @@ from spatialdata.transformations import Identity, Scale
 
 from .._constants import MICROMETERS_CS, UNS_KEY, VISIUM_SPOT_DIAMETER_UM
 from .._errors import CorruptFileError
+from .._h5 import open_h5
 from .._patchset import (
     HEST_PATCH_MPP,
     check_unique_barcodes,
@@ -58,8 +58,30 @@ def _read_splits(tdir: Path) -> list[dict]:
                     f"split file {str(p)!r} has columns {list(df.columns)}; expected {sorted(cols)}."
                 )
             fold[name] = df
+        _check_disjoint(tdir, i, fold)
         splits.append(fold)
     return splits
+
+
+def _check_disjoint(tdir: Path, i: int, fold: dict) -> None:
+    """A benchmark never scores what it trained on (issue 20, rule 6): refuse a fold whose test split shares a
+    sample with its train split, by sample id or by the patch or expression file it reads (the same spots
+    under another id)."""
+    train, test = fold["train"], fold["test"]
+    shared = sorted(set(map(str, train["sample_id"])) & set(map(str, test["sample_id"])))
+    for col in ("patches_path", "expr_path"):
+        train_files = {(tdir / str(p)).resolve(): str(s) for s, p in zip(train["sample_id"], train[col])}
+        shared += sorted(
+            f"{s} (test) = {train_files[(tdir / str(p)).resolve()]} (train): same {col} {str(p)!r}"
+            for s, p in zip(test["sample_id"], test[col])
+            if (tdir / str(p)).resolve() in train_files and str(s) not in shared
+        )
+    if shared:
+        raise ValueError(
+            f"HEST-Benchmark split {i} of {str(tdir)!r} tests samples it also trains on: {shared[:5]}"
+            f"{' ...' if len(shared) > 5 else ''} (splits/train_{i}.csv and splits/test_{i}.csv). A model scored "
+            "on its own training spots looks better than it is: fix the split files (download the task again)."
+        )
 
 
 _SIZE_ATTRS = ("patch_size", "patch_size_target")
@@ -147,7 +169,7 @@ def _read_patch_index(p_patch: Path) -> tuple[np.ndarray, list[str], int, float 
     """coords, barcodes, patch size, recorded patch_size_src and slide µm/px of a patch file (pixels are not
     read)."""
     try:
-        with h5py.File(p_patch, "r") as f:
+        with open_h5(p_patch) as f:  # refuses data from outside the file (rule 4)
             missing = [key for key in ("coords", "barcode") if key not in f]
             if missing:
                 raise ValueError(

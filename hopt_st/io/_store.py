@@ -16,7 +16,15 @@ from pathlib import Path
 
 from spatialdata import SpatialData
 
-from .._atomic import atomic_dir, atomic_write_bytes, check_overwrite, fsync_tree, remove, temp_sibling
+from .._atomic import (
+    atomic_dir,
+    atomic_write_bytes,
+    check_overwrite,
+    fsync_tree,
+    mark_ours,
+    remove,
+    temp_sibling,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -144,12 +152,76 @@ def _write_table_alone(name: str, table, path: Path, formats: list):
         return sd.read_zarr(path).tables[name]
 
 
-def write_table_in_place(sdata: SpatialData, name: str) -> None:
-    """Rewrite table ``name`` of a backed SpatialData in its own store, atomically.
+#: how long an in-place table rewrite waits for another process writing the same store
+STORE_LOCK_TIMEOUT_S = 600.0
+
+
+def store_lock(store: str | os.PathLike, timeout: float = STORE_LOCK_TIMEOUT_S):
+    """The lock serialising in-place writes to ``store`` (a ``.<store>.hopt_st.lock`` file beside it, so the
+    store's own files never change for it)."""
+    from .._lock import FileLock
+
+    store = Path(store)
+    path = store.with_name(f".{store.name}.hopt_st.lock")
+    return FileLock(
+        path,
+        timeout,
+        lambda holder: (
+            f"store {str(store)!r} is being written by {holder} (lock file {str(path)!r}; waited {timeout:g} s). "
+            "Wait for that run to finish."
+        ),
+        cleanup=True,
+    )
+
+
+def _merge_uns(ours: dict, theirs: dict) -> dict:
+    """``theirs`` updated with ``ours`` (nested dicts merged, ours wins where both have a value)."""
+    out = dict(theirs)
+    for k, v in ours.items():
+        out[k] = _merge_uns(v, theirs[k]) if isinstance(v, dict) and isinstance(theirs.get(k), dict) else v
+    return out
+
+
+def _merge_from_disk(table, store: Path, name: str) -> None:
+    """Add to ``table`` what another process wrote to the store's table ``name`` since ``table`` was read:
+    ``obsm`` / ``layers`` / ``obsp`` / ``varm`` entries, ``obs`` columns and ``uns`` keys it lacks (its own
+    entries win). Refused when the rows or genes on disk are no longer the table's."""
+    import spatialdata as sd
+
+    if not (store / "tables" / name).is_dir():
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*which is not present in the SpatialData object.*")
+        disk = sd.read_zarr(store, selection=("tables",)).tables.get(name)
+    if disk is None:
+        return
+    if not (disk.obs_names.equals(table.obs_names) and disk.var_names.equals(table.var_names)):
+        raise ValueError(
+            f"table {name!r} of {str(store)!r} was rewritten with other spots or genes since it was read: read "
+            "the store again and redo the step."
+        )
+    for attr in ("obsm", "layers", "obsp", "varm"):
+        mine, theirs = getattr(table, attr), getattr(disk, attr)
+        for k in theirs.keys():
+            if k not in mine:
+                mine[k] = theirs[k]
+                logger.info("kept %s[%r] that another process wrote to %s", attr, k, store)
+    for col in disk.obs.columns:
+        if col not in table.obs.columns:
+            table.obs[col] = disk.obs[col].to_numpy()
+    table.uns = _merge_uns(dict(table.uns), dict(disk.uns))
+
+
+def write_table_in_place(sdata: SpatialData, name: str, *, merge: bool = True) -> None:
+    """Rewrite table ``name`` of a backed SpatialData in its own store, atomically and safely among processes.
 
     The table is written to a scratch store beside the store, read back and checked, then swapped in by
     renaming (the old one is deleted only once the new one is in place) and the consolidated metadata is
     replaced in one rename. On any failure (an invalid key, a full disk) the store is left as it was.
+
+    Concurrent writers never lose each other's work (issue 20, rule 3): the rewrite holds the store's lock
+    (:func:`store_lock`), and with ``merge`` first re-reads the table on disk and keeps the entries another
+    process added since ``sdata`` was read (e.g. two ``hopt-st embed`` runs of different models on one store).
 
     Parameters
     ----------
@@ -170,6 +242,15 @@ def write_table_in_place(sdata: SpatialData, name: str) -> None:
         validate_table_attr_keys(table)
     except (ValidationError, ValueError) as e:
         raise ValueError(f"table {name!r} cannot be written to {str(store)!r}: {NAME_RULE}. {e}") from None
+    with store_lock(store):
+        if merge:
+            _merge_from_disk(table, store, name)
+        _write_table_locked(store, name, table)
+    logger.info("rewrote table %r in %s", name, store)
+
+
+def _write_table_locked(store: Path, name: str, table) -> None:
+    """The rewrite of :func:`write_table_in_place`, under the store's lock."""
     formats, meta_file = _store_format(store)
     scratch = _scratch_dir(store)
     # swap the table, or the whole "tables" group when the store has none yet
@@ -183,7 +264,6 @@ def write_table_in_place(sdata: SpatialData, name: str) -> None:
         _swap_in(scratch / rel, store / rel, scratch, store / meta_file if metadata else None, metadata)
     finally:
         remove(scratch)
-    logger.info("rewrote table %r in %s", name, store)
 
 
 def _swap_in(new: Path, dest: Path, scratch: Path, meta_path: Path | None, metadata: bytes | None) -> None:
@@ -236,4 +316,5 @@ def write_sdata(sdata: SpatialData, path: str | os.PathLike, *, overwrite: bool 
     with atomic_dir(path) as scratch:  # the old store is deleted only once the new one is in place
         sdata.write(scratch, update_sdata_path=False)
         _consolidate(scratch)
+        mark_ours(scratch, "store")  # a store of ours: one that overwrite=True may replace (rule 1)
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -19,6 +20,7 @@ from .._constants import (
     VISIUM_SPOT_DISTANCE_UM,
 )
 from .._errors import CorruptFileError
+from .._h5 import check_h5_file
 from ._coords import add_micrometers
 from ._counts import check_h5_readable, check_spots, ensure_raw_counts
 from ._elements import get_spot_table, spot_centers
@@ -102,6 +104,10 @@ def _spatialdata_io_visium(path: Path, **kwargs) -> SpatialData:
     such (:class:`CorruptFileError` naming it)."""
     import spatialdata_io
 
+    counts = path / kwargs.get("counts_file", "filtered_feature_bc_matrix.h5")
+    if counts.suffix == ".h5" and counts.is_file():
+        with contextlib.suppress(OSError):  # not HDF5 at all: spatialdata_io's error, reported below
+            check_h5_file(counts)  # refuses data from outside the file (rule 4)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings(
@@ -109,7 +115,6 @@ def _spatialdata_io_visium(path: Path, **kwargs) -> SpatialData:
             )
             return spatialdata_io.visium(path, **kwargs)
     except Exception:
-        counts = path / kwargs.get("counts_file", "filtered_feature_bc_matrix.h5")
         if counts.suffix == ".h5":
             check_h5_readable(counts)  # raises CorruptFileError naming the file when that is the cause
         raise

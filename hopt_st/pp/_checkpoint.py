@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import time
 import zipfile
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from .._atomic import TMP_SUFFIX, atomic_write_bytes
 from .._errors import CorruptFileError
+from .._lock import FileLock
 
 logger = logging.getLogger(__name__)
 
@@ -35,42 +35,16 @@ LOCK_TIMEOUT_S = 10.0
 _START_OVER = "delete the checkpoint_dir (or pass a new one) to start over"
 
 
-class _DirLock:
-    """An exclusive ``flock`` on a lock file: released by :meth:`release` or when the process dies."""
-
-    def __init__(self, path: Path, timeout: float):
-        self.path, self.timeout, self._fd = path, float(timeout), None
-
-    def acquire(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX: no lock, say so once
-            logger.debug("no fcntl on this platform: checkpoint directory %s is not locked", self.path.parent)
-            return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                    os.close(fd)
-                    raise TimeoutError(
-                        f"checkpoint_dir {str(self.path.parent)!r} is in use by {holder} (lock file "
-                        f"{str(self.path)!r}; waited {self.timeout:g} s). Wait for that run to finish, or use "
-                        "another checkpoint_dir."
-                    ) from None
-                time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the lock
-            self._fd = None
+def _DirLock(path: Path, timeout: float) -> FileLock:  # noqa: N802 - the checkpoint directory's lock
+    """An exclusive lock on a checkpoint directory's lock file (:class:`hopt_st._lock.FileLock`)."""
+    return FileLock(
+        path,
+        timeout,
+        lambda holder: (
+            f"checkpoint_dir {str(path.parent)!r} is in use by {holder} (lock file {str(path)!r}; waited "
+            f"{timeout:g} s). Wait for that run to finish, or use another checkpoint_dir."
+        ),
+    )
 
 
 def _read_manifest(path: Path) -> dict:

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .._atomic import atomic_write_bytes
+from .._atomic import atomic_write_bytes, check_not_input
 from .._docs import inject_docs
 from .._patchset import Patches
 from ..io._cohort import model_dirname, read_cohort, read_sample, sample_files
@@ -142,10 +142,10 @@ def _row(sample: str, status: str, n_spots=None, seconds=None, error: str = "") 
 
 
 def _n_rows(path: Path) -> int | None:
-    import h5py
+    from .._h5 import open_h5
 
     try:
-        with h5py.File(path, "r") as f:
+        with open_h5(path) as f:
             return int(f["embeddings"].shape[0])
     except (OSError, KeyError):
         return None
@@ -232,14 +232,18 @@ class _Status:
     def __init__(self, path: Path, order: list[str]):
         self.path, self.order = path, order
         self.rows: dict[str, dict] = {}
-        self.previous = pd.DataFrame(columns=STATUS_COLUMNS)
-        if path.is_file():
+        self.previous = self._read()
+
+    def _read(self) -> pd.DataFrame:
+        """The rows in the status file now (another run into the same folder may have written some)."""
+        if self.path.is_file():
             try:
-                prev = pd.read_csv(path, dtype={"sample": str, "error": str}, keep_default_na=False)
+                prev = pd.read_csv(self.path, dtype={"sample": str, "error": str}, keep_default_na=False)
                 if set(STATUS_COLUMNS) <= set(prev.columns):
-                    self.previous = prev[STATUS_COLUMNS]
+                    return prev[STATUS_COLUMNS]
             except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-                logger.warning("%s is unreadable; it is rewritten.", path)
+                logger.warning("%s is unreadable; it is rewritten.", self.path)
+        return pd.DataFrame(columns=STATUS_COLUMNS)
 
     def record(self, row: dict, write: bool = True) -> None:
         self.rows[row["sample"]] = row
@@ -254,12 +258,18 @@ class _Status:
         return df
 
     def write(self) -> None:
-        current = self.frame()
-        keep = self.previous[~self.previous["sample"].isin(current["sample"])]
-        merged = pd.concat([keep, current], ignore_index=True) if len(keep) else current
-        buf = io.StringIO()
-        merged.to_csv(buf, index=False)
-        atomic_write_bytes(self.path, buf.getvalue().encode())
+        """Under the status file's lock, re-read it and rewrite it with this run's rows: two runs into one
+        folder never drop each other's rows (issue 20, rule 3)."""
+        from .._lock import FileLock
+
+        with FileLock(self.path.with_name(f".{self.path.name}.lock"), 600.0, cleanup=True):
+            self.previous = self._read()
+            current = self.frame()
+            keep = self.previous[~self.previous["sample"].isin(current["sample"])]
+            merged = pd.concat([keep, current], ignore_index=True) if len(keep) else current
+            buf = io.StringIO()
+            merged.to_csv(buf, index=False)
+            atomic_write_bytes(self.path, buf.getvalue().encode())
 
 
 def _one_line(exc: BaseException) -> str:
@@ -334,8 +344,22 @@ def _plan(table, cmodel: CohortModel, folder: Path, status: _Status, **job_args)
     for row in table.to_dict("records"):
         sid = row["sample_id"]
         path = folder / f"{sid}.h5"
-        job = sample_job(row, cmodel, path, **job_args)
-        existing = _existing_fingerprint(path)
+        if row.get("problem"):  # one bad sample never stops a cohort (rule 10): recorded, the others go on
+            status.record(_row(sid, "failed", error=f"ValueError: {row['problem']}"), write=False)
+            continue
+        try:  # an output never replaces an input (rule 1): e.g. a patch file at <out_dir>/<model>/<sid>.h5
+            check_not_input(
+                path, inputs=[row.get(c) for c in ("source", "image", "counts")], what="output file"
+            )
+        except Exception as e:  # noqa: BLE001 - recorded, the others go on (rule 10)
+            status.record(_row(sid, "failed", error=_one_line(e)), write=False)
+            continue
+        try:
+            job = sample_job(row, cmodel, path, **job_args)
+            existing = _existing_fingerprint(path)
+        except Exception as e:  # noqa: BLE001 - e.g. a source whose files cannot be listed (ELOOP, EACCES)
+            status.record(_row(sid, "failed", error=_one_line(e)), write=False)
+            continue
         if existing == job.fingerprint and not job.overwrite:
             status.record(_row(sid, "skipped", _n_rows(path), 0.0), write=False)
         elif existing is not None and not job.overwrite:
@@ -452,7 +476,7 @@ def embed_cohort(
             torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device={device!r} is not a torch device ({e}).") from None
-    table = _select_shard(read_cohort(cohort), shard)
+    table = _select_shard(read_cohort(cohort, keep_bad=True), shard)  # bad rows are recorded as failed
     cmodel = cohort_model(model, weights, dtype)
     spec = cmodel.spec
     folder = Path(out_dir) / model_dirname(spec.name)

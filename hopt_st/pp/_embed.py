@@ -103,19 +103,11 @@ def _describe_source(source: Patches) -> str:
 
 
 def _copy(data):
-    """A copy to write into (``copy=True``): an AnnData's ``.copy()``; for a SpatialData a new object that shares
-    its (read-only) images, shapes, points and labels and holds copies of its tables."""
-    if isinstance(data, AnnData):
-        return data.copy()
-    if isinstance(data, SpatialData):
-        return SpatialData(
-            images=dict(data.images),
-            labels=dict(data.labels),
-            points=dict(data.points),
-            shapes=dict(data.shapes),
-            tables={k: v.copy() for k, v in data.tables.items()},
-            attrs=dict(data.attrs),
-        )
+    """A copy to write into (``copy=True``) that shares nothing mutable with ``data`` (:mod:`hopt_st._copying`)."""
+    from .._copying import deep_copy
+
+    if isinstance(data, AnnData | SpatialData):
+        return deep_copy(data)
     raise TypeError(f"pp.embed: copy=True applies to a SpatialData or AnnData, not to {type(data).__name__}.")
 
 

@@ -54,6 +54,13 @@ SHAPES = ("square", "hex")
 _MASK_MAX_UM = 8.0
 #: and sampled at this many x this many points over each tile's footprint
 _SAMPLES = 9
+#: plausible geometry (rule 8: memory bounded by what is real, checked before allocating): no pseudo-spot finer
+#: than Visium HD's 2 µm bins, at most this many tiles, a tissue mask of at most this many pixels, and tiles
+#: measured this many at a time
+MIN_SPACING_UM = 2.0
+MAX_TILES = 5_000_000
+_MAX_MASK_PX = 64_000_000
+_TILE_BLOCK = 50_000
 
 
 def _geometry(preset, spacing_um, size_um, shape) -> tuple[float, float, str]:
@@ -74,7 +81,26 @@ def _geometry(preset, spacing_um, size_um, shape) -> tuple[float, float, str]:
     for name, v in (("spacing_um", spacing), ("size_um", size)):
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"{name} = {v!r} must be a positive number of µm.")
+        if v < MIN_SPACING_UM:
+            raise ValueError(
+                f"{name} = {v!r} µm is not a plausible pseudo-spot geometry: it must be at least "
+                f"{MIN_SPACING_UM:g} µm (Visium HD's bins; each tile is embedded from a whole 112 µm patch). "
+                "Use e.g. preset='visium' (55 µm spots every 100 µm) or 'tiles' (112 µm)."
+            )
     return spacing, size, shape
+
+
+def check_tile_count(width_um: float, height_um: float, spacing: float, shape: str, image_key: str) -> int:
+    """The number of lattice points over the image, refused (``ValueError``) above :data:`MAX_TILES` before
+    anything is allocated."""
+    row_step = spacing * math.sqrt(3) / 2 if shape == "hex" else spacing
+    n = (math.floor(max(width_um, 0) / spacing) + 1) * (math.floor(max(height_um, 0) / row_step) + 1)
+    if n > MAX_TILES:
+        raise ValueError(
+            f"a grid every {spacing:g} µm over image {image_key!r} ({width_um / 1000:.3g} x {height_um / 1000:.3g} "
+            f"mm) would have about {n:,} tiles, more than {MAX_TILES:,}: choose a larger spacing_um."
+        )
+    return n
 
 
 def _lattice(width_um: float, height_um: float, spacing: float, size: float, shape: str):
@@ -176,14 +202,19 @@ def _footprint_offsets(size: float, shape: str) -> np.ndarray:
 
 def _tissue_fraction(region, centers_um, size, shape, mpp0, height_px, width_px) -> np.ndarray:
     """Fraction of each tile's footprint on tissue (sampled on a mask of at most 8 µm per pixel)."""
-    res_um = min(_MASK_MAX_UM, size / 10)
+    area_um2 = height_px * width_px * mpp0**2
+    res_um = max(min(_MASK_MAX_UM, size / 10), math.sqrt(area_um2 / _MAX_MASK_PX))  # bounded mask size
     px = res_um / mpp0  # level-0 px per mask px
     mh, mw = int(math.ceil(height_px / px)), int(math.ceil(width_px / px))
     mask = _rasterize(region, mh, mw, px)
-    pts = centers_um[:, None, :] + _footprint_offsets(size, shape)[None]  # (n, k, 2) µm
-    col = np.clip((pts[..., 0] / res_um).astype(np.int64), 0, mw - 1)
-    row = np.clip((pts[..., 1] / res_um).astype(np.int64), 0, mh - 1)
-    return mask[row, col].mean(axis=1)
+    offsets = _footprint_offsets(size, shape)[None]
+    out = np.empty(len(centers_um))
+    for a in range(0, len(centers_um), _TILE_BLOCK):  # bounded memory: a block of tiles at a time
+        pts = centers_um[a : a + _TILE_BLOCK, None, :] + offsets  # (n, k, 2) µm
+        col = np.clip((pts[..., 0] / res_um).astype(np.int64), 0, mw - 1)
+        row = np.clip((pts[..., 1] / res_um).astype(np.int64), 0, mh - 1)
+        out[a : a + _TILE_BLOCK] = mask[row, col].mean(axis=1)
+    return out
 
 
 def _grid_shapes(xy_px: np.ndarray, size_px: float, shape: str, transformations: dict) -> GeoDataFrame:
@@ -314,6 +345,7 @@ def tile_grid(
     mpp0 = get_image_mpp(sdata, image_key=image_key, image_mpp=image_mpp)
     image = sdata.images[image_key]
     height, width = level_shape(image_levels(image)[0])
+    check_tile_count(width * mpp0, height * mpp0, spacing, shape, image_key)  # before allocating (rule 8)
     centers_um, row, col = _lattice(width * mpp0, height * mpp0, spacing, size, shape)
     if tissue_key is None:
         fraction = np.ones(len(centers_um))

@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 DETECTION_MPP = 8.0
 #: saturations below this count as this (log domain)
 _SAT_FLOOR = 1e-3
+#: background (glass) is taken to be in view when at least this fraction of the view is glass-like
+#: (saturation below twice ``min_saturation``); below it, Otsu's method would split the tissue itself
+NO_BACKGROUND_FRACTION = 0.01
+BACKGROUNDS = ("auto", "present", "absent")
 
 
 def _choose_level(shapes: list[tuple[int, int]], mpp0: float, detection_mpp: float) -> int:
@@ -113,6 +117,44 @@ def _polygons(mask: np.ndarray, scale: tuple[float, float]) -> list[shapely.Poly
     return out
 
 
+def _check_background(
+    sat: np.ndarray, threshold: float, min_saturation: float, background: str, key
+) -> float:
+    """The threshold to use once it is known whether background is in view (see :func:`detect_tissue`):
+    ``-1`` (everything is tissue) when none is, the glass level when Otsu's threshold fell inside the tissue."""
+    if background == "present":
+        return threshold
+    glass_level = 2.0 * min_saturation
+    glass = float((sat < glass_level).mean())
+    if background == "absent":
+        return -1.0
+    if glass < NO_BACKGROUND_FRACTION:
+        logger.warning(
+            "detect_tissue: no background in view of image %r (%.2f %% of it is glass-like, saturation < %.3g): "
+            "Otsu's threshold (%.3f) would split the tissue itself, so the whole image is taken as tissue. If "
+            "there is glass, pass background='present' (and min_saturation) to threshold anyway.",
+            key,
+            100 * glass,
+            glass_level,
+            threshold,
+        )
+        return -1.0
+    below = sat[sat <= threshold]
+    if below.size and float(np.median(below)) > glass_level:
+        logger.warning(
+            "detect_tissue: Otsu's threshold %.3f on image %r falls inside the tissue (the pixels below it have a "
+            "median saturation of %.3f, not glass-like): only glass-like pixels (saturation < %.3g) are taken as "
+            "background. Pass background='present' to keep Otsu's threshold, or background='absent' to take the "
+            "whole image as tissue.",
+            threshold,
+            key,
+            float(np.median(below)),
+            glass_level,
+        )
+        return glass_level
+    return threshold
+
+
 @inject_docs()
 def detect_tissue(
     sdata: SpatialData,
@@ -125,6 +167,7 @@ def detect_tissue(
     min_saturation: float = 0.05,
     min_object_um2: float = 20_000.0,
     max_hole_um2: float = 10_000.0,
+    background: str = "auto",
     overwrite: bool = False,
 ) -> None:
     """Find the tissue on an H&E slide and store its outline as polygons.
@@ -136,6 +179,12 @@ def detect_tissue(
     below ``min_saturation`` (bare glass is grey-white, H&E-stained tissue is pink to
     purple). Holes up to ``max_hole_um2`` are filled and pieces smaller than ``min_object_um2`` (dust,
     debris) dropped; each remaining piece becomes one polygon with its larger holes.
+
+    Tissue detection says when it cannot tell (issue 20, rule 9). With no background in view (less than 1 % of
+    the view glass-like, below twice ``min_saturation``: an ROI export, a TMA core, a crop inside the tissue)
+    Otsu's method would split the tissue itself, so the whole image is taken as tissue; when Otsu's threshold
+    falls inside the tissue (the pixels below it are not glass-like), glass-like pixels only are background.
+    Both are logged as warnings saying how to override (``background=``).
 
     Parameters
     ----------
@@ -158,6 +207,9 @@ def detect_tissue(
         Pieces of tissue smaller than this (µm²) are dropped.
     max_hole_um2
         Holes in the tissue up to this size (µm²) are filled; larger ones (lumens, tears) stay holes.
+    background
+        ``"auto"``: decide from the view as described above; ``"present"``: always threshold (Otsu, never
+        below ``min_saturation``); ``"absent"``: the whole image is tissue.
     overwrite
         {overwrite}
 
@@ -175,6 +227,8 @@ def detect_tissue(
         No tissue found (blank or very faint slide; the message gives the threshold used), an existing
         ``key_added`` without ``overwrite``, or an unknown pixel size.
     """
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background = {background!r} must be one of {BACKGROUNDS}.")
     image_key = resolve_image_key(sdata, image_key)
     check_new_element(sdata, key_added, "shapes", overwrite)
     detection_mpp = check_mpp(detection_mpp, "detection_mpp")
@@ -199,6 +253,7 @@ def detect_tissue(
     log_sat = np.log(np.maximum(sat, _SAT_FLOOR))
     otsu = float(np.exp(threshold_otsu(log_sat))) if np.ptp(log_sat) > 0 else 1.0
     threshold = max(otsu, float(min_saturation))
+    threshold = _check_background(sat, threshold, float(min_saturation), background, image_key)
     mask = _clean(sat > threshold, min_object_um2 / view_mpp**2, max_hole_um2 / view_mpp**2)
     polygons = _polygons(mask, (sy, sx))
     if not polygons:

@@ -14,6 +14,7 @@ from anndata import AnnData
 from spatialdata.models import TableModel, get_table_keys
 
 from .._constants import UNS_KEY
+from .._copying import detached
 from ._targets import target_matrix
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def prediction_table(spots: AnnData, predictions: pd.DataFrame, meta: dict) -> A
     AnnData
         ``X`` float32 predictions, ``var_names`` the genes, ``obs`` a copy of ``spots.obs``,
         ``layers["measured"]`` the measured values in the same target space (when ``spots`` measures the
-        genes), ``obsm["spatial"]`` and ``uns["spatial"]`` as in ``spots`` (so squidpy draws it on the H&E),
+        genes), ``obsm["spatial"]`` and ``uns["spatial"]`` copied from ``spots`` (so squidpy draws it on the H&E),
         ``uns["hopt_st"]["prediction"] = meta``; a spatialdata ``TableModel`` annotating the same element as
         ``spots`` when ``spots`` is one.
     """
@@ -76,8 +77,8 @@ def prediction_table(spots: AnnData, predictions: pd.DataFrame, meta: dict) -> A
         pred.layers[MEASURED_LAYER] = np.asarray(measured, dtype=np.float32)
     if "spatial" in spots.obsm:
         pred.obsm["spatial"] = np.array(spots.obsm["spatial"], copy=True)
-    if "spatial" in spots.uns:  # scanpy's images and scale factors, shared (not copied)
-        pred.uns["spatial"] = spots.uns["spatial"]
+    if "spatial" in spots.uns:  # scanpy's images and scale factors: a deep copy, nothing shared (rule 5)
+        pred.uns["spatial"] = detached(spots.uns["spatial"])
     pred.uns[UNS_KEY] = {"prediction": dict(meta)}
     if TableModel.ATTRS_KEY in spots.uns:
         region, region_key, instance_key = get_table_keys(spots)

@@ -271,10 +271,16 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
                 fix="save the regressor again (ExpressionRegressor.save) or copy it again.",
             ) from None
         if meta is None:
-            raise ValueError(f"{path} was not written by ExpressionRegressor.save (no hopt_st metadata).")
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path}: unsupported format {meta.get('format')!r} (expected {_FORMAT}).")
-        reg = cls(**meta["params"], alphas=meta["alphas"])
+            raise CorruptFileError(
+                path, f"{str(path)!r} was not written by ExpressionRegressor.save (no hopt_st metadata)."
+            )
+        meta = _check_regressor_file(
+            path, meta, tensors
+        )  # everything predict relies on, checked now (rule 7)
+        try:
+            reg = cls(**meta["params"], alphas=meta["alphas"])
+        except TypeError as e:  # pragma: no cover - the parameter names are checked above
+            raise CorruptFileError(path, f"regressor file {str(path)!r}: {e}") from None
         reg.genes_ = meta["genes"]
         reg.n_features_in_ = meta["n_features_in"]
         reg.use_rep, reg.target = meta["use_rep"], meta["target"]
@@ -301,6 +307,115 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
             reg.mlp_.eval()
             reg.mlp_norm_ = {k[5:]: v for k, v in tensors.items() if k.startswith("norm.")}
         return reg
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a regressor file, checked completely at load
+# ------------------------------------------------------------------------------------------------------------
+#: metadata keys of a regressor file and the types their values may have
+_META_TYPES: dict[str, tuple] = {
+    "format": (str,),
+    "params": (dict,),
+    "alphas": (list, type(None)),
+    "genes": (list,),
+    "n_features_in": (int,),
+    "use_rep": (str, type(None)),
+    "target": (str,),
+    "layer": (str, type(None)),
+    "spatial_context": (bool,),
+    "provenance": (dict, type(None)),
+    "y_1d": (bool,),
+}
+_OPTIONAL_META = ("layer", "provenance", "y_1d")
+
+
+def _check_regressor_file(path: Path, meta, tensors: dict[str, np.ndarray]) -> dict:
+    """Refuse (:class:`CorruptFileError`, naming ``path``) a regressor file that :meth:`ExpressionRegressor.load`
+    could read but ``predict`` could not use, or would use to give wrong numbers: unknown format, missing or
+    mistyped metadata, parameters the regressor does not take, tensors missing, extra, mis-shaped or holding
+    NaN/inf, genes that do not match the coefficients. Returns ``meta``."""
+    import inspect
+
+    def bad(what: str) -> CorruptFileError:
+        return CorruptFileError(
+            path,
+            f"regressor file {str(path)!r} {what}: it was not written by ExpressionRegressor.save or was edited "
+            "since. Save the regressor again (ExpressionRegressor.save) or copy the original file.",
+        )
+
+    if not isinstance(meta, dict):
+        raise bad(f"has metadata of type {type(meta).__name__}, not a JSON object")
+    if meta.get("format") != _FORMAT:
+        raise bad(f"has format {meta.get('format')!r} (expected {_FORMAT!r})")
+    for key, types in _META_TYPES.items():
+        if key not in meta:
+            if key in _OPTIONAL_META:
+                continue
+            raise bad(f"has no {key!r} in its metadata")
+        if not isinstance(meta[key], types) or (int in types and isinstance(meta[key], bool)):
+            raise bad(f"has {key}={meta[key]!r} ({type(meta[key]).__name__})")
+    unknown = sorted(set(meta) - set(_META_TYPES))
+    if unknown:
+        raise bad(f"has unknown metadata {unknown}")
+    allowed = set(inspect.signature(ExpressionRegressor.__init__).parameters) - {"self", *_NOT_IN_PARAMS}
+    extra = sorted(set(meta["params"]) - allowed)
+    if extra:
+        raise bad(
+            f"has parameters {extra} that ExpressionRegressor does not take (it takes {sorted(allowed)})"
+        )
+    method = meta["params"].get("method", "ridge")
+    if method not in METHODS:
+        raise bad(f"has method={method!r} (not one of {METHODS})")
+    if meta["target"] not in TARGETS:
+        raise bad(f"has target={meta['target']!r} (not one of {TARGETS})")
+    if meta["alphas"] is not None and not all(
+        isinstance(a, int | float) and not isinstance(a, bool) and np.isfinite(a) and a > 0
+        for a in meta["alphas"]
+    ):
+        raise bad(f"has alphas={meta['alphas']!r} (need finite numbers > 0)")
+    genes, d = meta["genes"], meta["n_features_in"]
+    if not genes or not all(isinstance(g, str) for g in genes) or len(set(genes)) != len(genes):
+        raise bad(f"has genes {genes[:5]!r}... (need a non-empty list of distinct names)")
+    if d < 1:
+        raise bad(f"has n_features_in={d}")
+    g = len(genes)
+    if meta.get("y_1d") and g != 1:
+        raise bad(f"records a 1-D target but {g} genes")
+    if method == "mlp":
+        h = tensors.get("mlp.0.weight", np.empty((0, 0))).shape[0]
+        shapes = {
+            "mlp.0.weight": (h, d),
+            "mlp.0.bias": (h,),
+            "mlp.3.weight": (g, h),
+            "mlp.3.bias": (g,),
+            "norm.x_mean": (d,),
+            "norm.x_std": (d,),
+            "norm.y_mean": (g,),
+            "norm.y_std": (g,),
+        }
+    else:
+        shapes = {"linear.x_mean": (d,), "linear.coef": (d, g), "linear.intercept": (g,)}
+    missing = sorted(set(shapes) - set(tensors))
+    if missing:
+        raise bad(f"({method}) has no tensor {missing}")
+    extra = sorted(set(tensors) - set(shapes) - {"alpha"})
+    if extra:
+        raise bad(f"({method}) has unexpected tensors {extra}")
+    if "alpha" in tensors:
+        shapes["alpha"] = (g,) if tensors["alpha"].ndim == 1 else ()
+    for key, shape in shapes.items():
+        t = tensors[key]
+        if t.shape != shape:
+            raise bad(f"has tensor {key!r} of shape {t.shape}, expected {shape} ({d} features, {g} genes)")
+        if not np.issubdtype(t.dtype, np.floating):
+            raise bad(f"has tensor {key!r} of dtype {t.dtype}, expected floating point")
+        n_bad = int(np.size(t) - np.isfinite(t).sum())
+        if n_bad:
+            raise bad(f"has {n_bad} NaN/inf values in tensor {key!r}, which would make every prediction NaN")
+    for key in ("norm.x_std", "norm.y_std"):
+        if key in tensors and not (tensors[key] > 0).all():
+            raise bad(f"has non-positive values in {key!r}")
+    return meta
 
 
 def _embeddings(adata, use_rep: str, spatial_context: bool) -> np.ndarray:
@@ -480,7 +595,18 @@ def predict_expression(
             f"obsm[{use_rep!r}] has {X.shape[1]} features but the regressor was fitted on {n_in} "
             f"(use_rep={regressor.use_rep!r}); use embeddings from the same model."
         )
-    pred = np.asarray(regressor.predict(X), dtype=np.float32).reshape(X.shape[0], -1)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below, naming the genes
+        pred = np.asarray(regressor.predict(X), dtype=np.float32).reshape(X.shape[0], -1)
+    finite = np.isfinite(pred)
+    if (
+        not finite.all()
+    ):  # finite embeddings and coefficients can still overflow (rule 7, the other direction)
+        genes = [g for g, ok in zip(regressor.genes_, finite.all(axis=0)) if not ok]
+        raise ValueError(
+            f"the regressor gives NaN/inf for {int((~finite).sum())} of {pred.size} predicted values (genes "
+            f"{genes[:5]}{'...' if len(genes) > 5 else ''}) from obsm[{use_rep!r}]: the embeddings are far outside "
+            "the range the regressor was fitted on. Check that they come from the regressor's model and weights."
+        )
     df = pd.DataFrame(pred, index=adata.obs_names.copy(), columns=list(regressor.genes_))
     meta = {
         "genes": list(regressor.genes_),
