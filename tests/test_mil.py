@@ -266,3 +266,112 @@ def test_attention_is_written_to_the_slide_grid(slide_cohort, tmp_path):
         hs.tl.mil_attention(sdata, model)
     with h5py.File(bags.paths[0], "r") as f:
         assert f["embeddings"].shape[0] == grid.n_obs
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+@pytest.mark.usefixtures("cli_process_state")
+def test_cli_mil_cross_validates_and_predict_scores_one_slide(slide_cohort, tmp_path, capsys):
+    from hopt_st._cli import main
+
+    root, _ = slide_cohort
+    # four more bags of the same two slides' embeddings under other names: a cohort of 6 slides, 3 patients
+    for k in range(4):
+        src = hs.io.read_embeddings(root / "emb" / "handcrafted" / f"{'ab'[k % 2]}.h5")
+        hs.io.write_embeddings(
+            tmp_path / "emb" / "handcrafted" / f"x{k}.h5",
+            src.embeddings,
+            src.barcodes,
+            coords=src.coords,
+            provenance=src.provenance,
+        )
+    for s in "ab":
+        (tmp_path / "emb" / "handcrafted" / f"{s}.h5").write_bytes(
+            (root / "emb" / "handcrafted" / f"{s}.h5").read_bytes()
+        )
+    labels = pd.DataFrame(
+        {
+            "sample_id": ["a", "b", "x0", "x1", "x2", "x3"],
+            "patient": list("ppqqrr"),
+            "MSI": [0, 1, 0, 1, 0, 1],
+        }
+    )
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    args = [
+        "-q",
+        "mil",
+        "--labels",
+        tmp_path / "labels.csv",
+        "--target",
+        "MSI",
+        "--model",
+        "handcrafted",
+        "--embeddings",
+        tmp_path / "emb",
+        "--folds",
+        "3",
+        "--inner-folds",
+        "2",
+        "--lrs",
+        "1e-3",
+        "--steps",
+        "2,4",
+        "--out",
+        tmp_path / "out",
+    ]
+    assert main([str(a) for a in args]) == 0
+    out = capsys.readouterr().out
+    assert "abmil" in out and "meanpool" in out
+    res = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert list(res.columns) == hs.tl._mil_protocol.MIL_RESULT_COLUMNS
+    assert len(res) == 6 and set(res["metric"]) == {"auc"}
+    att = pd.read_csv(tmp_path / "out" / "attention" / "a.csv")
+    assert np.isclose(att["attention"].sum(), 1.0) and len(att) == len(
+        hs.io.read_embeddings(root / "emb" / "handcrafted" / "a.h5")
+    )
+    assert main([str(a) for a in args]) == 1  # refuses to overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    # one slide scored with the saved ABMIL; a model of other embeddings is refused before any tile is cut
+    zarr = tmp_path / "s0_mil.zarr"
+    assert (
+        main(
+            [
+                "-q",
+                "predict",
+                str(root / "s0.tif"),
+                "--mil",
+                str(tmp_path / "out" / "abmil.safetensors"),
+                "--model",
+                "handcrafted",
+                "--out",
+                str(zarr),
+            ]
+        )
+        == 0
+    )
+    assert "P(1)=" in capsys.readouterr().out
+    import spatialdata as sd
+
+    grid = sd.read_zarr(zarr).tables["grid"]
+    assert np.allclose(
+        grid.obs["attention"].to_numpy(),
+        att.set_index("tile_id").loc[grid.obs_names, "attention"].to_numpy(),
+        atol=1e-5,
+    )
+    assert (tmp_path / "s0_mil_attention.png").is_file()
+    assert (
+        main(
+            [
+                "-q",
+                "predict",
+                str(root / "s0.tif"),
+                "--mil",
+                str(tmp_path / "out" / "abmil.safetensors"),
+                "--model",
+                "h-optimus-1",
+                "--out",
+                str(tmp_path / "other.zarr"),
+            ]
+        )
+        == 1
+    )
+    assert "fitted on 'handcrafted' embeddings" in capsys.readouterr().err
