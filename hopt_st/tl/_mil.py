@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 TASKS = ("binary", "multiclass", "regression")
 _FORMAT = "hopt_st.mil/1"
 _EPS = 1e-6
+_CHUNK = 2048  # tiles per chunk of the input moments
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -185,10 +186,14 @@ def _tile_moments(bags: Bags) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and standard deviation over all tiles of all bags (one pass, one bag at a time)."""
     n, s, ss = 0, None, None
     for i in range(len(bags)):
-        x = bags.arrays(i).astype(np.float64)
+        x = bags.arrays(i)
         _check_dim(x, None if s is None else len(s), f"bag {bags.sample_ids[i]!r}")
-        s = x.sum(0) if s is None else s + x.sum(0)
-        ss = (x * x).sum(0) if ss is None else ss + (x * x).sum(0)
+        if s is None:
+            s, ss = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+        for j in range(0, len(x), _CHUNK):  # float64 sums, a chunk at a time (no float64 copy of the bag)
+            c = x[j : j + _CHUNK].astype(np.float64)
+            s += c.sum(0)
+            ss += (c * c).sum(0)
         n += len(x)
     mean = s / n
     std = np.sqrt(np.maximum(ss / n - mean**2, 0.0))
@@ -315,7 +320,7 @@ class ABMIL(BaseEstimator):
         else:
             loss_fn = torch.nn.CrossEntropyLoss()
             yt = torch.as_tensor(y_enc)
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
             torch.manual_seed(
                 int(self.seed) + 1
             )  # dropout's stream; the caller's random state is left as it was
@@ -446,7 +451,7 @@ def bag_means(bags) -> np.ndarray:
     for i in range(len(bags)):
         x = bags.arrays(i)
         _check_dim(x, rows[0].shape[0] if rows else None, f"bag {bags.sample_ids[i]!r}")
-        rows.append(x.astype(np.float64).mean(0))
+        rows.append(x.mean(0, dtype=np.float64))
     return np.vstack(rows)
 
 
