@@ -1,4 +1,4 @@
-"""The ``hopt-st`` command line: ``demo``, ``embed``, ``embed-cohort``, ``predict``, ``bench``, ``models``.
+"""The ``hopt-st`` command line: ``demo``, ``embed``, ``embed-cohort``, ``predict``, ``mil``, ``bench``, ``models``.
 
 Errors end the program with a non-zero exit code and a one-line reason on stderr; ``--verbose`` adds the
 traceback. ``--quiet`` hides progress bars and informational messages.
@@ -489,9 +489,16 @@ def embed_cohort(
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.option(
     "--regressor",
-    required=True,
+    default=None,
     type=click.Path(dir_okay=False, path_type=Path),
     help="A regressor saved with ExpressionRegressor.save (fitted on --model embeddings).",
+)
+@click.option(
+    "--mil",
+    "mil",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Instead of --regressor: a slide-level model saved by `hopt-st mil` (ABMIL / mean pooling).",
 )
 @_model_option("The encoder the regressor was fitted on, e.g. h-optimus-1.")
 @_weights_option("Local weights of --model.")
@@ -524,6 +531,7 @@ def embed_cohort(
 def predict(
     slide,
     regressor,
+    mil,
     model,
     weights,
     image_mpp,
@@ -548,6 +556,28 @@ def predict(
       hopt-st predict slide.tif --regressor ridge_handcrafted --model handcrafted --image-mpp 0.25 \\
           --genes GENE0003,GENE0010 --out slide_pred.zarr
     """
+    if (regressor is None) == (mil is None):
+        raise click.UsageError(
+            "pass one of --regressor (expression maps) or --mil (a slide-level prediction)."
+        )
+    if mil is not None:
+        from ._mil_run import run_predict_mil
+
+        res = run_predict_mil(
+            slide,
+            mil,
+            model=model,
+            out=out,
+            weights=weights,
+            image_mpp=image_mpp,
+            image_key=image_key,
+            batch_size=batch_size,
+            device=device,
+            overwrite=overwrite,
+            progress=not _STATE["quiet"],
+        )
+        click.echo(res["report"])
+        return
     from ._predict import run_predict
 
     res = run_predict(
@@ -562,6 +592,99 @@ def predict(
         min_tissue_fraction=min_tissue_fraction,
         image_key=image_key,
         batch_size=batch_size,
+        device=device,
+        overwrite=overwrite,
+        progress=not _STATE["quiet"],
+    )
+    click.echo(res["report"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("cohort", required=False, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--labels",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CSV: sample_id, patient and label columns.",
+)
+@click.option("--target", required=True, help="Label column; comma-separated columns for bulk expression.")
+@_model_option("The encoder the slides are (or will be) embedded with, e.g. h-optimus-1.")
+@_weights_option()
+@click.option(
+    "--embeddings",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of the slides' embedding files (<folder>/<model>/<sample_id>.h5); default --out/embeddings.",
+)
+@click.option("--mil", "mils", default="abmil,meanpool", show_default=True, help="abmil, meanpool or both.")
+@click.option("--lrs", default=None, help="ABMIL learning rates to choose from, e.g. 1e-4,3e-4,1e-3.")
+@click.option("--steps", default=None, help="ABMIL step counts to choose from, e.g. 250,500,1000,2000.")
+@click.option(
+    "--folds", default=5, show_default=True, type=click.IntRange(2), help="Outer folds (by patient)."
+)
+@click.option("--inner-folds", default=5, show_default=True, type=click.IntRange(2), help="Inner CV folds.")
+@click.option(
+    "--task",
+    type=click.Choice(["auto", "binary", "multiclass", "regression"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default=None, help=_DEVICE_HELP)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace the results and models in --out.")
+def mil(
+    cohort,
+    labels,
+    target,
+    model,
+    weights,
+    embeddings,
+    mils,
+    lrs,
+    steps,
+    folds,
+    inner_folds,
+    task,
+    seed,
+    device,
+    out,
+    overwrite,
+):
+    """Slide-level prediction with attention MIL (ABMIL, and a mean-pooling baseline) on a cohort of slides.
+
+    COHORT (optional) is a cohort table of whole slides (sample_id, source: .svs/.tif/...): slides not yet
+    embedded are embedded first (tissue, tiles, --model). The learning rate and steps are chosen by
+    cross-validation inside the training folds; folds are split by patient. Writes --out/results.csv (score per
+    model and fold: AUC, one-vs-rest macro AUC, or Pearson per gene), summary.csv, predictions.csv, the final
+    models (<mil>.safetensors) and attention/<sample_id>.csv.
+
+    \b
+    Examples:
+      hopt-st mil cohort.csv --labels labels.csv --target MSI --model h-optimus-1 --out mil_msi
+      hopt-st mil --embeddings emb/ --labels bulk.csv --target GENE1,GENE2 --model uni --out mil_bulk
+    """
+    from ._mil_run import run_mil
+
+    def floats(v):
+        return None if v is None else [float(x) for x in v.split(",") if x.strip()]
+
+    res = run_mil(
+        labels,
+        target=[t.strip() for t in target.split(",") if t.strip()],
+        model=model,
+        out=out,
+        cohort=cohort,
+        embeddings=embeddings,
+        weights=weights,
+        mils=[m.strip() for m in mils.split(",") if m.strip()],
+        lrs=floats(lrs),
+        steps=None if steps is None else [int(x) for x in floats(steps)],
+        n_splits=folds,
+        inner_splits=inner_folds,
+        task=task,
+        seed=seed,
         device=device,
         overwrite=overwrite,
         progress=not _STATE["quiet"],

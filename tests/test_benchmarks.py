@@ -87,3 +87,13 @@ def test_synthetic_memory_benchmark_smoke():
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "round 1/1: image" in r.stdout and "limit 2,000 MB: PASS" in r.stdout
+
+
+def test_mil_benchmark_smoke(capsys, tmp_path):
+    assert _script("mil").main(["--smoke", "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "ratio to meanpool" in out and "bags are read one at a time" in out
+    assert "attention inside the planted patch" in out
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert res["speed"]["rows"]["abmil"]["median"] > 0
+    assert 0 <= res["known_answers"]["attention_share"] <= 1

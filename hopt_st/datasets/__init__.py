@@ -1,12 +1,14 @@
 """Demo data with a known answer (spatial samples, whole slides), and writers of on-disk layouts (HEST-1k, HEST-Benchmark, Space Ranger, TIFF)."""
 
 from ._hest_layout import write_hest_layout
+from ._mil import synthetic_mil_cohort
 from ._slide import synthetic_slide, synthetic_slide_truth
 from ._spaceranger import write_spaceranger_outs
 from ._synthetic import synthetic_visium
 from ._tiff import write_pyramidal_tiff
 
 __all__ = [
+    "synthetic_mil_cohort",
     "synthetic_slide",
     "synthetic_slide_truth",
     "synthetic_visium",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from .._errors import CorruptFileError
 from .._patchset import read_patches
 from ._anndata import from_anndata
+from ._bags import Bags, read_labels
 from ._cohort import load_cohort, read_cohort
 from ._embeddings import SampleEmbeddings, read_embeddings, write_embeddings
 from ._hest import read_hest
@@ -19,6 +20,7 @@ from ._slide import read_slide
 from ._visium import read_visium
 
 __all__ = [
+    "Bags",
     "CorruptFileError",
     "SampleEmbeddings",
     "from_anndata",
@@ -28,6 +30,7 @@ __all__ = [
     "read_embeddings",
     "read_hest",
     "read_hest_bench",
+    "read_labels",
     "read_patches",
     "read_slide",
     "read_visium",

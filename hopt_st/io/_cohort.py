@@ -8,9 +8,11 @@ A cohort table has one row per sample and the columns
 ``source``
     Where the sample comes from: a HEST-1k root (the sample is ``sample_id`` in it), a Space Ranger ``outs/``
     folder, a SpatialData ``.zarr``, an ``.h5ad`` (spot table with ``obsm["spatial"]``; needs ``image``) or a
-    HEST patch file ``.h5``.
+    HEST patch file ``.h5``, or a whole H&E slide without spatial data (``.svs``, ``.tif``, ``.tiff``,
+    ``.ndpi``, ...: tissue is detected and tiled, each tile is one row of the embedding file).
 ``kind`` (optional)
-    ``"hest"``, ``"visium"``, ``"zarr"``, ``"h5ad"`` or ``"patches"``; inferred from ``source`` when absent.
+    ``"hest"``, ``"visium"``, ``"zarr"``, ``"h5ad"``, ``"patches"`` or ``"slide"``; inferred from ``source``
+    when absent.
 ``image`` (optional)
     Full-resolution H&E scan (TIFF) for ``visium`` and ``h5ad`` sources.
 ``image_mpp`` (optional)
@@ -45,7 +47,8 @@ from ._store import check_name, sanitize_name
 logger = logging.getLogger(__name__)
 
 #: kinds of sample sources a cohort table may name
-KINDS = ("hest", "visium", "zarr", "h5ad", "patches")
+KINDS = ("hest", "visium", "zarr", "h5ad", "patches", "slide")
+_SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".btf", ".scn", ".bif")
 COLUMNS = ("sample_id", "source", "kind", "image", "image_mpp", "patient", "counts")
 _PATH_COLUMNS = ("source", "image", "counts")
 _HEST_SUBDIRS = (("st", ".h5ad"), ("wsis", ".tif"), ("metadata", ".json"))
@@ -81,6 +84,8 @@ def _infer_kind(source: Path) -> str | None:
         return "h5ad"
     if suffix in (".h5", ".hdf5"):
         return "patches"
+    if suffix in _SLIDE_SUFFIXES and source.is_file():
+        return "slide"
     if source.is_dir():
         if (source / "spatial").is_dir():
             return "visium"
@@ -207,7 +212,7 @@ def _normalise(df: pd.DataFrame, base: Path, what: str, keep_bad: bool = False) 
             + "; ".join(problems[:10])
             + (" ..." if len(problems) > 10 else "")
             + f". Sources are a HEST-1k root, a Space Ranger outs/ folder, a .zarr, an .h5ad or a patch .h5 "
-            f"(or set the column 'kind' to one of {list(KINDS)})."
+            f", a whole slide (.svs, .tif, .ndpi, ...) (or set the column 'kind' to one of {list(KINDS)})."
         )
     df["kind"] = kinds
     # object columns: a float column would turn None into NaN
@@ -362,6 +367,10 @@ def read_sample(row) -> SpatialData | Patches:
         return _read_h5ad_sample(row)
     if kind == "patches":
         return read_patches(src)
+    if kind == "slide":
+        from ._slide import read_slide
+
+        return read_slide(src, image_mpp=mpp)
     raise ValueError(f"sample {row['sample_id']!r}: kind {kind!r} is not one of {list(KINDS)}.")
 
 

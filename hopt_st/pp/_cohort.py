@@ -38,6 +38,7 @@ from ..models._weights import file_version, remember_sha256, weights_sha256
 from ._device import select_device, select_dtype
 from ._embed import _run_info, _weights_id, embed, provenance, spec_identity
 from ._patches import patches
+from ._slide_tiles import slide_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -178,10 +179,11 @@ def _embed_sample(job: _Job) -> dict:
             "overwrite=True (--overwrite) to replace it, or another out_dir."
         )
     data = read_sample(job.row)
+    grid = slide_tiles(data, spec.input_size, spec.mpp) if job.row["kind"] == "slide" else None  # a bag of tiles
     source = (
         data
         if isinstance(data, Patches)
-        else patches(data, patch_size=spec.input_size, target_mpp=spec.mpp, outside=_OUTSIDE)
+        else patches(data, table_name=grid, patch_size=spec.input_size, target_mpp=spec.mpp, outside=_OUTSIDE)
     )
     weights = model.weights
     if weights is not None and model.weights_version is not None:

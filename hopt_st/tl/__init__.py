@@ -7,11 +7,20 @@ penalty) are public in :mod:`hopt_st.tl.linear`.
 
 from . import linear
 from ._metrics import mean_pearson, pearson_per_gene
+from ._mil import ABMIL, MeanPoolMIL, attention_table, load_mil, mil_attention
+from ._mil_protocol import cross_validate_mil, fit_mil
 from ._regressor import ExpressionRegressor, fit_expression, predict_expression
 from ._slide import predict_slide
 from ._targets import target_matrix, top_variable_genes
 
 __all__ = [
+    "ABMIL",
+    "MeanPoolMIL",
+    "attention_table",
+    "cross_validate_mil",
+    "fit_mil",
+    "load_mil",
+    "mil_attention",
     "ExpressionRegressor",
     "fit_expression",
     "linear",
