@@ -87,3 +87,15 @@ def test_synthetic_memory_benchmark_smoke():
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "round 1/1: image" in r.stdout and "limit 2,000 MB: PASS" in r.stdout
+
+
+def test_regression_benchmark_smoke(capsys, tmp_path):
+    """Every case runs and reports its deviation from the reference restatement of HEST's probe."""
+    assert _script("regression").main(["--smoke", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "scikit-learn PCA solver: randomized" in out and "PCA solver: full" in out
+    exact = [ln for ln in out.splitlines() if ln.strip().startswith(("hopt_st exact", "bench.run exact"))]
+    assert len(exact) == 2
+    for line in exact:  # the default path gives the reference's numbers to rounding
+        assert max(float(v) for v in line.split("   ")[-1].split(",")) < 1e-12, line
+    assert list(tmp_path.iterdir()) == []  # the end-to-end case's files are removed

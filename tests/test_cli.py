@@ -276,6 +276,32 @@ def test_bench_on_synthetic_root(hest_bench_root, capsys, tmp_path):
     assert (out / "handcrafted" / "hest" / "dataset_results.json").exists()
 
 
+def test_bench_second_model_keeps_the_first_models_rows(hest_bench_root, capsys, tmp_path, register_spec):
+    """`hopt-st bench --out X` run again with another model merges its rows into X's files (as bench.run's
+    out_dir does); every file is written atomically (no temporary left)."""
+    import dataclasses
+    import json
+
+    from hopt_st import models
+
+    register_spec(dataclasses.replace(models.get_spec("handcrafted"), name="handcrafted-b"))
+    out = tmp_path / "bench"
+    args = ["-q", "bench", hest_bench_root["root"], "--out", out, "--embeddings-dir", tmp_path / "emb"]
+    rc, _, err = _run(capsys, *args, "--model", "handcrafted")
+    assert rc == 0, err
+    first = pd.read_csv(out / "results.csv")
+    rc, _, err = _run(capsys, *args, "--model", "handcrafted-b")
+    assert rc == 0, err
+    both = pd.read_csv(out / "results.csv")
+    assert list(both["model"]) == ["handcrafted", "handcrafted-b"]
+    pd.testing.assert_frame_equal(both.iloc[:1], first)  # the first model's row, as it was
+    assert set(pd.read_csv(out / "per_gene.csv")["model"]) == {"handcrafted", "handcrafted-b"}
+    payload = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in payload["results"]] == ["handcrafted", "handcrafted-b"]
+    assert [p["model"] for p in payload["provenance"]] == ["handcrafted", "handcrafted-b"]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
 def test_console_script_entry_point():
     from importlib.metadata import entry_points
 

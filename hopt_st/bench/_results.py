@@ -45,17 +45,11 @@ def probe_results(genes, preds_all: np.ndarray, y_test: np.ndarray) -> dict:
     """``train_test_reg``'s ``results`` dict for one fold: per gene (HEST's gene order) the mean squared error,
     R² and Pearson of ``preds_all`` against ``y_test``; their mean/std (ddof 0) and quartiles."""
     pearson = pearson_per_gene(y_test, preds_all)
-    errors, r2_scores = [], []
-    for target in range(y_test.shape[1]):
-        preds = preds_all[:, target]
-        target_vals = y_test[:, target]
-        errors.append(float(np.mean((preds - target_vals) ** 2)))
-        with np.errstate(divide="ignore", invalid="ignore"):  # a constant gene: HEST gets -inf / NaN too
-            r2_scores.append(
-                float(
-                    1 - np.sum((target_vals - preds) ** 2) / np.sum((target_vals - np.mean(target_vals)) ** 2)
-                )
-            )
+    residual_ss = np.sum((y_test - preds_all) ** 2, axis=0)
+    total_ss = np.sum((y_test - y_test.mean(axis=0)) ** 2, axis=0)
+    errors = (residual_ss / y_test.shape[0]).tolist()
+    with np.errstate(divide="ignore", invalid="ignore"):  # a constant gene: HEST gets -inf / NaN too
+        r2_scores = (1.0 - residual_ss / total_ss).tolist()
     return {
         "l2_errors": errors,
         "r2_scores": r2_scores,
@@ -140,15 +134,15 @@ def rebuild_aggregates(tree: Path, tasks: list[str]) -> None:
             order = []
     order += [t for t in tasks if t not in order]
     order = [t for t in order if (tree / t).is_dir()]
-    dataset_perfs = []
+    per_task = []
     for task in order:
         entries = _encoder_entries(tree, task)
         if task in tasks or not (tree / task / "enc_results.json").is_file():
             atomic_write_text(tree / task / "enc_results.json", _dumps({"results": entries}))
-        dataset_perfs.append({"dataset_name": task, "results": entries})
+        per_task.append({"dataset_name": task, "results": entries})
     perf_per_enc: dict[str, list[float]] = {}
-    row_dicts = []
-    for perf in dataset_perfs:
+    rows = []
+    for perf in per_task:
         row = {"dataset": perf["dataset_name"]}
         for res in perf["results"]:
             name = res["encoder_name"]
@@ -157,8 +151,8 @@ def rebuild_aggregates(tree: Path, tasks: list[str]) -> None:
             row[f"{name}_std"] = res["pearson_std"]
             if NOT_COMPARABLE_KEY in res:
                 row[f"{name}_{NOT_COMPARABLE_KEY}"] = res[NOT_COMPARABLE_KEY]
-        row_dicts.append(row)
+        rows.append(row)
     average = {k: float(np.mean(v)) for k, v in perf_per_enc.items()}
     average = dict(sorted(average.items(), key=lambda item: item[1], reverse=True))
-    atomic_write_text(tree / "dataset_results.csv", pd.DataFrame(row_dicts).to_csv())
-    atomic_write_text(tree / "dataset_results.json", _dumps({"results": dataset_perfs, "average": average}))
+    atomic_write_text(tree / "dataset_results.csv", pd.DataFrame(rows).to_csv())
+    atomic_write_text(tree / "dataset_results.json", _dumps({"results": per_task, "average": average}))
