@@ -126,7 +126,7 @@ def cli(quiet: bool, verbose: bool) -> None:
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Replace a demo.zarr in --out that an earlier demo run did not write (a rerun replaces its own outputs).",
+    help="Replace outputs in --out that the demo did not write (a rerun replaces its own, unchanged outputs).",
 )
 def demo(
     out: Path, models: tuple[str, ...], all_local: bool, n_spots: int, seed: int, overwrite: bool
