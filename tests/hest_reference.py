@@ -49,7 +49,7 @@ CONFIG_KEYS = sorted(
     "private_weights_root exp_code gene_list method alpha kfold benchmark_encoders normalize dimreduce "
     "latent_dim encoders datasets config".split()
 )
-#: per-fold result keys (``trainer.py:86-98``); ``summary.json`` adds ``n_train`` and ``n_test``
+#: per-fold result keys (``trainer.py:87-97``); ``summary.json`` adds ``n_train`` and ``n_test``
 FOLD_KEYS = sorted(
     "l2_errors r2_scores pearson_corrs pearson_mean pearson_std l2_error_q1 l2_error_q2 l2_error_q3 "
     "r2_score_q1 r2_score_q2 r2_score_q3".split()
