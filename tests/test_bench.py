@@ -324,8 +324,13 @@ def test_cache_is_not_reused_for_other_patches(tmp_path, counting_encoder):
     b = _write_task(tmp_path / "b", n_spots=100, seed=2)
     first = bench.run(a["root"], tasks="TINY", model="fake", embeddings_dir=emb)
     assert len(counting_encoder) == 4
-    second = bench.run(b["root"], tasks="TINY", model="fake", embeddings_dir=emb)
-    assert len(counting_encoder) == 8  # recomputed, not served from a's cache
+    with pytest.raises(
+        ValueError, match="computed with other source files than this run: pass overwrite=True"
+    ):
+        bench.run(b["root"], tasks="TINY", model="fake", embeddings_dir=emb)  # not served from a's cache
+    assert len(counting_encoder) == 4
+    second = bench.run(b["root"], tasks="TINY", model="fake", embeddings_dir=emb, overwrite=True)
+    assert len(counting_encoder) == 8  # recomputed
     assert second.pearson_mean.iloc[0] != pytest.approx(first.pearson_mean.iloc[0], abs=1e-9)
     bench.run(b["root"], tasks="TINY", model="fake", embeddings_dir=emb)
     assert len(counting_encoder) == 8  # b's own cache is reused
@@ -365,7 +370,8 @@ def tiny_vit(tiny_vit_spec, register_spec, tmp_path):
 
 def test_encoder_built_once_per_run_and_weights_hashed_once(hest_bench_root, tiny_vit, tmp_path, monkeypatch):
     """Over a 3-sample task the encoder is built once (models.get_encoder), and the weight file is read for its
-    sha256 once: the fingerprint, the encoder and the provenance share the digest. Other weights: recomputed."""
+    sha256 once: the fingerprint, the encoder and the provenance share the digest. Other weights: refused, or
+    recomputed with overwrite=True."""
     from hopt_st.models import _cache, _weights
 
     spec, weights, other = tiny_vit
@@ -382,8 +388,11 @@ def test_encoder_built_once_per_run_and_weights_hashed_once(hest_bench_root, tin
         assert builds == [spec.name]  # not once per sample
         assert [Path(p).name for p in hashed] == [weights.name]
         assert df.attrs["provenance"]["weights_sha256"] == sha(weights)
-        # the files' fingerprint includes the weights: another weight file recomputes every sample
-        df = bench.run(root, tasks=task, model=spec.name, weights=other, embeddings_dir=emb)
+        # the files' fingerprint includes the weights: another weight file is refused, naming them, or with
+        # overwrite=True recomputes every sample
+        with pytest.raises(ValueError, match="computed with other weights than this run"):
+            bench.run(root, tasks=task, model=spec.name, weights=other, embeddings_dir=emb)
+        df = bench.run(root, tasks=task, model=spec.name, weights=other, embeddings_dir=emb, overwrite=True)
         assert df.attrs["provenance"]["embeddings"][task] == dict.fromkeys(ids, "computed")
         assert builds == [spec.name] * 2
     finally:
