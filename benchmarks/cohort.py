@@ -8,6 +8,8 @@ cluster size (median over rounds, and the best round) and the ratio 2 workers / 
 wrote bit-identical embeddings.
 
 Run: ``python benchmarks/cohort.py [--samples 6] [--spots 120] [--rounds 3]``
+(``--smoke``: 2 samples of 16 spots, a one-block ViT, one round, for the test suite). Its files live in a
+temporary folder (``--workdir``: inside that folder), removed at the end.
 """
 
 from __future__ import annotations
@@ -31,22 +33,34 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import small_vit_spec  # noqa: E402
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=6)
     ap.add_argument("--spots", type=int, default=120)
     ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument(
+        "--smoke", action="store_true", help="2 small samples, one-block ViT, 1 round (test suite)"
+    )
+    ap.add_argument("--workdir", default=None, help="folder for the temporary files (default: system temp)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.samples, args.spots, args.rounds = 2, 16, 1
     logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="hopt_cohort_bench_", dir=args.workdir) as tmp:
+        _bench(args, Path(tmp))
+    return 0
+
+
+def _bench(args, work: Path) -> None:
     from distributed import Client, LocalCluster
     from safetensors.torch import save_file
 
-    work = Path(tempfile.mkdtemp(prefix="hopt_cohort_bench_"))
     hs.datasets.write_hest_layout(
         work / "hest", layout="hest1k", n_samples=args.samples, n_spots=args.spots, image_mpp=1.0
     )
     cohort = hs.io.read_cohort(work / "hest")
-    spec = small_vit_spec("bench-cohort-vit", size=112, mpp=1.0)
+    depth = 1 if args.smoke else 4
+    spec = small_vit_spec("bench-cohort-vit", size=112, mpp=1.0, depth=depth, dim=48 if args.smoke else 192)
     torch.manual_seed(0)
     weights = work / "vit.safetensors"
     save_file(
@@ -93,7 +107,7 @@ def main():
 
     print(
         f"cohort: {args.samples} synthetic HEST-1k samples, {tiles} tiles ({args.spots} spots each); model: ViT "
-        f"(dim {spec.dim}, depth 4, {spec.input_size} px), fp32 CPU, 1 thread per worker; {args.rounds} "
+        f"(dim {spec.dim}, depth {depth}, {spec.input_size} px), fp32 CPU, 1 thread per worker; {args.rounds} "
         "interleaved rounds"
     )
     for n in sizes:
@@ -111,4 +125,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

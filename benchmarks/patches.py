@@ -232,8 +232,8 @@ def child(args) -> dict:
         )
         t0, c0 = time.perf_counter(), cpu_seconds()  # the index is built: time the tiles
         out = []
-        for i in range(n):
-            tile = ds[i].images["he"]
+        for index in range(n):
+            tile = ds[index].images["he"]
             arr = np.moveaxis(
                 np.asarray(tile.data.compute() if hasattr(tile.data, "compute") else tile.data), 0, -1
             )

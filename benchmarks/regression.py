@@ -1,19 +1,21 @@
-"""HEST-Benchmark probe: hopt_st vs HEST's own pipeline (the transcription of its statements in
-tests/hest_transcription.py, github.com/mahmoodlab/HEST afd42c3), same data, same process, same BLAS threads.
+"""HEST-Benchmark probe: hopt_st vs a restatement of HEST's pipeline with scikit-learn's own objects
+(tests/hest_reference.py: StandardScaler -> PCA(256) -> float32 scores -> Ridge(solver="lsqr"), HEST's settings at
+github.com/mahmoodlab/HEST afd42c3), same data, same process, same BLAS threads. The comparison with HEST's own
+code is kept outside the project (it cannot be copied in: CC BY-NC-SA 4.0).
 
 Two cases, both with 4 samples and leave-one-sample-out folds (as HEST's patient-level splits):
 
 * ``d=1536``: scikit-learn's PCA(256) picks its randomized solver (every 1536-d encoder on HEST's tasks);
 * ``d=300``: fewer training spots than 10 x 300, so it picks the exact "full" solver.
 
-For each case, rounds interleave HEST's pipeline, ``solver="exact"`` (the default) and ``solver="fast"``;
-timings are compute only (data in memory: HEST's re-reading of its files per fold is not counted). Prints
-min / median seconds per method, the speed ratio against HEST's pipeline, and the largest deviation from HEST's
-numbers: task mean, fold means and per-gene Pearson. A last case runs end to end on files: HEST's
-``benchmark_grid`` (reading its embedding and count files in every fold) against ``bench.run`` on the same
-folder and embedding files.
+For each case, rounds interleave the reference pipeline, ``solver="exact"`` (the default) and
+``solver="fast"``; timings are compute only (data in memory). Prints min / median seconds per method, the speed
+ratio against the reference, and the largest deviation from its numbers: task mean, fold means and per-gene
+Pearson. A last case runs end to end on files: the reference reading the embedding and count files in every
+fold (as HEST's benchmark does) against ``bench.run`` on the same folder and embedding files.
 
     python benchmarks/regression.py [--rounds 3] [--spots-1536 8000] [--spots-300 2800]
+    python benchmarks/regression.py --smoke      # small cases, one round (for the test suite)
 """
 
 from __future__ import annotations
@@ -29,19 +31,19 @@ import numpy as np
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from hest_transcription import hest_args, pca_ridge  # noqa: E402
+import hest_reference  # noqa: E402
 
 from hopt_st.tl import pearson_per_gene  # noqa: E402
-from hopt_st.tl.linear import (  # noqa: E402
+from hopt_st.tl._hest_fast import (  # noqa: E402
     combine_stats,
-    fit_hest_ridge_from_stats,
-    hest_probe,
+    fit_from_stats,
     moment_stats,
-    moments_replay_pca,
+    replays_pca,
     sklearn_pca_solver,
 )
+from hopt_st.tl.linear import hest_probe  # noqa: E402
 
-GENES = [f"g{i}" for i in range(50)]
+REF = "reference"
 
 
 def make_data(n_spots, dim, n_samples=4, n_genes=50, seed=0):
@@ -68,12 +70,11 @@ def _folds(data):
         yield np.concatenate([d[0] for d in train]), np.concatenate([d[1] for d in train]), data[i]
 
 
-def run_hest(data):
-    """HEST's statements: Pipeline(StandardScaler, PCA(256, random_state=1)) -> torch.Tensor -> train_test_reg."""
+def run_reference(data):
+    """HEST's settings with scikit-learn's objects (StandardScaler, PCA(256, random_state=1), Ridge lsqr), scipy's
+    pearsonr per gene."""
     return [
-        np.array(
-            [g["pearson_corr"] for g in pca_ridge(Xtr, Xte, Ytr, Yte, hest_args(), GENES)[0]["pearson_corrs"]]
-        )
+        hest_reference.scores(Yte, hest_reference.probe(Xtr, Ytr, Xte))["pearson"]
         for Xtr, Ytr, (Xte, Yte) in _folds(data)
     ]
 
@@ -88,8 +89,8 @@ def run_fast(data):
     out = []
     for i, (Xte, Yte) in enumerate(data):
         n = sum(len(d[1]) for j, d in enumerate(data) if j != i)
-        if moments_replay_pca(n, Xte.shape[1]):
-            lin = fit_hest_ridge_from_stats(combine_stats([s for j, s in enumerate(stats) if j != i]))
+        if replays_pca(n, Xte.shape[1]):
+            lin = fit_from_stats(combine_stats([s for j, s in enumerate(stats) if j != i]))
             out.append(pearson_per_gene(Yte, lin.predict(Xte)))
         else:  # scikit-learn's exact PCA solvers: "fast" runs the exact path
             Xtr = np.concatenate([d[0] for j, d in enumerate(data) if j != i])
@@ -108,14 +109,15 @@ def deviation(ref, got):
     )
 
 
-def bench_case(dim, n_spots, rounds):
-    data = make_data(n_spots, dim)
+def bench_case(dim, n_spots, rounds, n_samples=4):
+    data = make_data(n_spots, dim, n_samples=n_samples)
     n_train = sum(len(d[1]) for d in data[1:])
     solver = sklearn_pca_solver(n_train, dim, 256)
     print(
-        f"\nd={dim}: {n_spots} spots, 4 samples, 4 folds (n_train={n_train}); scikit-learn PCA solver: {solver}"
+        f"\nd={dim}: {n_spots} spots, {n_samples} samples, {n_samples} folds (n_train={n_train}); "
+        f"scikit-learn PCA solver: {solver}"
     )
-    methods = {"HEST pipeline": run_hest, "hopt_st exact": run_exact, "hopt_st fast": run_fast}
+    methods = {REF: run_reference, "hopt_st exact": run_exact, "hopt_st fast": run_fast}
     times = {m: [] for m in methods}
     results = {}
     for _ in range(rounds):  # interleaved rounds
@@ -123,32 +125,27 @@ def bench_case(dim, n_spots, rounds):
             t = time.perf_counter()
             results[name] = fn(data)
             times[name].append(time.perf_counter() - t)
-    ref = results["HEST pipeline"]
+    ref = results[REF]
     print(
-        f"  {'method':<14} {'min s':>8} {'median s':>9} {'x HEST (min/median)':>20}   max |delta| vs HEST: task mean, fold mean, per gene"
+        f"  {'method':<14} {'min s':>8} {'median s':>9} {'x ref (min/median)':>20}   max |delta| vs reference: task mean, fold mean, per gene"
     )
-    t_min, t_med = min(times["HEST pipeline"]), statistics.median(times["HEST pipeline"])
+    t_min, t_med = min(times[REF]), statistics.median(times[REF])
     for name in methods:
         tm, td = min(times[name]), statistics.median(times[name])
-        dev = (
-            ""
-            if name == "HEST pipeline"
-            else "   {:.1e}, {:.1e}, {:.1e}".format(*deviation(ref, results[name]))
-        )
+        dev = "" if name == REF else "   {:.1e}, {:.1e}, {:.1e}".format(*deviation(ref, results[name]))
         print(f"  {name:<14} {tm:8.2f} {td:9.2f} {t_min / tm:9.1f} / {t_med / td:<8.1f}{dev}")
-    print(f"  task mean Pearson (HEST): {np.mean([r.mean() for r in ref]):.6f}")
+    print(f"  task mean Pearson (reference): {np.mean([r.mean() for r in ref]):.6f}")
 
 
 def write_task(root: Path, dim: int, n_samples: int, n_spots: int, model: str, seed=0) -> Path:
-    """A task folder HEST's benchmark_grid and bench.run both read (split CSVs, var_50genes.json, count files,
-    patch files with the patch index, HEST's embedding files), leave-one-sample-out folds."""
+    """A task folder in HEST's layout that the reference and bench.run both read (split CSVs, var_50genes.json,
+    count files, patch files with the patch index, embedding files), leave-one-sample-out folds."""
     import json
 
     import anndata as ad
     import h5py
     import pandas as pd
     import scipy.sparse as sp
-    from hest_transcription import embedding_file_as_hest_writes_it
 
     tdir = root / "bench" / "TASK"
     for sub in ("splits", "patches", "adata"):
@@ -161,7 +158,7 @@ def write_task(root: Path, dim: int, n_samples: int, n_spots: int, model: str, s
         z = rng.normal(size=(n_spots, 64))
         X = (z @ basis + rng.normal(size=(n_spots, dim)) * 0.5 + 1.0).astype(np.float32)
         counts = rng.poisson(np.exp(np.clip(z @ B, -4, 4))).astype(np.float32)
-        bc = [f"{sid}_{j:06d}" for j in range(n_spots)]  # one width: HEST's save_hdf5 asserts one dtype
+        bc = [f"{sid}_{j:06d}" for j in range(n_spots)]  # one width: HEST's writer needs one dtype
         coords = np.stack([np.arange(n_spots) * 224, np.zeros(n_spots)], 1).astype(np.int64)
         with h5py.File(tdir / "patches" / f"{sid}.h5", "w") as f:
             f["img"] = np.zeros((n_spots, 8, 8, 3), np.uint8)
@@ -172,7 +169,7 @@ def write_task(root: Path, dim: int, n_samples: int, n_spots: int, model: str, s
         a.write_h5ad(tdir / "adata" / f"{sid}.h5ad")
         emb = root / "emb" / "TASK" / model / f"{sid}.h5"
         emb.parent.mkdir(parents=True, exist_ok=True)
-        embedding_file_as_hest_writes_it(emb, X, bc, coords)
+        hest_reference.write_embedding_file(emb, X, bc, coords)
     for i, test in enumerate(ids):
         for name, members in (("train", [s for s in ids if s != test]), ("test", [test])):
             pd.DataFrame(
@@ -186,74 +183,78 @@ def write_task(root: Path, dim: int, n_samples: int, n_spots: int, model: str, s
     return root
 
 
-def bench_files(dim, n_samples, n_spots, rounds):
-    """End to end on files: HEST's benchmark_grid (which re-reads every sample's files in every fold) vs bench.run."""
-    import json
+def bench_files(dim, n_samples, n_spots, rounds, workdir=None):
+    """End to end on files: the reference (which re-reads every sample's files in every fold, as HEST does) vs
+    bench.run."""
     import logging
     import tempfile
-
-    from hest_transcription import benchmark_grid
 
     from hopt_st import bench
 
     logging.getLogger("hopt_st").setLevel(logging.ERROR)
     model = "enc"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root = write_task(Path(tmp), dim, n_samples, n_spots, model)
         n_train = (n_samples - 1) * n_spots
         print(
             f"\nend to end on files, d={dim}: {n_samples} samples x {n_spots} spots, {n_samples} leave-one-out folds "
             f"(n_train={n_train}); PCA solver: {sklearn_pca_solver(n_train, dim, 256)}"
         )
-        args = hest_args(bench_data_root=str(root / "bench"), embed_dataroot=str(root / "emb"))
-        times = {"HEST benchmark_grid": [], "bench.run exact": [], "bench.run fast": []}
+        ref_name = "reference on files"
+        times = {ref_name: [], "bench.run exact": [], "bench.run fast": []}
         res = {}
-        for r in range(rounds):
+        for _ in range(rounds):
             t = time.perf_counter()
-            benchmark_grid(args, [model], ["TASK"], str(root / f"hest{r}"))
-            times["HEST benchmark_grid"].append(time.perf_counter() - t)
-            res["HEST benchmark_grid"] = json.loads(
-                (root / f"hest{r}" / "TASK" / model / "results_kfold.json").read_text()
-            )
+            res[ref_name] = hest_reference.run_task(root / "bench" / "TASK", root / "emb" / "TASK" / model)
+            times[ref_name].append(time.perf_counter() - t)
             for solver in ("exact", "fast"):
                 t = time.perf_counter()
                 df = bench.run(root / "bench", model=model, embeddings_dir=root / "emb", solver=solver)
                 times[f"bench.run {solver}"].append(time.perf_counter() - t)
                 res[f"bench.run {solver}"] = df
-        ref = res["HEST benchmark_grid"]
-        ref_gene = {g["name"]: np.array(g["pearson_corrs"]) for g in ref["pearson_corrs"]}
-        t_min, t_med = min(times["HEST benchmark_grid"]), statistics.median(times["HEST benchmark_grid"])
+        ref = res[ref_name]
+        t_min, t_med = min(times[ref_name]), statistics.median(times[ref_name])
         print(
-            f"  {'method':<19} {'min s':>8} {'median s':>9} {'x HEST (min/median)':>20}   max |delta| vs HEST: task mean, fold mean"
+            f"  {'method':<19} {'min s':>8} {'median s':>9} {'x ref (min/median)':>20}   max |delta| vs reference: task mean, fold mean"
         )
         for name, ts in times.items():
             tm, td = min(ts), statistics.median(ts)
             dev = ""
-            if name != "HEST benchmark_grid":
+            if name != ref_name:
                 df = res[name]
                 folds = [f["pearson_mean"] for f in df.attrs["folds"]]
-                dev = f"   {abs(df.pearson_mean.iloc[0] - ref['pearson_mean']):.1e}, "
-                dev += f"{np.abs(np.array(folds) - ref['mean_per_split']).max():.1e}"
+                dev = f"   {abs(df.pearson_mean.iloc[0] - ref['mean']):.1e}, "
+                dev += f"{np.abs(np.array(folds) - [f['mean'] for f in ref['folds']]).max():.1e}"
             print(f"  {name:<19} {tm:8.2f} {td:9.2f} {t_min / tm:9.1f} / {t_med / td:<8.1f}{dev}")
-        assert len(ref_gene) == 50
+        assert len(ref["genes"]) == 50
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--spots-1536", type=int, default=8000)
     ap.add_argument("--spots-300", type=int, default=2800)
     ap.add_argument("--files-samples", type=int, default=6, help="end-to-end case: samples (= folds)")
     ap.add_argument("--files-spots", type=int, default=1500, help="end-to-end case: spots per sample")
-    a = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="small cases, one round (for the test suite)")
+    ap.add_argument(
+        "--workdir", default=None, help="folder for the end-to-end case's files (default: system temp)"
+    )
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.rounds, a.files_samples, a.files_spots = 1, 2, 280
     from threadpoolctl import threadpool_info
 
     blas = [(i["internal_api"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
     print(f"BLAS: {blas}; {a.rounds} interleaved rounds per case")
-    bench_case(1536, a.spots_1536, a.rounds)
-    bench_case(300, a.spots_300, a.rounds)
-    bench_files(1536, a.files_samples, a.files_spots, a.rounds)
+    if a.smoke:  # two folds, scikit-learn's randomized PCA (330-d, 510 training spots); files: its full one
+        bench_case(330, 1020, a.rounds, n_samples=2)
+    else:
+        bench_case(1536, a.spots_1536, a.rounds)
+        bench_case(300, a.spots_300, a.rounds)
+    bench_files(1536 if not a.smoke else 300, a.files_samples, a.files_spots, a.rounds, a.workdir)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

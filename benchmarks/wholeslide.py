@@ -16,6 +16,7 @@ Usage::
 
     python benchmarks/wholeslide.py                      # 40,000 x 40,000 px at 0.25 µm/px (several minutes)
     python benchmarks/wholeslide.py --size 8000 --rounds 1   # quick run
+    python benchmarks/wholeslide.py --smoke                  # 2,000 px, one round (for the test suite)
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def _child(fn: str, *args: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=40_000, help="side of the slide in px (default 40000)")
     p.add_argument("--mpp", type=float, default=0.25, help="µm per pixel of the slide (default 0.25, 40x)")
@@ -132,7 +133,12 @@ def main() -> None:
     )
     p.add_argument("--keep", type=Path, default=None, help="write the slide there and keep it")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    p.add_argument(
+        "--smoke", action="store_true", help="a 2,000 px slide at 0.5 µm/px, one round (test suite)"
+    )
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.size, args.mpp, args.rounds = 2000, 0.5, 1
     if args.child:
         fn, *rest = args.child
         if fn == "write":
@@ -142,7 +148,7 @@ def main() -> None:
         else:
             res = pipeline(Path(rest[0]), Path(rest[1]), int(rest[2]))
         print(json.dumps(res))
-        return
+        return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
@@ -188,7 +194,8 @@ def main() -> None:
         f"{r['rss_after_imports_mb']:.0f} MB after importing hopt_st, {r['rss_after_torch_mb']:.0f} MB after torch) -> "
         f"{'OK' if peak_gb < LIMIT_GB else 'OVER'} (limit {LIMIT_GB:g} GB)"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

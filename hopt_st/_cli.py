@@ -126,8 +126,8 @@ def cli(quiet: bool, verbose: bool) -> None:
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Replace a demo.zarr in --out that hopt_st wrote but an earlier demo run did not (a rerun replaces its "
-    "own outputs; a store hopt_st did not write is never replaced).",
+    help="Replace outputs in --out that the demo did not write (a rerun replaces its own, unchanged outputs); "
+    "a demo.zarr that hopt_st did not write is never replaced.",
 )
 def demo(
     out: Path, models: tuple[str, ...], all_local: bool, n_spots: int, seed: int, overwrite: bool
@@ -727,10 +727,10 @@ def mil(
 @click.option("--seed", type=int, default=1, show_default=True, help="PCA random_state (HEST's default: 1).")
 @click.option(
     "--solver",
-    type=click.Choice(["exact", "sklearn", "fast"]),
+    type=click.Choice(["exact", "fast"]),
     default="exact",
     show_default=True,
-    help="hest protocol: exact (HEST's arithmetic), sklearn (its Ridge itself, slow), fast (from moments, ~1e-4).",
+    help="hest protocol: exact (HEST's arithmetic), fast (opt-in, from moments, ~1e-4 off HEST's numbers).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace results of these models/tasks already in --out.")
 def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, seed, solver, overwrite):
@@ -782,15 +782,27 @@ def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, s
                 out_dir=path_inside(out, model_dirname(model), what="--out/<model>"),
             )
         )
-    df = pd.concat(frames, ignore_index=True)
-    per_gene = pd.concat([f.attrs.get("per_gene", pd.DataFrame()) for f in frames], ignore_index=True)
+    from ._atomic import atomic_write_bytes
+    from .bench._run import _merge_table
+
+    new = pd.concat(frames, ignore_index=True)
+    new_genes = pd.concat([f.attrs.get("per_gene", pd.DataFrame()) for f in frames], ignore_index=True)
+    # rows of other models (or tasks, protocols) from an earlier run into --out are kept, as bench.run keeps them
+    df = _merge_table(out / "results.csv", new, ["task", "model", "protocol"])
+    if "hest_comparable" in df:
+        df["hest_comparable"] = df["hest_comparable"].astype(str).str.lower().eq("true")
+    per_gene = _merge_table(out / "per_gene.csv", new_genes, ["task", "model", "protocol", "gene"])
+    old_json = out / "results.json"
+    provenance = json.loads(old_json.read_text()).get("provenance", []) if old_json.is_file() else []
+    provenance = [p for p in provenance if not (isinstance(p, dict) and p.get("model") in models)]
+    provenance += [f.attrs.get("provenance", {}) for f in frames]
     df.attrs["per_gene"] = per_gene
-    df.attrs["provenance"] = [f.attrs.get("provenance", {}) for f in frames]
+    df.attrs["provenance"] = provenance
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "results.csv", index=False)
-    per_gene.to_csv(out / "per_gene.csv", index=False)
-    payload = {"results": df.to_dict(orient="records"), "provenance": df.attrs["provenance"]}
-    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+    atomic_write_bytes(out / "results.csv", df.to_csv(index=False).encode())
+    atomic_write_bytes(out / "per_gene.csv", per_gene.to_csv(index=False).encode())
+    payload = {"results": df.to_dict(orient="records"), "provenance": provenance}
+    atomic_write_bytes(old_json, json.dumps(payload, indent=2, default=str).encode())
     _save_bench_figures(df, out)
     click.echo(hs.bench.markdown_table(df))
     _echo(
@@ -805,10 +817,14 @@ def _save_bench_figures(df, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     from . import pl
+    from ._atomic import atomic_path
 
     fig = pl.benchmark(df, title="HEST-Benchmark: mean Pearson over the 50 genes")
-    fig.savefig(out / "benchmark.png", dpi=130)
-    plt.close(fig)
+    try:
+        with atomic_path(out / "benchmark.png") as tmp:
+            fig.savefig(tmp, dpi=130, format="png")
+    finally:
+        plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ neighbouring spots cannot leak between training and test.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -15,14 +17,62 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._atomic import check_output
+from ._atomic import atomic_path, atomic_write_bytes, check_output
 from .io._store import sanitize_name, write_sdata
 
 logger = logging.getLogger(__name__)
 
 ZARR_NAME = "demo.zarr"
-#: written last into the output folder: an earlier demo run whose outputs a rerun may replace
+#: the manifest written last into the output folder: each file the demo wrote, with a digest of its content
 MARKER_NAME = ".hopt_st_demo"
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names, sizes and bytes, in sorted order)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f"{f.relative_to(path) if path.is_dir() else ''}|{f.stat().st_size}|".encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(out: Path) -> dict[str, str | None]:
+    """``{name: digest}`` of what an earlier demo run wrote into ``out`` (``None``: no digest recorded)."""
+    path = out / MARKER_NAME
+    if not path.is_file():
+        return {}
+    text = path.read_text(errors="replace")
+    try:
+        files = json.loads(text).get("files", {})
+        return {str(k): (str(v) if v else None) for k, v in files.items()}
+    except (ValueError, AttributeError):  # the plain list of names of earlier versions
+        return {ln.strip(): None for ln in text.splitlines()[1:] if ln.strip()}
+
+
+def _not_ours(out: Path, names: Sequence[str]) -> list[str]:
+    """The names among ``names`` that exist in ``out`` and are not, unchanged, what an earlier demo run wrote."""
+    written = _manifest(out)
+    foreign = []
+    for name in names:
+        path = out / name
+        if not path.exists():
+            continue
+        if name not in written or (written[name] is not None and written[name] != _digest(path)):
+            foreign.append(name)
+    return foreign
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def spatial_split(xy: np.ndarray) -> np.ndarray:
@@ -69,7 +119,6 @@ def _fit_and_score(sdata, test, model: str, key: str, n_top_genes: int, seed: in
 
 def _figures(sdata, test, scores: pd.DataFrame, first_model: str, out: Path) -> dict:
     """expression.png (best, median and worst gene) and gene_scores.png."""
-    import matplotlib.pyplot as plt
 
     import hopt_st as hs
 
@@ -83,12 +132,10 @@ def _figures(sdata, test, scores: pd.DataFrame, first_model: str, out: Path) -> 
     )
     _mark_split(fig, test)
     files = {"expression": out / "expression.png", "gene_scores": out / "gene_scores.png"}
-    fig.savefig(files["expression"], dpi=110)
-    plt.close(fig)
+    _save_figure(fig, files["expression"])
     long = scores.reset_index().melt(id_vars="gene", var_name="model", value_name="pearson")
     fig = hs.pl.gene_scores(long, title="Per-gene Pearson on held-out spots (right half)")
-    fig.savefig(files["gene_scores"], dpi=110)
-    plt.close(fig)
+    _save_figure(fig, files["gene_scores"])
     return files
 
 
@@ -119,10 +166,10 @@ def run_demo(
     n_top_genes
         Genes to predict (most variable on the training spots).
     overwrite
-        Replace a ``demo.zarr`` that hopt_st wrote (a store of ours) but no earlier demo run in ``out``; a store
-        hopt_st did not write is never replaced. The outputs of an earlier demo run (recognised by the
-        ``.hopt_st_demo`` file it leaves in ``out``) are regenerated and replaced anyway, so running the demo
-        twice just works.
+        Replace output files of these names that an earlier demo run did not write. The demo lists what it
+        wrote, with a digest of each, in ``out/.hopt_st_demo``; a rerun regenerates and replaces those files
+        when they are unchanged, so running the demo twice just works. Any other file in ``out`` is left alone, and a
+        ``demo.zarr`` that hopt_st did not write is never replaced.
     progress
         Print the steps (embedding shows its own progress bar).
     say
@@ -145,14 +192,14 @@ def run_demo(
         raise ValueError("models is empty: pass at least one encoder name, e.g. 'handcrafted'.")
     out = Path(out)
     zarr_path = out / ZARR_NAME
-    rerun = (out / MARKER_NAME).is_file()  # our own outputs: regenerated from the seed, safe to replace
-    # overwrite replaces a store of ours, never one the user owns (rule 1)
-    if zarr_path.exists() and not rerun:
-        if not overwrite:
-            raise FileExistsError(
-                f"{str(zarr_path)!r} already exists and was not written by the demo: pass --overwrite "
-                "(overwrite=True) to replace it if hopt_st wrote it, or choose another --out."
-            )
+    names = ["per_gene_pearson.csv", "expression.png", "gene_scores.png", f"ridge_{sanitize_name(models[0])}"]
+    foreign = _not_ours(out, [*names, ZARR_NAME])
+    if foreign and not overwrite:
+        raise FileExistsError(
+            f"{', '.join(repr(str(out / n)) for n in foreign)} already exist and were not written by the demo "
+            "(or changed since): pass --overwrite (overwrite=True) to replace them, or choose another --out."
+        )
+    if ZARR_NAME in foreign:  # overwrite replaces a store of ours, never one the user owns (rule 1)
         check_output(zarr_path, overwrite=overwrite, what="demo.zarr in --out")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -169,18 +216,17 @@ def run_demo(
 
     say(f"[{n_steps - 1}/{n_steps}] figures")
     files = {"per_gene_pearson": out / "per_gene_pearson.csv"}
-    scores_df.to_csv(files["per_gene_pearson"])
+    atomic_write_bytes(files["per_gene_pearson"], scores_df.to_csv().encode())
     files.update(_figures(sdata, test, scores_df, models[0], out))
     say(f"[{n_steps}/{n_steps}] writing {zarr_path}")
-    files["regressor"] = out / f"ridge_{sanitize_name(models[0])}"
-    regs[0].save(files["regressor"], overwrite=True)  # the previous run's (regenerated just above)
+    files["regressor"] = out / names[3]
+    regs[0].save(files["regressor"], overwrite=True)  # checked above: absent, the demo's own, or overwrite
     write_sdata(sdata, zarr_path, overwrite=True)  # swapped in atomically: a failure keeps the previous store
     sdata.path = zarr_path
     files["zarr"] = zarr_path
-    (out / MARKER_NAME).write_text(
-        "Written by `hopt-st demo`; running the demo again regenerates and replaces:\n"
-        + "".join(f"{Path(f).name}\n" for f in files.values())
-    )
+    written = {**_manifest(out), **{Path(f).name: _digest(Path(f)) for f in files.values()}}
+    manifest = {"written by": "hopt-st demo; a rerun replaces these files while unchanged", "files": written}
+    atomic_write_bytes(out / MARKER_NAME, json.dumps(manifest, indent=1).encode())
     elapsed = time.perf_counter() - t0
     report = _report(scores_df, models, files, elapsed)
     return {"sdata": sdata, "scores": scores_df, "files": files, "report": report, "seconds": elapsed}

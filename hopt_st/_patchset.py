@@ -247,7 +247,7 @@ class Patches:
     def __len__(self) -> int:
         return len(self.barcodes)
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # one line: sizes and pixel scale
         mpp = "?" if self.mpp is None else f"{self.mpp:g}"
         src = "?" if self.patch_size_src is None else f"{self.patch_size_src:.1f}"
         return (

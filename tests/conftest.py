@@ -32,6 +32,53 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+# ------------------------------------------------------------------------------------------------------------
+# nothing left in the system temp folder: pytest's tmp_path folders and every temporary file of this process and
+# its children (notebook kernels, benchmark subprocesses, torch's inductor cache folder, dask's scratch space)
+# live in this session's base folder, removed when the session passes (kept for inspection when it fails)
+# ------------------------------------------------------------------------------------------------------------
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    import tempfile
+
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is None or config.option.basetemp:  # --basetemp: the user's folder, left as pytest leaves it
+        return
+    base = factory.getbasetemp()
+    scratch = base / "system_tmp"
+    scratch.mkdir(exist_ok=True)
+    config.stash[_SCRATCH] = (base, tempfile.tempdir, os.environ.get("TMPDIR"))
+    os.environ["TMPDIR"] = tempfile.tempdir = str(scratch)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+    import tempfile
+
+    state = session.config.stash.get(_SCRATCH, None)
+    if state is None:
+        return
+    base, old_tempdir, old_env = state
+    tempfile.tempdir = old_tempdir
+    if old_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old_env
+    if exitstatus != 0:
+        return
+    shutil.rmtree(base, ignore_errors=True)
+    current = base.parent / f"{base.name.rsplit('-', 1)[0]}-current"
+    with contextlib.suppress(OSError):
+        if current.is_symlink() and not current.exists():  # pointed at the folder just removed
+            current.unlink()
+    with contextlib.suppress(OSError):
+        base.parent.rmdir()  # only when no other session's folder is in it
+
+
+_SCRATCH = pytest.StashKey[tuple]()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return SHARED_DATA

@@ -1,5 +1,6 @@
-"""HEST-Benchmark: equal to HEST's own code (a transcription of its statements, tests/hest_transcription.py,
-github.com/mahmoodlab/HEST at afd42c3), HEST's embedding and result files, the cache, strict protocol, errors."""
+"""HEST-Benchmark: equal to an independent restatement of HEST's probe (tests/hest_reference.py: scikit-learn's
+and scipy's objects with HEST's settings, github.com/mahmoodlab/HEST at afd42c3), HEST's embedding and result
+files, the cache, strict protocol, errors."""
 
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from hest_transcription import (
-    HEST_COMMIT,
-    benchmark_grid,
-    embedding_file_as_hest_writes_it,
-    hest_args,
-    read_assets_from_h5,
+from hest_reference import (
+    CONFIG_KEYS,
+    FOLD_KEYS,
+    read_embedding_file,
+    result_files,
+    run_task,
+    write_embedding_file,
 )
 
 import hopt_st as hs
@@ -99,7 +101,7 @@ def _write_hest_embeddings(task, emb_root, model, dim):
             bc, coords = f["barcode"][:, 0], f["coords"][:]
         out = Path(emb_root) / task["task"] / model / f"{sid}.h5"
         out.parent.mkdir(parents=True, exist_ok=True)
-        paths[sid] = embedding_file_as_hest_writes_it(out, _fake_embed(p, dim), list(bc), coords)
+        paths[sid] = write_embedding_file(out, _fake_embed(p, dim), list(bc), coords)
     return paths
 
 
@@ -153,9 +155,10 @@ def _tree(root: Path) -> dict[str, object]:
 
 # ---------------------------------------------------------------------------------- equality with HEST's code
 @pytest.mark.parametrize(("dim", "pca_solver"), [(1536, "randomized"), (300, "full")])
-def test_hest_protocol_equals_hests_own_code(tmp_path, no_encoder, dim, pca_solver):
-    """bench.run on HEST's own embedding files == HEST's benchmark_grid on the same files (commit afd42c3):
-    task mean, fold means, every per-gene Pearson, l2/r2, and the result files' layout and keys."""
+def test_hest_protocol_equals_hest_reference(tmp_path, no_encoder, dim, pca_solver):
+    """bench.run on embedding files in HEST's layout == the restatement of HEST's probe (hest_reference.py:
+    scikit-learn's Ridge, not hopt_st's solver) on the same files: task mean, fold means, every per-gene
+    Pearson, l2/r2; and HEST's result files, names and keys."""
     from sklearn.decomposition import PCA
 
     task = _write_task(tmp_path / "bench", task="TINY", n_spots=260)
@@ -164,24 +167,17 @@ def test_hest_protocol_equals_hests_own_code(tmp_path, no_encoder, dim, pca_solv
     hest_files = _write_hest_embeddings(task, emb, model, dim)
     before = {sid: _digest(p) for sid, p in hest_files.items()}
 
-    # HEST's statements on those files
-    hest_out = tmp_path / "hest_results"
-    args = hest_args(
-        bench_data_root=str(task["root"]), embed_dataroot=str(emb), encoders=[model], datasets=["TINY"]
-    )
-    benchmark_grid(args, [model], ["TINY"], str(hest_out))
+    ref = run_task(task["dir"], emb / "TINY" / model)
     # the case is the one claimed: scikit-learn's "auto" picks this PCA solver on the training spots
-    X_tr = np.concatenate([read_assets_from_h5(hest_files[s])[0]["embeddings"] for s in task["folds"][0][0]])
+    X_tr = np.concatenate([read_embedding_file(hest_files[s])["embeddings"] for s in task["folds"][0][0]])
     assert X_tr.shape == (520, dim) and X_tr.dtype == np.float32
-    pca = PCA(n_components=256, random_state=1).fit(X_tr)
-    assert pca._fit_svd_solver == pca_solver
+    assert PCA(n_components=256, random_state=1).fit(X_tr)._fit_svd_solver == pca_solver
 
     out = tmp_path / "ours"
     df = bench.run(task["root"], tasks="TINY", model=model, embeddings_dir=emb, out_dir=out)
     assert {sid: _digest(p) for sid, p in hest_files.items()} == before  # the user's files are untouched
     assert df.attrs["provenance"]["embeddings"]["TINY"] == {s: "file" for s in task["ids"]}
 
-    ref_kfold = json.loads((hest_out / "TINY" / model / "results_kfold.json").read_text())
     row = df.iloc[0]
     assert (row.task, row.model, row.protocol, row.n_folds, row.hest_comparable) == (
         "TINY",
@@ -191,60 +187,55 @@ def test_hest_protocol_equals_hests_own_code(tmp_path, no_encoder, dim, pca_solv
         True,
     )
     assert row.pearson_mean > 0.2  # there is signal to get right
-    assert abs(row.pearson_mean - ref_kfold["pearson_mean"]) <= 1e-6
-    assert abs(row.pearson_std - ref_kfold["pearson_std"]) <= 1e-6
+    assert abs(row.pearson_mean - ref["mean"]) <= 1e-6
+    assert abs(row.pearson_std - ref["std"]) <= 1e-6
     ours_split = [f["pearson_mean"] for f in df.attrs["folds"]]
-    np.testing.assert_allclose(ours_split, ref_kfold["mean_per_split"], rtol=0, atol=1e-6)
-    for i in range(2):
-        ref = json.loads((hest_out / "TINY" / model / f"split{i}" / "summary.json").read_text())
+    np.testing.assert_allclose(ours_split, [f["mean"] for f in ref["folds"]], rtol=0, atol=1e-6)
+    for i, fold in enumerate(ref["folds"]):
         mine = json.loads((out / "hest" / "TINY" / model / f"split{i}" / "summary.json").read_text())
-        assert [d["name"] for d in mine["pearson_corrs"]] == [d["name"] for d in ref["pearson_corrs"]]
-        np.testing.assert_allclose(
-            [d["pearson_corr"] for d in mine["pearson_corrs"]],
-            [d["pearson_corr"] for d in ref["pearson_corrs"]],
-            rtol=0,
-            atol=1e-6,
-        )
-        np.testing.assert_allclose(mine["l2_errors"], ref["l2_errors"], rtol=1e-9)
-        np.testing.assert_allclose(mine["r2_scores"], ref["r2_scores"], rtol=1e-9)
-        assert (mine["n_train"], mine["n_test"]) == (ref["n_train"], ref["n_test"]) == (520, 520)
+        assert sorted(mine) == sorted([*FOLD_KEYS, "n_train", "n_test"])
+        assert [d["name"] for d in mine["pearson_corrs"]] == ref["genes"]  # HEST's gene order
+        got = [d["pearson_corr"] for d in mine["pearson_corrs"]]
+        np.testing.assert_allclose(got, fold["pearson"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(mine["l2_errors"], fold["l2"], rtol=1e-9)
+        np.testing.assert_allclose(mine["r2_scores"], fold["r2"], rtol=1e-9)
+        assert (mine["n_train"], mine["n_test"]) == (fold["n_train"], fold["n_test"]) == (520, 520)
     pg = df.attrs["per_gene"].set_index("gene")["pearson"]
-    ref_pg = {d["name"]: d["mean"] for d in ref_kfold["pearson_corrs"]}
-    np.testing.assert_allclose(pg[list(ref_pg)].to_numpy(), list(ref_pg.values()), rtol=0, atol=1e-6)
+    ref_pg = np.mean([f["pearson"] for f in ref["folds"]], axis=0)
+    np.testing.assert_allclose(pg[ref["genes"]].to_numpy(), ref_pg, rtol=0, atol=1e-6)
 
-    # HEST's result files: same files, same keys and nesting, same values
-    ref_tree, our_tree = _tree(hest_out), _tree(out / "hest")
-    assert set(ref_tree) == set(our_tree)
-    for rel, p in ref_tree.items():
-        if rel.endswith(".json"):
-            a, b = json.loads(p.read_text()), json.loads(our_tree[rel].read_text())
-            if rel.endswith("config.json"):  # vars(args): HEST's keys; paths and loader settings are ours
-                assert sorted(b) == sorted(a) and b["seed"] == 1 and b["latent_dim"] == 256
-                assert (b["dimreduce"], b["method"], b["normalize"], b["encoders"]) == (
-                    "PCA",
-                    "ridge",
-                    True,
-                    [model],
-                )
-            else:
-                assert _json_keys(b) == _json_keys(a), rel
-    ref_csv = pd.read_csv(ref_tree["dataset_results.csv"])
-    our_csv = pd.read_csv(our_tree["dataset_results.csv"])
-    assert (
-        list(our_csv.columns)
-        == list(ref_csv.columns)
-        == ["Unnamed: 0", "dataset", f"{model}_mean", f"{model}_std"]
+    # HEST's result files: the same names, keys and nesting
+    tree = out / "hest"
+    assert set(_tree(tree)) == result_files("TINY", model, 2)
+    config = json.loads((tree / "TINY" / model / "split0" / "config.json").read_text())
+    assert sorted(config) == CONFIG_KEYS and (config["seed"], config["latent_dim"]) == (1, 256)
+    assert (config["dimreduce"], config["method"], config["normalize"], config["encoders"]) == (
+        "PCA",
+        "ridge",
+        True,
+        [model],
     )
-    np.testing.assert_allclose(our_csv[f"{model}_mean"], ref_csv[f"{model}_mean"], rtol=0, atol=1e-6)
-    ref_avg = json.loads(ref_tree["dataset_results.json"].read_text())["average"][model]
-    assert abs(json.loads(our_tree["dataset_results.json"].read_text())["average"][model] - ref_avg) <= 1e-6
-    assert (
-        (out / "results.csv").is_file()
-        and (out / "results.md").is_file()
-        and (out / "provenance.json").is_file()
-    )
-
-    assert HEST_COMMIT.startswith("afd42c3")
+    kfold = json.loads((tree / "TINY" / model / "results_kfold.json").read_text())
+    assert _json_keys(kfold) == {
+        "pearson_corrs": [{"name": "str", "pearson_corrs": ["float"], "mean": "float", "std": "float"}],
+        "pearson_mean": "float",
+        "pearson_std": "float",
+        "mean_per_split": ["float"],
+    }
+    means = [d["mean"] for d in kfold["pearson_corrs"]]
+    assert means == sorted(means, reverse=True)  # genes by mean Pearson, descending
+    entry = {"encoder_name": "str", "pearson_mean": "float", "pearson_std": "float"}
+    assert _json_keys(json.loads((tree / "TINY" / "enc_results.json").read_text())) == {"results": [entry]}
+    dataset = json.loads((tree / "dataset_results.json").read_text())
+    assert _json_keys(dataset) == {
+        "results": [{"dataset_name": "str", "results": [entry]}],
+        "average": {model: "float"},
+    }
+    assert abs(dataset["average"][model] - ref["mean"]) <= 1e-6
+    csv = pd.read_csv(tree / "dataset_results.csv")
+    assert list(csv.columns) == ["Unnamed: 0", "dataset", f"{model}_mean", f"{model}_std"]
+    np.testing.assert_allclose(csv[f"{model}_mean"], [ref["mean"]], rtol=0, atol=1e-6)
+    assert all((out / name).is_file() for name in ("results.csv", "results.md", "provenance.json"))
 
 
 # ---------------------------------------------------------------------------------- embedding files and cache
@@ -258,7 +249,7 @@ def test_cache_in_hest_layout_reused_and_recomputed_when_stale_or_truncated(
     assert first.attrs["provenance"]["embeddings"]["TINY"] == {s: "computed" for s in task["ids"]}
     f0 = emb / "TINY" / "fake" / "S0.h5"
     # HEST's layout, readable by HEST's own reader, plus our provenance
-    assets, _ = read_assets_from_h5(f0)
+    assets = read_embedding_file(f0)
     assert set(assets) == {"embeddings", "barcodes", "coords", "centers"}  # HEST's, and exact centres
     assert assets["embeddings"].shape == (120, 300) and assets["embeddings"].dtype == np.float32
     assert assets["barcodes"].shape == (120, 1) and assets["barcodes"].dtype.kind == "S"
@@ -278,12 +269,22 @@ def test_cache_in_hest_layout_reused_and_recomputed_when_stale_or_truncated(
 
     # a truncated file of ours: recomputed with a warning, not a crash (issue 10)
     f0.write_bytes(f0.read_bytes()[: f0.stat().st_size // 2])
-    # a stale one (its patch file changed since): recomputed
+    # a stale one (its patch file changed since): refused as embed_cohort refuses it, naming what differs
     os.utime(task["dir"] / "patches" / "S1.h5", ns=(1, 1))
+    s1 = emb / "TINY" / "fake" / "S1.h5"
+    stale = _digest(s1)
+    with pytest.raises(
+        ValueError, match=r"S1\.h5' exists and was computed with other source files than this"
+    ):
+        bench.run(task["root"], model="fake", embeddings_dir=emb)
+    assert _digest(s1) == stale  # left as it was
+    cohort = hs.pp.embed_cohort(task["dir"], "fake", emb / "TINY")  # the same rule, the same words
+    row = cohort.set_index("sample").loc["S1"]
+    assert row.status == "failed" and "computed with other source files than this run" in row.error
     with caplog.at_level(logging.WARNING, logger="hopt_st"):
-        third = bench.run(task["root"], model="fake", embeddings_dir=emb)
+        third = bench.run(task["root"], model="fake", embeddings_dir=emb, overwrite=True)
     assert sorted(Path(c).name for c in counting_encoder[4:]) == ["S0.h5", "S1.h5"]
-    assert "unreadable" in caplog.text and "other patches" in caplog.text
+    assert "unreadable" in caplog.text and "another fingerprint: replacing" in caplog.text
     assert third.pearson_mean.iloc[0] == first.pearson_mean.iloc[0]
     assert not list(emb.rglob("*.tmp"))  # no temporary file left behind
 
@@ -323,8 +324,13 @@ def test_cache_is_not_reused_for_other_patches(tmp_path, counting_encoder):
     b = _write_task(tmp_path / "b", n_spots=100, seed=2)
     first = bench.run(a["root"], tasks="TINY", model="fake", embeddings_dir=emb)
     assert len(counting_encoder) == 4
-    second = bench.run(b["root"], tasks="TINY", model="fake", embeddings_dir=emb)
-    assert len(counting_encoder) == 8  # recomputed, not served from a's cache
+    with pytest.raises(
+        ValueError, match="computed with other source files than this run: pass overwrite=True"
+    ):
+        bench.run(b["root"], tasks="TINY", model="fake", embeddings_dir=emb)  # not served from a's cache
+    assert len(counting_encoder) == 4
+    second = bench.run(b["root"], tasks="TINY", model="fake", embeddings_dir=emb, overwrite=True)
+    assert len(counting_encoder) == 8  # recomputed
     assert second.pearson_mean.iloc[0] != pytest.approx(first.pearson_mean.iloc[0], abs=1e-9)
     bench.run(b["root"], tasks="TINY", model="fake", embeddings_dir=emb)
     assert len(counting_encoder) == 8  # b's own cache is reused
@@ -355,7 +361,7 @@ def tiny_vit(tiny_vit_spec, register_spec, tmp_path):
     register_spec(spec)
     files = []
     for seed in (0, 1):
-        torch.manual_seed(seed)
+        torch.random.manual_seed(seed)
         sd = models.create(spec, pretrained=False).backbone.state_dict()
         files.append(tmp_path / f"tiny{seed}.safetensors")
         save_file({k: v.contiguous() for k, v in sd.items()}, str(files[-1]))
@@ -364,7 +370,8 @@ def tiny_vit(tiny_vit_spec, register_spec, tmp_path):
 
 def test_encoder_built_once_per_run_and_weights_hashed_once(hest_bench_root, tiny_vit, tmp_path, monkeypatch):
     """Over a 3-sample task the encoder is built once (models.get_encoder), and the weight file is read for its
-    sha256 once: the fingerprint, the encoder and the provenance share the digest. Other weights: recomputed."""
+    sha256 once: the fingerprint, the encoder and the provenance share the digest. Other weights: refused, or
+    recomputed with overwrite=True."""
     from hopt_st.models import _cache, _weights
 
     spec, weights, other = tiny_vit
@@ -381,8 +388,11 @@ def test_encoder_built_once_per_run_and_weights_hashed_once(hest_bench_root, tin
         assert builds == [spec.name]  # not once per sample
         assert [Path(p).name for p in hashed] == [weights.name]
         assert df.attrs["provenance"]["weights_sha256"] == sha(weights)
-        # the files' fingerprint includes the weights: another weight file recomputes every sample
-        df = bench.run(root, tasks=task, model=spec.name, weights=other, embeddings_dir=emb)
+        # the files' fingerprint includes the weights: another weight file is refused, naming them, or with
+        # overwrite=True recomputes every sample
+        with pytest.raises(ValueError, match="computed with other weights than this run"):
+            bench.run(root, tasks=task, model=spec.name, weights=other, embeddings_dir=emb)
+        df = bench.run(root, tasks=task, model=spec.name, weights=other, embeddings_dir=emb, overwrite=True)
         assert df.attrs["provenance"]["embeddings"][task] == dict.fromkeys(ids, "computed")
         assert builds == [spec.name] * 2
     finally:

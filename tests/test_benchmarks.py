@@ -1,8 +1,9 @@
 """The benchmark scripts run (``--smoke``: tiny inputs, on the CPU), so that they cannot rot.
 
 They print figures, not assertions about speed (timings never go into tests); what is checked here is that every
-part runs and reports. ``embed.py``, ``patches.py`` and ``embed_gpu.py`` run in this process (their imports are
-already paid); ``read_hest_memory.py`` and ``synthetic_memory.py`` measure fresh processes by design.
+part runs and reports. ``embed.py``, ``patches.py``, ``embed_gpu.py`` and ``regression.py`` run in this process
+(their imports are already paid); ``read_hest_memory.py``, ``synthetic_memory.py``, ``wholeslide.py`` measure
+fresh processes by design and ``cohort.py`` starts Dask worker processes, so they run as scripts.
 """
 
 from __future__ import annotations
@@ -97,3 +98,40 @@ def test_mil_benchmark_smoke(capsys, tmp_path):
     res = json.loads((tmp_path / "m.json").read_text())
     assert res["speed"]["rows"]["abmil"]["median"] > 0
     assert 0 <= res["known_answers"]["attention_share"] <= 1
+
+
+def test_regression_benchmark_smoke(capsys, tmp_path):
+    """Every case runs and reports its deviation from the reference restatement of HEST's probe."""
+    assert _script("regression").main(["--smoke", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "scikit-learn PCA solver: randomized" in out and "PCA solver: full" in out
+    exact = [ln for ln in out.splitlines() if ln.strip().startswith(("hopt_st exact", "bench.run exact"))]
+    assert len(exact) == 2
+    for line in exact:  # the default path gives the reference's numbers to rounding
+        assert max(float(v) for v in line.split("   ")[-1].split(",")) < 1e-12, line
+    assert list(tmp_path.iterdir()) == []  # the end-to-end case's files are removed
+
+
+def test_cohort_benchmark_smoke(tmp_path):
+    """1 vs 2 Dask worker processes embed the same cohort: both report, and their embeddings are identical."""
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "cohort.py"), "--smoke", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "1 worker : median" in r.stdout and "2 workers: median" in r.stdout
+    assert "embeddings of 1 and 2 workers: identical" in r.stdout
+    assert list(tmp_path.iterdir()) == []  # its temporary folder is removed
+
+
+def test_wholeslide_benchmark_smoke():
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "wholeslide.py"), "--smoke"], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    for line in ("tiles of 112 µm", "patch reading alone (baseline)", "reading + handcrafted embedding"):
+        assert line in r.stdout, line
+    pearson = float(r.stdout.split("vs the known expression: ")[1].split()[0])
+    assert pearson > 0.5 and "-> OK (limit 2 GB)" in r.stdout

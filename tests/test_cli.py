@@ -74,21 +74,34 @@ def test_demo_prints_the_per_gene_table(demo_run):
     assert "[1/" not in printed  # -q: no step messages, only the result
 
 
-def test_demo_reruns_in_its_own_folder_but_refuses_a_foreign_demo_zarr(demo_run, capsys, tmp_path):
+def test_demo_reruns_in_its_own_folder_but_never_replaces_a_file_it_did_not_write(demo_run, capsys, tmp_path):
     _, out, _ = demo_run
     before = (out / "demo.zarr").stat().st_mtime_ns
+    (out / "notes.txt").write_text("mine")  # a foreign file beside the demo's outputs
     rc, _, err = _run(capsys, "-q", "demo", "--out", out, "--n-spots", N_SPOTS)  # the README's command, twice
     assert rc == 0, err
     assert (out / "demo.zarr").stat().st_mtime_ns != before  # regenerated and replaced
     assert sd.read_zarr(out / "demo.zarr")["predicted"].n_obs == N_SPOTS
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [
-        ".hopt_st_demo"
-    ]  # no leftovers
+    assert (out / "notes.txt").read_text() == "mine"  # left alone
+    hidden = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    assert hidden == [".hopt_st_demo"]  # no leftovers
+    # a file of the demo's names that the demo did not write (or that was changed since): refused, untouched
+    (out / "gene_scores.png").write_bytes(b"my own figure")
+    rc, _, err = _run(capsys, "demo", "--out", out, "--n-spots", N_SPOTS)
+    assert rc == 1 and "gene_scores.png" in _one_line_error(err) and "--overwrite" in err
+    assert (out / "gene_scores.png").read_bytes() == b"my own figure"
     foreign = tmp_path / "mine"
     (foreign / "demo.zarr").mkdir(parents=True)  # not written by the demo: never replaced silently
+    (foreign / "per_gene_pearson.csv").write_text("gene,r\n")
     rc, _, err = _run(capsys, "demo", "--out", foreign, "--n-spots", N_SPOTS)
     assert rc == 1
-    assert "not written by the demo" in _one_line_error(err) and "--overwrite" in err
+    line = _one_line_error(err)
+    assert "not written by the demo" in line and "demo.zarr" in line and "per_gene_pearson.csv" in line
+    assert sorted(p.name for p in foreign.iterdir()) == [
+        "demo.zarr",
+        "per_gene_pearson.csv",
+    ]  # nothing written
+    assert (foreign / "per_gene_pearson.csv").read_text() == "gene,r\n"
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +287,32 @@ def test_bench_on_synthetic_root(hest_bench_root, capsys, tmp_path):
     assert (out / "benchmark.png").exists() and (out / "results.json").exists()
     # HEST's own result files, per model
     assert (out / "handcrafted" / "hest" / "dataset_results.json").exists()
+
+
+def test_bench_second_model_keeps_the_first_models_rows(hest_bench_root, capsys, tmp_path, register_spec):
+    """`hopt-st bench --out X` run again with another model merges its rows into X's files (as bench.run's
+    out_dir does); every file is written atomically (no temporary left)."""
+    import dataclasses
+    import json
+
+    from hopt_st import models
+
+    register_spec(dataclasses.replace(models.get_spec("handcrafted"), name="handcrafted-b"))
+    out = tmp_path / "bench"
+    args = ["-q", "bench", hest_bench_root["root"], "--out", out, "--embeddings-dir", tmp_path / "emb"]
+    rc, _, err = _run(capsys, *args, "--model", "handcrafted")
+    assert rc == 0, err
+    first = pd.read_csv(out / "results.csv")
+    rc, _, err = _run(capsys, *args, "--model", "handcrafted-b")
+    assert rc == 0, err
+    both = pd.read_csv(out / "results.csv")
+    assert list(both["model"]) == ["handcrafted", "handcrafted-b"]
+    pd.testing.assert_frame_equal(both.iloc[:1], first)  # the first model's row, as it was
+    assert set(pd.read_csv(out / "per_gene.csv")["model"]) == {"handcrafted", "handcrafted-b"}
+    payload = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in payload["results"]] == ["handcrafted", "handcrafted-b"]
+    assert [p["model"] for p in payload["provenance"]] == ["handcrafted", "handcrafted-b"]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_console_script_entry_point():

@@ -216,6 +216,21 @@ def test_existing_file_with_another_fingerprint(root, specs, tmp_path, one_threa
     assert hs.io.read_embeddings(tmp_path / spec.name / "SYN000.h5").embeddings.shape == (40, spec.dim)
 
 
+def test_refusal_names_the_fingerprint_part_that_differs(root, specs, tmp_path, one_thread):
+    """One rule with bench.run: a file of ours with another fingerprint is refused, naming the part that differs
+    (here the requested precision, part of the geometry), and left as it was."""
+    spec, _ = specs["handcrafted-fast"]
+    cohort = hs.io.read_cohort(root).query("sample_id == 'SYN000'")
+    hs.pp.embed_cohort(cohort, spec, tmp_path, progress=False)
+    path = tmp_path / spec.name / "SYN000.h5"
+    before = path.read_bytes()
+    df = hs.pp.embed_cohort(cohort, spec, tmp_path, dtype="float32", progress=False).set_index("sample")
+    error = df.loc["SYN000", "error"]
+    assert df.loc["SYN000", "status"] == "failed"
+    assert "computed with other geometry than this run" in error and "overwrite=True" in error, error
+    assert path.read_bytes() == before
+
+
 def test_write_embeddings_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "s.h5"
     hs.io.write_embeddings(path, np.ones((3, 2)), ["a", "b", "c"], fingerprint="old")

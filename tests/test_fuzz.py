@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import spatialdata as sd
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, ShapesModel, TableModel
@@ -122,18 +122,28 @@ def images(draw):
     return a
 
 
+_RGB8 = np.random.default_rng(5).integers(0, 256, (3, 21, 30)).astype(np.uint8)
+
+
 @settings(FUZZ, max_examples=60)
 @given(image=images())
+@example(image=_RGB8)  # always among the cases: the plain uint8 RGB image, which must give its patch
+@example(image=_RGB8[:, :12, :12].copy())
 def test_fuzz_image_dtypes_channels_and_value_ranges(image):
     _, h, w = image.shape
     cx, cy = w // 2, h // 2
+    # the plain case, uint8 RGB with content (not one colour, which is refused as a placeholder), must work
+    valid = image.dtype == np.uint8 and image.shape[0] == 3 and image.min() != image.max()
     try:
         sdata = _sdata(image, np.array([[float(cx), float(cy)]]))  # a pixel corner: window [c - 4, c + 4)
     except Exception:  # noqa: BLE001 - spatialdata refuses to build it: not an input hopt_st ever sees
+        assert not valid, "spatialdata refused a valid uint8 RGB image"
         return
     try:
         got = hs.pp.patches(sdata, patch_size=8, target_mpp=1.0, image_mpp=1.0).to_numpy()
     except Exception as e:  # noqa: BLE001 - checked below
+        if valid:
+            raise AssertionError(f"a valid uint8 RGB image was refused: {e!r}") from e
         _documented(e)
         return
     # a window of exactly 8 px centred on the spot: the crop, converted from the dtype's value range

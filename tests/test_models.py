@@ -420,7 +420,7 @@ def test_dtype_casts_the_backbone():
 
 
 def _save_tiny(path, seed=0):
-    torch.manual_seed(seed)
+    torch.random.manual_seed(seed)
     sd = models.create("tiny-reg4-token", pretrained=False).backbone.state_dict()
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path

@@ -42,7 +42,7 @@ def make_sdata(
     xy,
     *,
     image_mpp=None,
-    dims=("c", "y", "x"),
+    dims=tuple("cyx"),
     scale_factors=None,
     image_tf=None,
     shapes_tf=None,

@@ -49,7 +49,7 @@ def _sdata(n_side=6, image_scale=1.0, img_side=400, pyramid=None, with_pred=True
     tr = Identity() if image_scale == 1.0 else Scale([image_scale, image_scale], axes=("x", "y"))
     image = Image2DModel.parse(
         da.from_array(img, chunks=(3, 128, 128)),
-        dims=("c", "y", "x"),
+        dims=["c", "y", "x"],
         scale_factors=pyramid,
         transformations={"global": tr},
     )
@@ -62,7 +62,7 @@ def _sdata(n_side=6, image_scale=1.0, img_side=400, pyramid=None, with_pred=True
     counts = rng.poisson(lam).astype(np.float32)
     adata = AnnData(sp.csr_matrix(counts))
     adata.obs_names = [f"bc{i}" for i in range(n)]
-    adata.var_names = genes
+    adata.var_names = list(genes)
     adata.obs["region"] = pd.Categorical(["spots"] * n)
     adata.obs["spot_id"] = ids
     adata.obsm["spatial"] = xy

@@ -90,7 +90,7 @@ def _cli(capsys, *args) -> tuple[int, str]:
 
 
 def _vit_weights(path: Path, *, nan: bool = False, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
+    torch.random.manual_seed(seed)
     state = {
         k: v.clone().contiguous()
         for k, v in models.create(VIT, pretrained=False).backbone.state_dict().items()

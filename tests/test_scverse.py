@@ -155,7 +155,7 @@ def test_spatialdata_route_predictions_table_and_spatialdata_plot(encoder):
         hs.tl.predict_expression(sdata, reg)
     gene = reg.genes_[0]
     # spatialdata-plot itself, on the user's SpatialData: with table_name it draws the predictions
-    fig, ax = plt.subplots()
+    fig, ax = plt.subplots(figsize=(4, 4))
     sdata.pl.render_shapes("spots", color=gene, table_name="predicted").pl.show(
         ax=ax, coordinate_systems="global", show=False
     )

@@ -19,6 +19,7 @@ embedding dimensions, the strict protocol) carries one extra key, ``"not_hest_co
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from operator import itemgetter
 from pathlib import Path
 
@@ -45,17 +46,11 @@ def probe_results(genes, preds_all: np.ndarray, y_test: np.ndarray) -> dict:
     """``train_test_reg``'s ``results`` dict for one fold: per gene (HEST's gene order) the mean squared error,
     R² and Pearson of ``preds_all`` against ``y_test``; their mean/std (ddof 0) and quartiles."""
     pearson = pearson_per_gene(y_test, preds_all)
-    errors, r2_scores = [], []
-    for target in range(y_test.shape[1]):
-        preds = preds_all[:, target]
-        target_vals = y_test[:, target]
-        errors.append(float(np.mean((preds - target_vals) ** 2)))
-        with np.errstate(divide="ignore", invalid="ignore"):  # a constant gene: HEST gets -inf / NaN too
-            r2_scores.append(
-                float(
-                    1 - np.sum((target_vals - preds) ** 2) / np.sum((target_vals - np.mean(target_vals)) ** 2)
-                )
-            )
+    residual_ss = np.sum((y_test - preds_all) ** 2, axis=0)
+    total_ss = np.sum((y_test - y_test.mean(axis=0)) ** 2, axis=0)
+    errors = (residual_ss / y_test.shape[0]).tolist()
+    with np.errstate(divide="ignore", invalid="ignore"):  # a constant gene: HEST gets -inf / NaN too
+        r2_scores = (1.0 - residual_ss / total_ss).tolist()
     return {
         "l2_errors": errors,
         "r2_scores": r2_scores,
@@ -74,20 +69,22 @@ def probe_results(genes, preds_all: np.ndarray, y_test: np.ndarray) -> dict:
 def kfold_results(folds: list[dict]) -> dict:
     """``merge_fold_results`` of the folds' :func:`probe_results`, genes sorted by mean Pearson (descending,
     stable) as ``predict_folds`` writes ``results_kfold.json``: the task score is the mean of fold means."""
-    by_gene: dict[str, list[float]] = {}
+    per_gene: dict[str, list[float]] = defaultdict(
+        list
+    )  # gene -> its Pearson in each fold, genes in first-seen order
     for fold in folds:
-        for item in fold["pearson_corrs"]:
-            by_gene[item["name"]] = by_gene.get(item["name"], []) + [item["pearson_corr"]]
-    corrs = [
-        {"name": g, "pearson_corrs": v, "mean": float(np.mean(v)), "std": float(np.std(v))}
-        for g, v in by_gene.items()
+        for entry in fold["pearson_corrs"]:
+            per_gene[entry["name"]].append(entry["pearson_corr"])
+    genes = [
+        {"name": gene, "pearson_corrs": rs, "mean": float(np.mean(rs)), "std": float(np.std(rs))}
+        for gene, rs in per_gene.items()
     ]
-    mean_per_split = [f["pearson_mean"] for f in folds]
+    fold_means = [fold["pearson_mean"] for fold in folds]
     return {
-        "pearson_corrs": sorted(corrs, key=itemgetter("mean"), reverse=True),
-        "pearson_mean": float(np.mean(mean_per_split)),
-        "pearson_std": float(np.std(mean_per_split)),
-        "mean_per_split": mean_per_split,
+        "pearson_corrs": sorted(genes, key=itemgetter("mean"), reverse=True),
+        "pearson_mean": float(np.mean(fold_means)),
+        "pearson_std": float(np.std(fold_means)),
+        "mean_per_split": fold_means,
     }
 
 
@@ -140,25 +137,23 @@ def rebuild_aggregates(tree: Path, tasks: list[str]) -> None:
             order = []
     order += [t for t in tasks if t not in order]
     order = [t for t in order if (tree / t).is_dir()]
-    dataset_perfs = []
+    per_task = []
     for task in order:
         entries = _encoder_entries(tree, task)
         if task in tasks or not (tree / task / "enc_results.json").is_file():
             atomic_write_text(tree / task / "enc_results.json", _dumps({"results": entries}))
-        dataset_perfs.append({"dataset_name": task, "results": entries})
-    perf_per_enc: dict[str, list[float]] = {}
-    row_dicts = []
-    for perf in dataset_perfs:
-        row = {"dataset": perf["dataset_name"]}
-        for res in perf["results"]:
-            name = res["encoder_name"]
-            perf_per_enc[name] = perf_per_enc.get(name, []) + [res["pearson_mean"]]
-            row[f"{name}_mean"] = res["pearson_mean"]
-            row[f"{name}_std"] = res["pearson_std"]
-            if NOT_COMPARABLE_KEY in res:
-                row[f"{name}_{NOT_COMPARABLE_KEY}"] = res[NOT_COMPARABLE_KEY]
-        row_dicts.append(row)
-    average = {k: float(np.mean(v)) for k, v in perf_per_enc.items()}
+        per_task.append({"dataset_name": task, "results": entries})
+    task_means: dict[str, list[float]] = defaultdict(list)  # encoder -> its task means
+    rows = []  # dataset_results.csv: one row per task, "<encoder>_mean" / "_std" columns
+    for task_entry in per_task:
+        row = {"dataset": task_entry["dataset_name"]}
+        for enc in task_entry["results"]:
+            task_means[enc["encoder_name"]].append(enc["pearson_mean"])
+            row.update({f"{enc['encoder_name']}_{k}": enc[f"pearson_{k}"] for k in ("mean", "std")})
+            if NOT_COMPARABLE_KEY in enc:
+                row[f"{enc['encoder_name']}_{NOT_COMPARABLE_KEY}"] = enc[NOT_COMPARABLE_KEY]
+        rows.append(row)
+    average = {enc: float(np.mean(means)) for enc, means in task_means.items()}
     average = dict(sorted(average.items(), key=lambda item: item[1], reverse=True))
-    atomic_write_text(tree / "dataset_results.csv", pd.DataFrame(row_dicts).to_csv())
-    atomic_write_text(tree / "dataset_results.json", _dumps({"results": dataset_perfs, "average": average}))
+    atomic_write_text(tree / "dataset_results.csv", pd.DataFrame(rows).to_csv())
+    atomic_write_text(tree / "dataset_results.json", _dumps({"results": per_task, "average": average}))

@@ -34,18 +34,12 @@ from ..io._cohort import model_dirname
 from ..io._embeddings import written_by_hopt_st
 from ..models._weights import weights_sha256
 from ..tl import target_matrix, top_variable_genes
-from ..tl.linear import (
-    HEST_N_COMPONENTS,
-    HEST_SEED,
-    HEST_SOLVERS,
-    check_embeddings,
-    combine_stats,
-    fit_hest_ridge_from_stats,
-    fit_ridge_cv,
-    hest_probe,
-    moment_stats,
-    moments_replay_pca,
-)
+from ..tl._hest_fast import combine_stats, fit_from_stats, moment_stats, replays_pca
+from ..tl.linear import _HEST_N_COMPONENTS as HEST_N_COMPONENTS
+from ..tl.linear import _HEST_SEED as HEST_SEED
+from ..tl.linear import _HEST_SOLVERS as HEST_SOLVERS
+from ..tl.linear import _check_embeddings as check_embeddings
+from ..tl.linear import fit_ridge_cv, hest_probe
 from ._download import KNOWN_N_FOLDS, match_task
 from ._results import atomic_write_text, probe_results, rebuild_aggregates, write_encoder_results
 
@@ -93,15 +87,18 @@ class _Embedder:
         return sample_job(row, self.model, path, device=self.device, overwrite=overwrite)
 
 
-def _sample_embeddings(path: Path, row: dict, embedder: _Embedder) -> tuple[np.ndarray, np.ndarray, str]:
+def _sample_embeddings(
+    path: Path, row: dict, embedder: _Embedder, overwrite: bool = False
+) -> tuple[np.ndarray, np.ndarray, str]:
     """One sample's embeddings and barcodes, and where they came from (``"file"``, ``"cache"``, ``"computed"``).
 
     The file at ``path`` is the one :func:`hopt_st.pp.embed_cohort` writes for this sample (same writer, same
     fingerprint), so either reuses the other's. A file hopt_st did not write (e.g. HEST's own) is read as it
     is and never replaced; an error names it when it cannot be read. A file of hopt_st's is reused when its
-    fingerprint matches, and recomputed (with a warning) when it is stale or unreadable.
+    fingerprint matches; one with another fingerprint is refused as ``embed_cohort`` refuses it (naming the
+    parts that differ) unless ``overwrite``; an unreadable one is recomputed with a warning.
     """
-    from ..pp._cohort import embed_sample
+    from ..pp._cohort import embed_sample, other_fingerprint_message
 
     job = None
     if path.exists():
@@ -126,9 +123,9 @@ def _sample_embeddings(path: Path, row: dict, embedder: _Embedder) -> tuple[np.n
             if emb.fingerprint == job.fingerprint:
                 logger.info("Using cached embeddings %s", path)
                 return emb.embeddings, emb.barcodes, "cache"
-            logger.warning(
-                "Cached embeddings %s were computed from other patches, model or weights: recomputing.", path
-            )
+            if not overwrite:
+                raise ValueError(other_fingerprint_message(path, job))
+            logger.warning("Embeddings %s were computed with another fingerprint: replacing them.", path)
     embed_sample(job or embedder.job(row, path, overwrite=path.exists()))
     emb = read_embeddings(path, dtype=None)
     return emb.embeddings, emb.barcodes, "computed"
@@ -204,7 +201,7 @@ def _hest_targets(table, genes, where: str) -> np.ndarray:
     return np.log1p(M.astype(np.float64))
 
 
-def _load_task(root, task, emb_dir, embedder: _Embedder):
+def _load_task(root, task, emb_dir, embedder: _Embedder, overwrite: bool = False):
     """Per sample: embeddings (stored dtype, embedding-file order), its expression rows, HEST's targets, patient.
 
     The embedding files are ``<emb_dir>/<task>/<model>/<sample>.h5``: what
@@ -220,7 +217,7 @@ def _load_task(root, task, emb_dir, embedder: _Embedder):
     for row in tqdm(rows, desc=f"{task}: embeddings", leave=False):
         sid = row["sample_id"]
         efile = folder / f"{sid}.h5"
-        X, bc, sources[sid] = _sample_embeddings(efile, row, embedder)
+        X, bc, sources[sid] = _sample_embeddings(efile, row, embedder, overwrite)
         X = check_embeddings(X, name=f"embeddings of sample {sid!r} ({efile})", keep_dtype=True)
         table = sdata.tables[sid]
         missing = pd.Index(bc).difference(table.obs_names)
@@ -267,18 +264,16 @@ def _run_hest(task, info, samples, solver, seed):
         n_train = sum(len(samples[s]["Y"]) for s in split["train"])
         _check_fold(n_train, len(genes), task, i)
         X_te, Y_te = _stack(samples, split["test"], "X"), _stack(samples, split["test"], "Y")
-        if solver == "fast" and moments_replay_pca(n_train, X_te.shape[1]):
+        if solver == "fast" and replays_pca(n_train, X_te.shape[1]):
             for sid in split["train"]:
                 if sid not in stats:  # moments of each sample computed once, pooled per fold
                     stats[sid] = moment_stats(samples[sid]["X"], samples[sid]["Y"])
             dtype = np.result_type(*(samples[s]["X"].dtype for s in split["train"]))
-            lin = fit_hest_ridge_from_stats(
-                combine_stats([stats[s] for s in split["train"]]), seed=seed, dtype=dtype
-            )
+            lin = fit_from_stats(combine_stats([stats[s] for s in split["train"]]), seed=seed, dtype=dtype)
             pred, k = lin.predict(X_te), min(HEST_N_COMPONENTS, n_train, X_te.shape[1])
         else:
             X_tr, Y_tr = _stack(samples, split["train"], "X"), _stack(samples, split["train"], "Y")
-            pred, k = hest_probe(X_tr, Y_tr, X_te, seed=seed, solver="exact" if solver == "fast" else solver)
+            pred, k = hest_probe(X_tr, Y_tr, X_te, seed=seed)  # "fast" cannot replay this PCA: exact path
         folds.append(_fold(genes, pred, Y_te, n_train, k))
     return folds
 
@@ -380,7 +375,7 @@ def run(
     device: str | None = None,
     out_dir: str | os.PathLike | None = None,
     seed: int = HEST_SEED,
-    solver: Literal["exact", "sklearn", "fast"] = "exact",
+    solver: Literal["exact", "fast"] = "exact",
     n_genes: int = 50,
     overwrite: bool = False,
 ) -> pd.DataFrame:
@@ -405,8 +400,8 @@ def run(
         :func:`hopt_st.pp.embed_cohort` (atomically, with its fingerprint and provenance attributes; the
         encoder is built once per run), so ``embed_cohort(<root>/<task>, model, <embeddings_dir>/<task>)``
         writes exactly the files this reads, e.g. on a Dask cluster beforehand, and either reuses the other's
-        files until the patch files (name, size, modification time), model or weights change; a stale or
-        unreadable file of hopt_st's is recomputed. Default ``out_dir/embeddings`` or, without ``out_dir``,
+        files until the patch files (name, size, modification time), model or weights change; a stale file of
+        hopt_st's is refused without ``overwrite`` and an unreadable one recomputed. Default ``out_dir/embeddings`` or, without ``out_dir``,
         ``~/.cache/hopt_st/hest_bench``.
     weights, device
         Passed to the encoder (``weights``: default the model's Hugging Face file).
@@ -419,14 +414,16 @@ def run(
     seed
         ``PCA(random_state=seed)``; HEST's default is 1.
     solver
-        ``"hest"`` protocol: ``"exact"`` (HEST's arithmetic, equal to its code to rounding), ``"sklearn"``
-        (scikit-learn's Ridge itself; slow) or ``"fast"`` (from per-sample moments; cost independent of the
-        number of spots, differs from HEST's code by its float32 rounding, amplified by LSQR's early stop),
-        see :mod:`hopt_st.tl.linear`.
+        ``"hest"`` protocol: ``"exact"`` (default; HEST's arithmetic, equal to its code to rounding) or
+        ``"fast"`` (opt-in: from per-sample moments; cost independent of the number of spots, differs from
+        HEST's code by its float32 rounding, amplified by LSQR's early stop; see ``hopt_st/tl/_hest_fast.py``).
     n_genes
         Genes per fold for ``"strict"``.
     overwrite
-        Replace results of this model for these tasks and protocols already in ``out_dir``.
+        Replace results of this model for these tasks and protocols already in ``out_dir``, and embedding files
+        of hopt_st's in ``embeddings_dir`` computed with another fingerprint (without it they are refused, as
+        :func:`hopt_st.pp.embed_cohort` refuses them, naming the part that differs: model, weights, geometry
+        or source files). Files hopt_st did not write are never replaced.
 
     Returns
     -------
@@ -476,7 +473,7 @@ def run(
     rows, per_gene, fold_rows, results, sources, dims = [], [], [], {}, {}, {}
     embedder = _Embedder(model, weights, device)
     for task in tqdm(task_list, desc="HEST-Benchmark tasks"):
-        info, samples, sources[task] = _load_task(root, task, embeddings_dir, embedder)
+        info, samples, sources[task] = _load_task(root, task, embeddings_dir, embedder, overwrite)
         _check_fold_count(task, info)
         dims[task] = int(next(iter(samples.values()))["X"].shape[1])
         for p in protocols:
@@ -636,7 +633,7 @@ def markdown_table(df: pd.DataFrame) -> str:
             if "hest_comparable" in r and not bool(r["hest_comparable"].iloc[0]):
                 reason = (str(r["note"].iloc[0]) if "note" in r else "") or "see the results"
                 cell += " " + marks.setdefault(reason, "†" * (len(marks) + 1))
-            cells.append(cell)
+            cells += [cell]
         lines.append(f"| {m} | {p} | " + " | ".join(cells) + f" | {sub.pearson_mean.mean():.3f} |")
     if marks:
         lines.append("")

@@ -274,7 +274,7 @@ def _image_element(image: np.ndarray) -> xr.DataArray | xr.DataTree:
     scale_factors = _scale_factors(*image.shape[1:])
     return Image2DModel.parse(
         image,
-        dims=("c", "y", "x"),
+        dims=["c", "y", "x"],
         c_coords=["r", "g", "b"],
         scale_factors=scale_factors or None,
         chunks=(3, _CHUNK, _CHUNK),

@@ -183,6 +183,13 @@ def read_fingerprint(path: str | os.PathLike) -> str | None:
     return None if fp is None else str(fp)
 
 
+def read_provenance(path: str | os.PathLike) -> dict:
+    """The ``hopt_st_provenance`` attribute of an embedding file (``{}`` when it has none), reading nothing else."""
+    with _open(Path(path)) as f:
+        prov = f.attrs.get(PROVENANCE_ATTR)
+    return {} if prov is None else json.loads(prov)
+
+
 def read_embeddings(path: str | os.PathLike, *, dtype=np.float32) -> SampleEmbeddings:
     """Read an embedding file written by :func:`write_embeddings` or by HEST-Benchmark.
 

@@ -249,7 +249,7 @@ class TiffLevel:
     def __dask_tokenize__(self):
         return ("hopt_st.TiffLevel", self.path, self.series, self.level, self._stamp)
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # one line
         return f"TiffLevel({self.path!r}, series={self.series}, level={self.level}, shape={self.shape})"
 
 

@@ -80,14 +80,14 @@ def get_encoder(
     key = (spec, _file_id(path), _device_id(dev), dt)
     with _LOCK:
         encoder = _ENCODERS.get(key)
-        if encoder is not None:
+        if encoder is not None:  # cached
             _STATS["hits"] += 1
             return encoder
         building = _BUILDING.setdefault(key, threading.Lock())
     with building:
         with _LOCK:
             encoder = _ENCODERS.get(key)  # built by another thread while this one waited?
-            if encoder is not None:
+            if encoder is not None:  # yes
                 _STATS["hits"] += 1
                 return encoder
         try:

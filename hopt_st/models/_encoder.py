@@ -169,7 +169,7 @@ class Encoder(nn.Module):
 
 def as_device(device: str | torch.device | None) -> torch.device:
     """``torch.device(device)``; ``None`` is the CPU. ``TypeError``/``ValueError`` for a bad value."""
-    if device is None:
+    if device is None:  # the default: CPU
         return torch.device("cpu")
     if not isinstance(device, str | torch.device):
         raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}.")

@@ -3,8 +3,8 @@
 A checkpoint directory holds ``manifest.json`` (the run's fingerprint, number of patches and embedding
 dimension) and one ``emb_<first index>.npz`` (``idx``, ``emb``) per finished batch. Every file is written under
 a temporary name, flushed to disk and renamed, so a crash never leaves a partial batch under its final name.
-Batch files are only ever reused under a manifest of the same run (its fingerprint includes a digest of the
-image pixels, see :meth:`hopt_st.pp.Patches.fingerprint`), and one process at a time uses a directory: it holds
+Batch files are only ever reused under a manifest of the same run (its fingerprint includes the raw pixels of
+32 evenly spaced windows and the image file's size and modification time, see :meth:`hopt_st.pp.Patches.fingerprint`), and one process at a time uses a directory: it holds
 an exclusive lock on ``.lock`` (released when the run ends or the process dies); a second process waits up to
 :data:`LOCK_TIMEOUT_S` seconds, then fails with ``TimeoutError``.
 """

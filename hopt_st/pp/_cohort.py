@@ -31,7 +31,7 @@ from .._atomic import atomic_write_bytes, check_not_input
 from .._docs import inject_docs
 from .._patchset import Patches
 from ..io._cohort import model_dirname, read_cohort, read_sample, sample_files
-from ..io._embeddings import read_fingerprint, write_embeddings
+from ..io._embeddings import read_fingerprint, read_provenance, write_embeddings
 from ..models import ModelSpec, get_encoder, get_spec
 from ..models._encoder import weights_file
 from ..models._weights import file_version, remember_sha256, weights_sha256
@@ -59,12 +59,9 @@ class CohortModel:
     weights_sha256: str  # "none" without weights
     dtype: str | None  # requested compute precision; None: the device's default
 
-    def fingerprint(self, row: dict) -> str:
-        """sha256 of what a sample's embeddings depend on: the sample's files (names, sizes, modification
-        times), the model, its weights, the patch geometry and the requested precision. The one definition of
-        an embedding file's identity, shared by :func:`embed_cohort` and :func:`hopt_st.bench.run`."""
+    def _fingerprint_payload(self, row: dict) -> dict:
         spec = self.spec
-        payload = {
+        return {
             "version": _FINGERPRINT_VERSION,
             "sample": {
                 "sample_id": row["sample_id"],
@@ -77,7 +74,50 @@ class CohortModel:
             "geometry": {"patch_size": spec.input_size, "mpp": spec.mpp, "outside": _OUTSIDE, "fill": 255},
             "dtype": self.dtype or "auto",
         }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    def fingerprint(self, row: dict) -> str:
+        """sha256 of what a sample's embeddings depend on: the sample's files (names, sizes, modification
+        times), the model, its weights, the patch geometry and the requested precision. The one definition of
+        an embedding file's identity, shared by :func:`embed_cohort` and :func:`hopt_st.bench.run`."""
+        return _sha256(self._fingerprint_payload(row))
+
+    def fingerprint_parts(self, row: dict) -> dict[str, str]:
+        """A digest of each part of :meth:`fingerprint` (:data:`FINGERPRINT_PARTS`), recorded in the file's
+        provenance so that a refusal can say which part differs."""
+        payload = self._fingerprint_payload(row)
+        return {name: _sha256([payload[k] for k in keys])[:16] for name, keys in FINGERPRINT_PARTS.items()}
+
+
+#: the parts of an embedding file's fingerprint, as refusals name them, and the payload keys of each
+FINGERPRINT_PARTS = {
+    "source files": ("version", "sample"),
+    "model": ("model",),
+    "weights": ("weights",),
+    "geometry": ("geometry", "dtype"),
+}
+
+
+def _sha256(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def other_fingerprint_message(path: Path, job: _Job) -> str:
+    """Why an existing embedding file of ours is not this job's: which fingerprint parts differ (as recorded in
+    its provenance), and how to replace it. The one refusal of :func:`embed_cohort` and
+    :func:`hopt_st.bench.run`."""
+    try:
+        recorded = read_provenance(path).get("fingerprint_parts")
+    except (OSError, ValueError):
+        recorded = None
+    if isinstance(recorded, dict):
+        differ = [name for name, digest in job.parts if recorded.get(name) != digest]
+        what = f"other {', '.join(differ)}" if differ else "another fingerprint"
+    else:
+        what = "another fingerprint (the file does not record which part: model, weights, geometry or source files)"
+    return (
+        f"{str(path)!r} exists and was computed with {what} than this run: pass overwrite=True (--overwrite) "
+        "to replace it, or write elsewhere."
+    )
 
 
 @dataclass(frozen=True)
@@ -91,6 +131,7 @@ class _Job:
     path: str
     fingerprint: str
     overwrite: bool
+    parts: tuple = ()  # (name, digest) of the fingerprint's parts (CohortModel.fingerprint_parts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,7 +163,16 @@ def sample_job(
 ) -> _Job:
     """The task of one cohort row (from :func:`hopt_st.io.read_cohort`) that writes ``path``; run it with
     :func:`embed_sample`."""
-    return _Job(row, model, device, batch_size, str(path), model.fingerprint(row), overwrite)
+    return _Job(
+        row,
+        model,
+        device,
+        batch_size,
+        str(path),
+        model.fingerprint(row),
+        overwrite,
+        tuple(model.fingerprint_parts(row).items()),
+    )
 
 
 def _existing_fingerprint(path: Path) -> str | None:
@@ -174,10 +224,7 @@ def _embed_sample(job: _Job) -> dict:
     if existing == job.fingerprint and not job.overwrite:
         return _row(sid, "done", _n_rows(path), round(time.perf_counter() - t0, 3))
     if existing is not None and not job.overwrite:
-        raise ValueError(
-            f"{str(path)!r} exists but was computed from other data, model, weights or settings: pass "
-            "overwrite=True (--overwrite) to replace it, or another out_dir."
-        )
+        raise ValueError(other_fingerprint_message(path, job))
     data = read_sample(job.row)
     grid = slide_tiles(data, spec.input_size, spec.mpp) if job.row["kind"] == "slide" else None  # a bag of tiles
     source = (
@@ -210,6 +257,7 @@ def _embed_sample(job: _Job) -> dict:
         source=job.row["source"],
         n_spots=len(source),
         seconds=round(time.perf_counter() - t0, 3),
+        fingerprint_parts=dict(job.parts),
     )
     has_xy = source.centers is not None and source.patch_size_src is not None
     write_embeddings(
@@ -364,13 +412,14 @@ def _plan(table, cmodel: CohortModel, folder: Path, status: _Status, **job_args)
             continue
         if existing == job.fingerprint and not job.overwrite:
             status.record(_row(sid, "skipped", _n_rows(path), 0.0), write=False)
-        elif existing is not None and not job.overwrite:
-            what = "is not a readable hopt_st embedding file" if existing == "" else "has another fingerprint"
+        elif existing == "" and not job.overwrite:
             error = (
-                f"{path} exists and {what} (other data, model, weights or settings): pass overwrite=True "
+                f"{path} exists and is not a readable hopt_st embedding file: pass overwrite=True "
                 "(--overwrite) to replace it."
             )
             status.record(_row(sid, "failed", error=error), write=False)
+        elif existing is not None and not job.overwrite:
+            status.record(_row(sid, "failed", error=other_fingerprint_message(path, job)), write=False)
         else:
             jobs.append(job)
     return jobs

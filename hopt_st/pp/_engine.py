@@ -66,7 +66,7 @@ class _Prefetcher:
         except BaseException as e:  # handed to the consumer
             self._put(e)
 
-    def __iter__(self):
+    def __iter__(self):  # items until the end marker
         while True:
             item = self._q.get()
             if item is self._DONE:

@@ -104,8 +104,7 @@ class LevelReader:
                 f"image {name!r} has dims {dims}; patches need ('c', 'y', 'x') (spatialdata) or ('y', 'x', 'c'). "
                 "Parse 2-D images with spatialdata.models.Image2DModel.parse(..., dims=...)."
             )
-        self.name = name
-        self.dims = dims
+        self.name, self.dims = name, dims
         data = level.data
         self.dtype = np.dtype(data.dtype)
         if not (self.dtype in (np.uint8, np.uint16) or self.dtype.kind == "f"):
@@ -251,7 +250,7 @@ class LevelReader:
         with self._lock:
             for k in keys:
                 v = self._cache.get(k)
-                if v is not None:
+                if v is not None:  # a hit: most recently used now
                     self._cache.move_to_end(k)
                     out[k] = v
                 elif k in self._inflight:

@@ -249,8 +249,8 @@ def patches(
     the image's level-0 pixel grid through the elements' spatialdata transformations. The coarsest pyramid
     level whose pixels are still at least as fine as ``target_mpp`` is read, the window of
     ``patch_size * target_mpp / level_mpp`` level pixels nearest to each centre is cut and resampled to
-    ``patch_size`` with Pillow's antialiased bilinear (triangle) filter, ``Image.resize(..., BILINEAR)``, bit
-    for bit (enlarging, when the image is coarser than the target, is logged as one warning). Parts outside
+    ``patch_size`` by Pillow itself, ``Image.resize(..., BILINEAR)`` (its antialiased bilinear, triangle,
+    filter; enlarging, when the image is coarser than the target, is logged as one warning). Parts outside
     the image are filled with ``fill``.
 
     Parameters

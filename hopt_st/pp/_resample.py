@@ -10,9 +10,9 @@ between pixel centres (``align_corners=False``); at 1:1 the window is returned a
 
 Why Pillow (measured on 2 shared cores, ``benchmarks/patches.py`` and the resize study in the project notes):
 
-* it is its own reference: patches are bit-identical to ``Image.resize(BILINEAR)`` on every platform
-  (Pillow's uint8 resampling is fixed-point integer C code), so patches, their embeddings and checkpoints
-  agree across machines;
+* it is the reference itself: :func:`resize` calls ``Image.resize(BILINEAR)``, and Pillow's uint8 resampling is
+  fixed-point integer C code, the same on every platform, so patches, their embeddings and checkpoints agree
+  across machines;
 * cutting patches does not import torch (2.5 s and ~0.7 GB RSS per process, which matters with one reader
   per process) and runs no intra-op thread pool inside reader threads;
 * it releases the GIL, so reader threads run in parallel;

@@ -1,8 +1,8 @@
 """Tools: regressors from embeddings to gene expression, the target space they predict, and their score;
 :func:`predict_slide` applies one to a whole H&E slide without spatial data.
 
-The linear probes' building blocks (HEST's ridge probe from pooled per-sample moments, ridge with a per-gene
-penalty) are public in :mod:`hopt_st.tl.linear`.
+The linear probes on arrays are in :mod:`hopt_st.tl.linear`: ``hest_probe`` (HEST-Benchmark's probe),
+``fit_ridge_cv`` (ridge with a per-gene penalty) and the ``LinearMap`` they fit.
 """
 
 from . import linear

@@ -41,7 +41,7 @@ def fit_mlp(
     Returns the module (on CPU, eval mode) and the normalisation arrays.
     """
     rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(int(seed))
     n = X.shape[0]
     if groups is not None:
         ug = np.unique(groups)

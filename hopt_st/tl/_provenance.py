@@ -87,7 +87,7 @@ def check_provenance(expected: Mapping | None, found: Mapping | None, *, what: s
     """
     if not expected:
         return
-    if not found:
+    if not found:  # nothing recorded
         logger.warning(
             "%s records no provenance (model, weights, µm/px, patch size): cannot check that it matches the "
             "regressor's (%s).",
