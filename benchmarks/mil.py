@@ -42,10 +42,10 @@ def _write_bags(folder: Path, n: int, tiles: int, dim: int) -> list[Path]:
 
     rng = np.random.default_rng(0)
     paths = []
-    for i in range(n):
+    for slide in range(n):
         emb = rng.standard_normal((tiles, dim), dtype=np.float32)
         coords = np.column_stack([np.arange(tiles) % 100, np.arange(tiles) // 100]) * 224
-        p = folder / "bench" / f"slide{i:03d}.h5"
+        p = folder / "bench" / f"slide{slide:03d}.h5"
         prov = {"model": "bench", "weights_sha256": "none", "mpp": 0.5, "patch_size": 224}
         write_embeddings(p, emb, [f"t{j}" for j in range(tiles)], coords=coords, provenance=prov)
         paths.append(p)

@@ -165,7 +165,7 @@ def _network(dim: int, hidden: int, attention: int, n_out: int, dropout: float):
     class GatedAttentionMIL(nn.Module):
         """Ilse et al. (2018) eq. 9: gated attention pooling of embedded tiles, then a linear head."""
 
-        def __init__(self):
+        def __init__(self) -> None:
             super().__init__()
             self.embed = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout))
             self.attention_v = nn.Linear(hidden, attention)
