@@ -172,7 +172,7 @@ class Bags(Sequence):
         out._provenance = self._provenance
         return out
 
-    def __repr__(self):
+    def __repr__(self, /) -> str:
         return f"Bags({len(self)} slides, model {self.provenance.get('model', '?')!r})"
 
     # -- provenance --
