@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 #: element names of the SpatialData built from an AnnData
 SPOTS_KEY = "spots"
 FULL_IMAGE_KEY = "full_image"
-_TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".ndpi", ".scn")
 _CHUNK = 4096
 
 
@@ -111,23 +110,11 @@ def _image_element(rgb, transformations: dict):
 
 
 def _read_image_file(path: Path):
-    """A full-resolution scan from disk: TIFFs lazily (pyramid kept), other formats (JPEG, PNG) through PIL."""
-    if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r} does not exist.")
-    if path.suffix.lower() in _TIFF_SUFFIXES:
-        from ._tiff import read_tiff_image
+    """A full-resolution scan from disk (TIFFs lazily, pyramid kept; JPEG, PNG through PIL): the reader of
+    :func:`hopt_st.io.read_slide`, so an image one takes the other takes too."""
+    from ._image_file import read_image_file
 
-        return read_tiff_image(path)
-    from PIL import Image
-
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # a whole scan is legitimately larger than PIL's decompression-bomb guard
-    try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-    return _image_element(rgb, {"global": Identity()})
+    return read_image_file(path)
 
 
 def _full_image(image, lib: dict):
