@@ -58,11 +58,12 @@ class OpenSlideLevel:
         finally:
             slide.close()
         self.shape, self.dtype, self.ndim = (int(h), int(w), 3), np.dtype(np.uint8), 3
-        self._slide, self._pid, self._lock = None, None, threading.Lock()
+        self._slide, self._pid = None, None
+        self._lock, self._open_lock = threading.Lock(), threading.Lock()
 
     def _get(self):
         if self._slide is None or self._pid != os.getpid():
-            with self._lock:
+            with self._open_lock:
                 if self._slide is None or self._pid != os.getpid():
                     self._slide, self._pid = _open(Path(self.path)), os.getpid()
         return self._slide
@@ -75,20 +76,21 @@ class OpenSlideLevel:
             return np.zeros((max(0, y1 - y0), max(0, x1 - x0), 3), np.uint8)[::sy, ::sx][..., key[2]]
         # read_region takes level-0 coordinates for the top-left corner and a size in this level's pixels
         loc = (round(x0 * self.downsample), round(y0 * self.downsample))
-        with self._lock:
-            rgba = np.asarray(self._get().read_region(loc, self.level, (x1 - x0, y1 - y0)))
+        slide = self._get()
+        with self._lock:  # one OpenSlide handle per process, used by one thread at a time
+            rgba = np.asarray(slide.read_region(loc, self.level, (x1 - x0, y1 - y0)))
         rgb = rgba[..., :3].copy()
         rgb[rgba[..., 3] == 0] = 255  # outside the scanned area: background
         return rgb[::sy, ::sx][..., key[2]]
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_slide=None, _pid=None, _lock=None)
+        state.update(_slide=None, _pid=None, _lock=None, _open_lock=None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._lock, self._open_lock = threading.Lock(), threading.Lock()
 
     def __dask_tokenize__(self):
         st = os.stat(self.path)
