@@ -187,6 +187,10 @@ def _normalise(df: pd.DataFrame, base: Path, what: str) -> pd.DataFrame:
             kinds.append(None)
             continue
         src = Path(source)
+        if not src.exists():
+            problems.append(f"{sid}: source {source!r} does not exist")
+            kinds.append(kind)
+            continue
         if kind is None:
             kind = _infer_kind(src)
             if kind is None:
@@ -216,7 +220,8 @@ def _normalise(df: pd.DataFrame, base: Path, what: str) -> pd.DataFrame:
             f"{what}: {len(problems)} bad row(s): "
             + "; ".join(problems[:10])
             + (" ..." if len(problems) > 10 else "")
-            + f". Sources are a HEST-1k root, a Space Ranger outs/ folder, a .zarr, an .h5ad or a patch .h5 "
+            + f". Correct the column 'source' (paths are relative to the CSV's folder): sources are a HEST-1k "
+            "root, a Space Ranger outs/ folder, a .zarr, an .h5ad or a patch .h5 "
             f"(or set the column 'kind' to one of {list(KINDS)})."
         )
     df["kind"] = kinds

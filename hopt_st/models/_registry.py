@@ -227,7 +227,7 @@ def get_spec(name: str | ModelSpec) -> ModelSpec:
         return _timm_spec(name)
     raise KeyError(
         f"model {name!r} is not in the registry; known models: {sorted(_REGISTRY)} "
-        "(or 'timm:<architecture>', or add one with hopt_st.models.register)."
+        "(or 'timm:<architecture>', or add one with hopt_st.models.register); `hopt-st models` lists them."
     )
 
 

@@ -20,7 +20,8 @@ def _check_counts(M, what: str) -> None:
         raise ValueError(
             f"{what} does not hold raw counts (found negative, non-integer or non-finite values, e.g. "
             f"{np.unique(bad)[:5].tolist()}: already log-transformed or normalised data?). Pass layer= naming a "
-            "layer with raw counts, or target='none' to use the values as they are."
+            "layer with raw counts, or target='none' to fit the values as they are, e.g. "
+            "hs.tl.fit_expression(adata, use_rep=..., target='none')."
         )
 
 
