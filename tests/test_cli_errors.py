@@ -171,3 +171,33 @@ def test_cli_refusal_names_the_input_and_the_fix(name, files, capsys):
         assert needle in message, f"{name}: {needle!r} not named in {message!r}"
     assert case["fix"] in message, f"{name}: no fix {case['fix']!r} in {message!r}"
     assert elapsed < 20, f"{name}: refused after {elapsed:.1f} s"  # before any model / sample work
+
+
+def test_embed_cohort_starts_no_cluster_when_nothing_is_to_embed(files, tmp_path, capsys, monkeypatch):
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text(f"sample_id,source,image\nNA,{files / 'spots.h5ad'},{files / 'scan.jpg'}\n")
+    args = ["embed-cohort", str(cohort), "--model", "handcrafted", "--out", str(tmp_path / "emb")]
+    assert main(["-q", *args]) == 0, capsys.readouterr().err
+    assert (tmp_path / "emb" / "handcrafted" / "NA.h5").is_file()  # the id as written, not '' or NaN
+    import distributed
+
+    def no_cluster(*a, **k):
+        raise AssertionError("a Dask cluster was started with nothing to embed")
+
+    monkeypatch.setattr(distributed, "LocalCluster", no_cluster)
+    assert main([*args, "--workers", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "0 done, 1 skipped, 0 failed" in out
+    assert "distributed" not in err and "jupyter-server-proxy" not in err  # Dask quiet without -v
+
+
+def test_library_refusals_name_what_to_change():
+    rng = np.random.default_rng(1)
+    adata = ad.AnnData(X=rng.poisson(3, size=(6, 4)).astype(np.float32))
+    adata.obsm["X_e"] = np.ones((6, 8))
+    with pytest.raises(
+        ValueError, match=r"obsm\['X_e'\] holds one and the same vector for all 6 spots.*weights"
+    ):
+        hs.tl.fit_expression(adata, use_rep="X_e", n_top_genes=2)
+    with pytest.raises(ValueError, match=r"shape \(1, 3\).*at least 2 spots"):
+        hs.tl.pearson_per_gene(np.ones((1, 3)), np.ones((1, 3)))
