@@ -566,7 +566,7 @@ def predict(
     \b
     Examples:
       hopt-st predict slide.svs --regressor ridge.safetensors --model h-optimus-1 --out slide_pred.zarr
-      hopt-st predict slide.tif --regressor ridge_handcrafted --model handcrafted --image-mpp 0.25 \\
+      hopt-st predict slide.tif --regressor demo_out/ridge_handcrafted.safetensors --model handcrafted --image-mpp 0.25 \\
           --genes GENE0003,GENE0010 --out slide_pred.zarr
     """
     _check_paths(("SLIDE", slide), ("--regressor", regressor), ("--weights", weights))

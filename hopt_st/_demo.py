@@ -167,7 +167,7 @@ def run_demo(
     scores_df.to_csv(files["per_gene_pearson"])
     files.update(_figures(sdata, test, scores_df, models[0], out))
     say(f"[{n_steps}/{n_steps}] writing {zarr_path}")
-    files["regressor"] = out / f"ridge_{sanitize_name(models[0])}"
+    files["regressor"] = out / f"ridge_{sanitize_name(models[0])}.safetensors"
     regs[0].save(files["regressor"], overwrite=True)  # the previous run's (regenerated just above)
     write_sdata(sdata, zarr_path, overwrite=True)  # swapped in atomically: a failure keeps the previous store
     sdata.path = zarr_path

@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 #: element names of the SpatialData built from an AnnData
 SPOTS_KEY = "spots"
 FULL_IMAGE_KEY = "full_image"
-_CHUNK = 4096
 
 
 def _library(adata: AnnData, library_id: str | None) -> tuple[str | None, dict]:
@@ -100,12 +99,16 @@ def _rgb_uint8(a, what: str) -> np.ndarray | None:
 
 
 def _image_element(rgb, transformations: dict):
+    """An ``(h, w, 3)`` image as an element. An image in memory stays one numpy array: one dask chunk (no
+    rechunk: ``Image2DModel.parse``'s ``chunks=`` is in (c, y, x) order and would cut x into 3 px chunks),
+    which the patch reader recognises and cuts windows from at numpy speed."""
+    import dask.array as da
+
+    if not hasattr(rgb, "dask"):
+        rgb = np.asarray(rgb)
+        rgb = da.from_array(rgb, chunks=rgb.shape)
     return Image2DModel.parse(
-        rgb,
-        dims=("y", "x", "c"),
-        c_coords=["r", "g", "b"],
-        chunks=(_CHUNK, _CHUNK, 3),
-        transformations=transformations,
+        rgb, dims=("y", "x", "c"), c_coords=["r", "g", "b"], transformations=transformations
     )
 
 

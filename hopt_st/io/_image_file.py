@@ -117,7 +117,6 @@ def read_image_file(path: str | os.PathLike):
         Grayscale, smaller than :data:`MIN_SIDE` px, not 8-bit RGB (TIFF), an OpenSlide format without the
         extra installed; :class:`~hopt_st.io.CorruptFileError` when no reader decodes it.
     """
-    from spatialdata.models import Image2DModel
     from spatialdata.transformations import Identity
 
     path = Path(path)
@@ -133,14 +132,9 @@ def read_image_file(path: str | os.PathLike):
         from ._openslide import read_openslide_image
 
         return read_openslide_image(path)
-    rgb = _pillow_rgb(path)
-    return Image2DModel.parse(
-        rgb,
-        dims=("y", "x", "c"),
-        c_coords=["r", "g", "b"],
-        chunks=(4096, 4096, 3),
-        transformations={"global": Identity()},
-    )
+    from ._anndata import _image_element
+
+    return _image_element(_pillow_rgb(path), {"global": Identity()})
 
 
 def file_mpp(path: str | os.PathLike) -> tuple[float | None, str]:
