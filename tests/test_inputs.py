@@ -8,6 +8,11 @@ import sys
 from pathlib import Path
 
 import anndata as ad
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -143,6 +148,13 @@ def test_visium_crop_processed_h5ad_and_jpeg_through_every_step(
     with pytest.raises(ValueError, match=r"adata\.X does not hold raw counts.*target='none'"):
         hs.tl.fit_expression(cohort, use_rep="X_tiny-vit", n_top_genes=4)
     reg = hs.tl.fit_expression(cohort, use_rep="X_tiny-vit", n_top_genes=4, target="none")
+    # plots: on the scan that was embedded (not the 100 px hires PNG); the colour bar names the quantity
+    own = hs.tl.fit_expression(adata, use_rep="X_tiny-vit", n_top_genes=2, target="none")
+    fig = hs.pl.expression(hs.tl.predict_expression(adata, own, copy=True), own.genes_[0], return_fig=True)
+    drawn = [im.get_array().shape for ax in fig.axes for im in ax.get_images()]
+    assert drawn and min(d[0] for d in drawn) > 400  # a crop of the 1717 px JPEG; the hires PNG has 100 px
+    assert f"{own.genes_[0]} (expression as given)" in [ax.get_ylabel() for ax in fig.axes]
+    plt.close(fig)
     pred = hs.tl.predict_expression(cohort, reg, copy=True)
     assert pred.shape == (49, 4) and np.isfinite(pred.X).all()
     reg.save(tmp_path / "ridge.safetensors")

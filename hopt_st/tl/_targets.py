@@ -12,6 +12,12 @@ from anndata import AnnData
 from ..io._counts import non_count_values
 
 TARGETS = ("log1p", "normalize_log1p", "none")
+#: what the values of each target are, for colour bars and axis labels
+TARGET_LABELS = {
+    "log1p": "log1p counts",
+    "normalize_log1p": "log1p of counts per 10,000",
+    "none": "expression as given",
+}
 
 
 def _check_counts(M, what: str) -> None:
