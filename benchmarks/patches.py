@@ -18,11 +18,14 @@ the sides of each section interleaved for ``--rounds`` rounds:
    reads in Morton order either way), and shuffled spots read in table order (no reordering: the cache
    thrashes). Prints tiles/s, their ratio, and the peak memory of the reader and its worker processes (summed
    PSS, the largest single RSS).
+4. **in memory** (the section 1 slide decoded into memory, as ``image=`` a JPEG / PNG / array gives it), one
+   thread, the same spots: hopt_st vs a numpy crop + ``PIL.Image.resize(BILINEAR)`` loop over the same windows.
 
 Usage::
 
     python benchmarks/patches.py                          # ~10 minutes on 2 cores
     python benchmarks/patches.py --sections 1 --rounds 3  # the resize-bound figure only
+    python benchmarks/patches.py --sections 4 --rounds 5  # in memory: hopt_st vs a numpy + PIL loop
     python benchmarks/patches.py --smoke                  # seconds; for the test suite
 """
 
@@ -186,6 +189,8 @@ def child(args) -> dict:
 
     torch.set_num_threads(1)
     xy = np.load(args.spots_file)
+    if args.mode.startswith("memory"):
+        return _child_memory(args, xy)
     sdata = make_sdata(Path(args.tiff), xy, args.mpp)
     n, sample = len(xy), None
     t0, c0 = time.perf_counter(), cpu_seconds()  # imports and the SpatialData are not timed
@@ -262,6 +267,54 @@ def child(args) -> dict:
     return res
 
 
+def _child_memory(args, xy: np.ndarray) -> dict:
+    """Section 4: the scan held in memory (a decoded JPEG / PNG, or ``image=array``), one thread: hopt_st's
+    ``pp.patches`` on the element ``image=`` builds vs a numpy crop + ``PIL.Image.resize(BILINEAR)`` loop."""
+    import tifffile
+    from PIL import Image
+    from spatialdata.transformations import Identity
+
+    import hopt_st
+    from hopt_st.io._anndata import _image_element
+    from hopt_st.pp._geometry import patch_boxes
+
+    img = tifffile.imread(args.tiff)  # decoded into memory, as PIL decodes a JPEG
+    sdata = make_sdata(Path(args.tiff), xy, args.mpp)
+    sdata.images["he"] = _image_element(img, {"global": Identity()})  # what image=<JPEG or array> gives
+    setup = 0.0
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    if args.mode == "memory-hopt":
+        # the one-time set-up (spot layout, placeholder check, spatialdata's first networkx import) is timed
+        # apart from cutting the windows, which is what the loop does
+        p = hopt_st.pp.patches(sdata, patch_size=224, target_mpp=0.5)
+        setup = cpu_seconds() - c0
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        count = sum(len(b) for _, b in p.iter_batches(64, indices=p.read_order(), num_workers=1))
+        sample = p[np.arange(min(4, len(xy)))]
+    else:
+        boxes, (sy, sx) = patch_boxes(xy, (1.0, 1.0), 224 * 0.5 / args.mpp)
+        count, out = 0, []
+        for y0, x0 in boxes:
+            patch = np.asarray(
+                Image.fromarray(img[y0 : y0 + sy, x0 : x0 + sx]).resize((224, 224), Image.Resampling.BILINEAR)
+            )
+            count += 1
+            if len(out) < 4:
+                out.append(patch)
+        sample = np.stack(out)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    if args.sample_file:
+        np.save(args.sample_file, sample)
+    return {
+        "tiles_per_s": count / wall,
+        "tiles_per_cpu_s": count / cpu,
+        "tiles_per_cpu_s_with_setup": count / (cpu + setup),
+        "setup_cpu_s": setup,
+        "n": count,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
 IN_PROCESS = False  # --smoke: runs in this process (no fresh state, but no start-up cost either)
 
 
@@ -317,6 +370,46 @@ def section_resize_bound(tmp: Path, args) -> dict:
     )
     tiff.unlink()
     return {"resize_bound": rows}
+
+
+def section_in_memory(tmp: Path, args) -> dict:
+    mpp = 0.2125
+    tiff = make_tiff(tmp / "in_memory.tif", args.size, mpp, n_levels=1)
+    xy = hex_spots(args.size, mpp, args.spots)
+    np.save(tmp / "xy4.npy", xy)
+    print(
+        f"\n[4] in memory: the {args.size} x {args.size} px scan decoded into memory (image= a JPEG / PNG / array) "
+        f"at {mpp} µm/px; {len(xy)} spots, 527 -> 224 px per patch, 1 thread, {args.rounds} interleaved rounds; "
+        f"{load()}"
+    )
+    files = {m: str(tmp / f"s4_{m}.npy") for m in ("memory-hopt", "memory-loop")}
+    sides = {
+        "hopt_st pp.patches (in memory)": lambda: measure(
+            tiff, tmp / "xy4.npy", mpp, "memory-hopt", 1, files["memory-hopt"]
+        ),
+        "numpy crop + PIL BILINEAR loop": lambda: measure(
+            tiff, tmp / "xy4.npy", mpp, "memory-loop", 1, files["memory-loop"]
+        ),
+    }
+    res = interleave(sides, args.rounds)
+    rows = summary(res, "tiles_per_cpu_s", "numpy crop + PIL BILINEAR loop", unit="tiles per CPU-s")
+    rows["hopt_st / loop"] = ratio(
+        res, "tiles_per_cpu_s", "hopt_st pp.patches (in memory)", "numpy crop + PIL BILINEAR loop"
+    )
+    print("  with hopt_st's one-time set-up (pp.patches: layout, placeholder check, first imports) counted:")
+    rows["hopt_st incl. set-up / loop"] = ratio(
+        {
+            k: [{"v": m.get("tiles_per_cpu_s_with_setup", m["tiles_per_cpu_s"])} for m in ms]
+            for k, ms in res.items()
+        },
+        "v",
+        "hopt_st pp.patches (in memory)",
+        "numpy crop + PIL BILINEAR loop",
+    )
+    a, b = np.load(files["memory-hopt"]).astype(int), np.load(files["memory-loop"]).astype(int)
+    print(f"  hopt_st vs loop patches (first 4 spots): max |diff| {np.abs(a - b).max()} grey levels")
+    tiff.unlink()
+    return {"in_memory": rows}
 
 
 def section_level_present(tmp: Path, args) -> dict:
@@ -403,7 +496,7 @@ def section_big(tmp: Path, args) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="123", help="which sections to run, e.g. 13")
+    ap.add_argument("--sections", default="1234", help="which sections to run, e.g. 13")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", type=int, default=8000, help="side (px) of the slides of sections 1 and 2")
     ap.add_argument("--spots", type=int, default=300, help="spots of sections 1 and 2")
@@ -442,6 +535,8 @@ def main(argv=None) -> None:
             out.update(section_level_present(tmp, args))
         if "3" in args.sections:
             out.update(section_big(tmp, args))
+        if "4" in args.sections:
+            out.update(section_in_memory(tmp, args))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

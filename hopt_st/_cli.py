@@ -195,7 +195,7 @@ def _read_input(
         return hs.io.read_visium(path, image_mpp=image_mpp, fullres_image_file=image), "visium"
     raise click.UsageError(
         f"INPUT {str(path)!r} is neither a SpatialData .zarr, a Space Ranger outs/ folder (with spatial/), an "
-        ".h5ad (scanpy's Visium layout), nor, with --sample ID, a HEST-1k root."
+        ".h5ad (scanpy's Visium layout), nor, with --sample ID, a HEST-1k root. Give one of these."
     )
 
 
@@ -264,6 +264,12 @@ def embed(
       hopt-st embed sample.h5ad --image scan.jpg --model h-optimus-1 --out embedded.h5ad
       hopt-st embed hest_data/ --sample TENX95 --model h-optimus-1 --out TENX95.zarr
     """
+    _check_paths(("INPUT", input_path), ("--weights", weights), ("--fullres-image", fullres_image))
+    if input_path.suffix == ".h5ad":
+        _check_h5ad_out(input_path, out, overwrite)
+    elif out is not None and out.resolve() != input_path.resolve() and out.exists() and not overwrite:
+        raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
+
     import hopt_st as hs
 
     from ._atomic import check_output
@@ -273,8 +279,6 @@ def embed(
 
     if key_added is not None:  # a key the output cannot hold is refused before anything is read
         check_name(key_added, "--key-added")
-    if weights is not None and not weights.exists():
-        raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
     sdata, kind = _read_input(
         input_path, sample, image_mpp=image_mpp, image_key=image_key, image=fullres_image
     )
@@ -309,6 +313,23 @@ def embed(
     click.echo(f"{tname}.obsm[{key!r}]: {emb.shape[0]} spots x {emb.shape[1]} dims ({model}) -> {dest}")
 
 
+def _check_paths(*named: tuple[str, Path | None]) -> None:
+    """Each given path exists, else a FileNotFoundError naming the argument (before any heavy import)."""
+    for what, path in named:
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"{what} {str(path)!r} does not exist: check the path.")
+
+
+def _check_h5ad_out(input_path: Path, out: Path | None, overwrite: bool) -> None:
+    """``--out`` of an .h5ad INPUT: given, .h5ad or .zarr, not INPUT, not existing unless ``--overwrite``."""
+    if out is None or out.suffix not in (".h5ad", ".zarr"):
+        raise click.UsageError("INPUT is an .h5ad: pass --out OUT.h5ad (or OUT.zarr) to say where to write.")
+    if out.resolve() == input_path.resolve():
+        raise click.UsageError("--out must differ from INPUT (the .h5ad is never rewritten in place).")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
+
+
 def _embed_h5ad(adata, input_path: Path, out: Path | None, image: Path | None, image_mpp, run: dict) -> None:
     """``embed`` for an .h5ad: to OUT.h5ad (the AnnData with the embeddings) or OUT.zarr (a SpatialData with the
     image, the spots and that AnnData as its table). ``run``: the arguments of ``pp.embed`` shared with INPUTs
@@ -318,10 +339,7 @@ def _embed_h5ad(adata, input_path: Path, out: Path | None, image: Path | None, i
     from ._atomic import check_output
     from .io._store import write_sdata
 
-    if out is None or out.suffix not in (".h5ad", ".zarr"):
-        raise click.UsageError("INPUT is an .h5ad: pass --out OUT.h5ad (or OUT.zarr) to say where to write.")
-    if out.resolve() == input_path.resolve():
-        raise click.UsageError("--out must differ from INPUT (the .h5ad is never rewritten in place).")
+    _check_h5ad_out(input_path, out, run["overwrite"])
     check_output(out, inputs=(input_path, image, run["weights"]), overwrite=run["overwrite"], what="--out")
     data = adata
     if out.suffix == ".zarr":
@@ -370,8 +388,11 @@ def _dask_client(stack, workers: int | None, scheduler: str | None):
         return None
     from distributed import Client, LocalCluster
 
-    # a failing sample is reported in status.csv and the summary; Dask would also log each attempt's traceback
+    # a failing sample is reported in status.csv and the summary; Dask would also log each attempt's traceback,
+    # its INFO lines and a jupyter-server-proxy hint: quiet unless --verbose
     silence = logging.DEBUG if _STATE["verbose"] else logging.CRITICAL
+    for name in ("distributed", "bokeh", "tornado"):
+        logging.getLogger(name).setLevel(logging.DEBUG if _STATE["verbose"] else logging.ERROR)
     if workers is not None:
         cluster = stack.enter_context(
             LocalCluster(
@@ -448,23 +469,28 @@ def embed_cohort(
     """
     import contextlib
 
-    import hopt_st as hs
-    from hopt_st.io._cohort import model_dirname
-
     if workers is not None and scheduler is not None:
         raise click.UsageError(
             "--workers and --scheduler exclude each other: start a local cluster or join one."
         )
-    if weights is not None and not weights.exists():
-        raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
+    _check_paths(("--weights", weights))
     shard_ = _parse_shard(shard)
+    if cohort.is_file() and not cohort.read_bytes().strip():
+        raise click.BadParameter(
+            f"{str(cohort)!r} is empty: write a header and one row per sample, e.g. "
+            "'sample_id,source,image' then 'S1,sample1.h5ad,scan1.jpg'.",
+            param_hint="COHORT",
+        )
+
+    import hopt_st as hs
+    from hopt_st.io._cohort import model_dirname
+
     with contextlib.ExitStack() as stack:
-        client = _dask_client(stack, workers, scheduler)
         df = hs.pp.embed_cohort(
             cohort,
             model,
             out,
-            client=client,
+            client=lambda: _dask_client(stack, workers, scheduler),  # started only if a sample needs work
             weights=str(weights) if weights is not None else None,
             device=device,
             batch_size=batch_size,
@@ -553,13 +579,20 @@ def predict(
     \b
     Examples:
       hopt-st predict slide.svs --regressor ridge.safetensors --model h-optimus-1 --out slide_pred.zarr
-      hopt-st predict slide.tif --regressor ridge_handcrafted --model handcrafted --image-mpp 0.25 \\
+      hopt-st predict slide.tif --regressor demo_out/ridge_handcrafted.safetensors --model handcrafted --image-mpp 0.25 \\
           --genes GENE0003,GENE0010 --out slide_pred.zarr
     """
     if (regressor is None) == (mil is None):
         raise click.UsageError(
             "pass one of --regressor (expression maps) or --mil (a slide-level prediction)."
         )
+    _check_paths(("SLIDE", slide), ("--regressor", regressor), ("--mil", mil), ("--weights", weights))
+    if out.exists() and not overwrite:
+        raise FileExistsError(
+            f"--out {str(out)!r} already exists: pass --overwrite to replace it, or another --out."
+        )
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"the folder of --out {str(out.parent)!r} does not exist: create it first.")
     if mil is not None:
         from ._mil_run import run_predict_mil
 
@@ -578,6 +611,7 @@ def predict(
         )
         click.echo(res["report"])
         return
+
     from ._predict import run_predict
 
     res = run_predict(
@@ -694,7 +728,7 @@ def mil(
 
 # --------------------------------------------------------------------------------------------------------------
 @cli.command()
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--tasks", default=None, help="Comma-separated task names (e.g. IDC,PRAD); default: all found.")
 @_models_option("h-optimus-1", "Encoder; repeat to compare.")
 @click.option(
@@ -745,14 +779,7 @@ def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, s
       hopt-st bench hest-bench --model h-optimus-1 --protocol both
       hopt-st bench hest-bench --tasks IDC,PRAD --model handcrafted --model h-optimus-1
     """
-    import pandas as pd
-
-    import hopt_st as hs
-
-    from ._atomic import check_not_input, path_inside
-    from .io._cohort import model_dirname
-
-    check_not_input(out, inputs=(root, weights), overwrite=overwrite, what="--out")  # rule 1
+    _check_paths(("ROOT", root))
     task_list = None
     if tasks is not None:
         task_list = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -764,6 +791,16 @@ def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, s
             )
     if weights is not None and len(models) > 1:
         raise click.UsageError("--weights applies to one --model; run one model at a time with --weights.")
+    _check_paths(("--weights", weights))
+
+    import pandas as pd
+
+    import hopt_st as hs
+
+    from ._atomic import check_not_input, path_inside
+    from .io._cohort import model_dirname
+
+    check_not_input(out, inputs=(root, weights), overwrite=overwrite, what="--out")  # rule 1
     frames = []
     for model in models:
         frames.append(

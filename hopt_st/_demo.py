@@ -192,7 +192,12 @@ def run_demo(
         raise ValueError("models is empty: pass at least one encoder name, e.g. 'handcrafted'.")
     out = Path(out)
     zarr_path = out / ZARR_NAME
-    names = ["per_gene_pearson.csv", "expression.png", "gene_scores.png", f"ridge_{sanitize_name(models[0])}"]
+    names = [
+        "per_gene_pearson.csv",
+        "expression.png",
+        "gene_scores.png",
+        f"ridge_{sanitize_name(models[0])}.safetensors",
+    ]
     foreign = _not_ours(out, [*names, ZARR_NAME])
     if foreign and not overwrite:
         raise FileExistsError(

@@ -629,3 +629,46 @@ def test_download_limits_to_tasks_and_explains_gated_access(monkeypatch, tmp_pat
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
     with pytest.raises(PermissionError, match="Request access"):
         bench.download(tmp_path, "IDC")
+
+
+def test_unscorable_folds_are_named_before_any_embedding(tmp_path, no_encoder, fake_models):
+    """A gene with one value over a fold's test spots, or a one-spot test set, would make the task's mean NaN:
+    refused with the task, fold, samples and genes named, before an encoder is built."""
+    task = _write_task(tmp_path / "zero", task="ZERO", n_spots=60)
+    gene = task["genes"][0]
+    for sid in ("S0", "S2"):  # the test samples of fold 0
+        path = task["dir"] / "adata" / f"{sid}.h5ad"
+        a = ad.read_h5ad(path)
+        X = a.X.toarray()
+        X[:, a.var_names.get_loc(gene)] = 0
+        a.X = sp.csr_matrix(X)
+        a.write_h5ad(path)
+    with pytest.raises(
+        ValueError, match=rf"ZERO fold 0: gene\(s\) \{{'{gene}': 0\.0\}}.*\['S0', 'S2'\].*var_50genes"
+    ):
+        bench.run(task["root"], tasks="ZERO", model="fake", embeddings_dir=tmp_path / "e")
+    one = _write_task(tmp_path / "one", task="ONE", n_spots=60)
+    pd.DataFrame(
+        {"sample_id": ["S0"], "patches_path": ["patches/S0.h5"], "expr_path": ["adata/S0.h5ad"]}
+    ).to_csv(one["dir"] / "splits" / "test_0.csv", index=False)
+    a = ad.read_h5ad(one["dir"] / "adata" / "S0.h5ad")
+    a[:1].copy().write_h5ad(one["dir"] / "adata" / "S0.h5ad")
+    with h5py.File(one["dir"] / "patches" / "S0.h5", "r+") as f:  # its one spot, in the patch file too
+        keep = [i for i, b in enumerate(f["barcode"][:, 0]) if b.decode() == a.obs_names[0]]
+        data = {k: f[k][keep] for k in ("img", "coords", "barcode")}
+        for k, v in data.items():
+            del f[k]
+            f[k] = v
+    with pytest.raises(
+        ValueError, match=r"ONE fold 0: the test sample\(s\) \['S0'\] hold 1 spot.*at least 2"
+    ):
+        bench.run(one["root"], tasks="ONE", model="fake", embeddings_dir=tmp_path / "e1")
+
+
+def test_identical_embeddings_are_refused_not_scored_nan(tmp_path, monkeypatch, fake_models):
+    task = _write_task(tmp_path / "same", task="SAME", n_spots=60)
+    _set_encoder(monkeypatch, lambda p: np.ones((60, 300), np.float32))
+    with pytest.raises(
+        ValueError, match=r"SAME fold 0: the embeddings of every training spot .* one and the same"
+    ):
+        bench.run(task["root"], tasks="SAME", model="fake", embeddings_dir=tmp_path / "e")

@@ -233,6 +233,7 @@ def test_gated_model_error(monkeypatch):
         raise e
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr("hopt_st.models._weights._hub_unreachable", lambda: None)  # as if online
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_TOKEN", "hf_tokentokentoken42")
     with pytest.raises(WeightsUnavailableError, match="gated") as e:
@@ -579,3 +580,65 @@ def test_weights_status_and_local_models_never_download(tmp_path, monkeypatch, t
     assert {"handcrafted", "tiny-cached"} <= set(local)
     assert not {"tiny-absent", "h-optimus-1", "tiny-reg4-token"} & set(local)
     assert local == [n for n in models.list_models().index if n in local]  # registry order
+
+
+def test_unreachable_hub_fails_fast_with_what_is_true_for_the_model(tmp_path, monkeypatch):
+    """No internet, weights not cached: refused in seconds (no retries), saying public vs gated truthfully."""
+    import time
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from hopt_st.models import _weights
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    assert "127.0.0.1:9" in _weights._hub_unreachable()
+    real = huggingface_hub.hf_hub_download
+
+    def cache_only(*args, local_files_only=False, **kwargs):
+        assert local_files_only, "the network was tried although the Hub is unreachable"
+        return real(*args, local_files_only=True, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cache_only)
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError) as e:
+        models.create("uni")
+    assert time.perf_counter() - t0 < 10
+    assert "could not be reached" in str(e.value) and "gated" in str(e.value) and "HF_TOKEN" in str(e.value)
+    public = dataclasses.replace(models.get_spec("uni"), name="public-uni", gated=False)
+    with pytest.raises(WeightsUnavailableError) as e:
+        models.create(public)
+    assert "public" in str(e.value) and "gated" not in str(e.value) and "accept" not in str(e.value)
+    # offline and not cached: a public model is not told to log in and accept terms
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError) as e:
+        models.create(public)
+    msg = str(e.value)
+    assert (
+        "is public (no login or token needed)" in msg
+        and "unset HF_HUB_OFFLINE" in msg
+        and "accept" not in msg
+    )
+
+
+def test_generic_timm_vit_uses_the_224_px_patch_geometry(tmp_path):
+    """timm's dinov2 ViTs are pretrained at 518 px (259 µm at 0.5 µm/px): hopt_st builds them for 224 px patches
+    (112 µm), says so, and resamples a 518 px checkpoint's position embeddings when loading it."""
+    import timm
+    from safetensors.torch import save_file
+    from timm.layers import resample_abs_pos_embed
+
+    spec = models.get_spec("timm:vit_small_patch14_reg4_dinov2")  # (made once per process; logged then)
+    assert spec.input_size == 224 and spec.timm_kwargs["img_size"] == 224
+    assert "224 px patches at 0.5 µm/px (112 µm" in spec.notes and "518 px" in spec.notes
+    enc = models.create(spec, pretrained=False)
+    assert enc.backbone.patch_embed.img_size == (224, 224)
+    native = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0)  # 518 px
+    save_file({k: v.contiguous() for k, v in native.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    loaded = models.create(spec, weights=tmp_path / "w.safetensors")
+    expected = resample_abs_pos_embed(native.pos_embed.detach(), new_size=[16, 16], num_prefix_tokens=0)
+    torch.testing.assert_close(loaded.backbone.pos_embed.detach(), expected)

@@ -144,7 +144,10 @@ def _resolve_tasks(root: Path, tasks) -> list[str]:
         present, base = _task_folders(root), root
     if tasks is None:
         if not present:
-            raise FileNotFoundError(f"No task folder (with a splits/ folder) under {str(root)!r}.")
+            raise FileNotFoundError(
+                f"No task folder (with a splits/ folder) under {str(root)!r}: pass the folder of a HEST-Benchmark "
+                "download (hs.bench.download(root) writes ROOT/<task>/splits, patches, adata, var_50genes.json)."
+            )
         return present
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks or any(not str(t).strip() for t in tasks):
@@ -212,6 +215,7 @@ def _load_task(root, task, emb_dir, embedder: _Embedder, overwrite: bool = False
         {"sample_id": list(info["patches"]), "source": list(info["patches"].values()), "kind": "patches"}
     )
     rows = read_cohort(patch_files).to_dict("records")  # the rows embed_cohort reads from the task folder
+    _check_scorable(task, info, sdata)  # before any embedding is computed
     folder = Path(emb_dir) / task / model_dirname(embedder.name)
     samples, sources = {}, {}
     for row in tqdm(rows, desc=f"{task}: embeddings", leave=False):
@@ -231,6 +235,46 @@ def _load_task(root, task, emb_dir, embedder: _Embedder, overwrite: bool = False
         Y = _hest_targets(table, info["genes"], f"sample {sid!r} ({task})")
         samples[sid] = {"X": X, "Y": Y, "table": table, "patient": patient}
     return info, samples, sources
+
+
+def _check_scorable(task, info, sdata) -> None:
+    """Every fold's test spots give every gene a Pearson r (at least 2 spots, no gene with one value over all of
+    them), else a ValueError naming the task, fold, samples and genes -- not a NaN task mean."""
+    genes = list(info["genes"])
+    targets: dict[str, np.ndarray] = {}
+    for i, split in enumerate(info["splits"]):
+        test = [str(s) for s in split["test"]]
+        for s in test:
+            if s not in targets:
+                targets[s] = _hest_targets(sdata.tables[s], genes, f"sample {s!r} ({task})")
+        Y = np.concatenate([targets[s] for s in test], axis=0)
+        if len(Y) < 2:
+            raise ValueError(
+                f"{task} fold {i}: the test sample(s) {test} hold {len(Y)} spot; a Pearson correlation needs at "
+                f"least 2 test spots. Add samples to splits/test_{i}.csv, or leave {task} out (tasks=/--tasks)."
+            )
+        const = np.flatnonzero((Y == Y[:1]).all(axis=0))
+        if const.size:
+            named = {genes[j]: float(np.expm1(Y[0, j])) for j in const[:10]}
+            raise ValueError(
+                f"{task} fold {i}: gene(s) {named} (gene: its one count) have the same value at every test spot "
+                f"of sample(s) {test}, so their Pearson r is undefined and the task's mean would be NaN. Remove "
+                f"them from the task's var_50genes.json, or give fold {i} test samples that express them."
+            )
+
+
+def _check_embeddings_vary(task, i, samples, ids) -> None:
+    """Refuse a fold whose training embeddings are all one vector: no regressor can learn from them."""
+    first = next(iter(samples[s]["X"] for s in ids if len(samples[s]["X"])), None)
+    if first is None:
+        return
+    if all(np.array_equal(samples[s]["X"], np.broadcast_to(first[:1], samples[s]["X"].shape)) for s in ids):
+        raise ValueError(
+            f"{task} fold {i}: the embeddings of every training spot of {list(ids)} are one and the same vector, "
+            "so every prediction is the same and every Pearson r undefined (NaN). The encoder ignores the "
+            "image: check its weights (--weights) and that the patches are not blank, then delete these "
+            "embedding files and run again."
+        )
 
 
 # ------------------------------------------------------------------------------------------------- protocols
@@ -263,6 +307,7 @@ def _run_hest(task, info, samples, solver, seed):
     for i, split in enumerate(info["splits"]):
         n_train = sum(len(samples[s]["Y"]) for s in split["train"])
         _check_fold(n_train, len(genes), task, i)
+        _check_embeddings_vary(task, i, samples, split["train"])
         X_te, Y_te = _stack(samples, split["test"], "X"), _stack(samples, split["test"], "Y")
         if solver == "fast" and replays_pca(n_train, X_te.shape[1]):
             for sid in split["train"]:
@@ -299,6 +344,7 @@ def _strict_arrays(samples, ids, genes):
 def _run_strict(task, info, samples, n_genes):
     folds = []
     for i, split in enumerate(info["splits"]):
+        _check_embeddings_vary(task, i, samples, split["train"])
         genes = _strict_genes(samples, split["train"], n_genes)
         X_tr, Y_tr, g_tr = _strict_arrays(samples, split["train"], genes)
         _check_fold(X_tr.shape[0], len(genes), task, i)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +28,6 @@ logger = logging.getLogger(__name__)
 #: element names of the SpatialData built from an AnnData
 SPOTS_KEY = "spots"
 FULL_IMAGE_KEY = "full_image"
-_TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".ndpi", ".scn")
-_CHUNK = 4096
 
 
 def _library(adata: AnnData, library_id: str | None) -> tuple[str | None, dict]:
@@ -103,62 +99,25 @@ def _rgb_uint8(a, what: str) -> np.ndarray | None:
 
 
 def _image_element(rgb, transformations: dict):
+    """An ``(h, w, 3)`` image as an element. An image in memory stays one numpy array: one dask chunk (no
+    rechunk: ``Image2DModel.parse``'s ``chunks=`` is in (c, y, x) order and would cut x into 3 px chunks),
+    which the patch reader recognises and cuts windows from at numpy speed."""
+    import dask.array as da
+
+    if not hasattr(rgb, "dask"):
+        rgb = np.asarray(rgb)
+        rgb = da.from_array(rgb, chunks=rgb.shape)
     return Image2DModel.parse(
-        rgb,
-        dims=("y", "x", "c"),
-        c_coords=["r", "g", "b"],
-        chunks=(_CHUNK, _CHUNK, 3),
-        transformations=transformations,
+        rgb, dims=("y", "x", "c"), c_coords=["r", "g", "b"], transformations=transformations
     )
 
 
 def _read_image_file(path: Path):
-    """A full-resolution scan from disk: TIFFs lazily (pyramid kept), other formats (JPEG, PNG) through PIL."""
-    if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r} does not exist.")
-    if path.suffix.lower() in _TIFF_SUFFIXES:
-        from ._tiff import read_tiff_image
+    """A full-resolution scan from disk (TIFFs lazily, pyramid kept; JPEG, PNG through PIL): the reader of
+    :func:`hopt_st.io.read_slide`, so an image one takes the other takes too."""
+    from ._image_file import read_image_file
 
-        return read_tiff_image(path)
-    return _image_element(read_flat_image(path), {"global": Identity()})
-
-
-def read_flat_image(path: Path) -> np.ndarray:
-    """A JPEG/PNG (any format Pillow reads eagerly) as an (h, w, 3) uint8 array, with Pillow's decompression-bomb
-    guard on (rule 8: memory bounded by what is real, not by what a header claims).
-
-    The size the header declares is checked before anything is decoded: above ``PIL.Image.MAX_IMAGE_PIXELS``
-    (Pillow's default, about 89 Mpx; a user may raise it for files they trust) the image is refused with a
-    ``ValueError`` saying how to read it lazily instead (a tiled pyramidal TIFF is read a tile at a time).
-    """
-    from PIL import Image
-
-    def refuse(declared: str, limit) -> ValueError:
-        return ValueError(
-            f"image {str(path)!r} declares {declared}, more than Pillow's decompression-bomb limit of "
-            f"{limit / 1e6:.0f} Mpx for an image decoded whole. Convert it to a tiled pyramidal TIFF, which is "
-            "read lazily (e.g. `vips tiffsave in.jpg out.tif --tile --pyramid --compression jpeg`), or, if you "
-            "trust the file, raise PIL.Image.MAX_IMAGE_PIXELS."
-        )
-
-    try:
-        with (
-            warnings.catch_warnings()
-        ):  # Pillow warns between its limit and twice it: refused just below instead
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-        with im:
-            w, h = im.size
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit is not None and w * h > limit:
-                raise refuse(
-                    f"{w} x {h} px ({w * h / 1e6:.0f} Mpx, {3 * w * h / 2**30:.1f} GiB decoded)", limit
-                )
-            return np.asarray(im.convert("RGB"))
-    except Image.DecompressionBombError as e:  # Pillow refuses above twice its limit, before we see the size
-        size = re.search(r"\((\d+) pixels\)", str(e))
-        declared = f"{int(size.group(1)) / 1e6:.0f} Mpx" if size else "too many pixels"
-        raise refuse(declared, Image.MAX_IMAGE_PIXELS or 0) from None
+    return read_image_file(path)
 
 
 def _full_image(image, lib: dict):

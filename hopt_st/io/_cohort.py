@@ -7,20 +7,24 @@ A cohort table has one row per sample and the columns
     Unique name; the embedding file is ``<out_dir>/<model>/<sample_id>.h5``.
 ``source``
     Where the sample comes from: a HEST-1k root (the sample is ``sample_id`` in it), a Space Ranger ``outs/``
-    folder, a SpatialData ``.zarr``, an ``.h5ad`` (spot table with ``obsm["spatial"]``; needs ``image``) or a
-    HEST patch file ``.h5``, or a whole H&E slide without spatial data (``.svs``, ``.tif``, ``.tiff``,
-    ``.ndpi``, ...: tissue is detected and tiled, each tile is one row of the embedding file).
+    folder, a SpatialData ``.zarr``, an ``.h5ad`` (scanpy's Visium layout, as ``hopt-st embed`` reads it; or a
+    spot table with ``pxl_*_in_fullres`` / ``obsm["spatial"]`` plus ``image`` and ``image_mpp``; processed
+    values are fine, embedding needs no counts), a HEST patch file ``.h5``, or a whole H&E slide without
+    spatial data (``.svs``, ``.tif``, ``.tiff``, ``.ndpi``, ...: tissue is detected and tiled, each tile is one
+    row of the embedding file).
 ``kind`` (optional)
     ``"hest"``, ``"visium"``, ``"zarr"``, ``"h5ad"``, ``"patches"`` or ``"slide"``; inferred from ``source``
     when absent.
 ``image`` (optional)
-    Full-resolution H&E scan (TIFF) for ``visium`` and ``h5ad`` sources.
+    Full-resolution H&E scan (TIFF, JPEG, PNG, ...) for ``visium`` and ``h5ad`` sources.
 ``image_mpp`` (optional)
-    µm per full-resolution pixel, overriding what the reader records (required for ``h5ad``).
+    µm per full-resolution pixel, overriding what the reader records (an h5ad in scanpy's layout records it
+    as ``spot_diameter_fullres``; other h5ads need it).
 ``patient`` (optional)
     Patient id (for patient-level cross-validation, ``groups="patient"``).
 ``counts`` (optional)
-    An ``.h5ad`` of raw counts for :func:`load_cohort` when the source has none (patch files).
+    An ``.h5ad`` of raw counts for :func:`load_cohort` when the source has none (patch files). A source with
+    processed values only gives them as they are (fit with ``target="none"``).
 
 Other columns are kept. Relative paths in a CSV are relative to the CSV's folder (in a DataFrame, to the
 current folder).
@@ -28,6 +32,7 @@ current folder).
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -153,6 +158,17 @@ def _check_ids(df: pd.DataFrame, what: str) -> None:
         raise ValueError(f"{what}: sample_id must be unique; repeated: {dup[:10]}.")
 
 
+def _scanpy_layout(path: Path) -> bool:
+    """Whether an .h5ad holds ``uns/spatial`` (scanpy's Visium layout), from its HDF5 tree only."""
+    from .._h5 import open_h5
+
+    try:
+        with open_h5(path) as f:  # self-contained HDF5 only (rule 4)
+            return "uns/spatial" in f and len(f["uns/spatial"]) > 0 and "obsm/spatial" in f
+    except (OSError, ValueError):  # unreadable or not self-contained: the reader says so with the file named
+        return True
+
+
 def _normalise(df: pd.DataFrame, base: Path, what: str, keep_bad: bool = False) -> pd.DataFrame:
     missing = [c for c in ("sample_id", "source") if c not in df.columns]
     if missing:
@@ -180,6 +196,10 @@ def _normalise(df: pd.DataFrame, base: Path, what: str, keep_bad: bool = False) 
             kinds.append(None)
             continue
         src = Path(source)
+        if not src.exists():
+            problems.append(f"{sid}: source {source!r} does not exist")
+            kinds.append(kind)
+            continue
         if kind is None:
             kind = _infer_kind(src)
             if kind is None:
@@ -188,8 +208,11 @@ def _normalise(df: pd.DataFrame, base: Path, what: str, keep_bad: bool = False) 
             problems.append(f"{sid}: kind {kind!r} is not one of {list(KINDS)}")
         if image is not None and kind in ("hest", "zarr", "patches"):
             problems.append(f"{sid}: column 'image' applies to visium and h5ad sources, not {kind}")
-        if kind == "h5ad" and (image is None or mpp is None):
-            problems.append(f"{sid}: an h5ad source needs 'image' (the H&E TIFF) and 'image_mpp'")
+        if kind == "h5ad" and (image is None or mpp is None) and src.is_file() and not _scanpy_layout(src):
+            problems.append(
+                f"{sid}: the h5ad has no uns['spatial'] (scanpy's Visium layout), so it needs 'image' (the H&E "
+                "scan) and 'image_mpp'"
+            )
         if mpp is not None:
             try:
                 ok = float(mpp) > 0
@@ -211,8 +234,9 @@ def _normalise(df: pd.DataFrame, base: Path, what: str, keep_bad: bool = False) 
             f"{what}: {len(problems)} bad row(s): "
             + "; ".join(problems[:10])
             + (" ..." if len(problems) > 10 else "")
-            + f". Sources are a HEST-1k root, a Space Ranger outs/ folder, a .zarr, an .h5ad or a patch .h5 "
-            f", a whole slide (.svs, .tif, .ndpi, ...) (or set the column 'kind' to one of {list(KINDS)})."
+            + f". Correct the column 'source' (paths are relative to the CSV's folder): sources are a HEST-1k "
+            "root, a Space Ranger outs/ folder, a .zarr, an .h5ad, a patch .h5 or a whole slide (.svs, .tif, "
+            f".ndpi, ...) (or set the column 'kind' to one of {list(KINDS)})."
         )
     df["kind"] = kinds
     # object columns: a float column would turn None into NaN
@@ -271,8 +295,39 @@ def read_cohort(cohort: pd.DataFrame | str | os.PathLike, *, keep_bad: bool = Fa
         )
     if not path.is_file():
         raise FileNotFoundError(f"cohort {str(path)!r} does not exist.")
-    df = pd.read_csv(path, sep=None, engine="python", dtype={"sample_id": str, "patient": str})
+    df = _read_cohort_csv(path)
     return _normalise(df, path.parent, f"cohort {str(path)!r}", keep_bad)
+
+
+def _read_cohort_csv(path: Path) -> pd.DataFrame:
+    """The CSV as written: ``sample_id`` and ``patient`` are strings ("NA", "None", "001" stay as they are),
+    other columns' empty cells are missing; an empty file or one without rows is refused with the file named."""
+    example = "sample_id,source,image\\nS1,sample1.h5ad,scan1.jpg"
+    if not path.read_bytes().strip():
+        raise ValueError(
+            f"cohort {str(path)!r} is empty: write a header and one row per sample, e.g. '{example}'."
+        )
+    text_cols = ("sample_id", "patient")
+    try:
+        df = pd.read_csv(
+            path,
+            sep=None,
+            engine="python",
+            dtype=dict.fromkeys(text_cols, str),
+            keep_default_na=False,
+            na_values={c: [""] for c in COLUMNS if c not in text_cols},
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"cohort {str(path)!r} is not a readable CSV ({type(e).__name__}: {e}): write a header and one "
+            f"row per sample, comma-separated, e.g. '{example}'."
+        ) from None
+    if df.empty:
+        raise ValueError(
+            f"cohort {str(path)!r} has a header ({list(df.columns)}) but no sample rows: add one row per "
+            f"sample, e.g. '{example}'."
+        )
+    return df
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,27 +372,43 @@ def sample_files(row) -> list[list]:
 
 
 def _read_h5ad_sample(row) -> SpatialData:
-    """An .h5ad spot table (``obsm["spatial"]`` or HEST's ``pxl_*_in_fullres``) with its H&E TIFF."""
+    """An .h5ad spot table as ``hopt-st embed`` reads it: scanpy's Visium layout (``obsm["spatial"]`` and
+    ``uns["spatial"]``: µm/px from ``spot_diameter_fullres`` unless ``image_mpp``; the scan from ``image`` or
+    ``source_image_path``, else the hires PNG), or HEST's (``pxl_*_in_fullres``, with ``image`` and
+    ``image_mpp``). Embedding needs no counts: processed (log-normalised) tables are read as they are."""
     from spatialdata.models import TableModel
 
+    from ._anndata import anndata_to_spatialdata
+    from ._counts import read_h5ad
     from ._hest import _spot_shapes, _spot_xy
+    from ._image_file import read_image_file
     from ._mpp import check_mpp
-    from ._tiff import read_tiff_image
 
-    path = Path(row["source"])
+    path, sid = Path(row["source"]), str(row["sample_id"])
     adata = read_h5ad(path)  # self-contained HDF5 only (rule 4)
-    ensure_raw_counts(adata, path)
-    mpp = check_mpp(row["image_mpp"], f"image_mpp of sample {row['sample_id']!r}")
+    if adata.uns.get("spatial") and "spatial" in adata.obsm:
+        sdata = anndata_to_spatialdata(
+            adata, row.get("image"), image_mpp=row.get("image_mpp"), full_table=False
+        )
+        sdata.tables["table"].uns[UNS_KEY]["sample_id"] = sid
+        return sdata
+    if row.get("image") is None or row.get("image_mpp") is None:
+        raise ValueError(
+            f"sample {sid!r}: {str(path)!r} has no uns['spatial'] (scanpy's Visium layout, where the pixel size "
+            "comes from spot_diameter_fullres), so the cohort row needs the columns 'image' (the full-resolution "
+            "H&E scan) and 'image_mpp' (µm per pixel of that scan)."
+        )
+    mpp = check_mpp(row["image_mpp"], f"image_mpp of sample {sid!r}")
     xy = _spot_xy(adata, path)
     n = adata.n_obs
     adata.obs["region"] = pd.Categorical(["spots"] * n)
     adata.obs["spot_id"] = np.arange(n)
     adata.obsm["spatial"] = xy.copy()
     adata.uns.pop("spatialdata_attrs", None)
-    adata.uns[UNS_KEY] = {"image_mpp": {"he": mpp}, "fullres_mpp": mpp, "sample_id": str(row["sample_id"])}
+    adata.uns[UNS_KEY] = {"image_mpp": {"he": mpp}, "fullres_mpp": mpp, "sample_id": sid}
     table = TableModel.parse(adata, region="spots", region_key="region", instance_key="spot_id")
     return SpatialData(
-        images={"he": read_tiff_image(Path(row["image"]))},
+        images={"he": read_image_file(Path(row["image"]))},
         shapes={"spots": _spot_shapes(xy, {}, mpp)},
         tables={"table": table},
     )
@@ -392,7 +463,8 @@ def read_counts(row) -> ad.AnnData | None:
     else:
         return None
     adata = read_h5ad(path)  # self-contained HDF5 only (rule 4)
-    ensure_raw_counts(adata, path)
+    # processed (e.g. log-normalised) values are kept as they are: fitting refuses them unless target="none"
+    ensure_raw_counts(adata, path, required=False)
     return ad.AnnData(X=adata.X, obs=pd.DataFrame(index=adata.obs_names), var=adata.var[[]])
 
 

@@ -44,20 +44,21 @@ def non_count_values(x, sample: int | None = None) -> np.ndarray:
     return v[bad]
 
 
-def ensure_raw_counts(adata: AnnData, path: str | Path) -> None:
+def ensure_raw_counts(adata: AnnData, path: str | Path, *, required: bool = True) -> bool:
     """Make ``adata.X`` raw counts, in place, or raise.
 
     When ``X`` is not integer-valued but ``layers["counts"]`` or ``adata.raw`` is, that is used instead
     (with a log message); otherwise a ``ValueError`` names the file, shows offending values and the fix.
+    With ``required=False`` processed values are kept as they are (logged) and ``False`` is returned.
     """
     bad = non_count_values(adata.X, _SAMPLE)
     if bad.size == 0:
-        return
+        return True
     for name in ("counts", "raw_counts"):
         if name in adata.layers and non_count_values(adata.layers[name], _SAMPLE).size == 0:
             logger.info("%s: X is not raw counts; using layers[%r].", path, name)
             adata.X = adata.layers[name]
-            return
+            return True
     if (
         adata.raw is not None
         and adata.raw.shape == adata.shape
@@ -65,7 +66,14 @@ def ensure_raw_counts(adata: AnnData, path: str | Path) -> None:
     ):
         logger.info("%s: X is not raw counts; using adata.raw.X.", path)
         adata.X = adata.raw.X
-        return
+        return True
+    if not required:
+        logger.info(
+            "%s holds no raw counts (X: e.g. %s); its values are kept as they are: fit them with target='none'.",
+            path,
+            np.unique(bad)[:3].tolist(),
+        )
+        return False
     raise ValueError(
         f"{str(path)!r} does not hold raw counts: X has non-integer or negative values "
         f"(e.g. {np.unique(bad)[:5].tolist()}), and there is no integer layers['counts'] or adata.raw. "

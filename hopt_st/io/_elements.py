@@ -15,7 +15,6 @@ from spatialdata import SpatialData, get_pyramid_levels, match_element_to_table
 from spatialdata.models import TableModel, get_table_keys
 from spatialdata.transformations import (
     get_transformation,
-    get_transformation_between_coordinate_systems,
 )
 
 logger = logging.getLogger(__name__)
@@ -154,7 +153,7 @@ def spots_to_image_matrix(sdata: SpatialData, shapes_key: str, image_key: str) -
     """3x3 affine matrix mapping the shapes' own (x, y) coordinates to the image's level-0 pixel (x, y).
 
     The path goes through a coordinate system both elements are registered to (``"global"`` when shared),
-    composed by spatialdata's ``get_transformation_between_coordinate_systems``.
+    composed through it as spatialdata's ``get_transformation_between_coordinate_systems`` does.
     """
     shapes, image = sdata.shapes[shapes_key], sdata.images[image_key]
     cs_shapes = get_transformation(shapes, get_all=True)
@@ -167,10 +166,12 @@ def spots_to_image_matrix(sdata: SpatialData, shapes_key: str, image_key: str) -
             "a transformation to a common coordinate system with spatialdata.transformations.set_transformation."
         )
     via = "global" if "global" in common else common[0]
-    t = get_transformation_between_coordinate_systems(
-        sdata, shapes, image, intermediate_coordinate_systems=via
-    )
-    m = np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
+    # shapes -> via, then via -> image: what get_transformation_between_coordinate_systems composes through one
+    # intermediate system, without its graph search (whose first call imports networkx, ~0.5 s)
+    axes = {"input_axes": ("x", "y"), "output_axes": ("x", "y")}
+    to_via = np.asarray(cs_shapes[via].to_affine_matrix(**axes), dtype=np.float64)
+    image_to_via = np.asarray(cs_image[via].to_affine_matrix(**axes), dtype=np.float64)
+    m = np.linalg.solve(image_to_via, to_via)
     lin = m[:2, :2]
     if abs(lin[0, 1]) > 1e-9 * abs(lin).max() or abs(lin[1, 0]) > 1e-9 * abs(lin).max():
         logger.warning(

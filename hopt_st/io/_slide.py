@@ -20,8 +20,8 @@ from spatialdata import SpatialData
 
 from .._constants import UNS_KEY
 from ._coords import add_micrometers
+from ._image_file import file_mpp, is_tiff, read_image_file
 from ._mpp import UnknownPixelSizeError, check_mpp, set_image_mpp
-from ._tiff import read_tiff_image
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +99,16 @@ def tiff_mpp(path: str | PathLike) -> tuple[float | None, str]:
 
 
 def read_slide(path: str | PathLike, *, image_mpp: float | None = None, image_key: str = "he") -> SpatialData:
-    """Open an H&E whole-slide image (pyramidal TIFF, SVS-like TIFF) lazily, without spots or counts.
+    """Open an H&E slide or scan (pyramidal TIFF, SVS, NDPI, JPEG, PNG; OpenSlide formats with the
+    ``slides`` extra) without spots or counts; TIFFs and OpenSlide formats lazily.
 
     Parameters
     ----------
     path
-        A TIFF / BigTIFF (``.tif``, ``.tiff``, ``.svs``, ...), pyramidal or not. Pixels are not read here.
+        A TIFF / BigTIFF (``.tif``, ``.tiff``, ``.svs``, ``.ndpi``, ...), pyramidal or not (pixels are not read
+        here); an image Pillow decodes (JPEG, PNG, ...: read into memory, 8-bit or 16-bit RGB); with
+        ``pip install "hopt-st[slides]"`` the formats OpenSlide reads (``.mrxs``, ``.vms``, ...). Grayscale
+        images and images under 16 px a side are refused with the reason.
     image_mpp
         µm per pixel of the slide's full resolution; overrides what the file records.
     image_key
@@ -124,29 +128,38 @@ def read_slide(path: str | PathLike, *, image_mpp: float | None = None, image_ke
     FileNotFoundError
         ``path`` does not exist.
     ValueError
-        Not a readable RGB TIFF, or no pixel size in the file and no ``image_mpp`` (the message says how
-        to pass it).
+        Not a readable RGB image (the message says why), or no pixel size in the file and no ``image_mpp``
+        (the message says how to pass it).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"slide {str(path)!r} does not exist.")
-    # the pixel size first: a slide refused for lack of one leaves no TIFF open
+    # the pixel size first: a slide refused for lack of one leaves no file open
     if image_mpp is not None:
         mpp, source = check_mpp(image_mpp, "image_mpp"), "image_mpp argument"
     else:
-        try:
-            found, where = tiff_mpp(path)
-        except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError):
-            read_tiff_image(path)  # raises the reader's error, which names the file and the fix
-            raise
+        if not is_tiff(path):
+            read_image_file(path)  # an unreadable / grayscale / tiny file: its own error first
+            found, where = file_mpp(path)
+        else:
+            try:
+                found, where = tiff_mpp(path)
+            except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError):
+                read_image_file(path)  # raises the reader's error, which names the file and the fix
+                raise
         if found is None:
+            records = (
+                "no SVS 'MPP =', no 'mpp' metadata, no OME PhysicalSizeX, no resolution tags in cm/inch"
+                if is_tiff(path)
+                else f"a {path.suffix or 'plain'} image records no scan pixel size"
+            )
             raise UnknownPixelSizeError(
-                f"The pixel size of slide {str(path)!r} is unknown: the file records none (no SVS 'MPP =', no "
-                "'mpp' metadata, no OME PhysicalSizeX, no resolution tags in cm/inch). Pass image_mpp=<µm per "
-                "full-resolution pixel> (e.g. 0.25 for a 40x scan, 0.5 for 20x)."
+                f"The pixel size of slide {str(path)!r} is unknown: the file records none ({records}). Pass "
+                "image_mpp=<µm per full-resolution pixel> (e.g. 0.25 for a 40x scan, 0.5 for 20x; a Visium "
+                "scan: 65 / spot_diameter_fullres)."
             )
         mpp, source = check_mpp(found, f"{path} ({where})"), where
-    image = read_tiff_image(path)  # lazy; ValueError naming the file when it is not an RGB TIFF
+    image = read_image_file(path)  # lazy for TIFF / OpenSlide; ValueError naming the file and the reason
     sdata = SpatialData(images={image_key: image})
     add_micrometers(sdata, image_key, mpp)
     set_image_mpp(sdata, {image_key: mpp})

@@ -60,6 +60,20 @@ def _check_complete(tif: tifffile.TiffFile, path: Path) -> None:
                 )
 
 
+def _check_rgb(series, path: Path) -> None:
+    """Refuse a one-channel (grayscale) or tiny TIFF with the reason, before any tile is decoded."""
+    from ._image_file import check_size, grayscale_message
+
+    shape, axes = tuple(series.shape), str(getattr(series, "axes", ""))
+    if len(shape) == 2 or (len(shape) == 3 and shape[-1] == 1 and axes.endswith("S")):
+        raise ValueError(
+            grayscale_message(path, f"TIFF of shape {shape}, {series.dtype}, one sample per pixel")
+        )
+    if len(shape) >= 2:
+        yx = (shape[-3], shape[-2]) if len(shape) >= 3 and shape[-1] in (3, 4) else shape[-2:]
+        check_size(path, *yx)
+
+
 def _close_handles(tif: tifffile.TiffFile, fd: int | None) -> None:
     """Close the file handles a :class:`TiffLevel` opened in one process."""
     if fd is not None:
@@ -264,6 +278,12 @@ def _level_arrays(path: Path) -> list[TiffLevel]:
             "Download it again or re-export it as a pyramidal tiled TIFF (e.g. `vips tiffsave in out.tif "
             "--tile --pyramid --bigtiff --compression jpeg`).",
         ) from e
+    try:
+        if tif.series:
+            _check_rgb(tif.series[0], path)
+    except ValueError:
+        tif.close()
+        raise
     try:  # each TiffLevel opens the file itself (per process): this handle only reads the structure
         if not tif.series:
             raise ValueError("no image series")
@@ -352,9 +372,10 @@ def _to_cyx(arr: TiffLevel, path: Path, level: int) -> da.Array:
         raise ValueError(
             f"TIFF {str(path)!r} level {level} has shape {shape}; expected (y, x, 3) RGB or (y, x, 4) RGBA."
         )
-    if arr.dtype != np.uint8:
+    if arr.dtype not in (np.uint8, np.uint16):
         raise ValueError(
-            f"TIFF {str(path)!r} has dtype {arr.dtype}; expected uint8 RGB. Convert it to 8-bit RGB first."
+            f"TIFF {str(path)!r} has dtype {arr.dtype}; expected 8-bit or 16-bit RGB. Convert it to 8-bit "
+            "RGB first (e.g. `vips cast in.tif out.tif uchar`)."
         )
     ty, tx = arr.chunks[0], arr.chunks[1]
     cy = max(ty, (_TARGET_CHUNK // ty) * ty) if ty < shape[0] else shape[0]

@@ -213,6 +213,34 @@ def weights_file(
     return Path(weights) if weights is not None else resolve_weights(spec)
 
 
+def _fit_pos_embed(backbone: nn.Module, sd: dict, spec: ModelSpec) -> dict:
+    """A ViT checkpoint pretrained at another image size (e.g. dinov2 at 518 px) on this network's patch grid:
+    its absolute position embeddings resampled with timm's own ``resample_abs_pos_embed``, as timm does when it
+    loads such a checkpoint at another ``img_size``."""
+    target = getattr(backbone, "pos_embed", None)
+    given = sd.get("pos_embed")
+    grid = getattr(getattr(backbone, "patch_embed", None), "grid_size", None)
+    if target is None or given is None or tuple(given.shape) == tuple(target.shape) or grid is None:
+        return sd
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = (
+        0 if getattr(backbone, "no_embed_class", False) else int(getattr(backbone, "num_prefix_tokens", 0))
+    )
+    logger.info(
+        "%s: position embeddings %s resampled to the %s patch grid of %d px inputs.",
+        spec.name,
+        tuple(given.shape),
+        tuple(grid),
+        spec.input_size,
+    )
+    sd = dict(sd)
+    sd["pos_embed"] = resample_abs_pos_embed(given.float(), new_size=list(grid), num_prefix_tokens=prefix).to(
+        given.dtype
+    )
+    return sd
+
+
 def _load_backbone(spec: ModelSpec, path: Path) -> nn.Module:
     """The spec's network with the weights of ``path``, on CPU, after an exact key and shape check."""
     sd = read_state_dict(path)
@@ -220,6 +248,7 @@ def _load_backbone(spec: ModelSpec, path: Path) -> nn.Module:
         sd = KEY_MAPS[spec.key_map](sd)
     with torch.device("meta"):  # no memory for the random weights that would be overwritten
         backbone = build_backbone(spec)
+    sd = _fit_pos_embed(backbone, sd, spec)
     check_keys(backbone, sd, what=f"model {spec.name!r} from {str(path)!r}")
     backbone.load_state_dict(sd, strict=True, assign=True)
     if any(b.is_meta for b in backbone.buffers()):  # non-persistent buffers: build for real, then load

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from .._constants import PATCH_SIZE
 from .._docs import inject_docs
 from ._builtin import BUILTIN
 from ._spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
@@ -175,7 +176,24 @@ def _timm_spec(name: str) -> ModelSpec:
     with torch.device("meta"):
         m = timm.create_model(arch, pretrained=False, num_classes=0)
     cfg = getattr(m, "pretrained_cfg", {}) or {}
-    size = cfg.get("input_size", (3, 224, 224))[-1]
+    native = int(cfg.get("input_size", (3, 224, 224))[-1])
+    kwargs, size = dict(num_classes=0), native
+    if native != PATCH_SIZE:
+        # the patch geometry of every pathology model here: 224 px at 0.5 µm/px (112 µm of tissue), not the
+        # network's pretraining size (dinov2: 518 px = 259 µm); ViTs take img_size= and their position
+        # embeddings are resampled when pretrained weights are loaded
+        try:
+            with torch.device("meta"):
+                timm.create_model(arch, pretrained=False, num_classes=0, img_size=PATCH_SIZE)
+            kwargs, size = dict(num_classes=0, img_size=PATCH_SIZE), PATCH_SIZE
+        except TypeError:  # no img_size: the network's own size
+            pass
+    geometry = f"{size} px patches at 0.5 µm/px ({size * 0.5:g} µm of tissue)" + (
+        f"; timm's pretrained_cfg size is {native} px (position embeddings resampled)"
+        if size != native
+        else ""
+    )
+    logger.info("%s: %s", name, geometry)
     return ModelSpec(
         name=name,
         dim=int(m.num_features),
@@ -183,13 +201,13 @@ def _timm_spec(name: str) -> ModelSpec:
         mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
         std=tuple(cfg.get("std", IMAGENET_STD)),
         timm_name=arch,
-        timm_kwargs=dict(num_classes=0),
+        timm_kwargs=kwargs,
         hf_repo=cfg.get("hf_hub_id") or None,
         precision="bfloat16",
-        notes="Generic timm model; µm/px 0.5 assumed (set your own with models.register).",
+        notes=f"Generic timm model; µm/px 0.5 assumed (set your own with models.register); {geometry}.",
         sources={
             "mean": "timm pretrained_cfg",
-            "input_size": "timm pretrained_cfg",
+            "input_size": "hopt_st's 224 px patch when the network takes img_size=, else timm pretrained_cfg",
             "dim": "timm num_features",
         },
     )
@@ -227,7 +245,7 @@ def get_spec(name: str | ModelSpec) -> ModelSpec:
         return _timm_spec(name)
     raise KeyError(
         f"model {name!r} is not in the registry; known models: {sorted(_REGISTRY)} "
-        "(or 'timm:<architecture>', or add one with hopt_st.models.register)."
+        "(or 'timm:<architecture>', or add one with hopt_st.models.register); `hopt-st models` lists them."
     )
 
 

@@ -138,12 +138,23 @@ def remember_sha256(version: tuple[str, int, int], digest: str) -> None:
 def _access_help(spec: ModelSpec, reason: str) -> str:
     repo = spec.hf_repo
     files = " or ".join(spec.hf_filenames)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+    if spec.gated:
+        how = (
+            f"How to get them: open https://huggingface.co/{repo}, log in and accept the terms (gated model); "
+            "create a read token at https://huggingface.co/settings/tokens and `export HF_TOKEN=<token>`"
+            + (" and unset HF_HUB_OFFLINE to allow downloading. " if offline else ". ")
+        )
+    else:
+        how = f"How to get them: https://huggingface.co/{repo} is public (no login or token needed): " + (
+            "unset HF_HUB_OFFLINE to let hopt_st download them. "
+            if offline
+            else "hopt_st downloads them when the Hub can be reached. "
+        )
     return (
         f"Weights of model {spec.name!r} are not available: {reason}\n"
-        f"How to get them: open https://huggingface.co/{repo}, log in and accept the terms"
-        f"{' (gated model)' if spec.gated else ''}; create a read token at https://huggingface.co/settings/tokens "
-        "and `export HF_TOKEN=<token>` (unset HF_HUB_OFFLINE to allow downloading). "
-        f"Or download {files} yourself (e.g. `hf download {repo}` on a machine with internet, then copy the "
+        + how
+        + f"Or download {files} yourself (e.g. `hf download {repo}` on a machine with internet, then copy the "
         "Hugging Face cache ~/.cache/huggingface/hub, or HF_HOME, to this machine) and pass its path: "
         f"hopt_st.models.create({spec.name!r}, weights='/path/to/{spec.hf_filenames[0]}') or "
         "pp.embed(..., weights='/path/to/file'). pretrained=False builds the architecture with random weights."
@@ -184,6 +195,29 @@ def resolve_weights(spec: ModelSpec) -> Path:
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
     token = os.environ.get("HF_TOKEN") or None
+    if not offline:
+        unreachable = _hub_unreachable()
+        if unreachable:  # no ~50 s of retries: the cache, else say so now
+            for filename in spec.hf_filenames:
+                try:
+                    path = hf.hf_hub_download(spec.hf_repo, filename, token=token, local_files_only=True)
+                except (LocalEntryNotFoundError, EntryNotFoundError, OSError):
+                    continue
+                logger.info("weights of %s: %s (the Hub is unreachable: from the cache)", spec.name, path)
+                return Path(path)
+            raise WeightsUnavailableError(
+                f"Weights of model {spec.name!r} are not in the local Hugging Face cache, and the Hugging Face Hub "
+                f"could not be reached (network failure: {unreachable}; HF_HUB_OFFLINE=1 skips this check). "
+                + (
+                    f"The model is gated: on a machine with internet, accept its terms at "
+                    f"https://huggingface.co/{spec.hf_repo} and download it with HF_TOKEN set"
+                    if spec.gated
+                    else f"The model is public: on a machine with internet, download it "
+                    f"(`hf download {spec.hf_repo}`)"
+                )
+                + ", then copy the Hugging Face cache (~/.cache/huggingface/hub, or HF_HOME) here, or pass the file "
+                "with weights='/path/to/file'; pretrained=False builds the architecture with random weights."
+            )
     reasons = []
     network: list[str] = []  # failures to reach the Hub (not "no such file")
     for filename in spec.hf_filenames:
@@ -230,6 +264,29 @@ def resolve_weights(spec: ModelSpec) -> Path:
         "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the Hub or in the cache"
     )
     raise WeightsUnavailableError(_access_help(spec, f"no weight file found {where} ({'; '.join(reasons)})."))
+
+
+#: seconds to wait for a TCP connection to the Hub before calling it unreachable
+HUB_PROBE_TIMEOUT = 3.0
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached (a name that does not resolve, a refused or timed-out
+    connection), or ``None`` when a TCP connection opens -- or a proxy is configured (it decides)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT):
+            return None
+    except OSError as e:
+        return f"{host}:{port}: {type(e).__name__}: {e}"
 
 
 def _is_network_error(e: BaseException) -> bool:

@@ -18,6 +18,7 @@ from ..io._anndata import anndata_to_spatialdata
 from ..io._elements import resolve_table_name
 from ..tl import pearson_per_gene
 from ..tl._predictions import MEASURED_LAYER, prediction_table
+from ..tl._targets import TARGET_LABELS
 from ._tissue import TissueView, tissue_view
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -79,6 +80,14 @@ def _anndata_view(pred: AnnData, show_image: bool, max_size: int) -> TissueView:
     xy = np.asarray(pred.obsm["spatial"], dtype=float)[:, :2] if "spatial" in pred.obsm else None
     if xy is None:
         raise KeyError("the AnnData has no obsm['spatial'] (x, y) spot coordinates to draw the spots at.")
+    scan = pred.uns.get(UNS_KEY, {}).get("prediction", {}).get("image")
+    if show_image and scan and Path(scan).is_file() and pred.uns.get("spatial"):
+        try:  # the full-resolution scan the spots were embedded from (recorded by pp.embed)
+            sd = anndata_to_spatialdata(pred, full_table=False, source_image=False, image=scan)
+        except (KeyError, ValueError, OSError) as err:
+            logger.info("Not drawing the embedded scan %s: %s", scan, err)
+        else:
+            return tissue_view(sd, show_image=True, max_size=max_size)
     if show_image and pred.uns.get("spatial"):
         try:
             sd = anndata_to_spatialdata(pred, full_table=False, source_image=False, image=None)
@@ -136,7 +145,7 @@ def _gene_values(pred: AnnData, genes: list[str], predicted_key: str) -> tuple[n
     measured = np.asarray(sub.layers[MEASURED_LAYER], dtype=np.float32)
     predicted = np.asarray(sub.X, dtype=np.float32)
     target = str(pred.uns.get(UNS_KEY, {}).get("prediction", {}).get("target", "log1p"))
-    return measured, predicted, {"log1p": "log1p counts"}.get(target, target)
+    return measured, predicted, TARGET_LABELS.get(target, target)
 
 
 def _scored_spots(pred: AnnData, spots: AnnData | None, score_on: str | None) -> tuple[np.ndarray, str]:

@@ -14,6 +14,7 @@ from spatialdata import SpatialData
 
 from .._docs import inject_docs
 from ..io._elements import get_spot_table
+from ..tl._targets import TARGET_LABELS
 from ._plots import (
     _PLOT_CS,
     _color_limits,
@@ -127,7 +128,7 @@ def slide_expression(
     if _is_square(data, table_name):
         _as_squares(panel, view)
     target = str(pred.uns.get("hopt_st", {}).get("prediction", {}).get("target", "log1p"))
-    label = {"log1p": "log1p counts"}.get(target, target)
+    label = TARGET_LABELS.get(target, target)
     ncols = max(1, min(int(ncols), len(genes)))
     nrows = int(np.ceil(len(genes) / ncols))
     aspect = _view_aspect(view)

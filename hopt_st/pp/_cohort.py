@@ -480,7 +480,8 @@ def embed_cohort(
     client
         A :class:`distributed.Client`: one task per sample on its cluster (e.g. a ``LocalCluster``, a
         ``dask_cuda.LocalCUDACluster`` with one worker per GPU, or a ``dask_jobqueue`` cluster). ``None``: run
-        here, one sample after the other.
+        here, one sample after the other. A function returning a client is called only when some sample is
+        to be embedded (no cluster is started when every sample is skipped); it may return ``None``.
     weights
         Local weight file; default: the spec's Hugging Face repository (looked up here, once).
     device
@@ -520,7 +521,8 @@ def embed_cohort(
         raise ValueError(f"retries={retries!r} must be an int >= 0.")
     if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
         raise ValueError(f"batch_size={batch_size!r} must be >= 1.")
-    if client is not None:
+    lazy_client = callable(client) and not hasattr(client, "submit")  # a factory: called only if work remains
+    if client is not None and not lazy_client:
         _check_client(client)
     if device is not None and device != "auto":
         try:
@@ -537,6 +539,10 @@ def embed_cohort(
 
     jobs = _plan(table, cmodel, folder, status, device=device, batch_size=batch_size, overwrite=overwrite)
     status.write()
+    if lazy_client:  # no cluster is started when every sample is skipped or refused
+        client = client() if jobs else None
+        if client is not None:
+            _check_client(client)
     n_skipped = len(table) - len(jobs)
     logger.info(
         "embed_cohort %s: %d samples, %d to embed, %d already done or refused, %s",

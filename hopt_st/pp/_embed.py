@@ -370,5 +370,7 @@ def embed(
         )
     table.obsm[key] = full
     _write_provenance(table, key, spec, encoder, info, dev)
+    if isinstance(data, AnnData) and isinstance(image, str | os.PathLike):  # the scan embedded, for the plots
+        table.uns[UNS_KEY]["embeddings"][key]["image"] = str(Path(image).resolve())
     logger.info("wrote obsm[%r] (%d x %d) with %s", key, *full.shape, spec.name)
     return data if copy else None

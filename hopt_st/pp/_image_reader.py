@@ -47,6 +47,8 @@ def _direct_source(arr, dims: tuple[str, ...]):
         return None, None
     originals = [n for n in layers if n.startswith("original-")]
     others = [n for n in layers if not n.startswith("original-")]
+    if not originals:
+        return _in_memory_source(arr, dims, layers)
     if len(originals) != 1 or not 1 <= len(others) <= 2:
         return None, None
     if not all(n.startswith(("from-zarr-", "array-", "from-array-", "transpose-")) for n in others):
@@ -63,6 +65,24 @@ def _direct_source(arr, dims: tuple[str, ...]):
     if shape == tuple(arr.shape) and len(others) == 1:
         return src, dims
     if dims == ("c", "y", "x") and shape == (arr.shape[1], arr.shape[2], arr.shape[0]):
+        return src, ("y", "x", "c")
+    return None, None
+
+
+def _in_memory_source(arr, dims: tuple[str, ...], layers: dict):
+    """The numpy array behind a one-chunk ``da.from_array(numpy_array)`` (dask keeps numpy arrays in the graph,
+    with no ``original-`` layer), optionally transposed: ``(array, its dims)`` or ``(None, None)``."""
+    arrays = [n for n in layers if n.startswith("array-")]
+    others = [n for n in layers if n not in arrays]
+    if len(arrays) != 1 or len(others) > 1 or any(not n.startswith("transpose-") for n in others):
+        return None, None
+    values = list(dict(layers[arrays[0]]).values())
+    if len(values) != 1 or not isinstance(values[0], np.ndarray):
+        return None, None
+    src, shape = values[0], tuple(values[0].shape)
+    if shape == tuple(arr.shape) and not others:
+        return src, dims
+    if others and dims == ("c", "y", "x") and shape == (arr.shape[1], arr.shape[2], arr.shape[0]):
         return src, ("y", "x", "c")
     return None, None
 
@@ -311,6 +331,30 @@ class LevelReader:
         b = int(np.searchsorted(bounds, hi, side="left"))
         return range(max(a, 0), min(b, len(bounds) - 1))
 
+    def _numpy_windows(self, src: np.ndarray, boxes, size, fill, out):
+        """Windows of an 8-bit RGB(A) image held in memory: views of it (no chunk cache, no copy) when inside,
+        pasted on ``fill`` where they cross its border."""
+        sy, sx = size
+        wins = [] if out is None else out
+        for k, (y0, x0) in enumerate(boxes):
+            y0, x0 = int(y0), int(x0)
+            ya, yb = max(y0, 0), min(y0 + sy, self.height)
+            xa, xb = max(x0, 0), min(x0 + sx, self.width)
+            if ya == y0 and xa == x0 and yb == y0 + sy and xb == x0 + sx:
+                view = src[ya:yb, xa:xb, :3]
+                if out is None:
+                    wins.append(view)
+                else:
+                    out[k] = view
+                continue
+            win = np.empty((sy, sx, 3), dtype=np.uint8) if out is None else out[k]
+            win[...] = fill
+            if ya < yb and xa < xb:
+                win[ya - y0 : yb - y0, xa - x0 : xb - x0] = src[ya:yb, xa:xb, :3]
+            if out is None:
+                wins.append(win)
+        return wins
+
     def read_windows(
         self, boxes: np.ndarray, size: tuple[int, int], fill: np.ndarray, out: np.ndarray | None = None
     ) -> list[np.ndarray] | np.ndarray:
@@ -319,6 +363,14 @@ class LevelReader:
         Returns a list of windows, or fills and returns ``out`` (``(len(boxes), sy, sx, 3)`` uint8) when given.
         """
         sy, sx = size
+        src = self._direct
+        if (
+            isinstance(src, np.ndarray)
+            and self._direct_dims == ("y", "x", "c")
+            and src.dtype == np.uint8
+            and src.shape[-1] in (3, 4)
+        ):
+            return self._numpy_windows(src, boxes, size, fill, out)
         spans = []
         needed: set[tuple[int, int]] = set()
         for y0, x0 in boxes:

@@ -32,7 +32,10 @@ def pearson_per_gene(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
     if a.ndim == 1:
         a, b = a[:, None], b[:, None]
     if a.ndim != 2 or a.shape[0] < 2:
-        raise ValueError(f"Need a (n_spots >= 2, n_genes) array, got shape {a.shape}.")
+        raise ValueError(
+            f"y_true / y_pred have shape {a.shape}: a Pearson correlation needs at least 2 spots (rows) of "
+            "(n_spots, n_genes) values; score on more spots."
+        )
     const = (a == a[:1]).all(axis=0) | (b == b[:1]).all(axis=0)
     a = a - a.mean(axis=0)
     b = b - b.mean(axis=0)

@@ -80,6 +80,9 @@ def prediction_table(spots: AnnData, predictions: pd.DataFrame, meta: dict) -> A
     if "spatial" in spots.uns:  # scanpy's images and scale factors: a deep copy, nothing shared (rule 5)
         pred.uns["spatial"] = detached(spots.uns["spatial"])
     pred.uns[UNS_KEY] = {"prediction": dict(meta)}
+    scan = spots.uns.get(UNS_KEY, {}).get("embeddings", {}).get(meta.get("use_rep"), {}).get("image")
+    if scan:  # the full-resolution scan the embeddings were cut from (pl.expression draws the spots on it)
+        pred.uns[UNS_KEY]["prediction"]["image"] = str(scan)
     if TableModel.ATTRS_KEY in spots.uns:
         region, region_key, instance_key = get_table_keys(spots)
         if not isinstance(pred.obs[region_key].dtype, pd.CategoricalDtype):

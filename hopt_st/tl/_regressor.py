@@ -485,6 +485,12 @@ def fit_expression(
     if target not in TARGETS:
         raise ValueError(f"target={target!r} is not one of {TARGETS}.")
     X = _embeddings(adata, use_rep, spatial_context)
+    if len(X) >= 2 and (X == X[:1]).all():
+        raise ValueError(
+            f"adata.obsm[{use_rep!r}] holds one and the same vector for all {len(X)} spots: every prediction "
+            "would be the same and every Pearson r undefined (NaN). The encoder ignored the image: check its "
+            "weights and that the patches are not blank (hs.pp.patches(...).to_numpy()), then embed again."
+        )
     if genes is None:
         genes = top_variable_genes(adata, n_top_genes, layer=layer, target=target)
     genes = [str(g) for g in genes]

@@ -12,6 +12,12 @@ from anndata import AnnData
 from ..io._counts import non_count_values
 
 TARGETS = ("log1p", "normalize_log1p", "none")
+#: what the values of each target are, for colour bars and axis labels
+TARGET_LABELS = {
+    "log1p": "log1p counts",
+    "normalize_log1p": "log1p of counts per 10,000",
+    "none": "expression as given",
+}
 
 
 def _check_counts(M, what: str) -> None:
@@ -20,7 +26,8 @@ def _check_counts(M, what: str) -> None:
         raise ValueError(
             f"{what} does not hold raw counts (found negative, non-integer or non-finite values, e.g. "
             f"{np.unique(bad)[:5].tolist()}: already log-transformed or normalised data?). Pass layer= naming a "
-            "layer with raw counts, or target='none' to use the values as they are."
+            "layer with raw counts, or target='none' to fit the values as they are, e.g. "
+            "hs.tl.fit_expression(adata, use_rep=..., target='none')."
         )
 
 

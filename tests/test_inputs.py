@@ -1,0 +1,172 @@
+"""What users hold: plain images (JPEG, PNG, BMP, grayscale, 16-bit, tiny) as slides and as ``image=``, the
+OpenSlide extra, processed h5ads in cohorts, and the real ``visium_crop`` (h5ad + JPEG) through embed,
+embed-cohort, load_cohort, fit, predict and ``hopt-st predict`` with the JPEG as the slide."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import anndata as ad
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+
+import hopt_st as hs
+from hopt_st._cli import main
+from hopt_st.datasets import synthetic_visium, write_pyramidal_tiff
+from hopt_st.io._anndata import _read_image_file  # the reader of embed(image=path), --image
+from hopt_st.io._elements import image_levels
+
+CROP = Path(__file__).resolve().parents[2] / "shared" / "data" / "visium_crop"
+
+
+@pytest.fixture(scope="module")
+def he():
+    """A synthetic H&E scan, (h, w, 3) uint8."""
+    sdata = synthetic_visium(n_spots=60, seed=3, n_genes=10)
+    return np.ascontiguousarray(np.asarray(sdata.images["he"].data.compute()).transpose(1, 2, 0))
+
+
+def _level0(sdata, key="he") -> np.ndarray:
+    return np.asarray(image_levels(sdata.images[key])[0].data.compute()).transpose(1, 2, 0)
+
+
+@pytest.mark.parametrize("fmt", ["png", "bmp", "jpg"])
+def test_plain_images_open_as_slides_with_their_pixels(he, tmp_path, fmt):
+    path = tmp_path / f"scan.{fmt}"
+    Image.fromarray(he).save(path, quality=95)
+    expected = np.asarray(Image.open(path).convert("RGB"))  # what embed(image=path) reads
+    sdata = hs.io.read_slide(path, image_mpp=0.5)
+    np.testing.assert_array_equal(_level0(sdata), expected)
+    assert hs.io.get_image_mpp(sdata, "he") == 0.5
+    # no pixel size in a plain image: the error names the file and the argument
+    with pytest.raises(ValueError, match=rf"scan\.{fmt}.*records none.*image_mpp="):
+        hs.io.read_slide(path)
+
+
+def test_images_without_he_are_refused_with_the_reason(he, tmp_path):
+    cases = {
+        "gray.tif": lambda p: tifffile.imwrite(p, he[..., 0]),
+        "gray_pil.tif": lambda p: Image.fromarray(he[..., 0]).save(p),
+        "gray.png": lambda p: Image.fromarray(he[..., 0]).save(p),
+        "gray16.png": lambda p: Image.fromarray(he[..., 0].astype(np.uint16) * 257).save(p),
+    }
+    for name, write in cases.items():
+        write(tmp_path / name)
+        for read in (lambda p: hs.io.read_slide(p, image_mpp=0.5), _read_image_file):
+            with pytest.raises(ValueError, match=rf"{name}' is grayscale.*RGB"):
+                read(tmp_path / name)
+    Image.fromarray(he[:1, :1]).save(tmp_path / "one.png")
+    tifffile.imwrite(tmp_path / "one.tif", he[:1, :1])
+    for name in ("one.png", "one.tif"):
+        with pytest.raises(ValueError, match=rf"{name}' is 1 x 1 px: too small to hold tissue"):
+            hs.io.read_slide(tmp_path / name, image_mpp=0.5)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(hs.io.CorruptFileError, match=r"notes\.txt.*no format hopt_st reads.*TIFF.*PNG"):
+        hs.io.read_slide(tmp_path / "notes.txt", image_mpp=0.5)
+
+
+def test_16bit_rgb_tiff_opens_as_a_slide_and_cuts_the_8bit_patches(he, tmp_path):
+    tifffile.imwrite(tmp_path / "scan8.tif", he, tile=(64, 64))
+    tifffile.imwrite(tmp_path / "scan16.tif", he.astype(np.uint16) * 257, tile=(64, 64))
+    s8, s16 = (hs.io.read_slide(tmp_path / f"scan{b}.tif", image_mpp=0.5) for b in (8, 16))
+    np.testing.assert_array_equal(_level0(s16), he.astype(np.uint16) * 257)
+    hs.pp.tile_grid(s8, size_um=40, spacing_um=40, shape="square", tissue_key=None)
+    hs.pp.tile_grid(s16, size_um=40, spacing_um=40, shape="square", tissue_key=None)
+    p8 = hs.pp.patches(s8, table_name="grid", patch_size=32, target_mpp=1.0).to_numpy()
+    p16 = hs.pp.patches(s16, table_name="grid", patch_size=32, target_mpp=1.0).to_numpy()
+    assert len(p8) > 10
+    np.testing.assert_array_equal(p16, p8)
+
+
+def test_openslide_formats_need_the_extra_and_read_through_it(he, tmp_path, monkeypatch):
+    from hopt_st.io._openslide import read_openslide_image
+
+    write_pyramidal_tiff(tmp_path / "slide.tif", he, mpp=0.5, compression="zlib")
+    # through OpenSlide (generic tiled TIFF): the same pixels and pixel size as the TIFF reader's
+    element = read_openslide_image(tmp_path / "slide.tif")
+    np.testing.assert_array_equal(np.asarray(image_levels(element)[0].data.compute()).transpose(1, 2, 0), he)
+    from hopt_st.io._openslide import openslide_mpp
+
+    assert openslide_mpp(tmp_path / "slide.tif")[0] == pytest.approx(0.5)
+    # an .mrxs without OpenSlide installed: the extra is named
+    (tmp_path / "slide.mrxs").write_bytes(b"MIRAX index")
+    monkeypatch.setitem(sys.modules, "openslide", None)
+    with pytest.raises(ValueError, match=r"slide\.mrxs.*needs OpenSlide.*pip install \"hopt-st\[slides\]\""):
+        hs.io.read_slide(tmp_path / "slide.mrxs", image_mpp=0.5)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_vit_spec):
+    """A tiny random ViT (56 px patches at 2 µm/px)."""
+    return hs.models.create(tiny_vit_spec(), pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def weights(encoder, tmp_path_factory):
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder.backbone.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.mark.skipif(not CROP.is_dir(), reason="../shared/data/visium_crop not present")
+def test_visium_crop_processed_h5ad_and_jpeg_through_every_step(
+    encoder, weights, tiny_vit_spec, tmp_path, capsys, cli_process_state
+):
+    h5ad, jpeg = CROP / "test_data.h5ad", CROP / "test_img.jpg"
+    # embed (API) is the reference: the h5ad as it is, the JPEG as the scan, µm/px from spot_diameter_fullres
+    adata = ad.read_h5ad(h5ad)
+    hs.pp.embed(adata, encoder, image=jpeg, progress=False)
+    ref = adata.obsm["X_tiny-vit"]
+    # embed-cohort takes the same row: no image_mpp column, no raw counts; sample_id "NA" stays "NA"
+    (tmp_path / "cohort.csv").write_text(f"sample_id,source,image\nNA,{h5ad},{jpeg}\n")
+    with hs.models.registered(tiny_vit_spec()):
+        rc = main(["-q", "embed-cohort", str(tmp_path / "cohort.csv"), "--model", "tiny-vit",
+                   "--weights", str(weights), "--out", str(tmp_path / "emb")])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    emb = hs.io.read_embeddings(tmp_path / "emb" / "tiny-vit" / "NA.h5")
+    np.testing.assert_allclose(
+        emb.embeddings, ref[pd.Index(adata.obs_names).get_indexer(emb.barcodes)], atol=1e-5
+    )
+    # load_cohort: the processed values as they are (no raw counts to find), under sample "NA"
+    cohort = hs.io.load_cohort(tmp_path / "emb", "tiny-vit", tmp_path / "cohort.csv")
+    assert cohort.n_obs == 49 and set(cohort.obs["sample_id"]) == {"NA"}
+    np.testing.assert_allclose(
+        cohort.X.toarray(), adata[cohort.obs["barcode"].to_numpy()].X.toarray(), rtol=1e-6
+    )
+    # fit: counts are needed only for a count target, and the error says how to fit these values
+    with pytest.raises(ValueError, match=r"adata\.X does not hold raw counts.*target='none'"):
+        hs.tl.fit_expression(cohort, use_rep="X_tiny-vit", n_top_genes=4)
+    reg = hs.tl.fit_expression(cohort, use_rep="X_tiny-vit", n_top_genes=4, target="none")
+    # plots: on the scan that was embedded (not the 100 px hires PNG); the colour bar names the quantity
+    own = hs.tl.fit_expression(adata, use_rep="X_tiny-vit", n_top_genes=2, target="none")
+    fig = hs.pl.expression(hs.tl.predict_expression(adata, own, copy=True), own.genes_[0], return_fig=True)
+    drawn = [im.get_array().shape for ax in fig.axes for im in ax.get_images()]
+    assert drawn and min(d[0] for d in drawn) > 400  # a crop of the 1717 px JPEG; the hires PNG has 100 px
+    assert f"{own.genes_[0]} (expression as given)" in [ax.get_ylabel() for ax in fig.axes]
+    plt.close(fig)
+    pred = hs.tl.predict_expression(cohort, reg, copy=True)
+    assert pred.shape == (49, 4) and np.isfinite(pred.X).all()
+    reg.save(tmp_path / "ridge.safetensors")
+    # hopt-st predict with the JPEG as the slide (no pixel size in a JPEG: --image-mpp)
+    args = ["predict", str(jpeg), "--regressor", str(tmp_path / "ridge.safetensors"), "--model", "tiny-vit",
+            "--weights", str(weights), "--min-tissue-fraction", "0", "--out", str(tmp_path / "pred.zarr")]  # fmt: skip
+    with hs.models.registered(tiny_vit_spec()):
+        assert main(["-q", *args]) == 1
+        assert "--image-mpp" in capsys.readouterr().err
+        rc = main(["-q", *args, "--image-mpp", str(65 / 89.44)])
+    assert rc == 0, capsys.readouterr().err
+    import spatialdata as sd
+
+    grid = sd.read_zarr(tmp_path / "pred.zarr")["predicted"]
+    assert grid.n_obs > 10 and list(grid.var_names) == reg.genes_ and np.isfinite(grid.X).all()
