@@ -500,7 +500,7 @@ def test_rule10_unlistable_source_with_explicit_kind_recorded(tmp_path):
     st_ = df.set_index("sample")
     assert st_.loc["good", "status"] == "done"
     assert st_.loc["bad", "status"] == "failed" and "loop" in st_.loc["bad", "error"].lower()
-    assert st_.loc["nokind", "status"] == "failed" and "not found" in st_.loc["nokind", "error"]
+    assert st_.loc["nokind", "status"] == "failed" and "does not exist" in st_.loc["nokind", "error"]
     assert set(_read_status(tmp_path / "emb" / FAST / "status.csv")) == {"good", "bad", "nokind"}
     loop_dir = tmp_path / "loopdir"
     loop_dir.symlink_to(loop_dir)

@@ -194,11 +194,13 @@ def _normalise(df: pd.DataFrame, base: Path, what: str, keep_bad: bool = False) 
         if source is None:
             problems.append(f"{sid}: no source")
             kinds.append(None)
+            row_problems[-1] = problems[-1]
             continue
         src = Path(source)
         if not src.exists():
-            problems.append(f"{sid}: source {source!r} does not exist")
+            problems.append(f"{sid}: source {source!r} " + _why_not_a_sample(src))
             kinds.append(kind)
+            row_problems[-1] = problems[-1]
             continue
         if kind is None:
             kind = _infer_kind(src)

@@ -226,7 +226,9 @@ def _embed_sample(job: _Job) -> dict:
     if existing is not None and not job.overwrite:
         raise ValueError(other_fingerprint_message(path, job))
     data = read_sample(job.row)
-    grid = slide_tiles(data, spec.input_size, spec.mpp) if job.row["kind"] == "slide" else None  # a bag of tiles
+    grid = (
+        slide_tiles(data, spec.input_size, spec.mpp) if job.row["kind"] == "slide" else None
+    )  # a bag of tiles
     source = (
         data
         if isinstance(data, Patches)
@@ -529,7 +531,12 @@ def embed_cohort(
             torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device={device!r} is not a torch device ({e}).") from None
-    table = _select_shard(read_cohort(cohort, keep_bad=True), shard)  # bad rows are recorded as failed
+    table = read_cohort(
+        cohort, keep_bad=True
+    )  # bad rows are recorded as failed and the others go on (rule 10)
+    if len(table) and table["problem"].notna().all():
+        read_cohort(cohort)  # no row can be embedded: refused now, every bad row named, before any work
+    table = _select_shard(table, shard)
     cmodel = cohort_model(model, weights, dtype)
     spec = cmodel.spec
     folder = Path(out_dir) / model_dirname(spec.name)
