@@ -5,8 +5,12 @@ from ._slide import synthetic_slide, synthetic_slide_truth
 from ._spaceranger import write_spaceranger_outs
 from ._synthetic import synthetic_visium
 from ._tiff import write_pyramidal_tiff
+from ._visium_hd import bin_truth, synthetic_visium_hd, write_visium_hd_outs
 
 __all__ = [
+    "bin_truth",
+    "synthetic_visium_hd",
+    "write_visium_hd_outs",
     "synthetic_slide",
     "synthetic_slide_truth",
     "synthetic_visium",

@@ -17,6 +17,7 @@ from ._hest_bench import read_hest_bench
 from ._mpp import get_image_mpp, set_image_mpp
 from ._slide import read_slide
 from ._visium import read_visium
+from ._visium_hd import read_visium_hd
 
 __all__ = [
     "CorruptFileError",
@@ -31,6 +32,7 @@ __all__ = [
     "read_patches",
     "read_slide",
     "read_visium",
+    "read_visium_hd",
     "set_image_mpp",
     "write_embeddings",
 ]
