@@ -15,8 +15,24 @@ from ._grid import tile_grid
 from ._patches import patches
 from ._tissue import detect_tissue
 
-__all__ = ["Patches", "detect_tissue", "embed", "embed_cohort", "patches", "tile_grid"]
-__getattr__, _, _ = lazy.attach(__name__, submod_attrs={"_embed": ["embed"], "_cohort": ["embed_cohort"]})
+__all__ = [
+    "Patches",
+    "detect_tissue",
+    "embed",
+    "embed_cohort",
+    "embed_tokens",
+    "patches",
+    "tile_grid",
+    "token_features",
+]
+__getattr__, _, _ = lazy.attach(
+    __name__,
+    submod_attrs={
+        "_embed": ["embed"],
+        "_cohort": ["embed_cohort"],
+        "_tokens": ["embed_tokens", "token_features"],
+    },
+)
 
 
 def __dir__() -> list[str]:
@@ -26,3 +42,4 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from ._cohort import embed_cohort
     from ._embed import embed
+    from ._tokens import embed_tokens, token_features
