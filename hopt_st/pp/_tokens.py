@@ -330,7 +330,7 @@ def _width(encoder: Encoder, spec) -> int:
         from ..models._handcrafted import TOKEN_STAT_NAMES
 
         return len(TOKEN_STAT_NAMES)
-    return int(getattr(encoder.backbone, "num_features", None) or getattr(encoder.backbone, "embed_dim"))
+    return int(getattr(encoder.backbone, "num_features", None) or encoder.backbone.embed_dim)
 
 
 def token_map_record(sdata: SpatialData, key: str) -> dict:
