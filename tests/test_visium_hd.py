@@ -169,3 +169,38 @@ def test_subspot_truth(capsys):
         assert r["token_map"] > r["patch_per_bin"] + 0.3
         assert abs(r["shuffled_labels"]) < 0.25 and abs(r["shuffled_bins"]) < 0.15
         assert r["token_forwards"] < r["patch_forwards"] / (8 if b == 16 else 30)
+
+
+def test_fit_bins_predict_table_and_raster_of_an_he_only_slide(hd_read):
+    """Fit at 8 µm bins, predict the bins as a table (spatialdata-plot's table_name=), then predict an H&E-only
+    slide of the same biology as an 8 µm raster through the training map's projection: the raster follows
+    that slide's truth."""
+    sd, _ = hd_read
+    t = sd.tables["square_008um"]
+    hs.pp.token_features(sd, "tok", table_name="square_008um")
+    genes = list(
+        t.var_names[
+            hs.datasets.synthetic_visium_hd(64, 64, n_genes=12).tables["square_002um"].var["state_dependent"]
+        ]
+    )
+    reg = hs.tl.fit_expression(t, use_rep="X_tok", genes=genes)
+    hs.tl.predict_expression(sd, reg, table_name="square_008um", key_added="pred8")
+    pred = sd.tables["pred8"]
+    assert pred.n_obs == t.n_obs and list(pred.var_names) == genes
+    assert pred.uns["spatialdata_attrs"]["region"] == t.uns["spatialdata_attrs"]["region"]
+
+    slide = hs.datasets.synthetic_visium_hd(width_um=192, height_um=160, seed=7, n_genes=12)
+    truth = hs.datasets.bin_truth(slide, 8)
+    del slide.tables["square_002um"]  # H&E only
+    hs.io.set_image_mpp(slide, {"he": 0.5})
+    proj = sd.attrs["hopt_st"]["token_maps"]["tok"]["projection"]
+    hs.pp.embed_tokens(slide, "handcrafted", projection=proj, key_added="tok", progress=False)
+    hs.tl.predict_raster(slide, reg, "tok", bin_um=8, key_added="pred8")
+    ras = slide.images["pred8"]
+    assert list(ras.coords["c"].values) == genes
+    # the raster starts at the map's origin (-56 µm): pixel (7 + row, 7 + col) is the 8 µm bin (row, col)
+    vals = np.asarray(ras.data)[:, 7 : 7 + 20, 7 : 7 + 24].reshape(len(genes), -1).T
+    r = [np.corrcoef(vals[:, i], truth[g].to_numpy())[0, 1] for i, g in enumerate(genes)]
+    assert np.mean(r) > 0.5
+    with pytest.raises(ValueError, match="already exists"):
+        hs.tl.predict_raster(slide, reg, "tok", key_added="pred8")

@@ -102,7 +102,7 @@ def synthetic_visium_hd(
     n_states: int = 4,
     *,
     cell_um: float = 16.0,
-    mixing: float = 0.5,
+    mixing: float = 0.3,
     counts_per_bin: float = 20.0,
     model_seed: int = 0,
 ) -> SpatialData:

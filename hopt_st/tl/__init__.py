@@ -7,6 +7,7 @@ penalty) are public in :mod:`hopt_st.tl.linear`.
 
 from . import linear
 from ._metrics import mean_pearson, pearson_per_gene
+from ._raster import predict_raster
 from ._regressor import ExpressionRegressor, fit_expression, predict_expression
 from ._slide import predict_slide
 from ._targets import target_matrix, top_variable_genes
@@ -18,6 +19,7 @@ __all__ = [
     "mean_pearson",
     "pearson_per_gene",
     "predict_expression",
+    "predict_raster",
     "predict_slide",
     "target_matrix",
     "top_variable_genes",
