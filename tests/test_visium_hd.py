@@ -156,51 +156,65 @@ def test_token_features_of_bins(hd_read):
 
 def test_subspot_truth(capsys):
     """On the synthetic truth, token-map features beat the 55 µm spot model upsampled to the bins and one 224 px
-    patch per bin, at 8 and 16 µm; the shuffled control sits near 0. Weight-free handcrafted tokens (per-14 px
+    patch per bin, at 8 and 16 µm bins (Visium HD layout) and at cells (Xenium layout, post-Xenium H&E through
+    its alignment affine); the shuffled controls sit near 0. Weight-free handcrafted tokens (per-14 px
     colour / stain / texture statistics): a tiny random ViT carries too little signal for a known answer."""
     from hopt_st.datasets._subspot_truth import subspot_truth_test
 
-    res = subspot_truth_test(640, 448, n_genes=12, n_eval=200, patch_train=80).set_index("bin_um")
+    res = subspot_truth_test(512, 384, n_genes=12, n_eval=120, patch_train=60).set_index("level")
     print(res.round(3).to_string())
-    for b in (8, 16):
-        r = res.loc[b]
+    for level, fewer in (("8 µm bins", 20), ("16 µm bins", 5), ("cells", 5)):
+        r = res.loc[level]
         assert r["token_map"] > 0.8
         assert r["token_map"] > r["spot_upsampled"] + 0.3
         assert r["token_map"] > r["patch_per_bin"] + 0.3
         assert abs(r["shuffled_labels"]) < 0.25 and abs(r["shuffled_bins"]) < 0.15
-        assert r["token_forwards"] < r["patch_forwards"] / (8 if b == 16 else 30)
+        assert r["token_forwards"] * fewer < r["patch_forwards"]  # forwards: one per tile vs one per bin
 
 
-def test_fit_bins_predict_table_and_raster_of_an_he_only_slide(hd_read):
-    """Fit at 8 µm bins, predict the bins as a table (spatialdata-plot's table_name=), then predict an H&E-only
-    slide of the same biology as an 8 µm raster through the training map's projection: the raster follows
-    that slide's truth."""
-    sd, _ = hd_read
-    t = sd.tables["square_008um"]
-    hs.pp.token_features(sd, "tok", table_name="square_008um")
-    genes = list(
-        t.var_names[
-            hs.datasets.synthetic_visium_hd(64, 64, n_genes=12).tables["square_002um"].var["state_dependent"]
-        ]
-    )
-    reg = hs.tl.fit_expression(t, use_rep="X_tok", genes=genes)
-    hs.tl.predict_expression(sd, reg, table_name="square_008um", key_added="pred8")
-    pred = sd.tables["pred8"]
-    assert pred.n_obs == t.n_obs and list(pred.var_names) == genes
-    assert pred.uns["spatialdata_attrs"]["region"] == t.uns["spatialdata_attrs"]["region"]
+# -- Xenium ----------------------------------------------------------------------------------------------------
 
-    slide = hs.datasets.synthetic_visium_hd(width_um=192, height_um=160, seed=7, n_genes=12)
-    truth = hs.datasets.bin_truth(slide, 8)
-    del slide.tables["square_002um"]  # H&E only
-    hs.io.set_image_mpp(slide, {"he": 0.5})
-    proj = sd.attrs["hopt_st"]["token_maps"]["tok"]["projection"]
-    hs.pp.embed_tokens(slide, "handcrafted", projection=proj, key_added="tok", progress=False)
-    hs.tl.predict_raster(slide, reg, "tok", bin_um=8, key_added="pred8")
-    ras = slide.images["pred8"]
-    assert list(ras.coords["c"].values) == genes
-    # the raster starts at the map's origin (-56 µm): pixel (7 + row, 7 + col) is the 8 µm bin (row, col)
-    vals = np.asarray(ras.data)[:, 7 : 7 + 20, 7 : 7 + 24].reshape(len(genes), -1).T
-    r = [np.corrcoef(vals[:, i], truth[g].to_numpy())[0, 1] for i, g in enumerate(genes)]
-    assert np.mean(r) > 0.5
-    with pytest.raises(ValueError, match="already exists"):
-        hs.tl.predict_raster(slide, reg, "tok", key_added="pred8")
+
+@pytest.fixture(scope="module")
+def xenium_dir(hd_sample, tmp_path_factory):
+    return hs.datasets.write_xenium_outs(hd_sample, tmp_path_factory.mktemp("xen") / "xenium", he_pad_px=40)
+
+
+def test_xenium_layout_read_by_spatialdata_io(hd_sample, xenium_dir):
+    import spatialdata_io
+    from spatialdata.transformations import get_transformation
+
+    # without the raster labels spatialdata-io still points the table at "cell_labels" (and says so)
+    with pytest.warns(UserWarning, match="annotating 'cell_labels'"):
+        sd = spatialdata_io.xenium(xenium_dir, cells_labels=False, nucleus_labels=False)
+    t = sd.tables["table"]
+    truth = hs.datasets.cell_truth(hd_sample)
+    assert list(t.obs_names) == list(truth.index)
+    assert len(sd.shapes["cell_boundaries"]) == t.n_obs
+    assert int(sd.points["transcripts"].compute().shape[0]) == int(t.X.sum())
+    # the post-Xenium H&E and its alignment: H&E px -> morphology px (0.5 / 0.2125, shifted by the 40 px pad)
+    m = get_transformation(sd.images["he_image"], "global").to_affine_matrix(("x", "y"), ("x", "y"))
+    np.testing.assert_allclose(m[0, 0], 0.5 / 0.2125)
+    np.testing.assert_allclose(m[0, 2], -40 * 0.5 / 0.2125)
+
+
+def test_read_xenium_micrometers_and_cell_features(hd_sample, xenium_dir):
+    from spatialdata import get_extent
+
+    sd = hs.io.read_xenium(xenium_dir)
+    t = sd.tables["table"]
+    assert t.uns["spatialdata_attrs"]["region"] == "cell_boundaries"
+    assert t.uns["hopt_st"]["image_mpp"]["he_image"] == pytest.approx(0.5)
+    ext = get_extent(sd.images["he_image"], coordinate_system="micrometers")
+    assert ext["x"] == pytest.approx((-20, 320)) and ext["y"] == pytest.approx((-20, 256))
+    cells = get_extent(sd.shapes["cell_boundaries"], coordinate_system="micrometers")
+    assert cells["x"][0] >= 0 and cells["x"][1] <= 320
+    hs.pp.embed_tokens(sd, "handcrafted", image_key="he_image", key_added="tok", progress=False)
+    hs.pp.token_features(sd, "tok")  # polygons: read by points inside each cell
+    X = t.obsm["X_tok"]
+    assert X.shape == (t.n_obs, 22) and np.isfinite(X).all()
+    # a cell's features describe the cell: cells of the same state are closer to each other than to others
+    state = hs.datasets._xenium.xenium_cells(hd_sample).loc[t.obs_names, "state"].to_numpy()
+    centroids = np.stack([X[state == k].mean(0) for k in np.unique(state)])
+    nearest = np.argmin(((X[:, None] - centroids[None]) ** 2).sum(-1), 1)
+    assert (np.unique(state)[nearest] == state).mean() > 0.7

@@ -6,11 +6,14 @@ from ._spaceranger import write_spaceranger_outs
 from ._synthetic import synthetic_visium
 from ._tiff import write_pyramidal_tiff
 from ._visium_hd import bin_truth, synthetic_visium_hd, write_visium_hd_outs
+from ._xenium import cell_truth, write_xenium_outs
 
 __all__ = [
     "bin_truth",
+    "cell_truth",
     "synthetic_visium_hd",
     "write_visium_hd_outs",
+    "write_xenium_outs",
     "synthetic_slide",
     "synthetic_slide_truth",
     "synthetic_visium",

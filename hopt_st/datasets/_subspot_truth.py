@@ -90,6 +90,7 @@ def subspot_truth_test(
     seed: int = 0,
     n_genes: int = 24,
     bin_sizes: tuple[int, ...] = (8, 16),
+    cells: bool = True,
     model="handcrafted",
     n_eval: int | None = 600,
     n_shuffles: int = 8,
@@ -109,6 +110,10 @@ def subspot_truth_test(
         Genes (70% state-dependent; the score averages those).
     bin_sizes
         Bin sizes scored, µm.
+    cells
+        Also score cells: the sample's cells written as a Xenium folder (:func:`write_xenium_outs`), read with
+        :func:`hopt_st.io.read_xenium`, the post-Xenium H&E embedded with the bins' projection; truth
+        :func:`cell_truth`.
     model
         Encoder of the token map and of both baselines (``"handcrafted"``: weight-free per-14 px statistics).
     n_eval
@@ -124,6 +129,7 @@ def subspot_truth_test(
     """
     from .. import io
     from ._visium_hd import synthetic_visium_hd, write_visium_hd_outs
+    from ._xenium import write_xenium_outs
 
     sample = synthetic_visium_hd(width_um, height_um, seed=seed, n_genes=n_genes)
     genes = list(
@@ -131,9 +137,13 @@ def subspot_truth_test(
     )
     with tempfile.TemporaryDirectory() as tmp:
         outs = write_visium_hd_outs(sample, Path(workdir or tmp) / "outs", bin_sizes=tuple(bin_sizes))
+        xenium = None
+        if cells:
+            xenium = io.read_xenium(write_xenium_outs(sample, Path(workdir or tmp) / "xenium"))
         return _run(
             sample,
             io.read_visium_hd(outs),
+            xenium,
             genes,
             bin_sizes,
             model,
@@ -144,9 +154,9 @@ def subspot_truth_test(
         )
 
 
-def _run(sample, sd, genes, bin_sizes, model, n_eval, n_shuffles, patch_train, width_um) -> pd.DataFrame:
-    from scipy.interpolate import LinearNDInterpolator, NearestNDInterpolator
-
+def _run(
+    sample, sd, xenium, genes, bin_sizes, model, n_eval, n_shuffles, patch_train, width_um
+) -> pd.DataFrame:
     from .. import pp, tl
     from ._visium_hd import bin_truth
 
@@ -167,70 +177,98 @@ def _run(sample, sd, genes, bin_sizes, model, n_eval, n_shuffles, patch_train, w
 
     rows = []
     rng = np.random.default_rng(0)
+    run = dict(
+        genes=genes, model=model, n_eval=n_eval, n_shuffles=n_shuffles, patch_train=patch_train, rng=rng
+    )
+    spot = (sxy, spot_pred, half)
     for b in bin_sizes:
         name = f"square_{b:03d}um"
-        table = sd.tables[name]
-        xy = _centres_um(sd, name)
-        train_all = np.flatnonzero(xy[:, 0] < half)
-        test = np.flatnonzero(xy[:, 0] >= half)
-        if n_eval is not None and len(test) > n_eval:
-            test = np.sort(rng.choice(test, n_eval, replace=False))
-        truth = bin_truth(sample, b).loc[table.obs_names, genes].to_numpy()[test]
-        pp.token_features(sd, "tokens", table_name=name, key_added="X_tok")
-        X = np.asarray(table.obsm["X_tok"])
-        reg = tl.fit_expression(table[train_all], use_rep="X_tok", genes=genes)
-        r_tok = _mean_pearson(reg.predict(X[test]), truth)
-        # controls: (1) the model refit on labels shuffled across training bins (mean over permutations: a
-        # single one swings either way, since any direction of informative features correlates with the truth);
-        # (2) the token model's predictions scored against the truth of other test bins
-        shuffled = table[train_all].copy()
-        r_perm = []
-        for _ in range(n_shuffles):
-            shuffled.X = table[train_all].X[rng.permutation(shuffled.n_obs)]
-            r_perm.append(
-                _mean_pearson(
-                    tl.fit_expression(shuffled, use_rep="X_tok", genes=genes).predict(X[test]), truth
-                )
-            )
-        r_shuf = float(np.mean(r_perm))
-        r_bins = _mean_pearson(reg.predict(X[test])[rng.permutation(len(test))], truth)
-        lin = LinearNDInterpolator(sxy, spot_pred)(xy[test])
-        near = NearestNDInterpolator(sxy, spot_pred)(xy[test])
-        r_spot = _mean_pearson(np.where(np.isnan(lin), near, lin), truth)
-        row = {
-            "bin_um": b,
-            "n_train": len(train_all),
-            "n_test": len(test),
-            "token_map": r_tok,
-            "spot_upsampled": r_spot,
-            "shuffled_labels": r_shuf,
-            "shuffled_bins": r_bins,
-            "token_forwards": n_tiles,
-            "token_s": t_tokens,
-        }
-        if patch_train:
-            train_p = train_all
-            if len(train_p) > patch_train:
-                train_p = np.sort(rng.choice(train_all, patch_train, replace=False))
-            rows_p = np.concatenate([train_p, test])
-            shapes_key = table.uns["spatialdata_attrs"]["region"]
-            sub = SpatialData(
-                images={image_key: sd.images[image_key]},
-                shapes={shapes_key: sd.shapes[shapes_key]},
-                tables={"bins": table[rows_p].copy()},
-            )
-            t0 = time.perf_counter()
-            pp.embed(sub, model, table_name="bins", image_key=image_key, key_added="X_patch", progress=False)
-            row["patch_s_per_1000"] = (time.perf_counter() - t0) / len(rows_p) * 1000
-            row["patch_forwards"] = table.n_obs  # one per bin, for the whole area
-            tp = sub.tables["bins"]
-            reg_p = tl.fit_expression(tp[: len(train_p)], use_rep="X_patch", genes=genes)
-            row["patch_per_bin"] = _mean_pearson(
-                reg_p.predict(np.asarray(tp.obsm["X_patch"])[len(train_p) :]), truth
-            )
-            row["patch_n_train"] = len(train_p)
-        rows.append(row)
-    cols = ["bin_um", "token_map", "spot_upsampled", "patch_per_bin", "shuffled_labels", "shuffled_bins"]
-    cols += ["n_train", "n_test"]
-    cols += ["patch_n_train", "token_forwards", "token_s", "patch_forwards", "patch_s_per_1000"]
+        truth = bin_truth(sample, b)
+        row = _score(sd, name, image_key, _centres_um(sd, name), truth, spot, **run)
+        rows.append({"level": f"{b} µm bins", **row, "token_forwards": n_tiles, "token_s": t_tokens})
+    if xenium is not None:
+        from ._xenium import cell_truth
+
+        xkey = "he_image"
+        t0 = time.perf_counter()
+        proj = sd.attrs[UNS_KEY]["token_maps"]["tokens"]["projection"]
+        pp.embed_tokens(xenium, model, image_key=xkey, key_added="tokens", projection=proj, progress=False)
+        t_cells = time.perf_counter() - t0
+        xy = np.asarray(xenium.tables["table"].obsm["spatial"])  # cell centroids, µm
+        row = _score(xenium, "table", xkey, xy, cell_truth(sample), spot, **run)
+        n_cell_tiles = xenium.attrs[UNS_KEY]["token_maps"]["tokens"]["n_tiles"]
+        rows.append({"level": "cells", **row, "token_forwards": n_cell_tiles, "token_s": t_cells})
+    cols = ["level", "token_map", "spot_upsampled", "patch_per_bin", "shuffled_labels", "shuffled_bins"]
+    cols += [
+        "n_train",
+        "n_test",
+        "patch_n_train",
+        "token_forwards",
+        "token_s",
+        "patch_forwards",
+        "patch_s_per_1000",
+    ]
     return pd.DataFrame(rows)[[c for c in cols if c in rows[0]]]
+
+
+def _score(
+    sd, name, image_key, xy, truth_df, spot, *, genes, model, n_eval, n_shuffles, patch_train, rng
+) -> dict:
+    """Token map, spot model upsampled, one patch per footprint and the shuffled controls on one table."""
+    from scipy.interpolate import LinearNDInterpolator, NearestNDInterpolator
+
+    from .. import pp, tl
+
+    sxy, spot_pred, half = spot
+    table = sd.tables[name]
+    train_all = np.flatnonzero(xy[:, 0] < half)
+    test = np.flatnonzero(xy[:, 0] >= half)
+    if n_eval is not None and len(test) > n_eval:
+        test = np.sort(rng.choice(test, n_eval, replace=False))
+    truth = truth_df.loc[table.obs_names, genes].to_numpy()[test]
+    pp.token_features(sd, "tokens", table_name=name, key_added="X_tok")
+    X = np.asarray(table.obsm["X_tok"])
+    reg = tl.fit_expression(table[train_all], use_rep="X_tok", genes=genes)
+    r_tok = _mean_pearson(reg.predict(X[test]), truth)
+    # controls: (1) the model refit on labels shuffled across training bins (mean over permutations: a
+    # single one swings either way, since any direction of informative features correlates with the truth);
+    # (2) the token model's predictions scored against the truth of other test bins
+    shuffled = table[train_all].copy()
+    r_perm = []
+    for _ in range(n_shuffles):
+        shuffled.X = table[train_all].X[rng.permutation(shuffled.n_obs)]
+        pred = tl.fit_expression(shuffled, use_rep="X_tok", genes=genes).predict(X[test])
+        r_perm.append(_mean_pearson(pred, truth))
+    r_bins = _mean_pearson(reg.predict(X[test])[rng.permutation(len(test))], truth)
+    lin = LinearNDInterpolator(sxy, spot_pred)(xy[test])
+    near = NearestNDInterpolator(sxy, spot_pred)(xy[test])
+    row = {
+        "n_train": len(train_all),
+        "n_test": len(test),
+        "token_map": r_tok,
+        "spot_upsampled": _mean_pearson(np.where(np.isnan(lin), near, lin), truth),
+        "shuffled_labels": float(np.mean(r_perm)),
+        "shuffled_bins": r_bins,
+    }
+    if patch_train:
+        train_p = train_all
+        if len(train_p) > patch_train:
+            train_p = np.sort(rng.choice(train_all, patch_train, replace=False))
+        rows_p = np.concatenate([train_p, test])
+        shapes_key = table.uns["spatialdata_attrs"]["region"]
+        sub = SpatialData(
+            images={image_key: sd.images[image_key]},
+            shapes={shapes_key: sd.shapes[shapes_key]},
+            tables={"bins": table[rows_p].copy()},
+        )
+        t0 = time.perf_counter()
+        pp.embed(sub, model, table_name="bins", image_key=image_key, key_added="X_patch", progress=False)
+        row["patch_s_per_1000"] = (time.perf_counter() - t0) / len(rows_p) * 1000
+        row["patch_forwards"] = table.n_obs  # one per bin or cell, for the whole area
+        tp = sub.tables["bins"]
+        reg_p = tl.fit_expression(tp[: len(train_p)], use_rep="X_patch", genes=genes)
+        row["patch_per_bin"] = _mean_pearson(
+            reg_p.predict(np.asarray(tp.obsm["X_patch"])[len(train_p) :]), truth
+        )
+        row["patch_n_train"] = len(train_p)
+    return row

@@ -18,6 +18,7 @@ from ._mpp import get_image_mpp, set_image_mpp
 from ._slide import read_slide
 from ._visium import read_visium
 from ._visium_hd import read_visium_hd
+from ._xenium import read_xenium
 
 __all__ = [
     "CorruptFileError",
@@ -33,6 +34,7 @@ __all__ = [
     "read_slide",
     "read_visium",
     "read_visium_hd",
+    "read_xenium",
     "set_image_mpp",
     "write_embeddings",
 ]
