@@ -218,3 +218,30 @@ def test_read_xenium_micrometers_and_cell_features(hd_sample, xenium_dir):
     centroids = np.stack([X[state == k].mean(0) for k in np.unique(state)])
     nearest = np.argmin(((X[:, None] - centroids[None]) ** 2).sum(-1), 1)
     assert (np.unique(state)[nearest] == state).mean() > 0.7
+
+
+def test_aggregate_transcripts_and_bins_by_position(hd_outs, xenium_dir):
+    """Pooling at N µm by physical position: Xenium transcripts counted per 40 µm square equal a histogram of
+    their µm coordinates; 2 µm Visium HD bins summed into 16 µm squares equal Space Ranger's 16 µm bins."""
+    sd = hs.io.read_xenium(xenium_dir)
+    hs.pp.aggregate_squares(sd, 40, points_key="transcripts")
+    t = sd.tables["square_040um"]
+    tx = sd.points["transcripts"].compute()
+    gene = str(t.var_names[3])
+    sel = tx[tx["feature_name"] == gene]
+    hist, _, _ = np.histogram2d(
+        sel["y"], sel["x"], bins=[np.arange(0, 281, 40), np.arange(0, 361, 40)]
+    )
+    got = np.zeros_like(hist)
+    got[t.obs["array_row"], t.obs["array_col"]] = t[:, gene].X.toarray().ravel()
+    np.testing.assert_array_equal(got, hist)
+    assert t.X.sum() == len(tx)
+    with pytest.raises(ValueError, match="already exists"):
+        hs.pp.aggregate_squares(sd, 40, points_key="transcripts")
+
+    hd = hs.io.read_visium_hd(hd_outs, bin_size=[2, 16])
+    hs.pp.aggregate_squares(hd, 16, table_name="square_002um", key_added="pooled16")
+    mine, sr = hd.tables["pooled16"], hd.tables["square_016um"]
+    a = mine.to_df().set_index(mine.obs["array_row"].astype(str) + "_" + mine.obs["array_col"].astype(str))
+    b = sr.to_df().set_index(sr.obs["array_row"].astype(str) + "_" + sr.obs["array_col"].astype(str))
+    np.testing.assert_array_equal(a.loc[b.index].to_numpy(), b.to_numpy())

@@ -17,6 +17,7 @@ from ._tissue import detect_tissue
 
 __all__ = [
     "Patches",
+    "aggregate_squares",
     "detect_tissue",
     "embed",
     "embed_cohort",
@@ -31,6 +32,7 @@ __getattr__, _, _ = lazy.attach(
         "_embed": ["embed"],
         "_cohort": ["embed_cohort"],
         "_tokens": ["embed_tokens", "token_features"],
+        "_aggregate": ["aggregate_squares"],
     },
 )
 
@@ -40,6 +42,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ._aggregate import aggregate_squares
     from ._cohort import embed_cohort
     from ._embed import embed
     from ._tokens import embed_tokens, token_features
