@@ -229,9 +229,7 @@ def test_aggregate_transcripts_and_bins_by_position(hd_outs, xenium_dir):
     tx = sd.points["transcripts"].compute()
     gene = str(t.var_names[3])
     sel = tx[tx["feature_name"] == gene]
-    hist, _, _ = np.histogram2d(
-        sel["y"], sel["x"], bins=[np.arange(0, 281, 40), np.arange(0, 361, 40)]
-    )
+    hist, _, _ = np.histogram2d(sel["y"], sel["x"], bins=[np.arange(0, 281, 40), np.arange(0, 361, 40)])
     got = np.zeros_like(hist)
     got[t.obs["array_row"], t.obs["array_col"]] = t[:, gene].X.toarray().ravel()
     np.testing.assert_array_equal(got, hist)
@@ -245,3 +243,82 @@ def test_aggregate_transcripts_and_bins_by_position(hd_outs, xenium_dir):
     a = mine.to_df().set_index(mine.obs["array_row"].astype(str) + "_" + mine.obs["array_col"].astype(str))
     b = sr.to_df().set_index(sr.obs["array_row"].astype(str) + "_" + sr.obs["array_col"].astype(str))
     np.testing.assert_array_equal(a.loc[b.index].to_numpy(), b.to_numpy())
+
+
+# -- CLI -------------------------------------------------------------------------------------------------------
+
+
+def test_cli_embed_bins_cells_and_predict_bins(
+    hd_sample, hd_outs, xenium_dir, tmp_path, cli_process_state, capsys
+):
+    """`hopt-st embed OUTS --bins 8um`, `embed XENIUM --cells`, then `predict SLIDE.tif --bins 8um` with a
+    regressor fit on the bins: a raster of predicted genes at 8 µm over an H&E-only slide."""
+    import spatialdata as sd
+
+    from hopt_st._cli import main
+
+    assert (
+        main(
+            [
+                "-q",
+                "embed",
+                str(hd_outs),
+                "--bins",
+                "8um",
+                "--model",
+                "handcrafted",
+                "--out",
+                str(tmp_path / "hd.zarr"),
+            ]
+        )
+        == 0
+    )
+    hd = sd.read_zarr(tmp_path / "hd.zarr")
+    t = hd.tables["square_008um"]
+    assert t.obsm["X_tokens_handcrafted"].shape == (t.n_obs, 22)
+    assert hd.images["tokens_handcrafted"].dtype == np.float16
+    assert (
+        main(
+            [
+                "-q",
+                "embed",
+                str(xenium_dir),
+                "--cells",
+                "--model",
+                "handcrafted",
+                "--out",
+                str(tmp_path / "x.zarr"),
+            ]
+        )
+        == 0
+    )
+    assert "X_tokens_handcrafted" in sd.read_zarr(tmp_path / "x.zarr").tables["table"].obsm
+
+    reg = hs.tl.fit_expression(t, use_rep="X_tokens_handcrafted", n_top_genes=4)
+    reg.save(tmp_path / "ridge_bins")
+    slide = hs.datasets.synthetic_visium_hd(width_um=160, height_um=128, seed=5, n_genes=12)
+    he = np.asarray(slide.images["he"].transpose("y", "x", "c").data)
+    hs.datasets.write_pyramidal_tiff(tmp_path / "slide.tif", np.ascontiguousarray(he), mpp=0.5)
+    reg_file = next(tmp_path.glob("ridge_bins*"))
+    args = [
+        "predict",
+        str(tmp_path / "slide.tif"),
+        "--bins",
+        "8um",
+        "--tokens-from",
+        str(tmp_path / "hd.zarr"),
+    ]
+    args += ["--regressor", str(reg_file), "--model", "handcrafted", "--out", str(tmp_path / "pred.zarr")]
+    assert main(args) == 0
+    assert "predicted_008um" in capsys.readouterr().out
+    ras = sd.read_zarr(tmp_path / "pred.zarr").images["predicted_008um"]
+    assert (
+        ras.sizes["c"] == 4
+        and np.isfinite(
+            np.asarray(
+                ras["scale0"].image.data if hasattr(ras, "children") and len(ras.children) else ras.data
+            )
+        ).mean()
+        > 0.5
+    )
+    assert main(args) != 0  # --out exists: refused without --overwrite
