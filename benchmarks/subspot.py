@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
     if a.smoke:
-        a.area_mm, a.rounds, a.patch_bins = 0.256, 2, 16
+        a.area_mm, a.rounds, a.patch_bins, a.model = 0.256, 2, 16, "handcrafted"
     print(f"load {load()}; building a {a.area_mm} mm x {a.area_mm} mm slide (8 µm bins)")
     sdata = build(a.area_mm)
     n_bins = sdata.tables["bins"].n_obs
