@@ -314,3 +314,26 @@ def test_cli_embed_bins_cells_and_predict_bins(
     ras = sd.read_zarr(tmp_path / "pred.zarr").images["predicted_008um"]
     assert ras.sizes["c"] == 4 and np.isfinite(np.asarray(ras.data)).mean() > 0.5
     assert main(args) != 0  # --out exists: refused without --overwrite
+
+
+def test_token_map_resumes_from_its_checkpoint(hd_sample, tmp_path):
+    """With checkpoint_dir, a rerun recomputes nothing that was finished (the encoder is not called) and gives
+    the same map; another image is refused."""
+    from hopt_st.models import create
+
+    enc = create("handcrafted")
+    sd = hs.datasets.synthetic_visium_hd(width_um=160, height_um=128, seed=3, n_genes=12)
+    hs.pp.embed_tokens(sd, enc, key_added="a", checkpoint_dir=tmp_path / "ck", progress=False)
+    assert (tmp_path / "ck" / "projection.npz").is_file()
+
+    def boom(x):
+        raise AssertionError("the encoder ran although every tile was checkpointed")
+
+    enc.tokens = boom
+    hs.pp.embed_tokens(sd, enc, key_added="b", checkpoint_dir=tmp_path / "ck", progress=False)
+    np.testing.assert_array_equal(np.asarray(sd.images["a"].data), np.asarray(sd.images["b"].data))
+    other = hs.datasets.synthetic_visium_hd(width_um=160, height_um=128, seed=4, n_genes=12)
+    with pytest.raises(ValueError, match="another run"):
+        hs.pp.embed_tokens(
+            other, create("handcrafted"), key_added="a", checkpoint_dir=tmp_path / "ck", progress=False
+        )

@@ -17,8 +17,12 @@ and the context channels beside them: one ``obsm`` embedding per bin or cell, wh
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,11 +30,13 @@ from spatialdata import SpatialData
 from spatialdata.models import Image2DModel
 from spatialdata.transformations import Scale, Sequence, Translation, get_transformation
 
+from .._atomic import atomic_write_bytes
 from .._constants import MICROMETERS_CS, UNS_KEY
 from ..io._elements import get_spot_table, image_levels, level_shape, resolve_image_key
 from ..io._mpp import get_image_mpp
 from ..io._store import check_name, sanitize_name
 from ..models import Encoder, get_encoder
+from ._checkpoint import CheckpointStore
 from ._device import select_device, select_dtype
 from ._embed import _default_batch_size, _resolve_model, _weights_id
 from ._engine import run_encoder
@@ -164,6 +170,7 @@ def embed_tokens(
     num_workers: int | None = None,
     workers: str = "auto",
     overwrite: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> None:
     """Embed an H&E image once, tile by tile, and keep the ViT's patch tokens as a map in micrometres.
@@ -196,6 +203,10 @@ def embed_tokens(
         As for :func:`hopt_st.pp.embed` (the same inference loop).
     overwrite
         Replace an existing element of that name.
+    checkpoint_dir
+        Persist finished batches of reduced tokens there (one checkpoint store of :func:`hopt_st.pp.embed` per
+        chunk of tiles, plus the PCA in ``projection.npz``); a rerun after a crash recomputes only what is
+        missing. A directory of another run (model, weights, tiles, image, precision, projection) is refused.
     progress
         Show progress bars.
 
@@ -259,6 +270,10 @@ def embed_tokens(
     run = dict(
         batch_size=bs, device=dev, dtype=cdtype, num_workers=num_workers, workers=workers, progress=progress
     )
+    base = _fingerprint(spec, encoder, source, cdtype, n_components, n_context)
+    saved = None if checkpoint_dir is None else Path(checkpoint_dir) / "projection.npz"
+    if projection is None and saved is not None and saved.is_file():
+        projection = _load_projection(saved, base)
     if projection is None:
         head = _TokenHead(encoder, None)
         head.grid = g
@@ -267,8 +282,22 @@ def embed_tokens(
         projection = _projection(
             head, source, sample, n_components, n_context, dim=(g * g + 1) * width, **run
         )
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            np.savez(
+                buf,
+                fingerprint=np.array(base),
+                **{n: np.asarray(v, np.float32) for n, v in projection.items()},
+            )
+            atomic_write_bytes(saved, buf.getvalue(), what="token-map projection")
     head = _TokenHead(encoder, projection)
     k, kc = len(projection["comp_t"]), len(projection["comp_c"])
+    proj_digest = hashlib.sha256(
+        b"".join(
+            np.ascontiguousarray(np.asarray(projection[n], np.float32)).tobytes() for n in sorted(projection)
+        )
+    ).hexdigest()
     dim = g * g * k + kc
     ht, wt = (ny - 1) * g // 2 + g, (nx - 1) * g // 2 + g
     acc = np.zeros((ht, wt, k + kc), dtype=np.float32)
@@ -278,7 +307,23 @@ def embed_tokens(
     order = source.read_order()
     for start in range(0, len(order), per_call):
         idx = np.sort(order[start : start + per_call])
-        out = run_encoder(head, _Subset(source, idx), dim=dim, desc=f"token map {spec.name}", **run)
+        ckpt = None
+        if checkpoint_dir is not None:
+            info = {
+                "model": spec.name,
+                "tiles": f"{start}-{start + len(idx)}",
+                "dtype": str(cdtype),
+                "dim": dim,
+            }
+            fp = hashlib.sha256(f"{base}|{proj_digest}|{start}|{len(idx)}".encode()).hexdigest()
+            ckpt = CheckpointStore(Path(checkpoint_dir) / f"chunk_{start:09d}", fp, len(idx), dim, info)
+        try:
+            out = run_encoder(
+                head, _Subset(source, idx), dim=dim, desc=f"token map {spec.name}", checkpoint=ckpt, **run
+            )
+        finally:
+            if ckpt is not None:
+                ckpt.close()
         for i, row in zip(idx, out):
             r0, c0 = jy[i] * g // 2, jx[i] * g // 2
             t = row[: g * g * k].reshape(g, g, k)
@@ -323,6 +368,25 @@ def embed_tokens(
         k,
         kc,
     )
+
+
+def _fingerprint(spec, encoder, source, cdtype, k: int, kc: int) -> str:
+    """What the reduced tokens depend on, besides the projection: model, weights, tiles (and their pixels)."""
+    from ._embed import spec_identity
+
+    parts = [spec_identity(spec), _weights_id(encoder), source.fingerprint(), str(cdtype), k, kc]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+def _load_projection(path: Path, fingerprint: str) -> dict:
+    with np.load(path) as f:
+        if str(f["fingerprint"]) != fingerprint:
+            raise ValueError(
+                f"{str(path)!r} holds the PCA of another run (model, weights, tiles or image differ): use a new "
+                "checkpoint_dir, or delete that one to start over."
+            )
+        logger.info("token map: reusing the PCA saved in %s", path)
+        return {n: f[n] for n in ("mean_t", "comp_t", "mean_c", "comp_c")}
 
 
 def _width(encoder: Encoder, spec) -> int:
