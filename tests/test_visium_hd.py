@@ -337,3 +337,19 @@ def test_token_map_resumes_from_its_checkpoint(hd_sample, tmp_path):
         hs.pp.embed_tokens(
             other, create("handcrafted"), key_added="a", checkpoint_dir=tmp_path / "ck", progress=False
         )
+
+
+def test_predict_raster_refuses_a_map_of_another_projection(hd_read):
+    """A regressor fit on features of one token map is refused on a map reduced by another PCA (the numbers
+    would have no meaning); the same projection is accepted."""
+    sd, image_key = hd_read
+    t = sd.tables["square_016um"]
+    hs.pp.token_features(sd, "tok", table_name="square_016um", key_added="X_prov")
+    reg = hs.tl.fit_expression(t, use_rep="X_prov", n_top_genes=3)
+    slide = hs.datasets.synthetic_visium_hd(width_um=96, height_um=96, seed=8, n_genes=12)
+    hs.pp.embed_tokens(slide, "handcrafted", key_added="own", progress=False)  # its own PCA
+    with pytest.raises(ValueError, match="projection_sha256"):
+        hs.tl.predict_raster(slide, reg, "own")
+    proj = sd.attrs["hopt_st"]["token_maps"]["tok"]["projection"]
+    hs.pp.embed_tokens(slide, "handcrafted", key_added="same", projection=proj, progress=False)
+    hs.tl.predict_raster(slide, reg, "same")

@@ -355,6 +355,7 @@ def embed_tokens(
         "image_key": image_key,
         "dtype": str(cdtype).removeprefix("torch."),
         "projection": {n: np.asarray(v, np.float32).tolist() for n, v in projection.items()},
+        "projection_sha256": proj_digest,
     }
     sdata.attrs.setdefault(UNS_KEY, {}).setdefault("token_maps", {})[key] = record
     logger.info(
@@ -547,7 +548,7 @@ def token_features(
             "%d of %d footprints lie outside token map %r: NaN features.", n_out, len(feats), tokens_key
         )
     table.obsm[key] = feats
-    prov = {k: rec[k] for k in ("model", "weights_sha256", "mpp", "patch_size", "dtype")}
+    prov = {k: rec[k] for k in ("model", "weights_sha256", "mpp", "patch_size", "dtype", "projection_sha256")}
     prov |= {"token_map": tokens_key, "token_um": rec["token_um"], "kind": "token_map"}
     table.uns.setdefault(UNS_KEY, {}).setdefault("embeddings", {})[key] = prov
     logger.info(
