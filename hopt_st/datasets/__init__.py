@@ -3,6 +3,7 @@
 from ._hest_layout import write_hest_layout
 from ._slide import synthetic_slide, synthetic_slide_truth
 from ._spaceranger import write_spaceranger_outs
+from ._subspot_truth import subspot_truth_test
 from ._synthetic import synthetic_visium
 from ._tiff import write_pyramidal_tiff
 from ._visium_hd import bin_truth, synthetic_visium_hd, write_visium_hd_outs
@@ -11,6 +12,7 @@ from ._xenium import cell_truth, write_xenium_outs
 __all__ = [
     "bin_truth",
     "cell_truth",
+    "subspot_truth_test",
     "synthetic_visium_hd",
     "write_visium_hd_outs",
     "write_xenium_outs",
