@@ -245,7 +245,9 @@ def _is_zarr(path: Path) -> bool:
     default=None,
     help="Visium HD: embed the H&E once as a token map and give every bin of this size (e.g. 8um) features.",
 )
-@click.option("--cells", is_flag=True, help="Xenium / Space Ranger 4: token-map features of every segmented cell.")
+@click.option(
+    "--cells", is_flag=True, help="Xenium / Space Ranger 4: token-map features of every segmented cell."
+)
 def embed(
     input_path,
     model,
