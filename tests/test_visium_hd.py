@@ -18,7 +18,9 @@ def hd_sample():
 
 @pytest.fixture(scope="module")
 def hd_outs(hd_sample, tmp_path_factory):
-    return hs.datasets.write_visium_hd_outs(hd_sample, tmp_path_factory.mktemp("hd") / "outs")
+    return hs.datasets.write_visium_hd_outs(
+        hd_sample, tmp_path_factory.mktemp("hd") / "outs", segmentation=True
+    )
 
 
 def test_synthetic_visium_hd_varies_at_cell_scale(hd_sample):
@@ -41,7 +43,7 @@ def test_visium_hd_layout_read_by_spatialdata_io(hd_sample, hd_outs):
     import spatialdata_io
 
     sd = spatialdata_io.visium_hd(hd_outs, dataset_id="x", load_segmentations_only=False)
-    assert set(sd.tables) == {"square_002um", "square_008um", "square_016um"}
+    assert set(sd.tables) == {"square_002um", "square_008um", "square_016um", "cell_segmentations"}
     assert sd.tables["square_008um"].n_obs == 40 * 32
     # pooled counts = sum of the 2 µm bins
     np.testing.assert_allclose(sd.tables["square_016um"].X.sum(), hd_sample.tables["square_002um"].X.sum())
@@ -53,7 +55,7 @@ def test_read_visium_hd_adds_micrometers(hd_sample, hd_outs):
     from spatialdata import get_extent
 
     sd = hs.io.read_visium_hd(hd_outs, bin_size=[8, 16])
-    assert set(sd.tables) == {"square_008um", "square_016um"}
+    assert set(sd.tables) == {"square_008um", "square_016um", "cell_segmentations"}
     t = sd.tables["square_008um"]
     assert t.uns["hopt_st"]["fullres_mpp"] == 0.5
     assert t.uns["hopt_st"]["metadata"]["bin_size_um"] == 8
@@ -353,3 +355,28 @@ def test_predict_raster_refuses_a_map_of_another_projection(hd_read):
     proj = sd.attrs["hopt_st"]["token_maps"]["tok"]["projection"]
     hs.pp.embed_tokens(slide, "handcrafted", key_added="same", projection=proj, progress=False)
     hs.tl.predict_raster(slide, reg, "same")
+
+
+def test_read_visium_hd_space_ranger_4_cells(hd_sample, hd_outs):
+    """Space Ranger 4's segmented outputs: spatialdata-io's cell table and polygons, placed in micrometres by
+    read_visium_hd; each cell sums the 2 µm bins it holds; token-map features read over the polygons."""
+    from spatialdata import get_extent
+
+    sd = hs.io.read_visium_hd(hd_outs, bin_size=2)
+    cells = sd.tables["cell_segmentations"]
+    shapes_key = cells.uns["spatialdata_attrs"]["region"]
+    ext = get_extent(sd.shapes[shapes_key], coordinate_system="micrometers")
+    assert ext["x"] == pytest.approx((0, 320), abs=1e-6) and ext["y"] == pytest.approx((0, 256), abs=1e-6)
+    truth_cells = hs.datasets._xenium.xenium_cells(hd_sample)
+    assert cells.n_obs == len(truth_cells)
+    # the 2 µm bins whose centre lies in the first cell's polygon carry exactly its counts
+    import shapely
+
+    t2 = sd.tables["square_002um"]
+    xy = np.asarray(t2.obsm["spatial"]) * 0.5
+    inside = shapely.contains_xy(truth_cells["polygon"].iloc[0], xy[:, 0], xy[:, 1])
+    np.testing.assert_array_equal(np.asarray(t2.X[inside].sum(0)).ravel(), cells.X[0].toarray().ravel())
+    key = next(k for k in sd.images if k.endswith("_full_image"))
+    hs.pp.embed_tokens(sd, "handcrafted", image_key=key, key_added="tok", progress=False)
+    hs.pp.token_features(sd, "tok", table_name="cell_segmentations")
+    assert np.isfinite(cells.obsm["X_tok"]).all()

@@ -283,6 +283,7 @@ def write_visium_hd_outs(
     image_key: str = "he",
     hires_size: int = 2000,
     lowres_size: int = 600,
+    segmentation: bool = False,
 ) -> Path:
     """Write a :func:`synthetic_visium_hd` sample as a Space Ranger Visium HD ``outs/`` folder.
 
@@ -306,6 +307,11 @@ def write_visium_hd_outs(
         The 2 µm table and the H&E.
     hires_size, lowres_size
         Largest side of the hires / lowres PNGs, px.
+    segmentation
+        Also write Space Ranger 4's ``segmented_outputs/`` (``filtered_feature_cell_matrix.h5`` with barcodes
+        ``cellid_000000001-1``, ``cell_segmentations.geojson`` with ``properties.cell_id`` and polygons in
+        full-resolution px, ``spatial/scalefactors_json.json``): the sample's cells
+        (:func:`hopt_st.datasets._xenium.xenium_cells`), each summing the 2 µm bins whose centre it holds.
 
     Returns
     -------
@@ -364,5 +370,42 @@ def write_visium_hd_outs(
             (d / "spatial" / "scalefactors_json.json").write_text(json.dumps(sf, indent=2))
             if b == HD_BIN_UM:
                 (tmp / "spatial" / "scalefactors_json.json").write_text(json.dumps(sf, indent=2))
+                if segmentation:
+                    _write_segmentation(sdata, table, tmp / "segmented_outputs", mpp, sf)
     logger.info("wrote a Visium HD outs/ folder %s (bins %s µm)", path, list(bin_sizes))
     return path
+
+
+def _write_segmentation(sdata: SpatialData, table: AnnData, folder: Path, mpp: float, sf: dict) -> None:
+    """Space Ranger 4's ``segmented_outputs/``: the cells, their polygons and their counts (2 µm bins by centre)."""
+    from ._spaceranger import _write_counts_h5
+    from ._xenium import xenium_cells
+
+    cells = xenium_cells(sdata)
+    seeds = np.asarray(sdata.attrs[UNS_KEY]["synthetic_cells"]["xy_um"])
+    seed_of_cell = np.array([int(c[len("cell") :]) for c in cells.index])
+    row_of_seed = np.full(len(seeds), -1)
+    row_of_seed[seed_of_cell] = np.arange(len(cells))
+    _, nearest = cKDTree(seeds).query(np.asarray(table.obsm["spatial"]) * mpp)
+    rows = row_of_seed[nearest]
+    ok = rows >= 0
+    pool = sparse.csr_matrix(
+        (np.ones(int(ok.sum())), (rows[ok], np.flatnonzero(ok))), shape=(len(cells), table.n_obs)
+    )
+    ids = np.arange(1, len(cells) + 1)
+    counts = AnnData(X=sparse.csr_matrix(pool @ table.X), var=table.var[[]].copy())
+    counts.obs_names = [f"cellid_{i:09d}-1" for i in ids]
+    (folder / "spatial").mkdir(parents=True)
+    _write_counts_h5(counts, folder / "filtered_feature_cell_matrix.h5")
+    features = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [(np.asarray(p.exterior.coords) / mpp).tolist()]},
+            "properties": {"cell_id": int(i)},
+        }
+        for i, p in zip(ids, cells["polygon"])
+    ]
+    (folder / "cell_segmentations.geojson").write_text(
+        json.dumps({"type": "FeatureCollection", "features": features})
+    )
+    (folder / "spatial" / "scalefactors_json.json").write_text(json.dumps(sf, indent=2))
