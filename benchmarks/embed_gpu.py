@@ -22,6 +22,11 @@ as JSON to ``$OUT/embed_gpu.json`` (or ``--json``):
   ``--baseline-spots`` spots, interleaved with ``pp.embed`` on the same spots for ``--rounds`` rounds (fresh
   readers each): the ratio pp.embed / baseline (min / median).
 
+* **(d) token map**: ``pp.embed_tokens`` (one forward per 224 px tile on a half-tile lattice, patch tokens reduced
+  by PCA on the device and blended into a float16 map) over ``--token-area-mm`` mm of the same slide, through the
+  same loop as ``pp.embed`` (bf16, reader processes): tiles/s (to compare with (b)), forwards per mm², peak GPU
+  memory and host memory, and the seconds for the 8 µm bins' features (``pp.token_features``).
+
 ``--smoke`` runs every part on the CPU with a one-block ViT and a small slide in under a minute (the test
 suite runs it so that the script cannot rot).
 
@@ -473,6 +478,67 @@ def part_end_to_end(enc, spec, device, args, budget, skipped, tiff: Path) -> tup
     return out, sdata
 
 
+def part_token_map(enc, device, args, budget, skipped, sdata) -> dict:
+    """(d) the token-map path of Visium HD / Xenium features over a square of ``--token-area-mm`` mm."""
+    import geopandas as gpd
+    import pandas as pd
+    import shapely
+    from anndata import AnnData
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Scale, set_transformation
+
+    side_um = args.token_area_mm * 1000
+    n_tiles = int((side_um / 56 + 1) ** 2)
+    if not budget.allows(n_tiles / 300 + 30, f"token map {args.token_area_mm} mm", skipped):
+        return {}
+    set_transformation(sdata.images["he"], Scale([MPP, MPP], axes=("x", "y")), "micrometers")
+    n = int(side_um // 8)
+    row, col = np.divmod(np.arange(n * n), n)
+    sq = shapely.box(col * 8.0, row * 8.0, col * 8.0 + 8, row * 8.0 + 8)
+    sdata.shapes["bins8"] = ShapesModel.parse(
+        gpd.GeoDataFrame(geometry=sq), transformations={"micrometers": Identity()}
+    )
+    obs = pd.DataFrame({"region": pd.Categorical(["bins8"] * len(row)), "bin_id": np.arange(len(row))})
+    obs.index = obs.index.astype(str)
+    sdata.tables["bins"] = TableModel.parse(
+        AnnData(obs=obs), region="bins8", region_key="region", instance_key="bin_id"
+    )
+    print(
+        f"\n(d) token map over {args.token_area_mm} mm x {args.token_area_mm} mm ({len(row)} bins of 8 µm); {load()}"
+    )
+    reset_peak(device)
+    with MemorySampler() as mem:
+        t0 = time.perf_counter()
+        hs.pp.embed_tokens(
+            sdata, enc, image_key="he", table_name="table", extent_um=(0, 0, side_um, side_um), device=device,
+            dtype="bf16" if device.type == "cuda" else None, batch_size=args.e2e_batch_size,
+            num_workers=args.workers[0], workers="processes", key_added="tok", overwrite=True, progress=False,
+        )  # fmt: skip
+        sync(device)
+        t_map = time.perf_counter() - t0
+        hs.pp.token_features(sdata, "tok", table_name="bins", key_added="X_tok", overwrite=True)
+        t_feat = time.perf_counter() - t0 - t_map
+    rec = sdata.attrs["hopt_st"]["token_maps"]["tok"]
+    out = {
+        "area_mm": args.token_area_mm,
+        "n_tiles": rec["n_tiles"],
+        "forwards_per_mm2": rec["n_tiles"] / args.token_area_mm**2,
+        "tiles_per_s": rec["n_tiles"] / t_map,
+        "map_s": t_map,
+        "features_s": t_feat,
+        "n_bins": len(row),
+        "peak_gpu_gib": peak_gib(device),
+        "peak_host_pss_mb": mem.peak_pss_mb,
+    }
+    print(
+        f"  {rec['n_tiles']} tiles ({out['forwards_per_mm2']:.0f} forwards/mm², vs {1e6 / 64:.0f} for one patch per "
+        f"8 µm bin) in {t_map:.1f} s = {out['tiles_per_s']:.1f} tiles/s (PCA sample included); features of "
+        f"{len(row)} bins {t_feat:.1f} s; peak GPU {fmt(out['peak_gpu_gib'], 2, ' GiB')}, host PSS "
+        f"{mem.peak_pss_mb:.0f} MB"
+    )
+    return out
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -495,6 +561,7 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-spots", type=int, default=2000)
     ap.add_argument("--baseline-batch-size", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--token-area-mm", type=float, default=3.0, help="(d) side of the token-map square, mm")
     ap.add_argument(
         "--budget-s",
         type=float,
@@ -514,6 +581,7 @@ def main(argv=None) -> int:
         args.no_compile = not args.compile  # compiling takes minutes on a CPU
         args.size, args.n_spots, args.workers, args.e2e_batch_size = 3000, 40, [1], 8
         args.baseline_spots, args.baseline_batch_size, args.rounds = 16, 8, 2
+        args.token_area_mm = 0.2
         args.est_config_s = 0.0
     elif not torch.cuda.is_available():
         raise SystemExit("embed_gpu.py needs a CUDA GPU (or --smoke).")
@@ -570,6 +638,8 @@ def main(argv=None) -> int:
             result["end_to_end"], sdata = part_end_to_end(
                 enc, spec, device, args, budget, skipped, Path(tmp) / "slide.tif"
             )
+            save()
+            result["token_map"] = part_token_map(enc, device, args, budget, skipped, sdata)
             save()
             if not args.no_compile:
                 rows, compiled = part_compile(enc, spec, device, args, budget, skipped)

@@ -176,6 +176,12 @@ def _read_input(
             "--fullres-image/--image applies to a Space Ranger outs/ folder or an .h5ad INPUT; a .zarr or HEST-1k "
             "sample already holds its image (choose it with --image-key)."
         )
+    from ._cli_subspot import is_visium_hd, is_xenium
+
+    if is_visium_hd(path):
+        return hs.io.read_visium_hd(path, image_mpp=image_mpp, fullres_image_file=image), "visium_hd"
+    if is_xenium(path):
+        return hs.io.read_xenium(path), "xenium"
     if path.suffix == ".h5ad" and path.is_file():
         from .io._counts import read_h5ad
 
@@ -235,6 +241,14 @@ def _is_zarr(path: Path) -> bool:
 )
 @_run_options()
 @click.option("--overwrite", is_flag=True, help="Replace an existing embedding key and output.")
+@click.option(
+    "--bins",
+    default=None,
+    help="Visium HD: embed the H&E once as a token map and give every bin of this size (e.g. 8um) features.",
+)
+@click.option(
+    "--cells", is_flag=True, help="Xenium / Space Ranger 4: token-map features of every segmented cell."
+)
 def embed(
     input_path,
     model,
@@ -249,6 +263,8 @@ def embed(
     batch_size,
     device,
     overwrite,
+    bins,
+    cells,
 ):
     """Embed every spot of INPUT with MODEL and write the embeddings to a SpatialData .zarr (or an .h5ad).
 
@@ -263,6 +279,8 @@ def embed(
       hopt-st embed outs/ --fullres-image scan.tif --model h-optimus-1 --out sample.zarr
       hopt-st embed sample.h5ad --image scan.jpg --model h-optimus-1 --out embedded.h5ad
       hopt-st embed hest_data/ --sample TENX95 --model h-optimus-1 --out TENX95.zarr
+      hopt-st embed hd_outs/ --bins 8um --model h-optimus-1 --out hd.zarr
+      hopt-st embed xenium_out/ --cells --model h-optimus-1 --out xenium.zarr
     """
     _check_paths(("INPUT", input_path), ("--weights", weights), ("--fullres-image", fullres_image))
     if input_path.suffix == ".h5ad":
@@ -301,9 +319,19 @@ def embed(
     # --overwrite replaces an output of ours, never an input or a folder the user owns (rule 1)
     if not in_place:
         check_output(out, inputs=(input_path, fullres_image, weights), overwrite=overwrite, what="--out")
-    hs.pp.embed(sdata, table_name=table_name, **run)
-    tname = resolve_table_name(sdata, table_name)
+    if bins is not None or cells:
+        from ._cli_subspot import embed_subspot, parse_bin_um
+
+        if bins is not None and cells:
+            raise click.UsageError("pass --bins SIZE or --cells, not both.")
+        run = {k: v for k, v in run.items() if k != "key_added"}
+        tname, key = embed_subspot(sdata, bin_um=parse_bin_um(bins), cells=cells, key_added=key_added, **run)
+    else:
+        hs.pp.embed(sdata, table_name=table_name, **run)
+        tname = resolve_table_name(sdata, table_name)
     emb = sdata.tables[tname].obsm[key]
+    if in_place and (bins is not None or cells):
+        raise click.UsageError("--bins/--cells write a token map: pass --out OUT.zarr.")
     if in_place:  # atomic: on any failure the store is left exactly as it was
         write_table_in_place(sdata, tname)
         dest = input_path
@@ -554,6 +582,18 @@ def embed_cohort(
     help="Output .zarr (tissue, grid, embeddings, predictions, thumbnail); PNG maps go beside it.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out and its PNG maps.")
+@click.option(
+    "--bins",
+    default=None,
+    help="Predict a raster of squares of this size (e.g. 8um) from a token map, with a regressor fit on bins or "
+    "cells; needs --tokens-from.",
+)
+@click.option(
+    "--tokens-from",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="With --bins: the training .zarr written by `hopt-st embed --bins/--cells` (its token-map projection).",
+)
 def predict(
     slide,
     regressor,
@@ -569,6 +609,8 @@ def predict(
     device,
     out,
     overwrite,
+    bins,
+    tokens_from,
 ):
     """Predict expression maps over a whole H&E SLIDE that has no spatial data.
 
@@ -581,6 +623,8 @@ def predict(
       hopt-st predict slide.svs --regressor ridge.safetensors --model h-optimus-1 --out slide_pred.zarr
       hopt-st predict slide.tif --regressor demo_out/ridge_handcrafted.safetensors --model handcrafted --image-mpp 0.25 \\
           --genes GENE0003,GENE0010 --out slide_pred.zarr
+      hopt-st predict slide.tif --bins 8um --tokens-from hd.zarr --regressor ridge_bins --model h-optimus-1 \\
+          --out slide_8um.zarr
     """
     if (regressor is None) == (mil is None):
         raise click.UsageError(
@@ -612,6 +656,29 @@ def predict(
         click.echo(res["report"])
         return
 
+    if bins is not None:
+        from ._cli_subspot import parse_bin_um, predict_bins
+
+        if tokens_from is None:
+            raise click.UsageError("--bins needs --tokens-from TRAIN.zarr (the training sample's token map).")
+        click.echo(
+            predict_bins(
+                slide,
+                regressor,
+                bin_um=parse_bin_um(bins),
+                model=model,
+                weights=weights,
+                tokens_from=tokens_from,
+                image_mpp=image_mpp,
+                image_key=image_key,
+                batch_size=batch_size,
+                device=device,
+                out=out,
+                overwrite=overwrite,
+                progress=not _STATE["quiet"],
+            )
+        )
+        return
     from ._predict import run_predict
 
     res = run_predict(

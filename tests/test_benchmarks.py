@@ -135,3 +135,11 @@ def test_wholeslide_benchmark_smoke():
         assert line in r.stdout, line
     pearson = float(r.stdout.split("vs the known expression: ")[1].split()[0])
     assert pearson > 0.5 and "-> OK (limit 2 GB)" in r.stdout
+
+
+def test_subspot_benchmark_smoke(capsys, tmp_path):
+    assert _script("subspot").main(["--smoke", "--json", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "round 2/2 one patch per bin" in out and "one patch per bin / token map: min" in out
+    res = json.loads((tmp_path / "s.json").read_text())
+    assert res["forwards_per_mm2"]["one patch per bin"] == pytest.approx(1e6 / 64)  # 8 µm bins: 15,625 / mm²

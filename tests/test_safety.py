@@ -826,7 +826,9 @@ def test_error_network_failure_fetching_weights(monkeypatch):
             raise LocalEntryNotFoundError("cannot find the requested files in the local cache") from e
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline_network)
-    monkeypatch.setattr("hopt_st.models._weights._hub_unreachable", lambda: None)  # the probe passes, the download fails
+    monkeypatch.setattr(
+        "hopt_st.models._weights._hub_unreachable", lambda: None
+    )  # the probe passes, the download fails
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(models.WeightsUnavailableError, match="could not be reached") as e:
         models.create("uni")

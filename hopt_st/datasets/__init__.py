@@ -4,11 +4,20 @@ from ._hest_layout import write_hest_layout
 from ._mil import synthetic_mil_cohort
 from ._slide import synthetic_slide, synthetic_slide_truth
 from ._spaceranger import write_spaceranger_outs
+from ._subspot_truth import subspot_truth_test
 from ._synthetic import synthetic_visium
 from ._tiff import write_pyramidal_tiff
+from ._visium_hd import bin_truth, synthetic_visium_hd, write_visium_hd_outs
+from ._xenium import cell_truth, write_xenium_outs
 
 __all__ = [
     "synthetic_mil_cohort",
+    "bin_truth",
+    "cell_truth",
+    "subspot_truth_test",
+    "synthetic_visium_hd",
+    "write_visium_hd_outs",
+    "write_xenium_outs",
     "synthetic_slide",
     "synthetic_slide_truth",
     "synthetic_visium",

@@ -18,6 +18,8 @@ from ._hest_bench import read_hest_bench
 from ._mpp import get_image_mpp, set_image_mpp
 from ._slide import read_slide
 from ._visium import read_visium
+from ._visium_hd import read_visium_hd
+from ._xenium import read_xenium
 
 __all__ = [
     "Bags",
@@ -34,6 +36,8 @@ __all__ = [
     "read_patches",
     "read_slide",
     "read_visium",
+    "read_visium_hd",
+    "read_xenium",
     "set_image_mpp",
     "write_embeddings",
 ]

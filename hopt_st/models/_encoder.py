@@ -138,6 +138,62 @@ class Encoder(nn.Module):
             )
         if self.spec.arch == "handcrafted":
             return self.backbone(x).float()
+        x = self._normalise(x)
+        if self.spec.pooling == "token":
+            out = self.backbone(x)
+        else:  # cls+mean
+            tokens = self.backbone.forward_features(x)
+            n_prefix = getattr(self.backbone, "num_prefix_tokens", 1)
+            out = torch.cat([tokens[:, 0], tokens[:, n_prefix:].mean(1)], dim=-1)
+        return out.float()
+
+    @property
+    def token_patch(self) -> int:
+        """Side, in input pixels, of one patch token (14 for H-optimus-1; 14 for the handcrafted statistics)."""
+        if self.spec.arch == "handcrafted":
+            return 14
+        ps = getattr(getattr(self.backbone, "patch_embed", None), "patch_size", None)
+        if ps is None:
+            raise ValueError(f"model {self.spec.name!r} has no patch tokens (not a ViT): no token map.")
+        return int(ps[0] if isinstance(ps, tuple | list) else ps)
+
+    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class token and the grid of patch tokens of uint8 tiles ``(B, H, W, 3)``.
+
+        Returns
+        -------
+        ``(cls, grid)``: float ``(B, C)`` and ``(B, g, g, C)`` with ``g = input_size // token_patch``. For
+        ViTs ``C`` is the width of the last block (after its norm), ``cls`` the class token; for the
+        handcrafted encoder the per-14 px statistics of :func:`~hopt_st.models._handcrafted.token_stats` and
+        their tile mean as ``cls``.
+        """
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(
+                f"encoder {self.spec.name!r} takes uint8 RGB tiles (B, H, W, 3); got {tuple(x.shape)}."
+            )
+        if self.spec.arch == "handcrafted":
+            from ._handcrafted import token_stats
+
+            size = self.spec.input_size
+            if x.shape[1:3] != (size, size):
+                x = F.interpolate(
+                    x.permute(0, 3, 1, 2).float(), size=(size, size), mode="bilinear", antialias=True
+                )
+                x = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            grid = token_stats(x, self.backbone.stain_inv, self.token_patch)
+            return grid.mean((1, 2)), grid
+        feats = self.backbone.forward_features(self._normalise(x))
+        n_prefix = getattr(self.backbone, "num_prefix_tokens", 1)
+        g = self.spec.input_size // self.token_patch
+        patch = feats[:, n_prefix:]
+        if patch.shape[1] != g * g:
+            raise ValueError(
+                f"model {self.spec.name!r} returned {patch.shape[1]} patch tokens, expected {g}x{g}."
+            )
+        return feats[:, 0], patch.reshape(len(x), g, g, -1)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, H, W, 3)`` -> normalised float ``(B, 3, S, S)`` in the backbone's dtype."""
         x = x.permute(0, 3, 1, 2)  # a channels-last view: CUDA convolutions take it as it is
         if x.device.type == "cpu":  # CPU kernels are ~3x faster on NCHW-contiguous data: convert in one pass
             x = torch.empty(x.shape, dtype=torch.float32).copy_(x)
@@ -157,14 +213,9 @@ class Encoder(nn.Module):
                 self._warned_resize = True
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         x = x.sub_(self.mean).div_(self.std)
-        x = x.to(next(self.backbone.parameters()).dtype)  # a float16 / bfloat16 backbone takes its own dtype
-        if self.spec.pooling == "token":
-            out = self.backbone(x)
-        else:  # cls+mean
-            tokens = self.backbone.forward_features(x)
-            n_prefix = getattr(self.backbone, "num_prefix_tokens", 1)
-            out = torch.cat([tokens[:, 0], tokens[:, n_prefix:].mean(1)], dim=-1)
-        return out.float()
+        return x.to(
+            next(self.backbone.parameters()).dtype
+        )  # a float16 / bfloat16 backbone takes its own dtype
 
 
 def as_device(device: str | torch.device | None) -> torch.device:

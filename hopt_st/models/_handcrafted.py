@@ -122,3 +122,36 @@ class HandcraftedEncoder(nn.Module):
         out = torch.cat(feats, 1)
         assert out.shape[1] == N_FEATURES, out.shape
         return out.float()
+
+
+#: names of :func:`token_stats`' channels
+TOKEN_STAT_NAMES = (
+    "r", "g", "b", "r_sd", "g_sd", "b_sd", "haematoxylin", "eosin", "dark_fraction", "gradient", "haem_sd",
+)  # fmt: skip
+
+
+def token_stats(x: torch.Tensor, stain_inv: torch.Tensor, patch: int = 14) -> torch.Tensor:
+    """Weight-free "tokens": colour, stain and texture statistics of every ``patch`` x ``patch`` pixel square of
+    uint8 tiles ``(B, H, W, 3)``; returns float32 ``(B, H // patch, W // patch, len(TOKEN_STAT_NAMES))``."""
+    rgb = (x.float() / 255.0).permute(0, 3, 1, 2)  # B,3,H,W
+    od = -torch.log10((x.float() + 1.0) / 256.0)
+    conc = (od @ stain_inv).clamp_min(0).permute(0, 3, 1, 2)  # B,3,H,W: haematoxylin, eosin, residual
+    gray = rgb.mean(1, keepdim=True)
+    # gradients inside each square only (differences across a square's edge are left out), so a token depends
+    # on its own pixels alone, whatever tile it was cut from
+    gx = F.pad((gray[..., :, 1:] - gray[..., :, :-1]).abs(), (0, 1))
+    gy = F.pad((gray[..., 1:, :] - gray[..., :-1, :]).abs(), (0, 0, 0, 1))
+    gx[..., (torch.arange(gx.shape[-1], device=x.device) % patch) == patch - 1] = 0
+    gy[..., (torch.arange(gy.shape[-2], device=x.device) % patch) == patch - 1, :] = 0
+    grad = gx + gy
+    dark = (od.sum(-1)[:, None] > 0.6).float()
+
+    def pool(t):
+        return F.avg_pool2d(t, patch, stride=patch)
+
+    mean = pool(rgb)
+    sd = (pool(rgb * rgb) - mean * mean).clamp_min(0).sqrt()
+    hm = pool(conc[:, :1])
+    hsd = (pool(conc[:, :1] ** 2) - hm * hm).clamp_min(0).sqrt()
+    out = torch.cat([mean, sd, hm, pool(conc[:, 1:2]), pool(dark), pool(grad), hsd], 1)
+    return out.permute(0, 2, 3, 1).float()

@@ -15,8 +15,26 @@ from ._grid import tile_grid
 from ._patches import patches
 from ._tissue import detect_tissue
 
-__all__ = ["Patches", "detect_tissue", "embed", "embed_cohort", "patches", "tile_grid"]
-__getattr__, _, _ = lazy.attach(__name__, submod_attrs={"_embed": ["embed"], "_cohort": ["embed_cohort"]})
+__all__ = [
+    "Patches",
+    "aggregate_squares",
+    "detect_tissue",
+    "embed",
+    "embed_cohort",
+    "embed_tokens",
+    "patches",
+    "tile_grid",
+    "token_features",
+]
+__getattr__, _, _ = lazy.attach(
+    __name__,
+    submod_attrs={
+        "_embed": ["embed"],
+        "_cohort": ["embed_cohort"],
+        "_tokens": ["embed_tokens", "token_features"],
+        "_aggregate": ["aggregate_squares"],
+    },
+)
 
 
 def __dir__() -> list[str]:
@@ -24,5 +42,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ._aggregate import aggregate_squares
     from ._cohort import embed_cohort
     from ._embed import embed
+    from ._tokens import embed_tokens, token_features

@@ -9,6 +9,7 @@ from . import linear
 from ._metrics import mean_pearson, pearson_per_gene
 from ._mil import ABMIL, MeanPoolMIL, attention_table, load_mil, mil_attention
 from ._mil_protocol import cross_validate_mil, fit_mil
+from ._raster import predict_raster
 from ._regressor import ExpressionRegressor, fit_expression, predict_expression
 from ._slide import predict_slide
 from ._targets import target_matrix, top_variable_genes
@@ -27,6 +28,7 @@ __all__ = [
     "mean_pearson",
     "pearson_per_gene",
     "predict_expression",
+    "predict_raster",
     "predict_slide",
     "target_matrix",
     "top_variable_genes",

@@ -17,8 +17,9 @@ from .._constants import UNS_KEY
 
 logger = logging.getLogger(__name__)
 
-#: what the embeddings depend on (keys of ``uns["hopt_st"]["embeddings"][key]``)
-PROVENANCE_FIELDS = ("model", "weights_sha256", "mpp", "patch_size")
+#: what the embeddings depend on (keys of ``uns["hopt_st"]["embeddings"][key]``); ``projection_sha256`` is the
+#: PCA of a token map (:func:`hopt_st.pp.token_features`), compared only when both records hold it
+PROVENANCE_FIELDS = ("model", "weights_sha256", "mpp", "patch_size", "projection_sha256")
 _MPP_RTOL = 1e-3
 
 
