@@ -77,7 +77,7 @@ def build(area_mm: float, seed: int = 0):
     img = da.tile(da.from_array(base, chunks=(3, 1024, 1024)), (1, reps, reps))[:, :side_px, :side_px]
     he = Image2DModel.parse(
         img,
-        dims=("c", "y", "x"),
+        dims=["c", "y", "x"],
         c_coords=["r", "g", "b"],
         transformations={"global": Identity(), "micrometers": Scale([0.5, 0.5], axes=("x", "y"))},
     )

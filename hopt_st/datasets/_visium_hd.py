@@ -182,7 +182,7 @@ def synthetic_visium_hd(
     table.uns[UNS_KEY] = {"image_mpp": {"he": mpp}, "fullres_mpp": mpp, "bin_size_um": HD_BIN_UM}
     he = Image2DModel.parse(
         image,
-        dims=("c", "y", "x"),
+        dims=["c", "y", "x"],
         c_coords=["r", "g", "b"],
         chunks=(3, 1024, 1024),
         transformations={"global": Identity(), MICROMETERS_CS: Scale([mpp, mpp], axes=("x", "y"))},

@@ -336,7 +336,7 @@ def embed_tokens(
     to_um = Sequence([Scale([token_um, token_um], axes=("x", "y")), Translation([ox, oy], axes=("x", "y"))])
     sdata.images[key] = Image2DModel.parse(
         np.ascontiguousarray(acc.transpose(2, 0, 1)).astype(np.float16),
-        dims=("c", "y", "x"),
+        dims=["c", "y", "x"],
         c_coords=names,
         chunks=(k + kc, _MAP_CHUNK, _MAP_CHUNK),
         transformations={MICROMETERS_CS: to_um},

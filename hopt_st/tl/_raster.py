@@ -93,7 +93,7 @@ def predict_raster(
     to_um = Sequence([Scale([bin_um, bin_um], axes=("x", "y")), Translation([ox, oy], axes=("x", "y"))])
     sdata.images[key] = Image2DModel.parse(
         out,
-        dims=("c", "y", "x"),
+        dims=["c", "y", "x"],
         c_coords=genes,
         chunks=(len(genes), 512, 512),
         transformations={MICROMETERS_CS: to_um},
