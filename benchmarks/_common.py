@@ -75,7 +75,8 @@ def summary(
     base = np.array([m[key] for m in results[baseline]], dtype=float)
     for name, ms in results.items():
         v = np.array([m[key] for m in ms], dtype=float)
-        ratio = v / base if higher_is_better else base / v
+        with np.errstate(divide="ignore", invalid="ignore"):  # a side measured as 0 (e.g. no memory added)
+            ratio = v / base if higher_is_better else base / v
         rows[name] = {
             "min": float(v.min()),
             "median": float(np.median(v)),
