@@ -125,6 +125,35 @@ def test_pooling_is_by_position_not_by_cell_id(hest_root, read, tmp_path):
     assert (moved.X.toarray() != read.tables["table"].X.toarray()).any(axis=1).mean() > 0.5
 
 
+def test_low_quality_and_control_transcripts_not_counted(hest_root, read, tmp_path):
+    """Transcripts of qv < 20 and control probes are left out (and said); min_qv=None / controls=True keep them."""
+    root = _copy(hest_root, tmp_path)
+    f = root / "transcripts/SYNXC001_transcripts.parquet"
+    tx = pd.read_parquet(f)
+    low = np.zeros(len(tx), bool)
+    low[::7] = True
+    ctrl = np.zeros(len(tx), bool)
+    ctrl[3::11] = True
+    ctrl &= ~low
+    tx.loc[low, "qv"] = np.float32(12.0)
+    tx["feature_name"] = tx["feature_name"].astype(object)
+    tx.loc[ctrl, "feature_name"] = "NegControlProbe_00042"
+    tx.to_parquet(f, index=False)
+    kept = tx[~low & ~ctrl]
+    t = hs.io.read_hest_xenium(root, "SYNXC001", transcripts=False).tables["table"]
+    assert "NegControlProbe_00042" not in t.var_names
+    expected = pd.crosstab(kept["cell_id"], kept["feature_name"]).reindex(
+        index=t.obs_names, columns=t.var_names, fill_value=0
+    )
+    np.testing.assert_array_equal(t.X.toarray(), expected.to_numpy())
+    meta = t.uns["hopt_st"]["metadata"]
+    assert meta["transcripts_below_min_qv"] == low.sum()
+    assert meta["transcripts_not_counted"] == low.sum() + ctrl.sum()
+    everything = hs.io.read_hest_xenium(root, "SYNXC001", min_qv=None, controls=True, transcripts=False)
+    assert everything.tables["table"].X.sum() == len(tx)
+    assert "NegControlProbe_00042" in everything.tables["table"].var_names
+
+
 def test_token_features_of_hest_xenium_cells_separate_states(sample, read):
     from hopt_st.datasets._xenium import xenium_cells
 

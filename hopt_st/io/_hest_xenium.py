@@ -31,6 +31,17 @@ logger = logging.getLogger(__name__)
 
 #: relative disagreement tolerated between the metadata's µm/px and the transcripts' own µm
 _MPP_RTOL = 0.02
+#: names of Xenium's control probes and codewords, left out of the counts by default (NegControlProbe_,
+#: NegControlCodeword_, UnassignedCodeword_: the feature types Giotto's createGiottoXeniumObject splits off,
+#: giottosuite.com/reference/createGiottoXeniumObject.html; BLANK_ and DeprecatedCodeword_: their names in
+#: older / newer Xenium panels)
+CONTROL_PREFIXES = (
+    "NegControlProbe_",
+    "NegControlCodeword_",
+    "UnassignedCodeword_",
+    "DeprecatedCodeword_",
+    "BLANK_",
+)
 _DOWNLOAD = (
     "download it from the HEST-1k dataset (huggingface_hub.snapshot_download(repo_id='MahmoodLab/hest', "
     "repo_type='dataset', allow_patterns=['*{id}[_.]*']))"
@@ -98,10 +109,13 @@ def read_hest_xenium(
     *,
     nuclei: bool = True,
     transcripts: bool = True,
+    min_qv: float | None = 20.0,
+    controls: bool = False,
 ) -> SpatialData:
     """Read a Xenium sample of HEST-1k (HEST's layout) with cells as polygons and their counts.
 
-    Counts are pooled from the aligned transcripts by physical position: a transcript counts for the cell whose
+    Counts are pooled from the aligned transcripts (quality ``min_qv`` and up, control probes left out) by
+    physical position: a transcript counts for the cell whose
     polygon holds it, both in µm (H&E pixels x the WSI's µm/px). When the transcripts carry Xenium's own µm
     (``x_location``, ``y_location``), the µm/px is checked against them (the scale of the affine from
     ``he_x``/``he_y`` to them): a disagreement over 2 % is refused rather than pooled at a wrong scale.
@@ -116,8 +130,14 @@ def read_hest_xenium(
         µm per pixel of the WSI's full resolution; overrides ``pixel_size_um_estimated`` of the metadata.
     nuclei
         Also read ``xenium_seg/<id>_xenium_nucleus_seg.parquet`` (when present) as ``"nucleus_boundaries"``.
+    min_qv
+        Count only transcripts whose ``qv`` (Phred-scaled quality) is at least this (when the column is there);
+        20 is the threshold Xenium's own cell x gene matrix uses (Seurat's ``ReadXenium`` documentation,
+        ``mols.qv.threshold``). ``None``: all.
+    controls
+        Also count the control probes and codewords (:data:`CONTROL_PREFIXES`) as genes.
     transcripts
-        Keep the transcripts as points ``"transcripts"`` (H&E pixels; ``feature_name``, ``cell``: the cell
+        Keep the (counted) transcripts as points ``"transcripts"`` (H&E pixels; ``feature_name``, ``cell``: the cell
         holding each one, ``""`` outside every cell).
 
     Returns
@@ -128,7 +148,8 @@ def read_hest_xenium(
         ``cell_id``, ``region``, ``transcript_counts``, ``cell_area`` in µm²; ``obsm["spatial"]`` centroids in
         H&E px) annotating ``"cell_boundaries"``; every element in ``"global"`` (H&E full-resolution pixels) and
         ``"micrometers"``; ``table.uns["hopt_st"]`` holds ``image_mpp`` (``{"he": mpp}``), ``fullres_mpp``,
-        ``sample_id``, ``metadata`` (HEST's, with ``transcripts_outside_cells`` and, when measurable,
+        ``sample_id``, ``metadata`` (HEST's, with ``transcripts_outside_cells``, ``transcripts_below_min_qv``,
+        ``transcripts_not_counted`` (low quality, controls, outside cells) and, when measurable,
         ``transcripts_um_per_px``).
     """
     import geopandas as gpd
@@ -171,6 +192,17 @@ def read_hest_xenium(
             f"transcripts {str(paths['transcripts'])!r} lack the columns {missing} (HEST's aligned transcripts have "
             f"feature_name, he_x, he_y); {fix}."
         )
+    n_read = len(tx)
+    keep = np.ones(n_read, dtype=bool)
+    if min_qv is not None and "qv" in tx.columns:
+        keep &= tx["qv"].to_numpy(float) >= float(min_qv)
+    n_low_qv = int((~keep).sum())
+    if not controls:
+        raw = tx["feature_name"]
+        raw = raw.str.decode("utf-8") if n_read and isinstance(raw.iloc[0], bytes) else raw.astype(str)
+        is_control = raw.str.startswith(CONTROL_PREFIXES).to_numpy()
+        keep &= ~is_control
+    tx = tx[keep] if not keep.all() else tx
     measured = _transcripts_um_per_px(tx)
     if measured is not None and abs(measured - mpp) > _MPP_RTOL * mpp:
         raise ValueError(
@@ -205,7 +237,12 @@ def read_hest_xenium(
     adata = AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
     adata.obsm["spatial"] = np.column_stack([shapely.get_x(centroids), shapely.get_y(centroids)])
     outside = int((owner < 0).sum())
-    info = _json_safe(meta) | {"transcripts_outside_cells": outside, "path": str(paths["transcripts"])}
+    info = _json_safe(meta) | {
+        "transcripts_outside_cells": outside,
+        "transcripts_below_min_qv": n_low_qv,
+        "transcripts_not_counted": n_read - len(tx) + outside,
+        "path": str(paths["transcripts"]),
+    }
     if measured is not None:
         info["transcripts_um_per_px"] = measured
     adata.uns[UNS_KEY] = {
