@@ -191,3 +191,25 @@ def test_read_hest_xenium_errors(hest_root, tmp_path):
         hs.io.read_hest_xenium(root, "SYNXC001")
     with pytest.raises(KeyError, match="SYNXC001"):
         hs.io.read_hest_xenium(root, "NOPE")
+
+
+def test_hest_visium_hd_pseudo_spots(sample, tmp_path):
+    """HEST-1k's Visium HD samples hold 128 µm squares pooled from the 16 µm bins: written, then read by
+    read_hest; each square's counts are the 2 µm bins inside it, its centre in µm is the square's."""
+    paths = hs.datasets.write_hest_visium_hd(sample, tmp_path, "SYNHD001")
+    assert json.loads(paths["metadata"].read_text())["st_technology"] == "Visium HD"
+    sd = hs.io.read_hest(tmp_path, "SYNHD001")
+    t = sd.tables["table"]
+    bins = sample.tables["square_002um"]
+    r, c = (
+        bins.obs["array_row"].to_numpy() // 64,
+        bins.obs["array_col"].to_numpy() // 64,
+    )  # 64 x 2 µm = 128 µm
+    assert t.n_obs == 2 * 3  # 256 x 320 µm: 2 rows, 3 columns (the last one partly covered)
+    for name, (row, col) in zip(t.obs_names, t.obs[["array_row", "array_col"]].to_numpy()):
+        inside = (r == row) & (c == col)
+        np.testing.assert_allclose(t[name].X.toarray().ravel(), np.asarray(bins.X[inside].sum(0)).ravel())
+    um = np.asarray(t.obsm["spatial"]) * MPP
+    np.testing.assert_allclose(um, (t.obs[["array_col", "array_row"]].to_numpy() + 0.5) * 128)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        hs.datasets.write_hest_visium_hd(sample, tmp_path, "SYNHD001")
