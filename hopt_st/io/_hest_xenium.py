@@ -61,15 +61,20 @@ def hest_xenium_paths(root: str | Path, sample_id: str) -> dict[str, Path]:
     }
 
 
-def _metadata_mpp(meta: dict, path: Path) -> float:
+def _metadata_mpp(meta: dict, path: Path, measured: float | None) -> float:
     for key in ("pixel_size_um_estimated", "pixel_size_um_embedded"):
         v = meta.get(key)
         if v is not None and not (isinstance(v, float) and not np.isfinite(v)):
             return check_mpp(v, f"{path} {key}")
     raise ValueError(
         f"metadata {str(path)!r} has no 'pixel_size_um_estimated' (nor 'pixel_size_um_embedded'): the WSI's µm "
-        "per pixel is unknown. Pass image_mpp=<µm per full-resolution pixel> to read_hest_xenium (e.g. 0.2737 "
-        "for HEST's 40x Xenium slides)."
+        "per pixel is unknown. Pass image_mpp=<µm per full-resolution pixel> to read_hest_xenium ("
+        + (
+            f"the transcripts' own µm give {measured:.6g}"
+            if measured is not None
+            else "e.g. 0.2737 for HEST's 40x Xenium slides"
+        )
+        + ")."
     )
 
 
@@ -181,10 +186,6 @@ def read_hest_xenium(
             f"HEST sample {sample_id!r} is {tech or 'of unknown technology'!s} (metadata {str(paths['metadata'])!r}),"
             " not Xenium: read it with hs.io.read_hest."
         )
-    mpp = (
-        check_mpp(image_mpp, "image_mpp") if image_mpp is not None else _metadata_mpp(meta, paths["metadata"])
-    )
-
     tx = pd.read_parquet(paths["transcripts"])
     missing = [c for c in ("feature_name", "he_x", "he_y") if c not in tx.columns]
     if missing:
@@ -204,6 +205,10 @@ def read_hest_xenium(
         keep &= ~is_control
     tx = tx[keep] if not keep.all() else tx
     measured = _transcripts_um_per_px(tx)
+    if image_mpp is not None:
+        mpp = check_mpp(image_mpp, "image_mpp")
+    else:
+        mpp = _metadata_mpp(meta, paths["metadata"], measured)
     if measured is not None and abs(measured - mpp) > _MPP_RTOL * mpp:
         raise ValueError(
             f"HEST Xenium sample {sample_id!r}: the WSI's µm/px {mpp:.5g} (image_mpp or metadata "
