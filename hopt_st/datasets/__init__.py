@@ -1,6 +1,8 @@
 """Demo data with a known answer (spatial samples, whole slides), and writers of on-disk layouts (HEST-1k, HEST-Benchmark, Space Ranger, TIFF)."""
 
 from ._hest_layout import write_hest_layout
+from ._hest_visium_hd import write_hest_visium_hd
+from ._hest_xenium import write_hest_xenium
 from ._mil import synthetic_mil_cohort
 from ._slide import synthetic_slide, synthetic_slide_truth
 from ._spaceranger import write_spaceranger_outs
@@ -22,6 +24,8 @@ __all__ = [
     "synthetic_slide_truth",
     "synthetic_visium",
     "write_hest_layout",
+    "write_hest_visium_hd",
+    "write_hest_xenium",
     "write_pyramidal_tiff",
     "write_spaceranger_outs",
 ]

@@ -15,6 +15,7 @@ from ._cohort import load_cohort, read_cohort
 from ._embeddings import SampleEmbeddings, read_embeddings, write_embeddings
 from ._hest import read_hest
 from ._hest_bench import read_hest_bench
+from ._hest_xenium import read_hest_xenium
 from ._mpp import get_image_mpp, set_image_mpp
 from ._slide import read_slide
 from ._visium import read_visium
@@ -32,6 +33,7 @@ __all__ = [
     "read_embeddings",
     "read_hest",
     "read_hest_bench",
+    "read_hest_xenium",
     "read_labels",
     "read_patches",
     "read_slide",
