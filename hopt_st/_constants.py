@@ -15,6 +15,9 @@ VISIUM_SPOT_DISTANCE_UM = 100.0
 SPACERANGER_SPOT_DIAMETER_FULLRES_UM = 65.0
 #: Side of the square pseudo-spots used for Xenium / Visium HD samples, µm.
 SQUARE_SPOT_SIDE_UM = 100.0
+#: side of HEST-1k's Visium HD pseudo-spots: 16 µm bins pooled into 128 µm squares (HEST afd42c3,
+#: src/hest/readers.py:148,154); HEST's Xenium pseudo-spots are SQUARE_SPOT_SIDE_UM (readers.py:904)
+HEST_VISIUM_HD_SQUARE_UM = 128.0
 
 #: µm per pixel of the patches most pathology foundation models (and the HEST-Benchmark) expect ("20x").
 TARGET_MPP = 0.5

@@ -211,5 +211,9 @@ def test_hest_visium_hd_pseudo_spots(sample, tmp_path):
         np.testing.assert_allclose(t[name].X.toarray().ravel(), np.asarray(bins.X[inside].sum(0)).ravel())
     um = np.asarray(t.obsm["spatial"]) * MPP
     np.testing.assert_allclose(um, (t.obs[["array_col", "array_row"]].to_numpy() + 0.5) * 128)
+    # the squares drawn are HEST's 128 µm pooling, not Xenium's 100 µm pseudo-spots
+    sides = sd.shapes[t.uns["spatialdata_attrs"]["region"]].geometry.bounds
+    np.testing.assert_allclose((sides["maxx"] - sides["minx"]) * MPP, 128, rtol=1e-6)
+    np.testing.assert_allclose((sides["maxy"] - sides["miny"]) * MPP, 128, rtol=1e-6)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         hs.datasets.write_hest_visium_hd(sample, tmp_path, "SYNHD001")

@@ -15,7 +15,7 @@ from spatialdata import SpatialData
 from spatialdata.models import ShapesModel, TableModel
 from spatialdata.transformations import Identity
 
-from .._constants import SQUARE_SPOT_SIDE_UM, UNS_KEY, VISIUM_SPOT_DIAMETER_UM
+from .._constants import HEST_VISIUM_HD_SQUARE_UM, SQUARE_SPOT_SIDE_UM, UNS_KEY, VISIUM_SPOT_DIAMETER_UM
 from .._errors import CorruptFileError
 from ._coords import add_micrometers
 from ._counts import check_spots, ensure_raw_counts, read_h5ad
@@ -149,11 +149,13 @@ def _spot_diameter_um(meta: dict, path: Path) -> float:
 
 
 def _spot_shapes(xy: np.ndarray, meta: dict, mpp: float, diameter_um: float = VISIUM_SPOT_DIAMETER_UM):
-    """55 µm circles (Visium/ST; ``spot_diameter`` of the metadata when given) or 100 µm squares (Xenium / HD)."""
+    """55 µm circles (Visium/ST; ``spot_diameter`` of the metadata when given), or squares: 128 µm for Visium HD
+    (HEST pools its 16 µm bins so), 100 µm for Xenium."""
     tech = str(meta.get("st_technology", "Visium"))
     n = len(xy)
     if any(t in tech.lower() for t in _SQUARE_TECHS):
-        half = SQUARE_SPOT_SIDE_UM / 2 / mpp
+        side = HEST_VISIUM_HD_SQUARE_UM if "hd" in tech.lower() else SQUARE_SPOT_SIDE_UM
+        half = side / 2 / mpp
         geoms = [box(x - half, y - half, x + half, y + half) for x, y in xy]
         return ShapesModel.parse(
             gpd.GeoDataFrame(geometry=geoms, index=pd.Index(np.arange(n))),
