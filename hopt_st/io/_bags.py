@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from ._cohort import model_dirname
+from ._cohort import model_folder
 from ._embeddings import PROVENANCE_ATTR, SampleEmbeddings, read_embeddings
 
 #: fields of an embedding file's provenance a MIL model depends on
@@ -128,15 +128,7 @@ class Bags(Sequence):
         FileNotFoundError
             The folder, or a labelled slide's file, does not exist.
         """
-        name = model if isinstance(model, str) else getattr(model, "name", None)
-        if not isinstance(name, str):
-            raise TypeError(f"model must be a model name or a ModelSpec, got {type(model).__name__}.")
-        folder = Path(out_dir) / model_dirname(name)
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"{str(folder)!r} does not exist: embed the cohort first (hopt_st.pp.embed_cohort or "
-                "`hopt-st embed-cohort`)."
-            )
+        folder = model_folder(out_dir, model)
         if labels is None:
             paths = sorted(folder.glob("*.h5"))
             return cls(paths)

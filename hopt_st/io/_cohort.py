@@ -473,6 +473,24 @@ def read_counts(row) -> ad.AnnData | None:
 # ----------------------------------------------------------------------------------------------------------
 # all samples' embeddings as one AnnData
 # ----------------------------------------------------------------------------------------------------------
+def model_folder(out_dir: str | os.PathLike, model) -> Path:
+    """``out_dir/<model>``, the folder of one model's embedding files, which must exist.
+
+    ``model`` is a registry name or a ``ModelSpec``. Raises ``TypeError`` for anything else and
+    ``FileNotFoundError`` (saying how to make it) when the folder is absent.
+    """
+    name = model if isinstance(model, str) else getattr(model, "name", None)
+    if not isinstance(name, str):
+        raise TypeError(f"model must be a model name or a ModelSpec, got {type(model).__name__}.")
+    folder = Path(out_dir) / model_dirname(name)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{str(folder)!r} does not exist: embed the cohort first (hopt_st.pp.embed_cohort or "
+            "`hopt-st embed-cohort`)."
+        )
+    return folder
+
+
 def load_cohort(
     out_dir: str | os.PathLike,
     model,
@@ -527,15 +545,8 @@ def load_cohort(
             each sample's ``fingerprints``; ``uns["hopt_st"]["embeddings"][key_added]`` the provenance of the
             first sample's file.
     """
-    name = model if isinstance(model, str) else getattr(model, "name", None)
-    if not isinstance(name, str):
-        raise TypeError(f"model must be a model name or a ModelSpec, got {type(model).__name__}.")
-    folder = Path(out_dir) / model_dirname(name)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{str(folder)!r} does not exist: embed the cohort first (hopt_st.pp.embed_cohort or "
-            "`hopt-st embed-cohort`)."
-        )
+    folder = model_folder(out_dir, model)
+    name = model if isinstance(model, str) else model.name
     if cohort is None:
         table = pd.DataFrame({"sample_id": sorted(p.stem for p in folder.glob("*.h5"))})
         table["patient"] = None

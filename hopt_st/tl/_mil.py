@@ -25,7 +25,6 @@ import pandas as pd
 from sklearn.base import BaseEstimator
 
 from .._atomic import atomic_write_bytes, check_overwrite
-from .._errors import CorruptFileError
 from ..io._bags import BAG_PROVENANCE_FIELDS, Bags, as_bags
 
 logger = logging.getLogger(__name__)
@@ -556,20 +555,13 @@ class MeanPoolMIL(BaseEstimator):
 def load_mil(path) -> ABMIL | MeanPoolMIL:
     """Read a model written by :meth:`ABMIL.save` or :meth:`MeanPoolMIL.save`."""
     import torch
-    from safetensors import safe_open
+
+    from .._safetensors import read_model_file
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MIL model file {str(path)!r} does not exist.")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            raw = (f.metadata() or {}).get("hopt_st")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = None if raw is None else json.loads(raw)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own types for truncated/garbled files
-        raise CorruptFileError.from_error(
-            path, e, what="MIL model file", fix="save the model again (ABMIL.save) or copy it again."
-        ) from None
+    tensors, meta = read_model_file(
+        path, what="MIL model file", fix="save the model again (ABMIL.save) or copy it again."
+    )
     if meta is None or meta.get("format") != _FORMAT:
         raise ValueError(
             f"{str(path)!r} is not a MIL model written by ABMIL.save / MeanPoolMIL.save (format "

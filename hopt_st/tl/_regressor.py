@@ -258,23 +258,14 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
     @classmethod
     def load(cls, path) -> ExpressionRegressor:
         """Read a regressor written by :meth:`save`."""
-        from safetensors import safe_open
+        from .._safetensors import read_model_file
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"regressor file {str(path)!r} does not exist.")
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                raw = (f.metadata() or {}).get("hopt_st")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            meta = None if raw is None else json.loads(raw)
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for truncated/garbled files
-            raise CorruptFileError.from_error(
-                path,
-                e,
-                what="regressor file",
-                fix="save the regressor again (ExpressionRegressor.save) or copy it again.",
-            ) from None
+        tensors, meta = read_model_file(
+            path,
+            what="regressor file",
+            fix="save the regressor again (ExpressionRegressor.save) or copy it again.",
+        )
         if meta is None:
             raise CorruptFileError(
                 path, f"{str(path)!r} was not written by ExpressionRegressor.save (no hopt_st metadata)."
