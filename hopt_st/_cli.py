@@ -341,6 +341,11 @@ def embed(
     click.echo(f"{tname}.obsm[{key!r}]: {emb.shape[0]} spots x {emb.shape[1]} dims ({model}) -> {dest}")
 
 
+def _items(value: str) -> list[str]:
+    """The comma-separated items of an option's value, stripped, empty ones left out."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def _check_paths(*named: tuple[str, Path | None]) -> None:
     """Each given path exists, else a FileNotFoundError naming the argument (before any heavy import)."""
     for what, path in named:
@@ -688,7 +693,7 @@ def predict(
         out=out,
         weights=weights,
         image_mpp=image_mpp,
-        genes=[g.strip() for g in genes.split(",") if g.strip()] if genes else None,
+        genes=_items(genes) if genes else None,
         preset=preset,
         min_tissue_fraction=min_tissue_fraction,
         image_key=image_key,
@@ -769,17 +774,17 @@ def mil(
     from ._mil_run import run_mil
 
     def floats(v):
-        return None if v is None else [float(x) for x in v.split(",") if x.strip()]
+        return None if v is None else [float(x) for x in _items(v)]
 
     res = run_mil(
         labels,
-        target=[t.strip() for t in target.split(",") if t.strip()],
+        target=_items(target),
         model=model,
         out=out,
         cohort=cohort,
         embeddings=embeddings,
         weights=weights,
-        mils=[m.strip() for m in mils.split(",") if m.strip()],
+        mils=_items(mils),
         lrs=floats(lrs),
         steps=None if steps is None else [int(x) for x in floats(steps)],
         n_splits=folds,
@@ -849,7 +854,7 @@ def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, s
     _check_paths(("ROOT", root))
     task_list = None
     if tasks is not None:
-        task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+        task_list = _items(tasks)
         if not task_list:
             raise click.BadParameter(
                 f"{tasks!r} names no task; give comma-separated task names, e.g. --tasks IDC,PRAD, or leave "

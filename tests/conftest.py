@@ -18,6 +18,8 @@ Encoder registry (never changed at import time; every registration is undone at 
   ``specs_to_register(tiny_vit_spec)`` and unregisters them after its last test; use it with
   ``pytestmark = pytest.mark.usefixtures("model_specs")``. Its value is ``{name: spec}``.
 - ``register_spec``: a function ``(*specs, overwrite=False)`` that registers specs for one test.
+- ``encoder`` / ``weights`` (module scope): that tiny ViT built with random weights, and its weights as a
+  ``.safetensors`` file (for the CLI's ``--weights``).
 """
 
 from __future__ import annotations
@@ -138,6 +140,24 @@ def _tiny_vit_spec(name: str = "tiny-vit", pooling: str = "token", *, embed_dim:
 @pytest.fixture(scope="session")
 def tiny_vit_spec():
     return _tiny_vit_spec
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_vit_spec):
+    """A tiny random ViT (56 px patches at 2 µm/px): fast, and what it embeds is all that matters here."""
+    import hopt_st as hs
+
+    return hs.models.create(tiny_vit_spec(), pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def weights(encoder, tmp_path_factory):
+    """The tiny ViT's random weights as a file, for the CLI (``--weights``)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder.backbone.state_dict().items()}, str(path))
+    return path
 
 
 @pytest.fixture(scope="module")

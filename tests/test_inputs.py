@@ -104,21 +104,6 @@ def test_openslide_formats_need_the_extra_and_read_through_it(he, tmp_path, monk
         hs.io.read_slide(tmp_path / "slide.mrxs", image_mpp=0.5)
 
 
-@pytest.fixture(scope="module")
-def encoder(tiny_vit_spec):
-    """A tiny random ViT (56 px patches at 2 µm/px)."""
-    return hs.models.create(tiny_vit_spec(), pretrained=False)
-
-
-@pytest.fixture(scope="module")
-def weights(encoder, tmp_path_factory):
-    from safetensors.torch import save_file
-
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in encoder.backbone.state_dict().items()}, str(path))
-    return path
-
-
 @pytest.mark.skipif(not CROP.is_dir(), reason="../shared/data/visium_crop not present")
 def test_visium_crop_processed_h5ad_and_jpeg_through_every_step(
     encoder, weights, tiny_vit_spec, tmp_path, capsys, cli_process_state

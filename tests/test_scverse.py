@@ -34,22 +34,6 @@ def _close_figures():
 
 
 @pytest.fixture(scope="module")
-def encoder(tiny_vit_spec):
-    """A tiny random ViT (56 px patches at 2 µm/px): fast, and what it embeds is all that matters here."""
-    return hs.models.create(tiny_vit_spec(), pretrained=False)
-
-
-@pytest.fixture(scope="module")
-def weights(encoder, tmp_path_factory):
-    """The tiny ViT's random weights as a file, for the CLI (``--weights``)."""
-    from safetensors.torch import save_file
-
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in encoder.backbone.state_dict().items()}, str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
 def outs(tmp_path_factory):
     """A Space Ranger outs/ folder of a synthetic sample plus its full-resolution scan as a pyramidal TIFF."""
     root = tmp_path_factory.mktemp("outs")
