@@ -324,14 +324,15 @@ def embed(
 
         if bins is not None and cells:
             raise click.UsageError("pass --bins SIZE or --cells, not both.")
+        bin_um = parse_bin_um(bins)
+        if in_place:  # refused before the token map is computed
+            raise click.UsageError("--bins/--cells write a token map: pass --out OUT.zarr.")
         run = {k: v for k, v in run.items() if k != "key_added"}
-        tname, key = embed_subspot(sdata, bin_um=parse_bin_um(bins), cells=cells, key_added=key_added, **run)
+        tname, key = embed_subspot(sdata, bin_um=bin_um, cells=cells, key_added=key_added, **run)
     else:
         hs.pp.embed(sdata, table_name=table_name, **run)
         tname = resolve_table_name(sdata, table_name)
     emb = sdata.tables[tname].obsm[key]
-    if in_place and (bins is not None or cells):
-        raise click.UsageError("--bins/--cells write a token map: pass --out OUT.zarr.")
     if in_place:  # atomic: on any failure the store is left exactly as it was
         write_table_in_place(sdata, tname)
         dest = input_path
@@ -372,7 +373,7 @@ def _embed_h5ad(adata, input_path: Path, out: Path | None, image: Path | None, i
     from ._atomic import check_output
     from .io._store import write_sdata
 
-    _check_h5ad_out(input_path, out, run["overwrite"])
+    # --out was checked by _check_h5ad_out before INPUT was read
     check_output(out, inputs=(input_path, image, run["weights"]), overwrite=run["overwrite"], what="--out")
     data = adata
     if out.suffix == ".zarr":
@@ -892,14 +893,12 @@ def bench(root, tasks, models, protocol, weights, embeddings_dir, out, device, s
             )
         )
     from ._atomic import atomic_write_bytes
-    from .bench._run import _merge_table
+    from .bench._run import _merge_table, merge_results
 
     new = pd.concat(frames, ignore_index=True)
     new_genes = pd.concat([f.attrs.get("per_gene", pd.DataFrame()) for f in frames], ignore_index=True)
     # rows of other models (or tasks, protocols) from an earlier run into --out are kept, as bench.run keeps them
-    df = _merge_table(out / "results.csv", new, ["task", "model", "protocol"])
-    if "hest_comparable" in df:
-        df["hest_comparable"] = df["hest_comparable"].astype(str).str.lower().eq("true")
+    df = merge_results(out / "results.csv", new)
     per_gene = _merge_table(out / "per_gene.csv", new_genes, ["task", "model", "protocol", "gene"])
     old_json = out / "results.json"
     provenance = json.loads(old_json.read_text()).get("provenance", []) if old_json.is_file() else []

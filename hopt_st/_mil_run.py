@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._atomic import atomic_dir, atomic_path, atomic_write_bytes
+from ._atomic import atomic_dir, atomic_path, atomic_write_bytes, mark_ours
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +143,7 @@ def run_predict_mil(
     from spatialdata import SpatialData
 
     from ._constants import UNS_KEY
-    from ._predict import _thumbnail
-    from .io import read_slide
+    from ._predict import _thumbnail, check_outputs
     from .io._bags import ArrayBags
     from .io._elements import resolve_image_key
     from .pp import embed
@@ -152,17 +151,18 @@ def run_predict_mil(
     from .pp._slide_tiles import slide_tiles
     from .tl import ABMIL, load_mil, mil_attention
     from .tl._provenance import embedding_provenance
+    from .tl._slide import _open
 
     if not slide.exists():
         raise FileNotFoundError(f"SLIDE {str(slide)!r} does not exist.")
     if not mil.is_file():
         raise FileNotFoundError(f"--mil {str(mil)!r} does not exist.")
+    if weights is not None and not weights.exists():
+        raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
     png = out.with_name(f"{out.stem}_attention.png")
-    existing = [str(p) for p in (out, png) if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{existing} already exist: pass --overwrite to replace them, or another --out."
-        )
+    check_outputs(
+        out, [png], (slide, mil, weights), overwrite
+    )  # never an input, even with --overwrite (rule 1)
     est = load_mil(mil)
     fitted_on = est.provenance_.get("model")
     if fitted_on is not None and fitted_on != model:
@@ -170,12 +170,7 @@ def run_predict_mil(
             f"--mil {mil.name!r} was fitted on {fitted_on!r} embeddings and cannot score {model!r} embeddings: "
             f"pass --model {fitted_on}."
         )
-    if slide.is_dir():
-        import spatialdata as sd
-
-        sdata = sd.read_zarr(slide)
-    else:
-        sdata = read_slide(slide, image_mpp=image_mpp)
+    sdata = _open(slide, image_mpp)  # a .zarr store, or a slide file
     spec_mpp, patch = est.provenance_.get("mpp", 0.5), est.provenance_.get("patch_size", 224)
     slide_tiles(sdata, int(patch), float(spec_mpp))
     key = default_key(model)
@@ -220,6 +215,7 @@ def run_predict_mil(
     )
     with atomic_dir(out) as tmp:
         result.write(tmp)
+        mark_ours(tmp, "predict-mil")  # a store of ours: a later --overwrite may replace it (rule 1)
     files = [out]
     if isinstance(est, ABMIL):
         _attention_png(table, png, f"{slide.name}: attention of {mil.name} ({text})")

@@ -162,18 +162,23 @@ def _check_inputs(slide: Path, regressor: Path, weights: Path | None, genes, out
             f"{list(reg.genes_[:10])}{'...' if len(reg.genes_) > 10 else ''}."
         )
     pngs = map_paths(out, genes)
-    existing = [str(p) for p in (out, *pngs.values()) if p.exists()]
+    check_outputs(out, list(pngs.values()), (slide, regressor, weights), overwrite)
+    return reg, genes, pngs
+
+
+def check_outputs(out: Path, pngs: Sequence[Path], inputs, overwrite: bool) -> None:
+    """The store ``out`` and its PNGs beside it may be written: absent, or ``overwrite`` and ours; never an input
+    nor inside one (rule 1); ``out``'s folder exists. Every refusal names the paths."""
+    existing = [str(p) for p in (out, *pngs) if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(
             f"{existing} already exist: pass --overwrite to replace them, or another --out."
         )
-    inputs = (slide, regressor, weights)  # --overwrite replaces outputs of ours, never an input (rule 1)
     check_output(out, inputs=inputs, overwrite=overwrite, what="--out")
-    for png in pngs.values():
+    for png in pngs:
         check_output(png, inputs=inputs, overwrite=overwrite, what="map")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"the folder of --out {str(out.parent)!r} does not exist.")
-    return reg, genes, pngs
 
 
 def _write_maps(result: SpatialData, thumb_key: str, pngs: dict[str, Path], title) -> dict[str, Path]:

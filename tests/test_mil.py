@@ -375,3 +375,11 @@ def test_cli_mil_cross_validates_and_predict_scores_one_slide(slide_cohort, tmp_
         == 1
     )
     assert "fitted on 'handcrafted' embeddings" in capsys.readouterr().err
+    # --overwrite replaces the store it wrote (marked as ours), never the slide it reads (rule 1)
+    predict = ["-q", "predict", str(root / "s0.tif"), "--mil", str(tmp_path / "out" / "abmil.safetensors")]
+    predict += ["--model", "handcrafted", "--overwrite", "--out"]
+    slide_bytes = (root / "s0.tif").read_bytes()
+    assert main([*predict, str(root / "s0.tif")]) == 1
+    assert "never replaces an input" in capsys.readouterr().err
+    assert (root / "s0.tif").read_bytes() == slide_bytes
+    assert main([*predict, str(zarr)]) == 0 and (zarr / ".hopt_st_output").is_file()

@@ -634,6 +634,14 @@ def _merge_table(path: Path, new: pd.DataFrame, keys: list[str]) -> pd.DataFrame
     return pd.concat([old[keep], new], ignore_index=True)
 
 
+def merge_results(path: Path, new: pd.DataFrame) -> pd.DataFrame:
+    """:func:`_merge_table` on the results' keys (task, model, protocol), ``hest_comparable`` read back as bool."""
+    table = _merge_table(path, new, ["task", "model", "protocol"])
+    if "hest_comparable" in table:
+        table["hest_comparable"] = table["hest_comparable"].astype(str).str.lower().eq("true")
+    return table
+
+
 def _write_outputs(out: Path, df, results, model, protocols, tasks, config, n_genes):
     for p in protocols:
         tree = out / p
@@ -642,9 +650,7 @@ def _write_outputs(out: Path, df, results, model, protocols, tasks, config, n_ge
             folds, note = results[(task, p)]
             write_encoder_results(tree, task, model, folds, cfg, note)
         rebuild_aggregates(tree, tasks)
-    table = _merge_table(out / "results.csv", df, ["task", "model", "protocol"])
-    if "hest_comparable" in table:
-        table["hest_comparable"] = table["hest_comparable"].astype(str).str.lower().eq("true")
+    table = merge_results(out / "results.csv", df)
     atomic_write_text(out / "results.csv", table.to_csv(index=False))
     per_gene = _merge_table(
         out / "results_per_gene.csv", df.attrs["per_gene"], ["task", "model", "protocol", "gene"]

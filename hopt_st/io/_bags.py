@@ -13,12 +13,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 
+from .._h5 import open_h5
 from ._cohort import model_folder
-from ._embeddings import PROVENANCE_ATTR, SampleEmbeddings, read_embeddings
+from ._embeddings import PROVENANCE_ATTR, SampleEmbeddings, read_embeddings, read_provenance
 
 #: fields of an embedding file's provenance a MIL model depends on
 BAG_PROVENANCE_FIELDS = ("model", "weights_sha256", "mpp", "patch_size")
@@ -60,15 +60,6 @@ def read_labels(labels: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
         df["patient"] = df["sample_id"]
     df["patient"] = [s if p is None or p != p else str(p) for s, p in zip(df["sample_id"], df["patient"])]
     return df.reset_index(drop=True)
-
-
-def _file_provenance(path: Path) -> dict:
-    """The provenance attribute of an embedding file, reading nothing else."""
-    if not path.is_file():
-        raise FileNotFoundError(f"embedding file {str(path)!r} does not exist.")
-    with h5py.File(path, "r") as f:
-        raw = f.attrs.get(PROVENANCE_ATTR)
-    return {} if raw is None else json.loads(raw)
 
 
 class Bags(Sequence):
@@ -172,7 +163,7 @@ class Bags(Sequence):
     def provenance(self) -> dict:
         """The provenance of the first bag's file (model, weights, µm/px, patch size, ...); ``{}`` if none."""
         if self._provenance is None:
-            self._provenance = _file_provenance(self.paths[0]) if self.paths else {}
+            self._provenance = read_provenance(self.paths[0]) if self.paths else {}
         return self._provenance
 
     def _check(self, found: dict, path: Path) -> None:
@@ -192,7 +183,7 @@ class Bags(Sequence):
         """Bag ``i``'s embeddings only, float32 ``(n_tiles, dim)`` (the file's other datasets are not read)."""
         path = self.paths[int(i)]
         try:
-            with h5py.File(path, "r") as f:
+            with open_h5(path) as f:  # refuses data from outside the file (rule 4)
                 emb = np.asarray(f["embeddings"][:], dtype=np.float32)
                 raw = f.attrs.get(PROVENANCE_ATTR)
         except (OSError, KeyError) as e:

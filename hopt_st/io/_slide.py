@@ -135,11 +135,12 @@ def read_slide(path: str | PathLike, *, image_mpp: float | None = None, image_ke
     if not path.is_file():
         raise FileNotFoundError(f"slide {str(path)!r} does not exist.")
     # the pixel size first: a slide refused for lack of one leaves no file open
+    image = None
     if image_mpp is not None:
         mpp, source = check_mpp(image_mpp, "image_mpp"), "image_mpp argument"
     else:
         if not is_tiff(path):
-            read_image_file(path)  # an unreadable / grayscale / tiny file: its own error first
+            image = read_image_file(path)  # an unreadable / grayscale / tiny file: its own error first
             found, where = file_mpp(path)
         else:
             try:
@@ -159,7 +160,8 @@ def read_slide(path: str | PathLike, *, image_mpp: float | None = None, image_ke
                 "scan: 65 / spot_diameter_fullres)."
             )
         mpp, source = check_mpp(found, f"{path} ({where})"), where
-    image = read_image_file(path)  # lazy for TIFF / OpenSlide; ValueError naming the file and the reason
+    if image is None:  # not read above (a TIFF, or image_mpp given)
+        image = read_image_file(path)  # lazy for TIFF / OpenSlide; ValueError naming the file and the reason
     sdata = SpatialData(images={image_key: image})
     add_micrometers(sdata, image_key, mpp)
     set_image_mpp(sdata, {image_key: mpp})
