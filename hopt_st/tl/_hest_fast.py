@@ -326,7 +326,7 @@ def fit_from_stats(
     scale = _standard_scale(np.diag(stats.css) / stats.n)
     C = stats.css / np.outer(scale, scale)
     R = stats.cxy / scale[:, None]
-    if sklearn_pca_solver(stats.n, d, k) == "randomized" and stats.n >= d:
+    if replays_pca(stats.n, d, n_components):
         s, V, c = randomized_pca_from_gram(C, R, k, stats.n, seed, dtype)
     else:
         lam, V = scipy.linalg.eigh(C, subset_by_index=[d - k, d - 1], driver="evr", check_finite=False)
@@ -336,3 +336,13 @@ def fit_from_stats(
     W = ridge_solve(s, s[:, None] * c, stats.syy, _hest_alpha(k, g))
     coef = (V @ W) / scale[:, None]
     return LinearMap(x_mean=stats.mean, coef=coef, intercept=np.zeros(g))
+
+
+def fit_if_replayable(
+    X, Y, *, n_components: int = _HEST_N_COMPONENTS, seed: int = _HEST_SEED
+) -> LinearMap | None:
+    """``solver="fast"`` on stacked spots: :func:`fit_from_stats` of their moments, or ``None`` where the moments
+    cannot replay HEST's PCA (:func:`replays_pca`; the caller runs the exact path then)."""
+    if not replays_pca(*X.shape, n_components):
+        return None
+    return fit_from_stats(moment_stats(X, Y), n_components=n_components, seed=seed, dtype=X.dtype)

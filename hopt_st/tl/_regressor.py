@@ -169,13 +169,9 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
             k = min(self.n_components, *X.shape)
             self.alpha_ = np.full(Y.shape[1], _hest_alpha(k, Y.shape[1]))
             if self.solver == "fast":
-                from ._hest_fast import fit_from_stats, moment_stats, replays_pca
+                from ._hest_fast import fit_if_replayable
 
-                if replays_pca(*X_hest.shape, self.n_components):
-                    stats = moment_stats(X_hest, Y)
-                    self.linear_ = fit_from_stats(
-                        stats, n_components=self.n_components, seed=seed, dtype=X_hest.dtype
-                    )
+                self.linear_ = fit_if_replayable(X_hest, Y, n_components=self.n_components, seed=seed)
             if self.linear_ is None:
                 self.linear_ = _fit_hest_exact(X_hest, Y, n_components=self.n_components, seed=seed)
         else:
@@ -270,13 +266,9 @@ class ExpressionRegressor(RegressorMixin, BaseEstimator):
             raise CorruptFileError(
                 path, f"{str(path)!r} was not written by ExpressionRegressor.save (no hopt_st metadata)."
             )
-        meta = _check_regressor_file(
-            path, meta, tensors
-        )  # everything predict relies on, checked now (rule 7)
-        try:
-            reg = cls(**meta["params"], alphas=meta["alphas"])
-        except TypeError as e:  # pragma: no cover - the parameter names are checked above
-            raise CorruptFileError(path, f"regressor file {str(path)!r}: {e}") from None
+        # everything predict relies on is checked now (rule 7), the parameter names included
+        meta = _check_regressor_file(path, meta, tensors)
+        reg = cls(**meta["params"], alphas=meta["alphas"])
         reg.genes_ = meta["genes"]
         reg.n_features_in_ = meta["n_features_in"]
         reg.use_rep, reg.target = meta["use_rep"], meta["target"]

@@ -241,11 +241,10 @@ def hest_probe(
     Y_train = np.asarray(Y_train, dtype=np.float64)
     k = min(n_components, *X_train.shape)
     if solver == "fast":
-        from ._hest_fast import fit_from_stats, moment_stats, replays_pca
+        from ._hest_fast import fit_if_replayable
 
-        if replays_pca(*X_train.shape, n_components):
-            stats = moment_stats(X_train, Y_train)
-            lin = fit_from_stats(stats, n_components=n_components, seed=seed, dtype=X_train.dtype)
+        lin = fit_if_replayable(X_train, Y_train, n_components=n_components, seed=seed)
+        if lin is not None:
             return lin.predict(X_test), k
     Z_train, Z_test, _ = _hest_pca(X_train, X_test, n_components=n_components, seed=seed)
     coef = _hest_ridge_coef(Z_train, Y_train, n_jobs=n_jobs)
