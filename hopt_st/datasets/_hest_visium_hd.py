@@ -24,14 +24,14 @@ from scipy import sparse
 from spatialdata import SpatialData
 
 from .._atomic import atomic_path, check_overwrite
-from .._constants import UNS_KEY
+from .._constants import HEST_VISIUM_HD_SQUARE_UM, UNS_KEY
 from ._tiff import write_pyramidal_tiff
 from ._visium_hd import pool_bins
 
 logger = logging.getLogger(__name__)
 
-#: HEST's pseudo-spot of a Visium HD sample, µm, and the bins it pools
-HEST_HD_SQUARE_UM, HEST_HD_SOURCE_BIN_UM = 128, 16
+#: HEST's pseudo-spot of a Visium HD sample, µm (16 µm bins pooled; see hopt_st._constants)
+HEST_HD_SQUARE_UM = int(HEST_VISIUM_HD_SQUARE_UM)
 
 
 def write_hest_visium_hd(
@@ -75,15 +75,10 @@ def write_hest_visium_hd(
         check_overwrite(p, overwrite, f"HEST file of sample {sample_id!r}")
     table = sample.tables["square_002um"]
     mpp = float(table.uns[UNS_KEY]["fullres_mpp"])
-    bins16, _ = pool_bins(table, HEST_HD_SOURCE_BIN_UM)
-    f = HEST_HD_SQUARE_UM // HEST_HD_SOURCE_BIN_UM
-    row = bins16.obs["array_row"].to_numpy() // f
-    col = bins16.obs["array_col"].to_numpy() // f
-    n_col = int(col.max()) + 1
-    uniq, inv = np.unique(row * n_col + col, return_inverse=True)
-    agg = sparse.csr_matrix((np.ones(len(inv)), (inv, np.arange(len(inv)))), shape=(len(uniq), len(inv)))
-    X = sparse.csr_matrix(agg @ bins16.X, dtype=np.float32)
-    r, c = uniq // n_col, uniq % n_col
+    # HEST's 16 µm -> 128 µm pooling nests in the 2 µm grid: one pooling of the 2 µm bins gives the same sums
+    pooled, _ = pool_bins(table, HEST_HD_SQUARE_UM)
+    X = sparse.csr_matrix(pooled.X, dtype=np.float32)
+    r, c = pooled.obs["array_row"].to_numpy(), pooled.obs["array_col"].to_numpy()
     cx, cy = (c + 0.5) * HEST_HD_SQUARE_UM / mpp, (r + 0.5) * HEST_HD_SQUARE_UM / mpp
     nonempty = np.asarray(X.sum(1)).ravel() > 0
     obs = pd.DataFrame(

@@ -381,7 +381,6 @@ def _read_h5ad_sample(row) -> SpatialData:
     from spatialdata.models import TableModel
 
     from ._anndata import anndata_to_spatialdata
-    from ._counts import read_h5ad
     from ._hest import _spot_shapes, _spot_xy
     from ._image_file import read_image_file
     from ._mpp import check_mpp
