@@ -393,6 +393,33 @@ def test_rule4_virtual_dataset_of_the_file_itself_is_allowed(tmp_path):
         assert list(f["v"][:]) == [0.0, 1.0, 2.0, 3.0]
 
 
+def test_rule4_bag_embeddings_from_outside_the_file_refused(tmp_path):
+    """Another reader of the rule: a slide's bag whose embeddings are stored in another file is refused by
+    hs.io.Bags, and the other file's numbers never become the bag."""
+    import h5py
+
+    from hopt_st._h5 import ExternalDataError
+
+    prov = {"model": "m", "weights_sha256": "w", "mpp": 0.5, "patch_size": 224}
+    good = hs.io.write_embeddings(
+        tmp_path / "m" / "good.h5", np.ones((3, 4), np.float32), ["a", "b", "c"], provenance=prov
+    )
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.full((3, 4), 7.0, np.float32).tobytes())
+    bad = tmp_path / "m" / "bad.h5"
+    with h5py.File(good, "r") as src, h5py.File(bad, "w") as f:
+        for k, v in src.attrs.items():
+            f.attrs[k] = v
+        for name in src:
+            if name != "embeddings":
+                src.copy(name, f)
+        f.create_dataset("embeddings", shape=(3, 4), dtype=np.float32, external=[(str(secret), 0, 48)])
+    bags = hs.io.Bags([good, bad])
+    assert bags.arrays(0).sum() == 12
+    with pytest.raises(ExternalDataError, match="bad.h5"):
+        bags.arrays(1)
+
+
 @pytest.mark.parametrize("model", ["../../X", "a/../../X", "/abs/X"])
 def test_rule4_bench_results_stay_inside_out(tmp_path, capsys, model):
     """The issue's case (`--model ../../X` or an absolute path wrote results outside --out), from the CLI and
