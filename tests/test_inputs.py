@@ -104,6 +104,99 @@ def test_openslide_formats_need_the_extra_and_read_through_it(he, tmp_path, monk
         hs.io.read_slide(tmp_path / "slide.mrxs", image_mpp=0.5)
 
 
+def _he_texture(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Smooth, non-periodic H&E-like colours (pink stroma to purple nuclei) with a gradient across x and y:
+    JPEG keeps it within a few grey levels, and no two places, nor the image and its transpose, look alike."""
+    rng = np.random.default_rng(seed)
+
+    def noise(cell: int) -> np.ndarray:  # random values every `cell` px, bicubic in between
+        small = Image.fromarray(rng.random((h // cell + 3, w // cell + 3), np.float32))  # mode "F"
+        big = np.asarray(small.resize((w + 3 * cell, h + 3 * cell), Image.BICUBIC))
+        return big[cell : cell + h, cell : cell + w]
+
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    t = np.clip(0.6 * noise(48) + 0.4 * noise(16) + 0.35 * x - 0.2 * y, 0, 1)[..., None]
+    return np.rint((1 - t) * [236, 160, 200] + t * [95, 50, 145]).astype(np.uint8)
+
+
+def _box(a: np.ndarray, f: int) -> np.ndarray:
+    """`a` downsampled by `f`: means of f x f blocks (how the MIRAX writer builds its levels)."""
+    h, w = a.shape[0] // f, a.shape[1] // f
+    return a.astype(np.float64).reshape(h, f, w, f, 3).mean(axis=(1, 3))
+
+
+def test_a_mirax_slide_reads_through_openslide_with_its_pixels_pixel_size_and_patches(tmp_path, monkeypatch):
+    import openslide
+    from _mirax import write_mirax
+
+    # dask chunks smaller than this small slide (a real one spans many) and not aligned to its 256 px images,
+    # so that OpenSlide is asked for regions at offsets, on every level
+    monkeypatch.setattr("hopt_st.io._openslide._CHUNK", 600)
+
+    mpp, (h, w) = 0.2425, (1536, 2048)  # not square: an x/y swap changes every shape
+    source = _he_texture(h, w)
+    scanned = np.ones((3, 4), bool)  # camera photos of 512 px: the left column and a corner were not taken
+    scanned[:, 0] = scanned[2, 3] = False
+    path = write_mirax(tmp_path / "slide.mrxs", source, mpp=mpp, levels=3, scanned=scanned)
+    expected = source.copy()
+    expected[~scanned.repeat(512, 0).repeat(512, 1)] = 255  # no scan there: background
+
+    # OpenSlide itself opens it as MIRAX with the written size, pyramid, pixel size and scanned bounds
+    with openslide.OpenSlide(str(path)) as slide:
+        props = slide.properties
+        assert props["openslide.vendor"] == "mirax"
+        assert slide.level_dimensions == ((w, h), (w // 2, h // 2), (w // 4, h // 4))
+        assert float(props["openslide.mpp-x"]) == float(props["openslide.mpp-y"]) == mpp
+        bounds = [int(props[f"openslide.bounds-{k}"]) for k in ("x", "y", "width", "height")]
+        assert bounds == [512, 0, 1536, h]  # the scanned photos' extent, reported by OpenSlide
+        assert np.asarray(slide.read_region((0, 0), 0, (512, h)))[..., 3].max() == 0  # unscanned: transparent
+
+    # hopt_st's public path: the pixel size from the file, every level's pixels within JPEG error, in
+    # OpenSlide's level-0 frame (not cropped to the bounds), unscanned pixels white
+    sdata = hs.io.read_slide(path)
+    assert hs.io.get_image_mpp(sdata, "he") == mpp
+    assert sdata.attrs["hopt_st"]["mpp_source"] == "OpenSlide's openslide.mpp-x"
+    elements = image_levels(sdata.images["he"])
+    assert elements[0].data.chunks[1:] == ((600, 600, 336), (600, 600, 600, 248))
+    levels = [np.asarray(lv.data.compute()).transpose(1, 2, 0) for lv in elements]
+    assert [lv.shape for lv in levels] == [(h // f, w // f, 3) for f in (1, 2, 4)]
+    level0 = levels[0].astype(np.float64)
+    err = np.abs(level0 - expected)
+    assert err.mean() < 1.5 and err.max() <= 16, (err.mean(), err.max())
+    assert (levels[0][expected.min(axis=-1) == 255] == 255).all()
+    # the best alignment is no shift at all: a 1 px offset in x or y would read worse
+    shifted = {
+        (dy, dx): np.abs(level0[8 + dy : h - 8 + dy, 8 + dx : w - 8 + dx] - expected[8:-8, 8:-8]).mean()
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+    }
+    assert min(shifted, key=shifted.get) == (0, 0), shifted
+    for f, level in zip((2, 4), levels[1:], strict=True):
+        err = np.abs(level - _box(expected, f))
+        assert err.mean() < 3 and err.max() <= 40, (f, err.mean(), err.max())
+
+    # patches cut by hs.pp.patches equal those cut from the source (a lossless TIFF), at level 0 and from
+    # the pyramid; each matches its own place and no other, so a swap or an offset would show
+    tifffile.imwrite(tmp_path / "source.tif", expected)
+    ref = hs.io.read_slide(tmp_path / "source.tif", image_mpp=mpp)
+    for s in (sdata, ref):
+        hs.pp.tile_grid(s, size_um=64, spacing_um=64, shape="square", tissue_key=None)
+    np.testing.assert_array_equal(sdata["grid"].obsm["spatial"], ref["grid"].obsm["spatial"])
+    for target_mpp, size in ((mpp, 256), (1.0, 64)):
+        got, want = (
+            hs.pp.patches(s, table_name="grid", patch_size=size, target_mpp=target_mpp)
+            .to_numpy()
+            .astype(np.int16)
+            for s in (sdata, ref)
+        )
+        assert len(got) == len(want) == 35  # 7 x 5 squares of 64 µm (264 px)
+        d = np.array([np.abs(want - g).mean(axis=(1, 2, 3)) for g in got])  # slide patch i vs source patch j
+        assert d.diagonal().max() < 3, d.diagonal().max()
+        tissue = [i for i in range(len(want)) if (want[i] == 255).all(axis=-1).mean() < 0.5]
+        assert len(tissue) > 20
+        assert all(d[i, i] < 0.3 * np.delete(d[i], i).min() for i in tissue)
+
+
 @pytest.mark.skipif(not CROP.is_dir(), reason="../shared/data/visium_crop not present")
 def test_visium_crop_processed_h5ad_and_jpeg_through_every_step(
     encoder, weights, tiny_vit_spec, tmp_path, capsys, cli_process_state
