@@ -87,6 +87,19 @@ def test_16bit_rgb_tiff_opens_as_a_slide_and_cuts_the_8bit_patches(he, tmp_path)
     np.testing.assert_array_equal(p16, p8)
 
 
+def test_openslide_alpha_is_composited_on_white_glass():
+    """Opaque pixels stay, transparent ones (outside the scan) are white, and partly transparent ones mix with
+    white in proportion to their alpha (straight alpha, as OpenSlide.read_region gives it)."""
+    from hopt_st.io._openslide import composite_on_white
+
+    rgba = np.array([[[200, 100, 50, 255], [200, 100, 50, 0], [200, 100, 50, 128], [0, 0, 0, 51]]], np.uint8)
+    got = composite_on_white(rgba)
+    # v a/255 + 255 (1 - a/255), rounded
+    want = [[200, 100, 50], [255, 255, 255], [227, 177, 152], [204, 204, 204]]
+    np.testing.assert_array_equal(got, np.array([want], np.uint8))
+    assert composite_on_white(rgba[:, :1]).tolist() == [[[200, 100, 50]]]
+
+
 def test_openslide_formats_need_the_extra_and_read_through_it(he, tmp_path, monkeypatch):
     from hopt_st.io._openslide import read_openslide_image
 

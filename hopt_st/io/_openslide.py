@@ -45,9 +45,20 @@ def _open(path: Path):
         raise CorruptFileError.from_error(path, e, what="slide", fix="Download or copy it again.") from e
 
 
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """``(h, w, 3)`` uint8: an ``(h, w, 4)`` RGBA region (straight alpha, as ``OpenSlide.read_region`` gives it)
+    over white glass. Transparent pixels lie outside the scanned area (OpenSlide's convention), and partly
+    transparent ones, e.g. where a MIRAX slide's camera images are blended, mix with it in proportion."""
+    rgb, alpha = rgba[..., :3], rgba[..., 3:]
+    if alpha.min() == 255:
+        return rgb.copy()
+    a = alpha.astype(np.uint32)
+    return ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
 class OpenSlideLevel:
-    """One OpenSlide level as a lazy ``(y, x, 3)`` uint8 array-like (alpha composited on white by OpenSlide's
-    own convention: transparent pixels are background)."""
+    """One OpenSlide level as a lazy ``(y, x, 3)`` uint8 array-like, its alpha composited on white
+    (:func:`composite_on_white`)."""
 
     def __init__(self, path: str | os.PathLike, level: int):
         self.path, self.level = str(Path(path).resolve()), int(level)
@@ -79,9 +90,7 @@ class OpenSlideLevel:
         slide = self._get()
         with self._lock:  # one OpenSlide handle per process, used by one thread at a time
             rgba = np.asarray(slide.read_region(loc, self.level, (x1 - x0, y1 - y0)))
-        rgb = rgba[..., :3].copy()
-        rgb[rgba[..., 3] == 0] = 255  # outside the scanned area: background
-        return rgb[::sy, ::sx][..., key[2]]
+        return composite_on_white(rgba)[::sy, ::sx][..., key[2]]
 
     def __getstate__(self):
         state = self.__dict__.copy()
