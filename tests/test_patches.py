@@ -174,6 +174,37 @@ def test_resampler_is_pils_bilinear_filter():
     assert resize(crop, 32) is crop  # 1:1: the window itself
 
 
+def test_resampler_reused_buffers_give_pillows_patch_for_every_window(monkeypatch):
+    """The per-thread reusable image and copy never leak one window into the next: views of a larger image
+    (non-contiguous), contiguous windows, shapes that change between calls, windows too large to keep a
+    buffer, and four threads at once all give what a fresh ``Image.fromarray(crop).resize`` gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hopt_st.pp import _resample
+    from hopt_st.pp._resample import resize
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (400, 500, 3), dtype=np.uint8)
+    wins = [
+        (int(y), int(x), h, w) for (y, x) in rng.integers(0, 150, (40, 2)) for h, w in [(96, 96), (97, 120)]
+    ]
+
+    def one(k):
+        y, x, h, w = wins[k]
+        crop = img[y : y + h, x : x + w] if k % 3 else img[y : y + h, x : x + w].copy()
+        return resize(crop, 40)
+
+    want = [pil_bilinear(img[y : y + h, x : x + w], 40) for y, x, h, w in wins]
+    for got, ref in zip([one(k) for k in range(len(wins))], want, strict=True):
+        np.testing.assert_array_equal(got, ref)
+    with ThreadPoolExecutor(4) as pool:
+        for got, ref in zip(pool.map(one, range(len(wins))), want, strict=True):
+            np.testing.assert_array_equal(got, ref)
+    monkeypatch.setattr(_resample, "_REUSE_MAX_PIXELS", 96 * 96)  # the 97 x 120 windows take no buffer
+    for got, ref in zip([one(k) for k in range(len(wins))], want, strict=True):
+        np.testing.assert_array_equal(got, ref)
+
+
 @pytest.mark.parametrize("target_mpp", [0.75, 1.0, 0.5, 0.4])  # 1.5x and 2x reductions, 1:1, enlargement
 def test_exact_level0_fullres_px(target_mpp):
     img = coord_image(500, 700)
