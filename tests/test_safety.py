@@ -363,6 +363,33 @@ def test_case03_blank_image_skipped_or_refused_synthetic():
         hs.pp.patches(sdata)
 
 
+def test_blank_look_on_a_window_grid_reads_past_uniform_windows_and_stops_at_a_varying_one():
+    """Levels over 4 Mpx are looked at on an 8 x 8 grid of windows, the first read alone: an image uniform in
+    its first windows but with tissue in the last one is not blank; one colour everywhere is; and a first
+    window that varies ends the look there (no other window is computed)."""
+    import dask.array as da
+
+    from hopt_st.io._elements import image_blank_value
+
+    def element(arr):
+        return Image2DModel.parse(arr, dims=("c", "y", "x"), transformations={"global": Identity()})
+
+    side = 2400  # 5.8 Mpx: the grid path
+    glass = np.full((3, side, side), 240, np.uint8)
+    assert image_blank_value(element(da.from_array(glass, chunks=(3, 600, 600)))) == (240, 240, 240)
+    tissue = glass.copy()
+    tissue[:, -200:, -200:] = 120  # only the grid's last window sees it
+    assert image_blank_value(element(da.from_array(tissue, chunks=(3, 600, 600)))) is None
+    computed = []
+    varied = da.from_array(tissue, chunks=(3, 600, 600)).map_blocks(
+        lambda b: (computed.append(b.shape) if b.size else None) or b + 1, dtype=np.uint8
+    )  # counts the chunks read (dask's own look at the function uses empty blocks)
+    varied = varied.copy()
+    varied[:, :10, :10] = 0  # the first window varies
+    assert image_blank_value(element(varied)) is None
+    assert computed == [(3, 600, 600)]  # the first window's one chunk, nothing else
+
+
 def test_case04_checkpoint_of_another_image_of_the_same_size_is_refused(tmp_path):
     ck = tmp_path / "ck"
     a = _sample(40, seed=0)

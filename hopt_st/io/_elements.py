@@ -202,8 +202,9 @@ _BLANK_GRID, _BLANK_WINDOW = 8, 256
 _BLANK_CACHE: dict[str, tuple | None] = {}
 
 
-def _sample_pixels(level: xr.DataArray) -> np.ndarray:
-    """``(n, channels)`` pixel values of a level: all of them when small, else an 8 x 8 grid of windows."""
+def _sample_blocks(level: xr.DataArray):
+    """Yield ``(n, channels)`` pixel values of a level: the level whole when small, else an 8 x 8 grid of
+    windows. The first block is read alone, so a look that stops there reads nothing more."""
     data = level.transpose(*[d for d in ("y", "x", "c") if d in level.dims]).data
     h, w = level_shape(level)
     if h * w <= _BLANK_FULL_PX:
@@ -212,33 +213,49 @@ def _sample_pixels(level: xr.DataArray) -> np.ndarray:
         ys = np.linspace(0, max(h - _BLANK_WINDOW, 0), _BLANK_GRID).astype(int)
         xs = np.linspace(0, max(w - _BLANK_WINDOW, 0), _BLANK_GRID).astype(int)
         blocks = [data[y : y + _BLANK_WINDOW, x : x + _BLANK_WINDOW] for y in ys for x in xs]
-    if hasattr(data, "dask"):
-        import dask
-
-        blocks = dask.compute(*blocks)
     n_c = level.sizes.get("c", 1)
-    return np.concatenate([np.asarray(b).reshape(-1, n_c) for b in blocks])
+    if hasattr(data, "dask"):
+        blocks = _computed_lazily(blocks)
+    for b in blocks:
+        yield np.asarray(b).reshape(-1, n_c)
+
+
+def _computed_lazily(blocks: list):
+    """Dask blocks computed as they are asked for: the first alone, then all the others together.
+
+    With ``dask.get``, the synchronous scheduler passed as a function: given by name, dask first imports
+    distributed to look for a client (about 0.3 s the first time), for a few small windows.
+    """
+    import dask
+
+    yield dask.compute(blocks[0], scheduler=dask.get)[0]
+    if len(blocks) > 1:
+        yield from dask.compute(*blocks[1:], scheduler=dask.get)
 
 
 def image_blank_value(image) -> tuple | None:
     """The one colour every pixel of an image element has (a placeholder without H&E), else ``None``.
 
-    A cheap look: the coarsest pyramid level, read whole when small, else on an 8 x 8 grid of 256 px windows;
-    an alpha channel (4th) is ignored and values within 1 (uint8) or 1/255 (float) count as one.
+    A cheap look: the coarsest pyramid level, read whole when small, else on an 8 x 8 grid of 256 px windows
+    (stopping at the first that varies); an alpha channel (4th) is ignored and values within 1 (uint8) or
+    1/255 (float) count as one.
     """
     level = image_levels(image)[-1]
     name = getattr(level.data, "name", None)  # dask names identify the source: cache on them
     if name is not None and name in _BLANK_CACHE:
         return _BLANK_CACHE[name]
-    px = _sample_pixels(level)
-    if px.ndim == 2 and px.shape[1] == 4:
+    lo = hi = None
+    for px in _sample_blocks(level):
         px = px[:, :3]
-    tol = 1.0 / 255 if px.dtype.kind == "f" else 1
-    blank = None
-    if px.size:
-        lo, hi = px.min(axis=0), px.max(axis=0)
-        if np.all(np.isfinite(lo)) and np.all(hi - lo <= tol):
-            blank = tuple(np.asarray(lo).tolist())
+        if not px.size:
+            continue
+        tol = 1.0 / 255 if px.dtype.kind == "f" else 1
+        lo = px.min(axis=0) if lo is None else np.minimum(lo, px.min(axis=0))
+        hi = px.max(axis=0) if hi is None else np.maximum(hi, px.max(axis=0))
+        if not (np.all(np.isfinite(lo)) and np.all(hi - lo <= tol)):
+            lo = None
+            break
+    blank = None if lo is None else tuple(np.asarray(lo).tolist())
     if name is not None:
         if len(_BLANK_CACHE) > 4096:
             _BLANK_CACHE.clear()

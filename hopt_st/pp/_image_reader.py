@@ -288,8 +288,10 @@ class LevelReader:
                         import dask
 
                         dims = self.dims
+                        # dask.get: the synchronous scheduler as a function (named, dask imports
+                        # distributed in every reader process to look for a client)
                         blocks = dask.compute(
-                            *[self._data[self._slicer(*k, dims)] for k in mine], scheduler="synchronous"
+                            *[self._data[self._slicer(*k, dims)] for k in mine], scheduler=dask.get
                         )
                 except Exception as e:  # noqa: BLE001 - decoders raise their own types (Jpeg8Error, ...)
                     raise self._read_error(mine[0], e) from e
