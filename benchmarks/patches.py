@@ -41,6 +41,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
@@ -176,12 +177,24 @@ def _table_order(self, indices=None):
     return self._indices(slice(None) if indices is None else indices)
 
 
+def _pil_loop(windows) -> tuple[int, np.ndarray]:
+    """The plain baseline: each window through ``Image.fromarray(...).resize((224, 224), BILINEAR)``; returns
+    the count and the first 4 patches."""
+
+    count, out = 0, []
+    for win in windows:
+        patch = np.asarray(Image.fromarray(win).resize((224, 224), Image.Resampling.BILINEAR))
+        count += 1
+        if len(out) < 4:
+            out.append(patch)
+    return count, np.stack(out)
+
+
 def child(args) -> dict:
     """One measured run in this (fresh) process; prints a JSON dict."""
     import tifffile
     import torch
     import zarr
-    from PIL import Image
     from spatialdata.dataloader import ImageTilesDataset
 
     import hopt_st
@@ -211,16 +224,9 @@ def child(args) -> dict:
     elif args.mode == "pil":
         s0 = 224 * 0.5 / args.mpp
         boxes, (sy, sx) = patch_boxes(xy, (1.0, 1.0), s0)
-        count, out = 0, []
         with tifffile.TiffFile(args.tiff) as tif:
             z = zarr.open(tif.aszarr(level=0), mode="r")
-            for y0, x0 in boxes:
-                win = np.asarray(z[y0 : y0 + sy, x0 : x0 + sx])
-                patch = np.asarray(Image.fromarray(win).resize((224, 224), Image.Resampling.BILINEAR))
-                count += 1
-                if len(out) < 4:
-                    out.append(patch)
-        sample = np.stack(out)
+            count, sample = _pil_loop(np.asarray(z[y0 : y0 + sy, x0 : x0 + sx]) for y0, x0 in boxes)
     else:  # ImageTilesDataset
         kw = (
             dict(rasterize=True, rasterize_kwargs={"target_width": 224})
@@ -273,7 +279,6 @@ def _child_memory(args, xy: np.ndarray) -> dict:
     """Section 4: the scan held in memory (a decoded JPEG / PNG, or ``image=array``), one thread: hopt_st's
     ``pp.patches`` on the element ``image=`` builds vs a numpy crop + ``PIL.Image.resize(BILINEAR)`` loop."""
     import tifffile
-    from PIL import Image
     from spatialdata.transformations import Identity
 
     import hopt_st
@@ -294,15 +299,7 @@ def _child_memory(args, xy: np.ndarray) -> dict:
         count = sum(len(b) for _, b in p.iter_batches(64, indices=p.read_order(), num_workers=1))
     else:
         boxes, (sy, sx) = patch_boxes(xy, (1.0, 1.0), 224 * 0.5 / args.mpp)
-        count, out = 0, []
-        for y0, x0 in boxes:
-            patch = np.asarray(
-                Image.fromarray(img[y0 : y0 + sy, x0 : x0 + sx]).resize((224, 224), Image.Resampling.BILINEAR)
-            )
-            count += 1
-            if len(out) < 4:
-                out.append(patch)
-        sample = np.stack(out)
+        count, sample = _pil_loop(img[y0 : y0 + sy, x0 : x0 + sx] for y0, x0 in boxes)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     if args.mode == "memory-hopt":  # read after the clock stops: the loop keeps its first 4 while reading
         sample = p[np.arange(min(4, len(xy)))]
