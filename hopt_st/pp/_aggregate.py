@@ -21,7 +21,7 @@ from spatialdata.models import ShapesModel, TableModel
 from spatialdata.transformations import Identity, get_transformation
 
 from .._constants import MICROMETERS_CS, UNS_KEY
-from ..io._elements import get_spot_table
+from ..io._elements import check_new_element, get_spot_table
 from ..io._store import check_name
 
 logger = logging.getLogger(__name__)
@@ -78,8 +78,8 @@ def aggregate_squares(
         raise ValueError("pass exactly one of points_key= (transcripts) or table_name= (bins).")
     key = check_name(key_added or f"square_{int(round(size_um)):03d}um", "key_added")
     shapes_key = f"{key}_squares"  # a table and a shapes element cannot share a name
-    if (shapes_key in sdata.shapes or key in sdata.tables) and not overwrite:
-        raise ValueError(f"element {key!r} already exists: pass overwrite=True or another key_added.")
+    check_new_element(sdata, key, "tables", overwrite)
+    check_new_element(sdata, shapes_key, "shapes", overwrite)
     source_uns = {}
     for t in sdata.tables.values():
         if UNS_KEY in t.uns:

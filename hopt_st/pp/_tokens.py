@@ -32,7 +32,7 @@ from spatialdata.transformations import Scale, Sequence, Translation, get_transf
 
 from .._atomic import atomic_write_bytes
 from .._constants import MICROMETERS_CS, UNS_KEY
-from ..io._elements import get_spot_table, image_levels, level_shape, resolve_image_key
+from ..io._elements import check_new_element, get_spot_table, image_levels, level_shape, resolve_image_key
 from ..io._mpp import get_image_mpp
 from ..io._store import check_name, sanitize_name
 from ..models import Encoder, get_encoder
@@ -223,8 +223,7 @@ def embed_tokens(
     cdtype = select_dtype(dtype, dev)
     spec, encoder = _resolve_model(model, weights)
     key = check_name(key_added or "tokens_" + sanitize_name(spec.name), "key_added")
-    if key in sdata.images and not overwrite:
-        raise ValueError(f"image {key!r} already exists: pass overwrite=True or another key_added.")
+    check_new_element(sdata, key, "images", overwrite)
     if n_components < 1 or n_context < 0:
         raise ValueError(f"n_components={n_components} must be >= 1 and n_context={n_context} >= 0.")
     image_key = resolve_image_key(sdata, image_key, require_pixels=True)
