@@ -117,6 +117,47 @@ def test_openslide_formats_need_the_extra_and_read_through_it(he, tmp_path, monk
         hs.io.read_slide(tmp_path / "slide.mrxs", image_mpp=0.5)
 
 
+def test_openslide_is_opened_once_for_every_level_and_each_pickled_level_opens_its_own(
+    he, tmp_path, monkeypatch
+):
+    import pickle
+
+    from hopt_st.io import _openslide
+    from hopt_st.io._image_file import MIN_SIDE
+
+    # a pyramid OpenSlide reads (reduced levels as pages), down to 13 x 19 px: below the smallest side kept
+    path = tmp_path / "slide.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for f in (1, 2, 4, 8, 16):
+            tif.write(
+                he[:200:f, :300:f],
+                tile=(16, 16),
+                photometric="rgb",
+                compression="zlib",
+                subfiletype=int(f > 1),
+                metadata=None,
+            )
+    opened = []
+    real_open = _openslide._open
+    monkeypatch.setattr(_openslide, "_open", lambda p: opened.append(p) or real_open(p))
+    element = _openslide.read_openslide_image(path)
+    assert len(opened) == 1  # every level's size and downsample from one handle, no pixel read yet
+    with real_open(Path(path)) as slide:
+        dims, downsamples = slide.level_dimensions, slide.level_downsamples
+    sides = [min(d) for d in dims]
+    assert min(sides) < MIN_SIDE <= max(sides)
+    levels = image_levels(element)
+    assert [lv.shape[1:] for lv in levels] == [(h, w) for w, h in dims if min(w, h) >= MIN_SIDE]
+    # a level pickled to a worker holds no handle and opens the slide itself, reading the same pixels
+    level = _openslide.OpenSlideLevel(path, 1, dims[1], downsamples[1])
+    clone = pickle.loads(pickle.dumps(level))
+    assert clone._slide is None and clone.shape == (dims[1][1], dims[1][0], 3)
+    want = np.asarray(levels[1].data.compute()).transpose(1, 2, 0)
+    n = len(opened)
+    np.testing.assert_array_equal(clone[:], want)
+    assert len(opened) == n + 1
+
+
 def _he_texture(h: int, w: int, seed: int = 0) -> np.ndarray:
     """Smooth, non-periodic H&E-like colours (pink stroma to purple nuclei) with a gradient across x and y:
     JPEG keeps it within a few grey levels, and no two places, nor the image and its transpose, look alike."""

@@ -429,3 +429,25 @@ def test_image_mpp_convention_and_spot_errors():
     shapes.loc[shapes.index[4], "geometry"] = Point(np.nan, np.nan)
     with pytest.raises(ValueError, match=r"1 spots of 'spots' have NaN.*" + sd.tables["table"].obs_names[4]):
         spot_centers(sd)
+
+
+def test_centers_um_follow_the_table_rows_and_need_micrometers():
+    """A table's shape centres in µm are in table row order, whatever the order of the shapes' rows, and shapes
+    without a placement in "micrometers" are refused by name."""
+    from spatialdata.transformations import remove_transformation
+
+    from hopt_st.io._coords import centers_um
+
+    sdata = synthetic_visium(n_spots=30, seed=0, n_genes=5)
+    shapes = sdata.shapes["spots"]
+    want = spot_centers(sdata) * 0.5  # full-resolution px at 0.5 µm/px
+    sdata.shapes["spots"] = shapes.iloc[::-1]  # the shapes' rows reversed; the table keeps its order
+    table, xy = centers_um(sdata)
+    assert table is sdata.tables["table"]
+    np.testing.assert_array_equal(xy, want)
+    assert not np.array_equal(xy, np.column_stack([shapes.geometry.x, shapes.geometry.y])[::-1] * 0.5)
+    remove_transformation(sdata.shapes["spots"], "micrometers")
+    with pytest.raises(
+        ValueError, match="shapes 'spots' is not placed in the 'micrometers' coordinate system"
+    ):
+        centers_um(sdata)

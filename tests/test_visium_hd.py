@@ -110,8 +110,12 @@ def test_token_map_is_seamless_and_in_micrometers(hd_read):
     direct = (stats - np.asarray(proj["mean_t"])) @ np.asarray(proj["comp_t"]).T
     mapped = np.asarray(tok.data[:11]).transpose(1, 2, 0).astype(np.float32)[8 : 8 + 16, 18 : 18 + 16]
     np.testing.assert_allclose(mapped, direct, atol=2e-3 * np.abs(direct).max())
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(
+        ValueError, match="images element 'tok' already exists in the SpatialData: pass overwrite"
+    ):
         hs.pp.embed_tokens(sd, "handcrafted", image_key=image_key, key_added="tok", progress=False)
+    with pytest.raises(ValueError, match="'square_016um' is taken by the tables element 'square_016um'"):
+        hs.pp.embed_tokens(sd, "handcrafted", image_key=image_key, key_added="square_016um", progress=False)
 
 
 def test_token_map_of_a_vit_and_projection_reuse(hd_outs, tiny_vit_spec):
@@ -236,7 +240,7 @@ def test_aggregate_transcripts_and_bins_by_position(hd_outs, xenium_dir):
     got[t.obs["array_row"], t.obs["array_col"]] = t[:, gene].X.toarray().ravel()
     np.testing.assert_array_equal(got, hist)
     assert t.X.sum() == len(tx)
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(ValueError, match="tables element 'square_040um' already exists in the SpatialData"):
         hs.pp.aggregate_squares(sd, 40, points_key="transcripts")
 
     hd = hs.io.read_visium_hd(hd_outs, bin_size=[2, 16])
@@ -355,6 +359,10 @@ def test_predict_raster_refuses_a_map_of_another_projection(hd_read):
     proj = sd.attrs["hopt_st"]["token_maps"]["tok"]["projection"]
     hs.pp.embed_tokens(slide, "handcrafted", key_added="same", projection=proj, progress=False)
     hs.tl.predict_raster(slide, reg, "same")
+    with pytest.raises(
+        ValueError, match="images element 'predicted_raster' already exists in the SpatialData"
+    ):
+        hs.tl.predict_raster(slide, reg, "same")
 
 
 def test_read_visium_hd_space_ranger_4_cells(hd_sample, hd_outs):

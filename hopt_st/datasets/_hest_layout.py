@@ -17,6 +17,7 @@ import xarray as xr
 from anndata import AnnData
 from spatialdata import get_pyramid_levels
 
+from .._atomic import atomic_path
 from .._constants import (
     PATCH_SIZE,
     SQUARE_SPOT_SIDE_UM,
@@ -25,6 +26,7 @@ from .._constants import (
     VISIUM_SPOT_DISTANCE_UM,
 )
 from .._patchset import ArrayPatches, hest_topleft, write_patches_h5
+from ..io._hest import hest_paths
 from ._synthetic import synthetic_visium
 from ._tiff import write_pyramidal_tiff
 
@@ -49,6 +51,32 @@ def _plain_adata(table: AnnData, sample_id: str) -> AnnData:
     adata.varm["truth_loadings"] = np.asarray(table.varm["truth_loadings"])
     adata.uns["sample_id"] = sample_id
     return adata
+
+
+def hest_image_metadata(mpp: float, shape: tuple[int, ...]) -> dict[str, Any]:
+    """HEST's metadata fields of a sample's H&E: its µm/px (``pixel_size_um_estimated`` = ``_embedded``), the
+    magnification it implies (20x from 0.4 µm/px up, else 40x) and its full-resolution size (``shape`` is
+    ``(h, w, ...)``)."""
+    return {
+        "pixel_size_um_estimated": float(mpp),
+        "pixel_size_um_embedded": float(mpp),
+        "magnification": "20x" if mpp >= 0.4 else "40x",
+        "fullres_px_width": int(shape[1]),
+        "fullres_px_height": int(shape[0]),
+    }
+
+
+def write_hest_files(
+    paths: dict[str, Path], he: np.ndarray, mpp: float, spots: AnnData, meta: dict, compression: str
+) -> None:
+    """Write a HEST-1k sample's three files (:func:`hopt_st.io._hest.hest_paths`), each atomically: the H&E
+    ``he`` (``(h, w, 3)`` uint8, a pyramidal TIFF at ``mpp`` µm/px), the ``spots`` table and ``meta`` (JSON)."""
+    with atomic_path(paths["wsi"], what="WSI") as tmp:
+        write_pyramidal_tiff(tmp, he, mpp=mpp, compression=compression, min_side=256)
+    with atomic_path(paths["st"], what="st h5ad") as tmp:
+        spots.write_h5ad(tmp)
+    with atomic_path(paths["metadata"], what="metadata") as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
 
 
 def write_hest_layout(
@@ -189,21 +217,11 @@ def _write_hest1k(
             model_seed=model_seed,
             technology=tech,
         )
-        p_wsi = write_pyramidal_tiff(
-            root / "wsis" / f"{sid}.tif", img, mpp=image_mpp, compression=compression, min_side=256
-        )
-        adata = _plain_adata(table, sid)
-        p_st = root / "st" / f"{sid}.h5ad"
-        adata.write_h5ad(p_st)
         square = tech != "Visium"
         meta = {
             "id": sid,
             "dataset_title": "hopt_st synthetic sample",
-            "pixel_size_um_estimated": float(image_mpp),
-            "pixel_size_um_embedded": float(image_mpp),
-            "magnification": "20x" if image_mpp >= 0.4 else "40x",
-            "fullres_px_width": int(img.shape[1]),
-            "fullres_px_height": int(img.shape[0]),
+            **hest_image_metadata(image_mpp, img.shape),
             "patient": f"P{s:03d}",
             "organ": "Synthetic",
             "oncotree_code": "SYN",
@@ -216,10 +234,10 @@ def _write_hest1k(
             "spots_under_tissue": int(table.n_obs),
             "nb_genes": int(table.n_vars),
         }
-        p_meta = root / "metadata" / f"{sid}.json"
-        p_meta.write_text(json.dumps(meta, indent=2))
+        files = hest_paths(root, sid)
+        write_hest_files(files, img, image_mpp, _plain_adata(table, sid), meta, compression)
         ids.append(sid)
-        paths[sid] = {"wsi": str(p_wsi), "st": str(p_st), "metadata": str(p_meta)}
+        paths[sid] = {k: str(p) for k, p in files.items()}
         logger.info("wrote HEST-1k sample %s (%s, %d spots)", sid, tech, table.n_obs)
     return {"root": str(root), "layout": "hest1k", "sample_ids": ids, "paths": paths}
 

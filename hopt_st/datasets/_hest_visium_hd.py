@@ -13,7 +13,6 @@ further right and down, as it starts from the first bin's centre rather than its
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -23,9 +22,10 @@ from anndata import AnnData
 from scipy import sparse
 from spatialdata import SpatialData
 
-from .._atomic import atomic_path, check_overwrite
+from .._atomic import check_overwrite
 from .._constants import HEST_VISIUM_HD_SQUARE_UM, UNS_KEY
-from ._tiff import write_pyramidal_tiff
+from ..io._hest import hest_paths
+from ._hest_layout import hest_image_metadata, write_hest_files
 from ._visium_hd import pool_bins
 
 logger = logging.getLogger(__name__)
@@ -65,11 +65,7 @@ def write_hest_visium_hd(
         Paths written: ``wsi``, ``st``, ``metadata``.
     """
     root = Path(root)
-    paths = {
-        "wsi": root / "wsis" / f"{sample_id}.tif",
-        "st": root / "st" / f"{sample_id}.h5ad",
-        "metadata": root / "metadata" / f"{sample_id}.json",
-    }
+    paths = hest_paths(root, sample_id)
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
         check_overwrite(p, overwrite, f"HEST file of sample {sample_id!r}")
@@ -98,22 +94,13 @@ def write_hest_visium_hd(
         "id": sample_id,
         "dataset_title": "hopt_st synthetic Visium HD sample",
         "st_technology": "Visium HD",
-        "pixel_size_um_estimated": mpp,
-        "pixel_size_um_embedded": mpp,
-        "magnification": "20x" if mpp >= 0.4 else "40x",
-        "fullres_px_width": int(he.shape[1]),
-        "fullres_px_height": int(he.shape[0]),
+        **hest_image_metadata(mpp, he.shape),
         "spot_diameter": 2,
         "inter_spot_dist": 2,
         "spots_under_tissue": int(spots.n_obs),
         "nb_genes": int(spots.n_vars),
         "species": "Homo sapiens",
     }
-    with atomic_path(paths["wsi"], what="WSI") as tmp:
-        write_pyramidal_tiff(tmp, he, mpp=mpp, compression=compression, min_side=256)
-    with atomic_path(paths["st"], what="st h5ad") as tmp:
-        spots.write_h5ad(tmp)
-    with atomic_path(paths["metadata"], what="metadata") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2))
+    write_hest_files(paths, he, mpp, spots, meta, compression)
     logger.info("wrote HEST-1k Visium HD sample %s in %s: %d squares of 128 µm", sample_id, root, spots.n_obs)
     return paths

@@ -48,7 +48,7 @@ from spatialdata import SpatialData
 from .._atomic import atomic_path, check_overwrite, remove, temp_sibling
 from .._constants import SQUARE_SPOT_SIDE_UM, UNS_KEY
 from ..io._hest_xenium import hest_xenium_paths
-from ._tiff import write_pyramidal_tiff
+from ._hest_layout import hest_image_metadata, write_hest_files
 from ._xenium import XENIUM_PIXEL_UM, write_xenium_outs
 
 logger = logging.getLogger(__name__)
@@ -164,11 +164,7 @@ def write_hest_xenium(
             "id": sample_id,
             "dataset_title": "hopt_st synthetic Xenium sample",
             "st_technology": "Xenium",
-            "pixel_size_um_estimated": he_mpp,
-            "pixel_size_um_embedded": he_mpp,
-            "magnification": "20x" if he_mpp >= 0.4 else "40x",
-            "fullres_px_width": int(he.shape[1]),
-            "fullres_px_height": int(he.shape[0]),
+            **hest_image_metadata(he_mpp, he.shape),
             "spot_diameter": SQUARE_SPOT_SIDE_UM,
             "inter_spot_dist": SQUARE_SPOT_SIDE_UM,
             "spots_under_tissue": int(spots.n_obs),
@@ -178,12 +174,7 @@ def write_hest_xenium(
             "species": "Homo sapiens",
             "hopt_st_seed": int(sample.attrs[UNS_KEY]["synthetic"]["seed"]),
         }
-        with atomic_path(paths["wsi"], what="WSI") as tmp:
-            write_pyramidal_tiff(tmp, he, mpp=he_mpp, compression=compression, min_side=256)
-        with atomic_path(paths["st"], what="st h5ad") as tmp:
-            spots.write_h5ad(tmp)
-        with atomic_path(paths["metadata"], what="metadata") as tmp:
-            tmp.write_text(json.dumps(meta, indent=2))
+        write_hest_files(paths, he, he_mpp, spots, meta, compression)
         with atomic_path(paths["transcripts"], what="transcripts") as tmp:
             tx.to_parquet(tmp, index=False)
         for key, name in (("cell_seg", "cell_boundaries"), ("nucleus_seg", "nucleus_boundaries")):

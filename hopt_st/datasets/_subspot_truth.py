@@ -22,10 +22,10 @@ from anndata import AnnData
 from scipy import sparse
 from spatialdata import SpatialData
 from spatialdata.models import ShapesModel, TableModel
-from spatialdata.transformations import Identity, get_transformation
+from spatialdata.transformations import Identity
 
 from .._constants import UNS_KEY, VISIUM_SPOT_DIAMETER_UM, VISIUM_SPOT_DISTANCE_UM
-from ..io._coords import add_micrometers
+from ..io._coords import add_micrometers, centers_um
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +36,6 @@ def _mean_pearson(pred: np.ndarray, truth: np.ndarray) -> float:
     den = np.sqrt((p * p).sum(0) * (t * t).sum(0))
     r = np.where(den > 0, (p * t).sum(0) / np.where(den > 0, den, 1), 0.0)
     return float(r.mean())
-
-
-def _centres_um(sd: SpatialData, table_name: str) -> np.ndarray:
-    from ..io._elements import get_spot_table
-
-    table, shapes_key = get_spot_table(sd, table_name)
-    shapes = sd.shapes[shapes_key]
-    m = get_transformation(shapes, "micrometers").to_affine_matrix(("x", "y"), ("x", "y"))
-    c = shapes.geometry.centroid
-    xy = np.column_stack([c.x, c.y])
-    return xy @ m[:2, :2].T + m[:2, 2]
 
 
 def _spots(sample: SpatialData, sd: SpatialData, image_key: str) -> SpatialData:
@@ -170,7 +159,7 @@ def _run(
     pp.embed(spots, model, key_added="X_spot", progress=False)
     st = spots.tables["table"]
     sxy = np.asarray(st.obsm["spatial"]) if "spatial" in st.obsm else None
-    sxy = _centres_um(spots, "table") if sxy is None else sxy * float(st.uns[UNS_KEY]["fullres_mpp"])
+    sxy = centers_um(spots, "table")[1] if sxy is None else sxy * float(st.uns[UNS_KEY]["fullres_mpp"])
     half = float(width_um) / 2
     reg_spot = tl.fit_expression(st[sxy[:, 0] < half], use_rep="X_spot", genes=genes)
     spot_pred = np.asarray(reg_spot.predict(np.asarray(st.obsm["X_spot"])))
@@ -184,7 +173,7 @@ def _run(
     for b in bin_sizes:
         name = f"square_{b:03d}um"
         truth = bin_truth(sample, b)
-        row = _score(sd, name, image_key, _centres_um(sd, name), truth, spot, **run)
+        row = _score(sd, name, image_key, centers_um(sd, name)[1], truth, spot, **run)
         rows.append({"level": f"{b} µm bins", **row, "token_forwards": n_tiles, "token_s": t_tokens})
     if xenium is not None:
         from ._xenium import cell_truth

@@ -41,8 +41,8 @@ def check_new_element(
             if k == kind and existing == name:
                 if not overwrite:
                     raise ValueError(
-                        f"{kind} {name!r} already exist in the SpatialData: pass overwrite=True to replace them, "
-                        f"or {what}= another name."
+                        f"{kind} element {name!r} already exists in the SpatialData: pass overwrite=True to "
+                        f"replace it, or {what}= another name."
                     )
             else:
                 raise ValueError(

@@ -77,14 +77,21 @@ def _json_safe(meta: dict) -> dict:
     return out
 
 
-def _sample_paths(root: Path, sample_id: str) -> dict[str, Path]:
-    if not root.is_dir():
-        raise FileNotFoundError(f"HEST folder {str(root)!r} does not exist.")
-    paths = {
+def hest_paths(root: str | Path, sample_id: str) -> dict[str, Path]:
+    """The files every sample ``sample_id`` of a HEST-1k folder ``root`` has: ``wsi`` (``wsis/<id>.tif``), ``st``
+    (``st/<id>.h5ad``) and ``metadata`` (``metadata/<id>.json``)."""
+    root = Path(root)
+    return {
         "wsi": root / "wsis" / f"{sample_id}.tif",
         "st": root / "st" / f"{sample_id}.h5ad",
         "metadata": root / "metadata" / f"{sample_id}.json",
     }
+
+
+def _sample_paths(root: Path, sample_id: str) -> dict[str, Path]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"HEST folder {str(root)!r} does not exist.")
+    paths = hest_paths(root, sample_id)
     missing = [k for k, p in paths.items() if not p.is_file()]
     if len(missing) == len(paths):
         raise KeyError(

@@ -23,7 +23,7 @@ from spatialdata.transformations import Identity
 
 from .._constants import UNS_KEY
 from ._coords import add_micrometers
-from ._hest import _json_safe, _present_ids, _read_metadata
+from ._hest import _json_safe, _present_ids, _read_metadata, hest_paths
 from ._mpp import check_mpp
 from ._tiff import read_tiff_image
 
@@ -51,10 +51,7 @@ _DOWNLOAD = (
 def hest_xenium_paths(root: str | Path, sample_id: str) -> dict[str, Path]:
     """The files of Xenium sample ``sample_id`` in a HEST-1k folder ``root`` (see the module's docstring)."""
     root = Path(root)
-    return {
-        "wsi": root / "wsis" / f"{sample_id}.tif",
-        "st": root / "st" / f"{sample_id}.h5ad",
-        "metadata": root / "metadata" / f"{sample_id}.json",
+    return hest_paths(root, sample_id) | {
         "transcripts": root / "transcripts" / f"{sample_id}_transcripts.parquet",
         "cell_seg": root / "xenium_seg" / f"{sample_id}_xenium_cell_seg.parquet",
         "nucleus_seg": root / "xenium_seg" / f"{sample_id}_xenium_nucleus_seg.parquet",

@@ -2,8 +2,9 @@
 
 Optional: ``pip install "hopt-st[slides]"`` brings ``openslide-python`` and ``openslide-bin`` (OpenSlide's C
 library as a wheel, no system package needed). Each pyramid level is an :class:`OpenSlideLevel`, an
-array-like that reads regions with ``OpenSlide.read_region`` on request; it holds the path and the level
-only, so it pickles to worker processes, and each process opens the slide itself.
+array-like that reads regions with ``OpenSlide.read_region`` on request; it holds the path, the level and its
+size (read once, when the slide is opened to list its levels), so it pickles to worker processes, and each
+process opens the slide itself.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .._errors import CorruptFileError
-from ._image_file import SLIDES_EXTRA, check_size
+from ._image_file import MIN_SIDE, SLIDES_EXTRA, check_size
 
 _CHUNK = 2048  # px per side of a dask chunk
 
@@ -58,16 +59,24 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
 
 class OpenSlideLevel:
     """One OpenSlide level as a lazy ``(y, x, 3)`` uint8 array-like, its alpha composited on white
-    (:func:`composite_on_white`)."""
+    (:func:`composite_on_white`).
 
-    def __init__(self, path: str | os.PathLike, level: int):
+    Parameters
+    ----------
+    path
+        The slide.
+    level
+        Its pyramid level.
+    dimensions
+        ``(width, height)`` of the level, px (``OpenSlide.level_dimensions[level]``).
+    downsample
+        Level-0 pixels per pixel of the level (``OpenSlide.level_downsamples[level]``).
+    """
+
+    def __init__(self, path: str | os.PathLike, level: int, dimensions: tuple[int, int], downsample: float):
         self.path, self.level = str(Path(path).resolve()), int(level)
-        slide = _open(Path(self.path))
-        try:
-            w, h = slide.level_dimensions[self.level]
-            self.downsample = float(slide.level_downsamples[self.level])
-        finally:
-            slide.close()
+        w, h = dimensions
+        self.downsample = float(downsample)
         self.shape, self.dtype, self.ndim = (int(h), int(w), 3), np.dtype(np.uint8), 3
         self._slide, self._pid = None, None
         self._lock, self._open_lock = threading.Lock(), threading.Lock()
@@ -117,15 +126,15 @@ def read_openslide_image(path: str | os.PathLike):
     path = Path(path)
     slide = _open(path)
     try:
-        n = slide.level_count
+        sizes = list(zip(slide.level_dimensions, slide.level_downsamples))
     finally:
         slide.close()
-    levels = [OpenSlideLevel(path, i) for i in range(n)]
+    levels = [OpenSlideLevel(path, i, dims, ds) for i, (dims, ds) in enumerate(sizes)]
     check_size(path, *levels[0].shape[:2])
     arrays = [
         da.from_array(lv, chunks=(_CHUNK, _CHUNK, 3), asarray=True).transpose(2, 0, 1)
         for lv in levels
-        if min(lv.shape[:2]) >= 16
+        if min(lv.shape[:2]) >= MIN_SIDE
     ]
     if len(arrays) == 1:
         return Image2DModel.parse(

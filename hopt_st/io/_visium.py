@@ -97,6 +97,25 @@ def _rgb(image, key: str):
     )
 
 
+def _spaceranger_images(sdata: SpatialData, sf: dict, fullres: float) -> dict[str, float]:
+    """µm per pixel of Space Ranger's images (``*_full_image``, ``*_hires_image``, ``*_lowres_image``) from the
+    full-resolution µm/px and the scale factors ``sf`` (``scalefactors_json.json``), by image key; images of
+    unknown resolution are left out. Each single-scale image loses its alpha channel (:func:`_rgb`), in place.
+    """
+    mpp = {}
+    for key in list(sdata.images.keys()):
+        if key.endswith("_hires_image") and sf.get("tissue_hires_scalef"):
+            mpp[key] = fullres / float(sf["tissue_hires_scalef"])
+        elif key.endswith("_lowres_image") and sf.get("tissue_lowres_scalef"):
+            mpp[key] = fullres / float(sf["tissue_lowres_scalef"])
+        elif key.endswith("_full_image"):
+            mpp[key] = fullres
+        img = sdata.images[key]
+        if not hasattr(img, "children") or not len(img.children):
+            sdata.images[key] = _rgb(img, key)
+    return mpp
+
+
 def _spatialdata_io_visium(path: Path, **kwargs) -> SpatialData:
     """``spatialdata_io.visium`` without its notice about its own table: it builds ``obs["region"]`` as strings
     and spatialdata converts them (``UserWarning: Converting region_key: region to categorical dtype``) on
@@ -181,19 +200,10 @@ def read_visium(
             SPACERANGER_SPOT_DIAMETER_FULLRES_UM / float(sf["spot_diameter_fullres"]),
             f"65 µm / spot_diameter_fullres of {sf_path}",
         )
-    mpp = {}
-    for key in list(sdata.images.keys()):
-        if key.endswith("_hires_image") and sf.get("tissue_hires_scalef"):
-            mpp[key] = fullres / float(sf["tissue_hires_scalef"])
-        elif key.endswith("_lowres_image") and sf.get("tissue_lowres_scalef"):
-            mpp[key] = fullres / float(sf["tissue_lowres_scalef"])
-        elif key.endswith("_full_image"):
-            mpp[key] = fullres
-        else:
+    mpp = _spaceranger_images(sdata, sf, fullres)
+    for key in sdata.images:
+        if key not in mpp:
             logger.warning("image %r: unknown resolution; no pixel size recorded.", key)
-        img = sdata.images[key]
-        if not hasattr(img, "children") or not len(img.children):
-            sdata.images[key] = _rgb(img, key)
 
     table_name = "table" if "table" in sdata.tables else next(iter(sdata.tables))
     table = sdata.tables[table_name]

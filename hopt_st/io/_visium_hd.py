@@ -18,7 +18,7 @@ from spatialdata import SpatialData
 from .._constants import UNS_KEY
 from ._coords import add_micrometers
 from ._mpp import check_mpp
-from ._visium import _rgb
+from ._visium import _spaceranger_images
 
 logger = logging.getLogger(__name__)
 
@@ -114,17 +114,7 @@ def read_visium_hd(
         raise ValueError(
             f"{str(path)!r}: spatialdata_io.visium_hd found no bins (binned_outputs/square_*um)."
         )
-    mpp = {}
-    for key in list(sdata.images):
-        if key.endswith("_hires_image") and sf.get("tissue_hires_scalef"):
-            mpp[key] = fullres / float(sf["tissue_hires_scalef"])
-        elif key.endswith("_lowres_image") and sf.get("tissue_lowres_scalef"):
-            mpp[key] = fullres / float(sf["tissue_lowres_scalef"])
-        elif key.endswith("_full_image"):
-            mpp[key] = fullres
-        img = sdata.images[key]
-        if not hasattr(img, "children") or not len(img.children):
-            sdata.images[key] = _rgb(img, key)
+    mpp = _spaceranger_images(sdata, sf, fullres)
     first = next(iter(sdata.tables.values()))
     add_micrometers(sdata, first.uns["spatialdata_attrs"]["region"], fullres)
     for name, table in sdata.tables.items():

@@ -18,10 +18,11 @@ from anndata import AnnData
 from scipy import sparse
 from spatialdata import SpatialData, get_extent
 from spatialdata.models import ShapesModel, TableModel
-from spatialdata.transformations import Identity, get_transformation
+from spatialdata.transformations import Identity
 
 from .._constants import MICROMETERS_CS, UNS_KEY
-from ..io._elements import get_spot_table
+from ..io._coords import centers_um
+from ..io._elements import check_new_element
 from ..io._store import check_name
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,8 @@ def aggregate_squares(
         raise ValueError("pass exactly one of points_key= (transcripts) or table_name= (bins).")
     key = check_name(key_added or f"square_{int(round(size_um)):03d}um", "key_added")
     shapes_key = f"{key}_squares"  # a table and a shapes element cannot share a name
-    if (shapes_key in sdata.shapes or key in sdata.tables) and not overwrite:
-        raise ValueError(f"element {key!r} already exists: pass overwrite=True or another key_added.")
+    check_new_element(sdata, key, "tables", overwrite)
+    check_new_element(sdata, shapes_key, "shapes", overwrite)
     source_uns = {}
     for t in sdata.tables.values():
         if UNS_KEY in t.uns:
@@ -107,13 +108,7 @@ def aggregate_squares(
         X = sparse.csr_matrix(agg.X)
         var = agg.var.copy()
     else:
-        table, src_key = get_spot_table(sdata, table_name)
-        src = sdata.shapes[src_key]
-        m = get_transformation(src, MICROMETERS_CS).to_affine_matrix(("x", "y"), ("x", "y"))
-        c = src.geometry.centroid
-        xy = np.column_stack([c.x, c.y]) @ m[:2, :2].T + m[:2, 2]
-        ids = table.obs[table.uns["spatialdata_attrs"]["instance_key"]].to_numpy()
-        xy = pd.DataFrame(xy, index=src.index).loc[ids].to_numpy()
+        table, xy = centers_um(sdata, table_name)
         x0, y0 = np.floor(xy.min(0) / size_um) * size_um
         ci = np.floor((xy[:, 0] - x0) / size_um).astype(int)
         ri = np.floor((xy[:, 1] - y0) / size_um).astype(int)

@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel
-from spatialdata.transformations import Scale, Sequence, Translation, get_transformation
+from spatialdata.transformations import Scale, Sequence, Translation
 
 from .._atomic import atomic_write_bytes
 from .._constants import MICROMETERS_CS, UNS_KEY
-from ..io._elements import get_spot_table, image_levels, level_shape, resolve_image_key
+from ..io._coords import micrometers_affine
+from ..io._elements import check_new_element, get_spot_table, image_levels, level_shape, resolve_image_key
 from ..io._mpp import get_image_mpp
 from ..io._store import check_name, sanitize_name
 from ..models import Encoder, get_encoder
@@ -98,13 +99,7 @@ def _tent(g: int) -> np.ndarray:
 def _image_to_um(image, mpp0: float) -> tuple[float, float]:
     """Micrometre position of level-0 pixel (0, 0)'s corner; the image must sit in ``"micrometers"`` by an
     axis-aligned scale of ``mpp0`` (plus a translation)."""
-    t = get_transformation(image, get_all=True).get(MICROMETERS_CS)
-    if t is None:
-        raise ValueError(
-            "the image is not placed in the 'micrometers' coordinate system: read it with a hopt_st reader "
-            "(hs.io.read_visium_hd, read_slide, ...), which adds it."
-        )
-    m = t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    m = micrometers_affine(image, "the image")
     if abs(m[0, 1]) > 1e-9 or abs(m[1, 0]) > 1e-9 or not np.allclose([m[0, 0], m[1, 1]], mpp0, rtol=1e-3):
         raise ValueError(
             f"the image's placement in 'micrometers' is not a plain scale of {mpp0:g} µm/px ({m[:2].tolist()}): "
@@ -223,8 +218,7 @@ def embed_tokens(
     cdtype = select_dtype(dtype, dev)
     spec, encoder = _resolve_model(model, weights)
     key = check_name(key_added or "tokens_" + sanitize_name(spec.name), "key_added")
-    if key in sdata.images and not overwrite:
-        raise ValueError(f"image {key!r} already exists: pass overwrite=True or another key_added.")
+    check_new_element(sdata, key, "images", overwrite)
     if n_components < 1 or n_context < 0:
         raise ValueError(f"n_components={n_components} must be >= 1 and n_context={n_context} >= 0.")
     image_key = resolve_image_key(sdata, image_key, require_pixels=True)
@@ -410,9 +404,7 @@ def token_map_record(sdata: SpatialData, key: str) -> dict:
 def _map_array(sdata: SpatialData, key: str) -> tuple[np.ndarray, float, float, float]:
     """The map as float16 ``(H, W, C)`` in memory, its token size and origin (µm)."""
     img = sdata.images[key]
-    m = get_transformation(img, MICROMETERS_CS).to_affine_matrix(
-        input_axes=("x", "y"), output_axes=("x", "y")
-    )
+    m = micrometers_affine(img, f"token map {key!r}")
     return np.asarray(img.data).transpose(1, 2, 0), float(m[0, 0]), float(m[0, 2]), float(m[1, 2])
 
 
@@ -455,12 +447,7 @@ def _footprints_um(sdata: SpatialData, table_name: str | None):
 
     table, shapes_key = get_spot_table(sdata, table_name)
     shapes = sdata.shapes[shapes_key]
-    t = get_transformation(shapes, get_all=True).get(MICROMETERS_CS)
-    if t is None:
-        raise ValueError(
-            f"shapes {shapes_key!r} are not placed in 'micrometers': read them with a hopt_st reader."
-        )
-    m = t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    m = micrometers_affine(shapes, f"shapes {shapes_key!r}")
     geoms = shapes.geometry
     if "radius" in shapes.columns and (geoms.geom_type == "Point").all():
         geoms = geoms.buffer(shapes["radius"].to_numpy(), resolution=8)

@@ -16,6 +16,7 @@ from spatialdata.models import Image2DModel
 from spatialdata.transformations import Scale, Sequence, Translation
 
 from .._constants import MICROMETERS_CS
+from ..io._elements import check_new_element
 from ..io._store import check_name
 from ._provenance import PROVENANCE_FIELDS
 from ._provenance import check_provenance as _check_provenance
@@ -68,8 +69,7 @@ def predict_raster(
     if not bin_um > 0:
         raise ValueError(f"bin_um={bin_um!r} must be a positive number of µm.")
     key = check_name(key_added, "key_added")
-    if key in sdata.images and not overwrite:
-        raise ValueError(f"image {key!r} already exists: pass overwrite=True or another key_added.")
+    check_new_element(sdata, key, "images", overwrite)
     rec = token_map_record(sdata, tokens_key)
     if check_provenance:
         found = {k: rec[k] for k in PROVENANCE_FIELDS if k in rec}
