@@ -268,6 +268,26 @@ def test_attention_is_written_to_the_slide_grid(slide_cohort, tmp_path):
         assert f["embeddings"].shape[0] == grid.n_obs
 
 
+def test_bag_provenance_is_compared_after_normalising_values_read_back():
+    """An int patch size and the same value read back from a file (text, bytes, a numpy float, as HDF5 / JSON
+    attributes give) compare equal, in the MIL check and the regressor's alike; another patch size is refused
+    with both values named."""
+    from hopt_st.tl._mil import check_bag_provenance
+    from hopt_st.tl._provenance import provenance_differences
+
+    fit = {"model": "uni", "weights_sha256": "abc", "mpp": 0.5, "patch_size": 224}
+    for read_back in ("224", b"224", np.float64(224.0), np.array(224), "224.0"):
+        found = dict(fit, patch_size=read_back, mpp="0.5", model=b"uni")
+        assert provenance_differences(fit, found) == [], read_back
+        check_bag_provenance(fit, ArrayBags([np.zeros((2, 3), np.float32)], provenance=found))
+    other = ArrayBags([np.zeros((2, 3), np.float32)], provenance=dict(fit, patch_size="256"))
+    with pytest.raises(ValueError, match=r"patch_size: 224 \(fit\) vs '256' \(given\)"):
+        check_bag_provenance(fit, other)
+    assert provenance_differences(fit, {"patch_size": 224.5}) == ["patch_size: 224 (fit) vs 224.5 (given)"]
+    assert provenance_differences(fit, {"mpp": 0.5004}) == []  # within 1e-3
+    assert provenance_differences(fit, {"mpp": 0.51}) == ["mpp: 0.5 (fit) vs 0.51 (given)"]
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 @pytest.mark.usefixtures("cli_process_state")
 def test_cli_mil_cross_validates_and_predict_scores_one_slide(slide_cohort, tmp_path, capsys):

@@ -26,6 +26,7 @@ from sklearn.base import BaseEstimator
 
 from .._atomic import atomic_write_bytes, check_overwrite
 from ..io._bags import BAG_PROVENANCE_FIELDS, Bags, as_bags
+from ._provenance import provenance_differences
 
 logger = logging.getLogger(__name__)
 
@@ -135,18 +136,11 @@ def _provenance_of(bags: Bags) -> dict:
 
 
 def check_bag_provenance(expected: dict, bags: Bags, what: str = "the MIL model") -> None:
-    """Refuse bags embedded with another model, weights, µm/px or tile size than the model was fitted on."""
+    """Refuse bags embedded with another model, weights, µm/px or tile size than the model was fitted on
+    (compared as :func:`~hopt_st.tl._provenance.provenance_differences` compares them)."""
     if not expected:
         return
-    found = bags.provenance
-    diffs = []
-    for k in BAG_PROVENANCE_FIELDS:
-        if k not in expected or k not in found:
-            continue
-        a, b = expected[k], found[k]
-        same = np.isclose(float(a), float(b), rtol=1e-3) if k == "mpp" else str(a) == str(b)
-        if not same:
-            diffs.append(f"{k}: {a!r} (fit) vs {b!r} (given)")
+    diffs = provenance_differences(expected, bags.provenance, BAG_PROVENANCE_FIELDS)
     if diffs:
         raise ValueError(
             f"these bags were not embedded like the bags {what} was fitted on ({'; '.join(diffs)}): its "
