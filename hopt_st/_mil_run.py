@@ -149,7 +149,8 @@ def run_predict_mil(
     from .pp import embed
     from .pp._embed import default_key
     from .pp._slide_tiles import slide_tiles
-    from .tl import ABMIL, load_mil, mil_attention
+    from .tl import ABMIL, load_mil
+    from .tl._mil import _slide_scores, _store_attention
     from .tl._provenance import embedding_provenance
     from .tl._slide import _open
 
@@ -189,22 +190,22 @@ def run_predict_mil(
     bag = ArrayBags(
         [np.asarray(table.obsm[key], dtype=np.float32)], provenance=embedding_provenance(table, key)
     )
+    scores, attention = _slide_scores(est, bag)  # one pass: the prediction and (ABMIL) the attention
     if est.task_ == "regression":
-        pred = np.atleast_1d(est.predict(bag)[0]).tolist()
+        pred = scores.tolist()
         prediction = {"task": est.task_, "prediction": pred}
         text = f"prediction: {pred}"
     else:
-        proba = est.predict_proba(bag)[0]
         prediction = {
             "task": est.task_,
-            "prediction": np.asarray(est.classes_)[int(np.argmax(proba))].item(),
-            "probabilities": {str(c): float(p) for c, p in zip(est.classes_, proba)},
+            "prediction": np.asarray(est.classes_)[int(np.argmax(scores))].item(),
+            "probabilities": {str(c): float(p) for c, p in zip(est.classes_, scores)},
         }
         text = f"predicted {prediction['prediction']!r} " + ", ".join(
             f"P({c})={p:.3f}" for c, p in prediction["probabilities"].items()
         )
-    if isinstance(est, ABMIL):
-        mil_attention(sdata, est, use_rep=key)
+    if attention is not None:
+        _store_attention(table, attention, est, key, "attention")
     table.uns[UNS_KEY]["mil"] = {**prediction, "model_file": mil.name, "model": fitted_on or model}
     image_key = resolve_image_key(sdata, image_key)
     thumb_key = f"{image_key}_thumbnail"

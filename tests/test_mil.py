@@ -288,6 +288,48 @@ def test_bag_provenance_is_compared_after_normalising_values_read_back():
     assert provenance_differences(fit, {"mpp": 0.51}) == ["mpp: 0.5 (fit) vs 0.51 (given)"]
 
 
+@pytest.mark.parametrize("kind", ["abmil", "abmil-regression", "meanpool"])
+def test_predict_mil_scores_a_slide_in_one_pass(slide_cohort, tmp_path, monkeypatch, kind):
+    """``predict --mil`` runs the model over the slide's tiles once, and writes what predict_proba / predict
+    and attention give on the embeddings it stored (the committed behaviour, which ran them one after the
+    other)."""
+    import spatialdata as sd
+
+    from hopt_st._mil_run import run_predict_mil
+
+    root, _ = slide_cohort
+    bags = Bags.from_cohort(root / "emb", "handcrafted", pd.DataFrame({"sample_id": ["a", "b"]}))
+    y = np.array([[0.5, -1.0], [2.0, 3.0]]) if kind == "abmil-regression" else np.array(["no", "yes"])
+    est = hs.tl.MeanPoolMIL() if kind == "meanpool" else hs.tl.ABMIL(lr=1e-3, steps=4, **FAST)
+    est.fit(bags, y).save(tmp_path / "m.safetensors")
+    calls = []
+    forward = hs.tl.ABMIL._forward
+    monkeypatch.setattr(hs.tl.ABMIL, "_forward", lambda self, x: calls.append(len(x)) or forward(self, x))
+    out = tmp_path / "s0.zarr"
+    res = run_predict_mil(
+        root / "s0.tif", tmp_path / "m.safetensors", model="handcrafted", out=out, progress=False
+    )
+    grid = sd.read_zarr(out).tables["grid"]
+    assert calls == ([] if kind == "meanpool" else [grid.n_obs])  # one forward, over every tile
+    monkeypatch.setattr(hs.tl.ABMIL, "_forward", forward)
+    back = hs.tl.load_mil(tmp_path / "m.safetensors")
+    bag = ArrayBags([np.asarray(grid.obsm["X_handcrafted"])], provenance=bags.provenance)
+    pred = res["prediction"]
+    if kind == "abmil-regression":
+        assert pred["prediction"] == back.predict(bag)[0].tolist() and len(pred["prediction"]) == 2
+    else:
+        proba = back.predict_proba(bag)[0]
+        assert pred["probabilities"] == {"no": float(proba[0]), "yes": float(proba[1])}
+        assert pred["prediction"] == back.classes_[np.argmax(proba)]
+    assert np.array_equal(grid.uns["hopt_st"]["mil"]["prediction"], pred["prediction"])
+    if kind == "meanpool":
+        assert "attention" not in grid.obs and not (tmp_path / "s0_attention.png").exists()
+    else:
+        assert np.array_equal(grid.obs["attention"].to_numpy(), back.attention(bag.arrays(0)))
+        assert grid.uns["hopt_st"]["attention"]["attention"]["use_rep"] == "X_handcrafted"
+        assert (tmp_path / "s0_attention.png").is_file()
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 @pytest.mark.usefixtures("cli_process_state")
 def test_cli_mil_cross_validates_and_predict_scores_one_slide(slide_cohort, tmp_path, capsys):

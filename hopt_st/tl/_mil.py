@@ -393,17 +393,13 @@ class ABMIL(BaseEstimator):
         """Write the fitted model to one ``.safetensors`` file (weights) with JSON metadata inside
         (hyperparameters, target encoding, provenance); atomic, refuses to replace ``path`` without
         ``overwrite=True``."""
-        from safetensors.numpy import save
 
-        path = check_overwrite(path, overwrite, "MIL model file")
-        self._check_fitted()
-        tensors = {f"net.{k}": v.detach().cpu().numpy() for k, v in self.net_.state_dict().items()}
-        tensors["x_mean"], tensors["x_std"] = self.x_mean_, self.x_std_
-        meta = _meta(self, self.target_)
-        data = save(
-            {k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"hopt_st": json.dumps(meta)}
-        )
-        atomic_write_bytes(path, data, overwrite=overwrite, what="MIL model file")
+        def tensors():
+            out = {f"net.{k}": v.detach().cpu().numpy() for k, v in self.net_.state_dict().items()}
+            out["x_mean"], out["x_std"] = self.x_mean_, self.x_std_
+            return out
+
+        _save_model(self, path, overwrite, tensors)
 
 
 def _link(target: _Target, logits: np.ndarray) -> np.ndarray:
@@ -421,6 +417,18 @@ def _decide(target: _Target, scores: np.ndarray) -> np.ndarray:
     if target.task == "regression":
         return scores[:, 0] if target.one_d else scores
     return target.classes[np.argmax(scores, axis=1)]
+
+
+def _slide_scores(model: ABMIL | MeanPoolMIL, bag: Bags) -> tuple[np.ndarray, np.ndarray | None]:
+    """One slide's scores, ``(n_outputs,)`` -- a row of :meth:`ABMIL.predict_proba` (classification) or the
+    prediction in target units (regression) -- and, for an :class:`ABMIL`, its tiles' attention (``None`` for
+    mean pooling), from one pass over the slide's tiles (``bag`` holds one bag; its provenance is checked)."""
+    model._check_fitted()
+    if not isinstance(model, ABMIL):
+        return model._scores(bag)[0], None
+    check_bag_provenance(model.provenance_, bag)
+    logits, attention = model._forward(bag.arrays(0))
+    return _link(model.target_, logits[None, :])[0], attention
 
 
 def _meta(est, target: _Target) -> dict:
@@ -529,21 +537,32 @@ class MeanPoolMIL(BaseEstimator):
 
     def save(self, path, *, overwrite: bool = False) -> None:
         """As :meth:`ABMIL.save`."""
-        from safetensors.numpy import save
-
-        path = check_overwrite(path, overwrite, "MIL model file")
-        self._check_fitted()
-        tensors = {
-            "x_mean": self.x_mean_,
-            "x_std": self.x_std_,
-            "coef": self.coef_,
-            "intercept": self.intercept_,
-        }
-        meta = _meta(self, self.target_)
-        data = save(
-            {k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"hopt_st": json.dumps(meta)}
+        _save_model(
+            self,
+            path,
+            overwrite,
+            lambda: {
+                "x_mean": self.x_mean_,
+                "x_std": self.x_std_,
+                "coef": self.coef_,
+                "intercept": self.intercept_,
+            },
         )
-        atomic_write_bytes(path, data, overwrite=overwrite, what="MIL model file")
+
+
+def _save_model(est, path, overwrite: bool, tensors) -> None:
+    """Write the fitted ``est`` to one ``.safetensors`` file: ``tensors()`` (built once ``path`` may be written
+    and ``est`` is fitted) with :func:`_meta` as JSON metadata; atomic, ``path`` replaced only with
+    ``overwrite``."""
+    from safetensors.numpy import save
+
+    path = check_overwrite(path, overwrite, "MIL model file")
+    est._check_fitted()
+    data = save(
+        {k: np.ascontiguousarray(v) for k, v in tensors().items()},
+        metadata={"hopt_st": json.dumps(_meta(est, est.target_))},
+    )
+    atomic_write_bytes(path, data, overwrite=overwrite, what="MIL model file")
 
 
 def load_mil(path) -> ABMIL | MeanPoolMIL:
@@ -639,7 +658,6 @@ def mil_attention(
     model's provenance in ``uns["hopt_st"]["attention"][key_added]``. Draw it with
     ``sdata.pl.render_images().pl.render_shapes("grid_shapes", color=key_added).pl.show()``.
     """
-    from .._constants import UNS_KEY
     from ..io._bags import ArrayBags
     from ._provenance import embedding_provenance
 
@@ -666,7 +684,15 @@ def mil_attention(
     prov = embedding_provenance(table, use_rep)
     bag = ArrayBags([np.asarray(table.obsm[use_rep], dtype=np.float32)], provenance=prov)
     check_bag_provenance(model.provenance_, bag)
-    table.obs[key_added] = model.attention(bag.arrays(0))
+    _store_attention(table, model.attention(bag.arrays(0)), model, use_rep, key_added)
+
+
+def _store_attention(table, attention: np.ndarray, model: ABMIL, use_rep: str, key_added: str) -> None:
+    """``table.obs[key_added]`` = the attention of each tile, and the model's provenance in
+    ``uns["hopt_st"]["attention"][key_added]``."""
+    from .._constants import UNS_KEY
+
+    table.obs[key_added] = attention
     table.uns.setdefault(UNS_KEY, {}).setdefault("attention", {})[key_added] = {
         "use_rep": use_rep,
         **{k: v for k, v in model.provenance_.items()},
