@@ -193,6 +193,55 @@ def test_deterministic_on_cpu_for_a_fixed_seed(cohort):
 
 
 # --------------------------------------------------------------------------------------------- protocol
+class _CountingBags(ArrayBags):
+    """In-memory bags that count how often each slide's embeddings are read (shared by their subsets)."""
+
+    def __init__(self, arrays, sample_ids, patients, provenance, reads):
+        super().__init__(arrays, sample_ids, patients, provenance)
+        self.reads = reads
+
+    def arrays(self, i):
+        self.reads[self.sample_ids[int(i)]] += 1
+        return super().arrays(i)
+
+    def subset(self, idx):
+        sub = super().subset(idx)
+        return _CountingBags(sub._arrays, sub.sample_ids, sub.patients, sub._provenance, self.reads)
+
+
+def test_mean_pooling_cross_validation_reads_each_slide_once(cohort):
+    """Every slide is read once for all outer folds and both mean-pooling models; the scores and predictions
+    are those of fitting and scoring on the slides fold by fold (the committed behaviour)."""
+    from collections import Counter
+
+    from hopt_st.tl._mil_protocol import fit_mil, patient_folds
+
+    root, labels, bags = cohort
+    labels = labels.iloc[:24].reset_index(drop=True)
+    reads = Counter()
+    counting = _CountingBags(
+        [bags.arrays(i) for i in range(24)], labels["sample_id"], labels["patient"], bags.provenance, reads
+    )
+    res = hs.tl.cross_validate_mil(
+        counting,
+        labels,
+        "global",
+        mil=["meanpool", hs.tl.MeanPoolMIL()],
+        n_splits=3,
+        inner_splits=2,
+        progress=False,
+    )
+    assert len(res) == 6 and reads == Counter({s: 1 for s in labels["sample_id"]})
+    y, groups = labels["global"].to_numpy(), labels["patient"].to_numpy().astype(str)
+    ref = bags.subset(np.arange(24))
+    for k, (train, test) in enumerate(patient_folds(y, groups, 3, 0, "binary")):
+        est = fit_mil(ref.subset(train), y[train], groups[train], mil="meanpool", n_splits=2, task="binary")
+        proba = est.predict_proba(ref.subset(test))
+        assert res["score"][k] == score("binary", y[test], proba, est.classes_)
+        got = res.attrs["predictions"].query("fold == @k and mil == 'meanpool'")
+        assert np.array_equal(got[["p_0", "p_1"]].to_numpy(), proba)
+
+
 def test_patient_folds_never_split_a_patient():
     y = np.tile([0, 1], 30)
     groups = np.repeat(np.arange(20), 3).astype(str)
