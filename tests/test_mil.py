@@ -90,20 +90,26 @@ def test_bags_read_one_file_at_a_time_and_refuse_mixed_encoders(cohort, tmp_path
 
 
 # ------------------------------------------------------------------------------------------ known answers
-def test_abmil_finds_a_localised_patch_that_mean_pooling_misses(cohort):
-    """The protocol (5 patient folds, steps chosen inside each training set) on the localised label."""
-    root, labels, bags = cohort
+def _abmil_and_meanpool(bags, labels, target, steps):
+    """The protocol (5 patient folds) on ``target`` for a small ABMIL (steps chosen among ``steps`` inside each
+    training set) and mean pooling: the results and the mean score of each."""
     res = hs.tl.cross_validate_mil(
         bags,
         labels,
-        "localised",
+        target,
         mil=[hs.tl.ABMIL(**FAST), "meanpool"],
         lrs=(1e-3,),
-        steps=(100, 250),
+        steps=steps,
         inner_splits=2,
         progress=False,
     )
-    s = summarize(res).set_index("mil")["score_mean"]
+    return res, summarize(res).set_index("mil")["score_mean"]
+
+
+def test_abmil_finds_a_localised_patch_that_mean_pooling_misses(cohort):
+    """The protocol (5 patient folds, steps chosen inside each training set) on the localised label."""
+    root, labels, bags = cohort
+    res, s = _abmil_and_meanpool(bags, labels, "localised", (100, 250))
     assert s["abmil"] >= 0.9, s
     assert s["meanpool"] <= 0.8, s  # well below
     assert set(res["fold"]) == set(range(5)) and (res["metric"] == "auc").all()
@@ -127,17 +133,7 @@ def test_attention_concentrates_on_the_planted_patch(cohort):
 
 def test_global_proportion_shift_both_do_well_and_permuted_labels_give_chance(cohort):
     root, labels, bags = cohort
-    res = hs.tl.cross_validate_mil(
-        bags,
-        labels,
-        "global",
-        mil=[hs.tl.ABMIL(**FAST), "meanpool"],
-        lrs=(1e-3,),
-        steps=(100, 200),
-        inner_splits=2,
-        progress=False,
-    )
-    s = summarize(res).set_index("mil")["score_mean"]
+    _, s = _abmil_and_meanpool(bags, labels, "global", (100, 200))
     assert s["abmil"] >= 0.85 and s["meanpool"] >= 0.85, s
     yp = np.random.default_rng(1).permutation(labels["localised"].to_numpy())
     perm = hs.tl.cross_validate_mil(
@@ -441,24 +437,16 @@ def test_cli_mil_cross_validates_and_predict_scores_one_slide(slide_cohort, tmp_
     )
     assert main([str(a) for a in args]) == 1  # refuses to overwrite
     assert "--overwrite" in capsys.readouterr().err
+
     # one slide scored with the saved ABMIL; a model of other embeddings is refused before any tile is cut
-    zarr = tmp_path / "s0_mil.zarr"
-    assert (
-        main(
-            [
-                "-q",
-                "predict",
-                str(root / "s0.tif"),
-                "--mil",
-                str(tmp_path / "out" / "abmil.safetensors"),
-                "--model",
-                "handcrafted",
-                "--out",
-                str(zarr),
-            ]
+    def predict(model, out, *more):
+        mil = str(tmp_path / "out" / "abmil.safetensors")
+        return main(
+            ["-q", "predict", str(root / "s0.tif"), "--mil", mil, "--model", model, *more, "--out", str(out)]
         )
-        == 0
-    )
+
+    zarr = tmp_path / "s0_mil.zarr"
+    assert predict("handcrafted", zarr) == 0
     assert "P(1)=" in capsys.readouterr().out
     import spatialdata as sd
 
@@ -469,28 +457,11 @@ def test_cli_mil_cross_validates_and_predict_scores_one_slide(slide_cohort, tmp_
         atol=1e-5,
     )
     assert (tmp_path / "s0_mil_attention.png").is_file()
-    assert (
-        main(
-            [
-                "-q",
-                "predict",
-                str(root / "s0.tif"),
-                "--mil",
-                str(tmp_path / "out" / "abmil.safetensors"),
-                "--model",
-                "h-optimus-1",
-                "--out",
-                str(tmp_path / "other.zarr"),
-            ]
-        )
-        == 1
-    )
+    assert predict("h-optimus-1", tmp_path / "other.zarr") == 1
     assert "fitted on 'handcrafted' embeddings" in capsys.readouterr().err
     # --overwrite replaces the store it wrote (marked as ours), never the slide it reads (rule 1)
-    predict = ["-q", "predict", str(root / "s0.tif"), "--mil", str(tmp_path / "out" / "abmil.safetensors")]
-    predict += ["--model", "handcrafted", "--overwrite", "--out"]
     slide_bytes = (root / "s0.tif").read_bytes()
-    assert main([*predict, str(root / "s0.tif")]) == 1
+    assert predict("handcrafted", root / "s0.tif", "--overwrite") == 1
     assert "never replaces an input" in capsys.readouterr().err
     assert (root / "s0.tif").read_bytes() == slide_bytes
-    assert main([*predict, str(zarr)]) == 0 and (zarr / ".hopt_st_output").is_file()
+    assert predict("handcrafted", zarr, "--overwrite") == 0 and (zarr / ".hopt_st_output").is_file()

@@ -175,6 +175,23 @@ def _network(dim: int, hidden: int, attention: int, n_out: int, dropout: float):
     return GatedAttentionMIL()
 
 
+class _Predictions:
+    """``predict_proba`` and ``predict`` of a fitted slide-level model, from its ``_check_fitted`` and ``_scores``
+    (probabilities, or predictions in target units, one row per bag)."""
+
+    def predict_proba(self, bags) -> np.ndarray:
+        """Class probabilities, ``(n_bags, n_classes)`` in the order of ``classes_``."""
+        self._check_fitted()
+        if self.task_ == "regression":
+            raise AttributeError("predict_proba is for classification; this model regresses: use predict.")
+        return self._scores(bags)
+
+    def predict(self, bags) -> np.ndarray:
+        """Predicted classes, or continuous values (``(n_bags,)`` or ``(n_bags, n_targets)``)."""
+        self._check_fitted()
+        return _decide(self.target_, self._scores(bags))
+
+
 def _tile_moments(bags: Bags) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and standard deviation over all tiles of all bags (one pass, one bag at a time)."""
     n, s, ss = 0, None, None
@@ -194,7 +211,7 @@ def _tile_moments(bags: Bags) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-class ABMIL(BaseEstimator):
+class ABMIL(_Predictions, BaseEstimator):
     """Gated-attention multiple-instance learning (Ilse et al., ICML 2018) on bags of tile embeddings.
 
     Parameters
@@ -369,18 +386,6 @@ class ABMIL(BaseEstimator):
         logits = np.vstack(rows) if rows else np.zeros((0, self.target_.n_out))
         return _link(self.target_, logits)
 
-    def predict_proba(self, bags) -> np.ndarray:
-        """Class probabilities, ``(n_bags, n_classes)`` in the order of ``classes_``."""
-        self._check_fitted()
-        if self.task_ == "regression":
-            raise AttributeError("predict_proba is for classification; this model regresses: use predict.")
-        return self._scores(bags)
-
-    def predict(self, bags) -> np.ndarray:
-        """Predicted classes, or continuous values (``(n_bags,)`` or ``(n_bags, n_targets)``)."""
-        self._check_fitted()
-        return _decide(self.target_, self._scores(bags))
-
     def attention(self, bag) -> np.ndarray:
         """Attention weight of each tile of one bag (a :class:`~hopt_st.io.SampleEmbeddings` or an array);
         they sum to 1."""
@@ -456,7 +461,7 @@ def bag_means(bags) -> np.ndarray:
     return np.vstack(rows)
 
 
-class MeanPoolMIL(BaseEstimator):
+class MeanPoolMIL(_Predictions, BaseEstimator):
     """The baseline: each slide's mean tile embedding, standardised, then L2-penalised logistic regression
     (classification; multinomial for several classes) or ridge regression (continuous targets).
 
@@ -518,17 +523,6 @@ class MeanPoolMIL(BaseEstimator):
             )
         logits = ((X - self.x_mean_) / self.x_std_) @ self.coef_.T + self.intercept_
         return _link(self.target_, logits)
-
-    def predict_proba(self, bags) -> np.ndarray:
-        """Class probabilities, ``(n_bags, n_classes)``."""
-        self._check_fitted()
-        if self.task_ == "regression":
-            raise AttributeError("predict_proba is for classification; this model regresses: use predict.")
-        return self._scores(bags)
-
-    def predict(self, bags) -> np.ndarray:
-        """Predicted classes or continuous values."""
-        return _decide(self.target_, self._scores(bags))
 
     def fit_path(self, bags, y, val_bags, eval_steps=None) -> dict:
         """For a uniform protocol: fit, and the predictions on ``val_bags`` under the key ``0``."""
