@@ -285,12 +285,11 @@ def embed(
     _check_paths(("INPUT", input_path), ("--weights", weights), ("--fullres-image", fullres_image))
     if input_path.suffix == ".h5ad":
         _check_h5ad_out(input_path, out, overwrite)
-    elif out is not None and out.resolve() != input_path.resolve() and out.exists() and not overwrite:
-        raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
+    if out is not None and out.resolve() != input_path.resolve():
+        _check_out(out, (input_path, fullres_image, weights), overwrite)
 
     import hopt_st as hs
 
-    from ._atomic import check_output
     from .io._elements import resolve_table_name
     from .io._store import check_name, write_sdata, write_table_in_place
     from .pp._embed import default_key
@@ -316,9 +315,6 @@ def embed(
     in_place = out is None or (out.resolve() == input_path.resolve())
     if in_place and kind != "zarr":
         raise click.UsageError(f"INPUT is a {kind} folder: pass --out OUT.zarr to say where to write.")
-    # --overwrite replaces an output of ours, never an input or a folder the user owns (rule 1)
-    if not in_place:
-        check_output(out, inputs=(input_path, fullres_image, weights), overwrite=overwrite, what="--out")
     if bins is not None or cells:
         from ._cli_subspot import embed_subspot, parse_bin_um
 
@@ -354,14 +350,20 @@ def _check_paths(*named: tuple[str, Path | None]) -> None:
             raise FileNotFoundError(f"{what} {str(path)!r} does not exist: check the path.")
 
 
+def _check_out(out: Path, inputs, overwrite: bool) -> None:
+    """``--out`` may be written (:func:`hopt_st._atomic.check_output`: absent, or ``--overwrite`` and ours; never
+    an input nor inside one, rule 1), checked before anything is read (``_atomic`` imports nothing heavy)."""
+    from ._atomic import check_output
+
+    check_output(out, inputs=inputs, overwrite=overwrite, what="--out")
+
+
 def _check_h5ad_out(input_path: Path, out: Path | None, overwrite: bool) -> None:
-    """``--out`` of an .h5ad INPUT: given, .h5ad or .zarr, not INPUT, not existing unless ``--overwrite``."""
+    """``--out`` of an .h5ad INPUT: given, .h5ad or .zarr, not INPUT (whether it may be written: :func:`_check_out`)."""
     if out is None or out.suffix not in (".h5ad", ".zarr"):
         raise click.UsageError("INPUT is an .h5ad: pass --out OUT.h5ad (or OUT.zarr) to say where to write.")
     if out.resolve() == input_path.resolve():
         raise click.UsageError("--out must differ from INPUT (the .h5ad is never rewritten in place).")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {str(out)!r} already exists: pass --overwrite to replace it.")
 
 
 def _embed_h5ad(adata, input_path: Path, out: Path | None, image: Path | None, image_mpp, run: dict) -> None:
@@ -370,11 +372,9 @@ def _embed_h5ad(adata, input_path: Path, out: Path | None, image: Path | None, i
     of other kinds."""
     import hopt_st as hs
 
-    from ._atomic import check_output
     from .io._store import write_sdata
 
-    # --out was checked by _check_h5ad_out before INPUT was read
-    check_output(out, inputs=(input_path, image, run["weights"]), overwrite=run["overwrite"], what="--out")
+    # --out was checked (_check_h5ad_out, _check_out) before INPUT was read
     data = adata
     if out.suffix == ".zarr":
         data = hs.io.from_anndata(adata, image=image, image_mpp=image_mpp)
@@ -637,71 +637,38 @@ def predict(
             "pass one of --regressor (expression maps) or --mil (a slide-level prediction)."
         )
     _check_paths(("SLIDE", slide), ("--regressor", regressor), ("--mil", mil), ("--weights", weights))
-    if out.exists() and not overwrite:
-        raise FileExistsError(
-            f"--out {str(out)!r} already exists: pass --overwrite to replace it, or another --out."
-        )
+    _check_out(out, (slide, regressor, mil, weights, tokens_from), overwrite)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"the folder of --out {str(out.parent)!r} does not exist: create it first.")
+    # what every way of scoring SLIDE takes
+    run = {
+        "model": model,
+        "out": out,
+        "weights": weights,
+        "image_mpp": image_mpp,
+        "image_key": image_key,
+        "batch_size": batch_size,
+        "device": device,
+        "overwrite": overwrite,
+        "progress": not _STATE["quiet"],
+    }
     if mil is not None:
         from ._mil_run import run_predict_mil
 
-        res = run_predict_mil(
-            slide,
-            mil,
-            model=model,
-            out=out,
-            weights=weights,
-            image_mpp=image_mpp,
-            image_key=image_key,
-            batch_size=batch_size,
-            device=device,
-            overwrite=overwrite,
-            progress=not _STATE["quiet"],
-        )
-        click.echo(res["report"])
+        click.echo(run_predict_mil(slide, mil, **run)["report"])
         return
-
     if bins is not None:
         from ._cli_subspot import parse_bin_um, predict_bins
 
         if tokens_from is None:
             raise click.UsageError("--bins needs --tokens-from TRAIN.zarr (the training sample's token map).")
-        click.echo(
-            predict_bins(
-                slide,
-                regressor,
-                bin_um=parse_bin_um(bins),
-                model=model,
-                weights=weights,
-                tokens_from=tokens_from,
-                image_mpp=image_mpp,
-                image_key=image_key,
-                batch_size=batch_size,
-                device=device,
-                out=out,
-                overwrite=overwrite,
-                progress=not _STATE["quiet"],
-            )
-        )
+        click.echo(predict_bins(slide, regressor, bin_um=parse_bin_um(bins), tokens_from=tokens_from, **run))
         return
     from ._predict import run_predict
 
+    genes = _items(genes) if genes else None
     res = run_predict(
-        slide,
-        regressor,
-        model=model,
-        out=out,
-        weights=weights,
-        image_mpp=image_mpp,
-        genes=_items(genes) if genes else None,
-        preset=preset,
-        min_tissue_fraction=min_tissue_fraction,
-        image_key=image_key,
-        batch_size=batch_size,
-        device=device,
-        overwrite=overwrite,
-        progress=not _STATE["quiet"],
+        slide, regressor, genes=genes, preset=preset, min_tissue_fraction=min_tissue_fraction, **run
     )
     click.echo(res["report"])
 

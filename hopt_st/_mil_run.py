@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._atomic import atomic_dir, atomic_path, atomic_write_bytes, mark_ours
+from ._atomic import atomic_path, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -140,25 +140,18 @@ def run_predict_mil(
     attention per tile. Writes ``out`` (.zarr: tissue, tiles, the grid table with embeddings and
     ``obs["attention"]``, a thumbnail; the prediction in the grid table's ``uns["hopt_st"]["mil"]``) and
     ``<out stem>_attention.png``. Returns ``prediction`` (dict), ``sdata`` and ``report``."""
-    from spatialdata import SpatialData
-
     from ._constants import UNS_KEY
-    from ._predict import _thumbnail, check_outputs
+    from ._predict import check_input_files, check_outputs, write_slide_result
     from .io._bags import ArrayBags
-    from .io._elements import resolve_image_key
     from .pp import embed
     from .pp._embed import default_key
     from .pp._slide_tiles import slide_tiles
-    from .tl import ABMIL, load_mil, mil_attention
+    from .tl import ABMIL, load_mil
+    from .tl._mil import _slide_scores, _store_attention
     from .tl._provenance import embedding_provenance
     from .tl._slide import _open
 
-    if not slide.exists():
-        raise FileNotFoundError(f"SLIDE {str(slide)!r} does not exist.")
-    if not mil.is_file():
-        raise FileNotFoundError(f"--mil {str(mil)!r} does not exist.")
-    if weights is not None and not weights.exists():
-        raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
+    check_input_files(slide, ("--mil", mil), weights)
     png = out.with_name(f"{out.stem}_attention.png")
     check_outputs(
         out, [png], (slide, mil, weights), overwrite
@@ -189,33 +182,24 @@ def run_predict_mil(
     bag = ArrayBags(
         [np.asarray(table.obsm[key], dtype=np.float32)], provenance=embedding_provenance(table, key)
     )
+    scores, attention = _slide_scores(est, bag)  # one pass: the prediction and (ABMIL) the attention
     if est.task_ == "regression":
-        pred = np.atleast_1d(est.predict(bag)[0]).tolist()
+        pred = scores.tolist()
         prediction = {"task": est.task_, "prediction": pred}
         text = f"prediction: {pred}"
     else:
-        proba = est.predict_proba(bag)[0]
         prediction = {
             "task": est.task_,
-            "prediction": np.asarray(est.classes_)[int(np.argmax(proba))].item(),
-            "probabilities": {str(c): float(p) for c, p in zip(est.classes_, proba)},
+            "prediction": np.asarray(est.classes_)[int(np.argmax(scores))].item(),
+            "probabilities": {str(c): float(p) for c, p in zip(est.classes_, scores)},
         }
         text = f"predicted {prediction['prediction']!r} " + ", ".join(
             f"P({c})={p:.3f}" for c, p in prediction["probabilities"].items()
         )
-    if isinstance(est, ABMIL):
-        mil_attention(sdata, est, use_rep=key)
+    if attention is not None:
+        _store_attention(table, attention, est, key, "attention")
     table.uns[UNS_KEY]["mil"] = {**prediction, "model_file": mil.name, "model": fitted_on or model}
-    image_key = resolve_image_key(sdata, image_key)
-    thumb_key = f"{image_key}_thumbnail"
-    result = SpatialData(
-        images={thumb_key: _thumbnail(sdata, image_key, "grid")},
-        shapes={k: sdata.shapes[k] for k in ("tissue", "grid_shapes")},
-        tables={"grid": table},
-    )
-    with atomic_dir(out) as tmp:
-        result.write(tmp)
-        mark_ours(tmp, "predict-mil")  # a store of ours: a later --overwrite may replace it (rule 1)
+    result, _ = write_slide_result(sdata, out, image_key, {"grid": table}, "predict-mil")
     files = [out]
     if isinstance(est, ABMIL):
         _attention_png(table, png, f"{slide.name}: attention of {mil.name} ({text})")

@@ -114,17 +114,14 @@ def run_predict(
         ) from e
     table = sdata.tables["grid"]
     record_regressor_file(sdata, "grid", "predicted", regressor.name)
-    key = resolve_image_key(sdata, image_key)
-    thumb_key = f"{key}_thumbnail"
-    result = SpatialData(
-        images={thumb_key: _thumbnail(sdata, key, "grid")},
-        shapes={k: sdata.shapes[k] for k in ("tissue", "grid_shapes")},
-        tables={"grid": table, "predicted": sdata.tables["predicted"]},
+    result, thumb_key = write_slide_result(
+        sdata,
+        out,
+        image_key,
+        {"grid": table, "predicted": sdata.tables["predicted"]},
+        "predict",
         attrs={UNS_KEY: {k: v for k, v in sdata.attrs.get(UNS_KEY, {}).items() if k != "synthetic"}},
     )
-    with atomic_dir(out) as tmp:
-        result.write(tmp)
-        mark_ours(tmp, "predict")  # a store of ours: a later --overwrite may replace it (rule 1)
     files = {
         "zarr": out,
         **_write_maps(result, thumb_key, pngs, lambda g: f"{slide.name}: {g} predicted with {model}"),
@@ -147,12 +144,7 @@ def _check_inputs(slide: Path, regressor: Path, weights: Path | None, genes, out
     before anything is computed."""
     from .tl import ExpressionRegressor
 
-    if not slide.exists():
-        raise FileNotFoundError(f"SLIDE {str(slide)!r} does not exist.")
-    if not regressor.is_file():
-        raise FileNotFoundError(f"--regressor {str(regressor)!r} does not exist.")
-    if weights is not None and not weights.exists():
-        raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
+    check_input_files(slide, ("--regressor", regressor), weights)
     reg = ExpressionRegressor.load(regressor)
     genes = list(genes) if genes else list(reg.genes_[:N_DEFAULT_GENES])
     missing = [g for g in genes if g not in reg.genes_]
@@ -164,6 +156,38 @@ def _check_inputs(slide: Path, regressor: Path, weights: Path | None, genes, out
     pngs = map_paths(out, genes)
     check_outputs(out, list(pngs.values()), (slide, regressor, weights), overwrite)
     return reg, genes, pngs
+
+
+def check_input_files(slide: Path, model_file: tuple[str, Path], weights: Path | None) -> None:
+    """SLIDE, the model file (``(flag, path)``: ``--regressor`` or ``--mil``) and ``--weights`` exist; each
+    refusal names the flag and the path."""
+    flag, path = model_file
+    if not slide.exists():
+        raise FileNotFoundError(f"SLIDE {str(slide)!r} does not exist.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {str(path)!r} does not exist.")
+    if weights is not None and not weights.exists():
+        raise FileNotFoundError(f"--weights {str(weights)!r} does not exist.")
+
+
+def write_slide_result(
+    sdata: SpatialData, out: Path, image_key: str | None, tables: dict, writer: str, attrs=None
+) -> tuple[SpatialData, str]:
+    """What a scored slide's ``out`` store holds -- a thumbnail of the slide, the tissue and grid shapes and
+    ``tables`` (and ``attrs``) -- written atomically and marked as written by ``writer`` (a later --overwrite may
+    replace it, rule 1). Returns that SpatialData and the thumbnail's key."""
+    key = resolve_image_key(sdata, image_key)
+    thumb_key = f"{key}_thumbnail"
+    result = SpatialData(
+        images={thumb_key: _thumbnail(sdata, key, "grid")},
+        shapes={k: sdata.shapes[k] for k in ("tissue", "grid_shapes")},
+        tables=tables,
+        attrs=attrs,
+    )
+    with atomic_dir(out) as tmp:
+        result.write(tmp)
+        mark_ours(tmp, writer)
+    return result, thumb_key
 
 
 def check_outputs(out: Path, pngs: Sequence[Path], inputs, overwrite: bool) -> None:

@@ -672,3 +672,19 @@ def test_identical_embeddings_are_refused_not_scored_nan(tmp_path, monkeypatch, 
         ValueError, match=r"SAME fold 0: the embeddings of every training spot .* one and the same"
     ):
         bench.run(task["root"], tasks="SAME", model="fake", embeddings_dir=tmp_path / "e")
+
+
+def test_embeddings_checked_once_per_task_for_both_protocols(tmp_path, counting_encoder, monkeypatch):
+    """Both protocols score the same embeddings: each fold's training embeddings are checked once, not once per
+    protocol."""
+    from hopt_st.bench import _run
+
+    task = _write_task(tmp_path / "bench", n_spots=150)
+    checked = []
+    check = _run._check_embeddings_vary
+    monkeypatch.setattr(
+        _run, "_check_embeddings_vary", lambda t, i, *a: checked.append((t, i)) or check(t, i, *a)
+    )
+    df = bench.run(task["root"], tasks="TINY", model="fake", protocol="both", embeddings_dir=tmp_path / "e")
+    assert list(df.protocol) == ["hest", "strict"]
+    assert checked == [("TINY", i) for i in range(len(task["folds"]))]

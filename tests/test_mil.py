@@ -90,20 +90,26 @@ def test_bags_read_one_file_at_a_time_and_refuse_mixed_encoders(cohort, tmp_path
 
 
 # ------------------------------------------------------------------------------------------ known answers
-def test_abmil_finds_a_localised_patch_that_mean_pooling_misses(cohort):
-    """The protocol (5 patient folds, steps chosen inside each training set) on the localised label."""
-    root, labels, bags = cohort
+def _abmil_and_meanpool(bags, labels, target, steps):
+    """The protocol (5 patient folds) on ``target`` for a small ABMIL (steps chosen among ``steps`` inside each
+    training set) and mean pooling: the results and the mean score of each."""
     res = hs.tl.cross_validate_mil(
         bags,
         labels,
-        "localised",
+        target,
         mil=[hs.tl.ABMIL(**FAST), "meanpool"],
         lrs=(1e-3,),
-        steps=(100, 250),
+        steps=steps,
         inner_splits=2,
         progress=False,
     )
-    s = summarize(res).set_index("mil")["score_mean"]
+    return res, summarize(res).set_index("mil")["score_mean"]
+
+
+def test_abmil_finds_a_localised_patch_that_mean_pooling_misses(cohort):
+    """The protocol (5 patient folds, steps chosen inside each training set) on the localised label."""
+    root, labels, bags = cohort
+    res, s = _abmil_and_meanpool(bags, labels, "localised", (100, 250))
     assert s["abmil"] >= 0.9, s
     assert s["meanpool"] <= 0.8, s  # well below
     assert set(res["fold"]) == set(range(5)) and (res["metric"] == "auc").all()
@@ -127,17 +133,7 @@ def test_attention_concentrates_on_the_planted_patch(cohort):
 
 def test_global_proportion_shift_both_do_well_and_permuted_labels_give_chance(cohort):
     root, labels, bags = cohort
-    res = hs.tl.cross_validate_mil(
-        bags,
-        labels,
-        "global",
-        mil=[hs.tl.ABMIL(**FAST), "meanpool"],
-        lrs=(1e-3,),
-        steps=(100, 200),
-        inner_splits=2,
-        progress=False,
-    )
-    s = summarize(res).set_index("mil")["score_mean"]
+    _, s = _abmil_and_meanpool(bags, labels, "global", (100, 200))
     assert s["abmil"] >= 0.85 and s["meanpool"] >= 0.85, s
     yp = np.random.default_rng(1).permutation(labels["localised"].to_numpy())
     perm = hs.tl.cross_validate_mil(
@@ -193,6 +189,55 @@ def test_deterministic_on_cpu_for_a_fixed_seed(cohort):
 
 
 # --------------------------------------------------------------------------------------------- protocol
+class _CountingBags(ArrayBags):
+    """In-memory bags that count how often each slide's embeddings are read (shared by their subsets)."""
+
+    def __init__(self, arrays, sample_ids, patients, provenance, reads):
+        super().__init__(arrays, sample_ids, patients, provenance)
+        self.reads = reads
+
+    def arrays(self, i):
+        self.reads[self.sample_ids[int(i)]] += 1
+        return super().arrays(i)
+
+    def subset(self, idx):
+        sub = super().subset(idx)
+        return _CountingBags(sub._arrays, sub.sample_ids, sub.patients, sub._provenance, self.reads)
+
+
+def test_mean_pooling_cross_validation_reads_each_slide_once(cohort):
+    """Every slide is read once for all outer folds and both mean-pooling models; the scores and predictions
+    are those of fitting and scoring on the slides fold by fold (the committed behaviour)."""
+    from collections import Counter
+
+    from hopt_st.tl._mil_protocol import fit_mil, patient_folds
+
+    root, labels, bags = cohort
+    labels = labels.iloc[:24].reset_index(drop=True)
+    reads = Counter()
+    counting = _CountingBags(
+        [bags.arrays(i) for i in range(24)], labels["sample_id"], labels["patient"], bags.provenance, reads
+    )
+    res = hs.tl.cross_validate_mil(
+        counting,
+        labels,
+        "global",
+        mil=["meanpool", hs.tl.MeanPoolMIL()],
+        n_splits=3,
+        inner_splits=2,
+        progress=False,
+    )
+    assert len(res) == 6 and reads == Counter({s: 1 for s in labels["sample_id"]})
+    y, groups = labels["global"].to_numpy(), labels["patient"].to_numpy().astype(str)
+    ref = bags.subset(np.arange(24))
+    for k, (train, test) in enumerate(patient_folds(y, groups, 3, 0, "binary")):
+        est = fit_mil(ref.subset(train), y[train], groups[train], mil="meanpool", n_splits=2, task="binary")
+        proba = est.predict_proba(ref.subset(test))
+        assert res["score"][k] == score("binary", y[test], proba, est.classes_)
+        got = res.attrs["predictions"].query("fold == @k and mil == 'meanpool'")
+        assert np.array_equal(got[["p_0", "p_1"]].to_numpy(), proba)
+
+
 def test_patient_folds_never_split_a_patient():
     y = np.tile([0, 1], 30)
     groups = np.repeat(np.arange(20), 3).astype(str)
@@ -268,6 +313,68 @@ def test_attention_is_written_to_the_slide_grid(slide_cohort, tmp_path):
         assert f["embeddings"].shape[0] == grid.n_obs
 
 
+def test_bag_provenance_is_compared_after_normalising_values_read_back():
+    """An int patch size and the same value read back from a file (text, bytes, a numpy float, as HDF5 / JSON
+    attributes give) compare equal, in the MIL check and the regressor's alike; another patch size is refused
+    with both values named."""
+    from hopt_st.tl._mil import check_bag_provenance
+    from hopt_st.tl._provenance import provenance_differences
+
+    fit = {"model": "uni", "weights_sha256": "abc", "mpp": 0.5, "patch_size": 224}
+    for read_back in ("224", b"224", np.float64(224.0), np.array(224), "224.0"):
+        found = dict(fit, patch_size=read_back, mpp="0.5", model=b"uni")
+        assert provenance_differences(fit, found) == [], read_back
+        check_bag_provenance(fit, ArrayBags([np.zeros((2, 3), np.float32)], provenance=found))
+    other = ArrayBags([np.zeros((2, 3), np.float32)], provenance=dict(fit, patch_size="256"))
+    with pytest.raises(ValueError, match=r"patch_size: 224 \(fit\) vs '256' \(given\)"):
+        check_bag_provenance(fit, other)
+    assert provenance_differences(fit, {"patch_size": 224.5}) == ["patch_size: 224 (fit) vs 224.5 (given)"]
+    assert provenance_differences(fit, {"mpp": 0.5004}) == []  # within 1e-3
+    assert provenance_differences(fit, {"mpp": 0.51}) == ["mpp: 0.5 (fit) vs 0.51 (given)"]
+
+
+@pytest.mark.parametrize("kind", ["abmil", "abmil-regression", "meanpool"])
+def test_predict_mil_scores_a_slide_in_one_pass(slide_cohort, tmp_path, monkeypatch, kind):
+    """``predict --mil`` runs the model over the slide's tiles once, and writes what predict_proba / predict
+    and attention give on the embeddings it stored (the committed behaviour, which ran them one after the
+    other)."""
+    import spatialdata as sd
+
+    from hopt_st._mil_run import run_predict_mil
+
+    root, _ = slide_cohort
+    bags = Bags.from_cohort(root / "emb", "handcrafted", pd.DataFrame({"sample_id": ["a", "b"]}))
+    y = np.array([[0.5, -1.0], [2.0, 3.0]]) if kind == "abmil-regression" else np.array(["no", "yes"])
+    est = hs.tl.MeanPoolMIL() if kind == "meanpool" else hs.tl.ABMIL(lr=1e-3, steps=4, **FAST)
+    est.fit(bags, y).save(tmp_path / "m.safetensors")
+    calls = []
+    forward = hs.tl.ABMIL._forward
+    monkeypatch.setattr(hs.tl.ABMIL, "_forward", lambda self, x: calls.append(len(x)) or forward(self, x))
+    out = tmp_path / "s0.zarr"
+    res = run_predict_mil(
+        root / "s0.tif", tmp_path / "m.safetensors", model="handcrafted", out=out, progress=False
+    )
+    grid = sd.read_zarr(out).tables["grid"]
+    assert calls == ([] if kind == "meanpool" else [grid.n_obs])  # one forward, over every tile
+    monkeypatch.setattr(hs.tl.ABMIL, "_forward", forward)
+    back = hs.tl.load_mil(tmp_path / "m.safetensors")
+    bag = ArrayBags([np.asarray(grid.obsm["X_handcrafted"])], provenance=bags.provenance)
+    pred = res["prediction"]
+    if kind == "abmil-regression":
+        assert pred["prediction"] == back.predict(bag)[0].tolist() and len(pred["prediction"]) == 2
+    else:
+        proba = back.predict_proba(bag)[0]
+        assert pred["probabilities"] == {"no": float(proba[0]), "yes": float(proba[1])}
+        assert pred["prediction"] == back.classes_[np.argmax(proba)]
+    assert np.array_equal(grid.uns["hopt_st"]["mil"]["prediction"], pred["prediction"])
+    if kind == "meanpool":
+        assert "attention" not in grid.obs and not (tmp_path / "s0_attention.png").exists()
+    else:
+        assert np.array_equal(grid.obs["attention"].to_numpy(), back.attention(bag.arrays(0)))
+        assert grid.uns["hopt_st"]["attention"]["attention"]["use_rep"] == "X_handcrafted"
+        assert (tmp_path / "s0_attention.png").is_file()
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 @pytest.mark.usefixtures("cli_process_state")
 def test_cli_mil_cross_validates_and_predict_scores_one_slide(slide_cohort, tmp_path, capsys):
@@ -330,24 +437,16 @@ def test_cli_mil_cross_validates_and_predict_scores_one_slide(slide_cohort, tmp_
     )
     assert main([str(a) for a in args]) == 1  # refuses to overwrite
     assert "--overwrite" in capsys.readouterr().err
+
     # one slide scored with the saved ABMIL; a model of other embeddings is refused before any tile is cut
-    zarr = tmp_path / "s0_mil.zarr"
-    assert (
-        main(
-            [
-                "-q",
-                "predict",
-                str(root / "s0.tif"),
-                "--mil",
-                str(tmp_path / "out" / "abmil.safetensors"),
-                "--model",
-                "handcrafted",
-                "--out",
-                str(zarr),
-            ]
+    def predict(model, out, *more):
+        mil = str(tmp_path / "out" / "abmil.safetensors")
+        return main(
+            ["-q", "predict", str(root / "s0.tif"), "--mil", mil, "--model", model, *more, "--out", str(out)]
         )
-        == 0
-    )
+
+    zarr = tmp_path / "s0_mil.zarr"
+    assert predict("handcrafted", zarr) == 0
     assert "P(1)=" in capsys.readouterr().out
     import spatialdata as sd
 
@@ -358,28 +457,11 @@ def test_cli_mil_cross_validates_and_predict_scores_one_slide(slide_cohort, tmp_
         atol=1e-5,
     )
     assert (tmp_path / "s0_mil_attention.png").is_file()
-    assert (
-        main(
-            [
-                "-q",
-                "predict",
-                str(root / "s0.tif"),
-                "--mil",
-                str(tmp_path / "out" / "abmil.safetensors"),
-                "--model",
-                "h-optimus-1",
-                "--out",
-                str(tmp_path / "other.zarr"),
-            ]
-        )
-        == 1
-    )
+    assert predict("h-optimus-1", tmp_path / "other.zarr") == 1
     assert "fitted on 'handcrafted' embeddings" in capsys.readouterr().err
     # --overwrite replaces the store it wrote (marked as ours), never the slide it reads (rule 1)
-    predict = ["-q", "predict", str(root / "s0.tif"), "--mil", str(tmp_path / "out" / "abmil.safetensors")]
-    predict += ["--model", "handcrafted", "--overwrite", "--out"]
     slide_bytes = (root / "s0.tif").read_bytes()
-    assert main([*predict, str(root / "s0.tif")]) == 1
+    assert predict("handcrafted", root / "s0.tif", "--overwrite") == 1
     assert "never replaces an input" in capsys.readouterr().err
     assert (root / "s0.tif").read_bytes() == slide_bytes
-    assert main([*predict, str(zarr)]) == 0 and (zarr / ".hopt_st_output").is_file()
+    assert predict("handcrafted", zarr, "--overwrite") == 0 and (zarr / ".hopt_st_output").is_file()

@@ -26,6 +26,7 @@ from sklearn.base import BaseEstimator
 
 from .._atomic import atomic_write_bytes, check_overwrite
 from ..io._bags import BAG_PROVENANCE_FIELDS, Bags, as_bags
+from ._provenance import provenance_differences
 
 logger = logging.getLogger(__name__)
 
@@ -135,18 +136,11 @@ def _provenance_of(bags: Bags) -> dict:
 
 
 def check_bag_provenance(expected: dict, bags: Bags, what: str = "the MIL model") -> None:
-    """Refuse bags embedded with another model, weights, µm/px or tile size than the model was fitted on."""
+    """Refuse bags embedded with another model, weights, µm/px or tile size than the model was fitted on
+    (compared as :func:`~hopt_st.tl._provenance.provenance_differences` compares them)."""
     if not expected:
         return
-    found = bags.provenance
-    diffs = []
-    for k in BAG_PROVENANCE_FIELDS:
-        if k not in expected or k not in found:
-            continue
-        a, b = expected[k], found[k]
-        same = np.isclose(float(a), float(b), rtol=1e-3) if k == "mpp" else str(a) == str(b)
-        if not same:
-            diffs.append(f"{k}: {a!r} (fit) vs {b!r} (given)")
+    diffs = provenance_differences(expected, bags.provenance, BAG_PROVENANCE_FIELDS)
     if diffs:
         raise ValueError(
             f"these bags were not embedded like the bags {what} was fitted on ({'; '.join(diffs)}): its "
@@ -181,6 +175,23 @@ def _network(dim: int, hidden: int, attention: int, n_out: int, dropout: float):
     return GatedAttentionMIL()
 
 
+class _Predictions:
+    """``predict_proba`` and ``predict`` of a fitted slide-level model, from its ``_check_fitted`` and ``_scores``
+    (probabilities, or predictions in target units, one row per bag)."""
+
+    def predict_proba(self, bags) -> np.ndarray:
+        """Class probabilities, ``(n_bags, n_classes)`` in the order of ``classes_``."""
+        self._check_fitted()
+        if self.task_ == "regression":
+            raise AttributeError("predict_proba is for classification; this model regresses: use predict.")
+        return self._scores(bags)
+
+    def predict(self, bags) -> np.ndarray:
+        """Predicted classes, or continuous values (``(n_bags,)`` or ``(n_bags, n_targets)``)."""
+        self._check_fitted()
+        return _decide(self.target_, self._scores(bags))
+
+
 def _tile_moments(bags: Bags) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and standard deviation over all tiles of all bags (one pass, one bag at a time)."""
     n, s, ss = 0, None, None
@@ -200,7 +211,7 @@ def _tile_moments(bags: Bags) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-class ABMIL(BaseEstimator):
+class ABMIL(_Predictions, BaseEstimator):
     """Gated-attention multiple-instance learning (Ilse et al., ICML 2018) on bags of tile embeddings.
 
     Parameters
@@ -375,18 +386,6 @@ class ABMIL(BaseEstimator):
         logits = np.vstack(rows) if rows else np.zeros((0, self.target_.n_out))
         return _link(self.target_, logits)
 
-    def predict_proba(self, bags) -> np.ndarray:
-        """Class probabilities, ``(n_bags, n_classes)`` in the order of ``classes_``."""
-        self._check_fitted()
-        if self.task_ == "regression":
-            raise AttributeError("predict_proba is for classification; this model regresses: use predict.")
-        return self._scores(bags)
-
-    def predict(self, bags) -> np.ndarray:
-        """Predicted classes, or continuous values (``(n_bags,)`` or ``(n_bags, n_targets)``)."""
-        self._check_fitted()
-        return _decide(self.target_, self._scores(bags))
-
     def attention(self, bag) -> np.ndarray:
         """Attention weight of each tile of one bag (a :class:`~hopt_st.io.SampleEmbeddings` or an array);
         they sum to 1."""
@@ -399,17 +398,13 @@ class ABMIL(BaseEstimator):
         """Write the fitted model to one ``.safetensors`` file (weights) with JSON metadata inside
         (hyperparameters, target encoding, provenance); atomic, refuses to replace ``path`` without
         ``overwrite=True``."""
-        from safetensors.numpy import save
 
-        path = check_overwrite(path, overwrite, "MIL model file")
-        self._check_fitted()
-        tensors = {f"net.{k}": v.detach().cpu().numpy() for k, v in self.net_.state_dict().items()}
-        tensors["x_mean"], tensors["x_std"] = self.x_mean_, self.x_std_
-        meta = _meta(self, self.target_)
-        data = save(
-            {k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"hopt_st": json.dumps(meta)}
-        )
-        atomic_write_bytes(path, data, overwrite=overwrite, what="MIL model file")
+        def tensors():
+            out = {f"net.{k}": v.detach().cpu().numpy() for k, v in self.net_.state_dict().items()}
+            out["x_mean"], out["x_std"] = self.x_mean_, self.x_std_
+            return out
+
+        _save_model(self, path, overwrite, tensors)
 
 
 def _link(target: _Target, logits: np.ndarray) -> np.ndarray:
@@ -427,6 +422,18 @@ def _decide(target: _Target, scores: np.ndarray) -> np.ndarray:
     if target.task == "regression":
         return scores[:, 0] if target.one_d else scores
     return target.classes[np.argmax(scores, axis=1)]
+
+
+def _slide_scores(model: ABMIL | MeanPoolMIL, bag: Bags) -> tuple[np.ndarray, np.ndarray | None]:
+    """One slide's scores, ``(n_outputs,)`` -- a row of :meth:`ABMIL.predict_proba` (classification) or the
+    prediction in target units (regression) -- and, for an :class:`ABMIL`, its tiles' attention (``None`` for
+    mean pooling), from one pass over the slide's tiles (``bag`` holds one bag; its provenance is checked)."""
+    model._check_fitted()
+    if not isinstance(model, ABMIL):
+        return model._scores(bag)[0], None
+    check_bag_provenance(model.provenance_, bag)
+    logits, attention = model._forward(bag.arrays(0))
+    return _link(model.target_, logits[None, :])[0], attention
 
 
 def _meta(est, target: _Target) -> dict:
@@ -454,7 +461,7 @@ def bag_means(bags) -> np.ndarray:
     return np.vstack(rows)
 
 
-class MeanPoolMIL(BaseEstimator):
+class MeanPoolMIL(_Predictions, BaseEstimator):
     """The baseline: each slide's mean tile embedding, standardised, then L2-penalised logistic regression
     (classification; multinomial for several classes) or ridge regression (continuous targets).
 
@@ -517,17 +524,6 @@ class MeanPoolMIL(BaseEstimator):
         logits = ((X - self.x_mean_) / self.x_std_) @ self.coef_.T + self.intercept_
         return _link(self.target_, logits)
 
-    def predict_proba(self, bags) -> np.ndarray:
-        """Class probabilities, ``(n_bags, n_classes)``."""
-        self._check_fitted()
-        if self.task_ == "regression":
-            raise AttributeError("predict_proba is for classification; this model regresses: use predict.")
-        return self._scores(bags)
-
-    def predict(self, bags) -> np.ndarray:
-        """Predicted classes or continuous values."""
-        return _decide(self.target_, self._scores(bags))
-
     def fit_path(self, bags, y, val_bags, eval_steps=None) -> dict:
         """For a uniform protocol: fit, and the predictions on ``val_bags`` under the key ``0``."""
         self.fit(bags, y)
@@ -535,21 +531,32 @@ class MeanPoolMIL(BaseEstimator):
 
     def save(self, path, *, overwrite: bool = False) -> None:
         """As :meth:`ABMIL.save`."""
-        from safetensors.numpy import save
-
-        path = check_overwrite(path, overwrite, "MIL model file")
-        self._check_fitted()
-        tensors = {
-            "x_mean": self.x_mean_,
-            "x_std": self.x_std_,
-            "coef": self.coef_,
-            "intercept": self.intercept_,
-        }
-        meta = _meta(self, self.target_)
-        data = save(
-            {k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"hopt_st": json.dumps(meta)}
+        _save_model(
+            self,
+            path,
+            overwrite,
+            lambda: {
+                "x_mean": self.x_mean_,
+                "x_std": self.x_std_,
+                "coef": self.coef_,
+                "intercept": self.intercept_,
+            },
         )
-        atomic_write_bytes(path, data, overwrite=overwrite, what="MIL model file")
+
+
+def _save_model(est, path, overwrite: bool, tensors) -> None:
+    """Write the fitted ``est`` to one ``.safetensors`` file: ``tensors()`` (built once ``path`` may be written
+    and ``est`` is fitted) with :func:`_meta` as JSON metadata; atomic, ``path`` replaced only with
+    ``overwrite``."""
+    from safetensors.numpy import save
+
+    path = check_overwrite(path, overwrite, "MIL model file")
+    est._check_fitted()
+    data = save(
+        {k: np.ascontiguousarray(v) for k, v in tensors().items()},
+        metadata={"hopt_st": json.dumps(_meta(est, est.target_))},
+    )
+    atomic_write_bytes(path, data, overwrite=overwrite, what="MIL model file")
 
 
 def load_mil(path) -> ABMIL | MeanPoolMIL:
@@ -645,7 +652,6 @@ def mil_attention(
     model's provenance in ``uns["hopt_st"]["attention"][key_added]``. Draw it with
     ``sdata.pl.render_images().pl.render_shapes("grid_shapes", color=key_added).pl.show()``.
     """
-    from .._constants import UNS_KEY
     from ..io._bags import ArrayBags
     from ._provenance import embedding_provenance
 
@@ -672,7 +678,15 @@ def mil_attention(
     prov = embedding_provenance(table, use_rep)
     bag = ArrayBags([np.asarray(table.obsm[use_rep], dtype=np.float32)], provenance=prov)
     check_bag_provenance(model.provenance_, bag)
-    table.obs[key_added] = model.attention(bag.arrays(0))
+    _store_attention(table, model.attention(bag.arrays(0)), model, use_rep, key_added)
+
+
+def _store_attention(table, attention: np.ndarray, model: ABMIL, use_rep: str, key_added: str) -> None:
+    """``table.obs[key_added]`` = the attention of each tile, and the model's provenance in
+    ``uns["hopt_st"]["attention"][key_added]``."""
+    from .._constants import UNS_KEY
+
+    table.obs[key_added] = attention
     table.uns.setdefault(UNS_KEY, {}).setdefault("attention", {})[key_added] = {
         "use_rep": use_rep,
         **{k: v for k, v in model.provenance_.items()},

@@ -171,6 +171,27 @@ def fit_mil(
     return final
 
 
+class _MeanBags(ArrayBags):
+    """Each slide's mean embedding (:func:`bag_means`, float64) as a bag of one tile, kept in float64: the mean of
+    such a bag is that mean to the bit, so mean pooling fits and scores on it exactly as on the slides, which
+    :func:`cross_validate_mil` then reads once for all its folds."""
+
+    def __init__(self, means: np.ndarray, sample_ids, patients, provenance):
+        # Bags' own set-up only: ArrayBags' would make float32 copies
+        Bags.__init__(self, [str(s) for s in sample_ids], sample_ids, patients)
+        self._arrays = [row[None, :] for row in np.asarray(means, dtype=np.float64)]
+        self._provenance = dict(provenance or {})
+
+    def subset(self, idx) -> _MeanBags:
+        idx = np.flatnonzero(idx) if np.asarray(idx).dtype == bool else np.asarray(idx)
+        return _MeanBags(
+            np.vstack([self._arrays[i] for i in idx]) if len(idx) else np.zeros((0, 0)),
+            [self.sample_ids[i] for i in idx],
+            [self.patients[i] for i in idx],
+            self._provenance,
+        )
+
+
 def _targets(labels: pd.DataFrame, target) -> tuple[str, list[str]]:
     cols = [target] if isinstance(target, str) else list(target)
     missing = [c for c in cols if c not in labels.columns]
@@ -249,12 +270,18 @@ def cross_validate_mil(
     folds = patient_folds(y, groups, n_splits, seed, task)
     mils = [mil] if isinstance(mil, str | ABMIL | MeanPoolMIL) else list(mil)
     rows, preds, per_gene = [], [], []
+    means = None  # mean pooling's input, each slide read once for every fold and MeanPoolMIL of this call
     bar = tqdm(total=len(mils) * len(folds), desc=f"MIL CV {name}", disable=not progress)
     for m in mils:
         mname = m if isinstance(m, str) else type(m).__name__.lower()
+        source = bags
+        if isinstance(_template(m, task, seed), MeanPoolMIL):
+            if means is None:
+                means = _MeanBags(bag_means(bags), bags.sample_ids, bags.patients, bags.provenance)
+            source = means
         for k, (train, test) in enumerate(folds):
             est = fit_mil(
-                bags.subset(train),
+                source.subset(train),
                 y[train],
                 groups[train],
                 mil=m,
@@ -265,7 +292,7 @@ def cross_validate_mil(
                 task=task,
                 seed=seed,
             )
-            test_bags = bags.subset(test)
+            test_bags = source.subset(test)
             if task == "regression":
                 pred = est.predict(test_bags).reshape(len(test), -1)
             else:

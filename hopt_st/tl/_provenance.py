@@ -50,19 +50,32 @@ def embedding_provenance(adata, use_rep: str) -> dict:
     return {k: _plain(rec[k]) for k in PROVENANCE_FIELDS if k in rec}
 
 
-def provenance_differences(expected: Mapping, found: Mapping) -> list[str]:
-    """``"field: expected vs found"`` for every field both records hold and on which they differ."""
+def _normalised(field: str, v):
+    """``v`` as compared: a float for ``mpp`` and ``patch_size``, a string otherwise (values read back from a file
+    may be numpy scalars, bytes or the text of a number, e.g. HDF5 / JSON attributes give ``"224"`` for 224)."""
+    v = _plain(v)
+    if field in ("mpp", "patch_size"):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            pass  # not a number: compared as text
+    return str(v)
+
+
+def provenance_differences(expected: Mapping, found: Mapping, fields=PROVENANCE_FIELDS) -> list[str]:
+    """``"field: expected (fit) vs found (given)"`` for every one of ``fields`` both records hold and on which
+    they differ, the values normalised first (:func:`_normalised`): ``mpp`` within a relative 1e-3, the others
+    equal."""
     out = []
-    for k in PROVENANCE_FIELDS:
+    for k in fields:
         if k not in expected or k not in found:
             continue
         a, b = _plain(expected[k]), _plain(found[k])
-        if k == "mpp":
-            same = np.isclose(float(a), float(b), rtol=_MPP_RTOL, atol=0)
-        elif k == "patch_size":
-            same = int(a) == int(b)
+        na, nb = _normalised(k, a), _normalised(k, b)
+        if k == "mpp" and isinstance(na, float) and isinstance(nb, float):
+            same = np.isclose(na, nb, rtol=_MPP_RTOL, atol=0)
         else:
-            same = str(a) == str(b)
+            same = na == nb
         if not same:
             out.append(f"{k}: {a!r} (fit) vs {b!r} (given)")
     return out
