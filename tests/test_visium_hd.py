@@ -388,3 +388,25 @@ def test_read_visium_hd_space_ranger_4_cells(hd_sample, hd_outs):
     hs.pp.embed_tokens(sd, "handcrafted", image_key=key, key_added="tok", progress=False)
     hs.pp.token_features(sd, "tok", table_name="cell_segmentations")
     assert np.isfinite(cells.obsm["X_tok"]).all()
+
+
+def test_outs_writers_refuse_an_existing_folder_unless_overwrite(hd_sample, tmp_path):
+    """write_visium_hd_outs and write_xenium_outs refuse an existing folder (naming it and overwrite=True)
+    and a missing parent before any work; with overwrite=True the old folder is replaced whole."""
+    for write, name in [
+        (lambda p, **kw: hs.datasets.write_visium_hd_outs(hd_sample, p, bin_sizes=(8,), **kw), "Visium HD"),
+        (lambda p, **kw: hs.datasets.write_xenium_outs(hd_sample, p, **kw), "Xenium"),
+    ]:
+        out = tmp_path / name.replace(" ", "_")
+        out.mkdir()
+        (out / "stray.txt").write_text("mine")
+        with pytest.raises(
+            FileExistsError, match=rf"{name} .*{out.name}'? already exists: pass overwrite=True"
+        ):
+            write(out)
+        assert sorted(p.name for p in out.iterdir()) == ["stray.txt"]  # untouched
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            write(tmp_path / "no_such_parent" / "out")
+        assert write(out, overwrite=True) == out
+        names = {p.name for p in out.iterdir()}
+        assert "stray.txt" not in names and names & {"feature_slice.h5", "experiment.xenium"}

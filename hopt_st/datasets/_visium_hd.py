@@ -37,7 +37,7 @@ from spatialdata import SpatialData
 from spatialdata.models import Image2DModel
 from spatialdata.transformations import Identity, Scale
 
-from .._atomic import atomic_dir
+from .._atomic import atomic_dir, check_overwrite
 from .._constants import MICROMETERS_CS, UNS_KEY
 from ._synthetic import _LatentField, _tissue_model, expected_counts, look_arrays
 
@@ -284,6 +284,7 @@ def write_visium_hd_outs(
     hires_size: int = 2000,
     lowres_size: int = 600,
     segmentation: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write a :func:`synthetic_visium_hd` sample as a Space Ranger Visium HD ``outs/`` folder.
 
@@ -300,7 +301,7 @@ def write_visium_hd_outs(
     sdata
         From :func:`synthetic_visium_hd`.
     path
-        The ``outs/`` folder to create (must not exist).
+        The ``outs/`` folder to create (its parent must exist).
     bin_sizes
         Bin sizes to write, µm (multiples of 2).
     table_name, image_key
@@ -312,6 +313,8 @@ def write_visium_hd_outs(
         ``cellid_000000001-1``, ``cell_segmentations.geojson`` with ``properties.cell_id`` and polygons in
         full-resolution px, ``spatial/scalefactors_json.json``): the sample's cells
         (:func:`hopt_st.datasets._xenium.xenium_cells`), each summing the 2 µm bins whose centre it holds.
+    overwrite
+        Replace an existing ``path`` (only once the new folder is complete); otherwise it is refused.
 
     Returns
     -------
@@ -322,11 +325,9 @@ def write_visium_hd_outs(
 
     from ._spaceranger import _write_counts_h5, _write_png
 
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{str(path)!r} already exists: choose a new folder for the Visium HD outs/.")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist.")
+    path = check_overwrite(
+        path, overwrite, "Visium HD outs/ folder"
+    )  # before any work; atomic_dir replaces it whole
     table = sdata.tables[table_name]
     mpp = float(table.uns[UNS_KEY]["fullres_mpp"])
     image = sdata.images[image_key]

@@ -27,7 +27,7 @@ from anndata import AnnData
 from scipy import sparse
 from spatialdata import SpatialData
 
-from .._atomic import atomic_dir
+from .._atomic import atomic_dir, check_overwrite
 from .._constants import UNS_KEY
 from ._synthetic import expected_counts
 
@@ -123,6 +123,7 @@ def write_xenium_outs(
     he_pad_px: int = 40,
     seed: int = 0,
     name: str = "sample",
+    overwrite: bool = False,
 ) -> Path:
     """Write the cells of a :func:`synthetic_visium_hd` sample as a Xenium output folder, with its H&E as the
     post-Xenium image (padded by ``he_pad_px`` on the left and top, so the alignment has a translation).
@@ -136,7 +137,7 @@ def write_xenium_outs(
     sample
         From :func:`synthetic_visium_hd`.
     path
-        The output folder to create (must not exist).
+        The output folder to create (its parent must exist).
     pixel_size
         µm per morphology pixel (``experiment.xenium``).
     he_pad_px
@@ -145,6 +146,8 @@ def write_xenium_outs(
         Seed of the counts and transcript positions.
     name
         Prefix of the H&E and alignment files.
+    overwrite
+        Replace an existing ``path`` (only once the new folder is complete); otherwise it is refused.
 
     Returns
     -------
@@ -156,9 +159,9 @@ def write_xenium_outs(
 
     from ._spaceranger import _write_counts_h5
 
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{str(path)!r} already exists: choose a new folder for the Xenium output.")
+    path = check_overwrite(
+        path, overwrite, "Xenium output folder"
+    )  # before any work; atomic_dir replaces it whole
     rng = np.random.default_rng(seed)
     cells = xenium_cells(sample)
     n_states = sample.attrs[UNS_KEY]["synthetic"]["n_states"]
